@@ -1,0 +1,89 @@
+"""The winner's model bundle: everything the service and batch inference need, in one folder.
+
+  winner/model.pt          model weights (state dict)
+  winner/tokenizer.json    the run's tokenizer
+  winner/spec.yaml         the spec the winner trained with (sweep values applied)
+  winner/data_info.json    vocabulary size, special ids, labels, sequence length
+  winner/metrics.json      validation (and, after evaluate, test) metrics
+  winner/provenance.json   trial id, checkpoint, Ray / torch / Python versions, git commit
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+import yaml
+from tokenizers import Tokenizer
+from torch import nn
+
+from orchestrator.data import DataInfo
+from orchestrator.data.tokenizer import TOKENIZER_FILE
+from orchestrator.models import build_model
+from orchestrator.spec import JobSpec, parse_spec, spec_to_yaml
+from orchestrator.train.loop import load_state
+
+MODEL_FILE, SPEC_FILE, INFO_FILE = "model.pt", "spec.yaml", "data_info.json"
+METRICS_FILE, PROVENANCE_FILE = "metrics.json", "provenance.json"
+
+
+@dataclass
+class Bundle:
+    spec: JobSpec
+    info: DataInfo
+    model: nn.Module
+    tokenizer: Tokenizer
+    metrics: dict[str, Any]
+
+
+def git_commit(cwd: str | Path = ".") -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
+                             text=True, timeout=5, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def save_bundle(directory: str | Path, spec: JobSpec, info: DataInfo, checkpoint_path: str,
+                tokenizer_dir: str | Path, metrics: dict[str, Any], trial_id: str) -> Path:
+    directory = Path(directory)
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    torch.save(load_state(checkpoint_path)["model"], directory / MODEL_FILE)
+    shutil.copy(Path(tokenizer_dir) / TOKENIZER_FILE, directory / TOKENIZER_FILE)
+    (directory / SPEC_FILE).write_text(spec_to_yaml(spec))
+    (directory / INFO_FILE).write_text(json.dumps(asdict(info), indent=2))
+    write_metrics(directory, metrics)
+    provenance = {"trial_id": trial_id, "checkpoint": checkpoint_path,
+                  "ray_version": ray.__version__, "torch_version": torch.__version__,
+                  "python_version": platform.python_version(), "git_commit": git_commit()}
+    (directory / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
+    return directory
+
+
+def write_metrics(directory: str | Path, metrics: dict[str, Any]) -> None:
+    (Path(directory) / METRICS_FILE).write_text(json.dumps(metrics, indent=2, default=float))
+
+
+def load_bundle(directory: str | Path) -> Bundle:
+    """Load a bundle for inference (model in eval mode, on CPU)."""
+    directory = Path(directory)
+    if not (directory / MODEL_FILE).is_file():
+        raise FileNotFoundError(f"{directory} is not a model bundle: {MODEL_FILE} is missing")
+    spec = parse_spec(yaml.safe_load((directory / SPEC_FILE).read_text()))
+    info = DataInfo(**json.loads((directory / INFO_FILE).read_text()))
+    model = build_model(spec.model, info.vocab_size, info.seq_len, info.pad_id, info.num_classes)
+    model.load_state_dict(torch.load(directory / MODEL_FILE, map_location="cpu",
+                                     weights_only=True))
+    model.eval()
+    return Bundle(spec=spec, info=info, model=model,
+                  tokenizer=Tokenizer.from_file(str(directory / TOKENIZER_FILE)),
+                  metrics=json.loads((directory / METRICS_FILE).read_text()))

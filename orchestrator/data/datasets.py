@@ -1,0 +1,96 @@
+"""Split, tokenize and pack: the transforms the data stage runs with `map_batches`.
+
+Each transform is a plain function or class on a pandas/numpy batch, so it is unit-tested
+without Ray and runs unchanged inside Ray Data workers.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pandas as pd
+from tokenizers import Tokenizer
+
+from orchestrator.data.tokenizer import EOS, PAD
+
+SPLITS = ("train", "val", "test")
+
+
+def split_of(text: str, seed: int, val_fraction: float, test_fraction: float) -> str:
+    """A split that depends only on the text and the seed: stable across runs and partitionings,
+    and duplicate texts always land in the same split, so no test text leaks into training."""
+    bucket = zlib.crc32(f"{seed}:{text}".encode()) / 2**32
+    if bucket < test_fraction:
+        return "test"
+    if bucket < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+def assign_splits(batch: pd.DataFrame, seed: int, val_fraction: float,
+                  test_fraction: float) -> pd.DataFrame:
+    """Drop empty texts and add the `split` column."""
+    batch = batch[batch["text"].notna()]
+    batch = batch[batch["text"].astype(str).str.strip() != ""].copy()
+    batch["text"] = batch["text"].astype(str)
+    if "label" in batch:
+        batch = batch[batch["label"].notna()].copy()
+        batch["label"] = batch["label"].astype(str)
+    batch["split"] = [split_of(t, seed, val_fraction, test_fraction) for t in batch["text"]]
+    return batch
+
+
+def pack_blocks(token_lists: list[list[int]], eos_id: int, block_size: int) -> np.ndarray:
+    """Concatenate documents (each ended by EOS) and cut the stream into rows of block_size + 1
+    tokens with stride block_size, so each token is a target exactly once. The tail is dropped."""
+    stream = np.fromiter(
+        (t for tokens in token_lists for t in (*tokens, eos_id)), dtype=np.int32
+    )
+    n_blocks = (len(stream) - 1) // block_size
+    if n_blocks <= 0:
+        return np.empty((0, block_size + 1), dtype=np.int32)
+    starts = np.arange(n_blocks) * block_size
+    return stream[starts[:, None] + np.arange(block_size + 1)]
+
+
+def pad_or_truncate(token_lists: list[list[int]], pad_id: int, length: int) -> np.ndarray:
+    out = np.full((len(token_lists), length), pad_id, dtype=np.int32)
+    for row, tokens in enumerate(token_lists):
+        tokens = tokens[:length]
+        out[row, : len(tokens)] = tokens
+    return out
+
+
+class TokenizeBatch:
+    """Tokenize a batch once per worker-held tokenizer (never rebuilt per batch).
+
+    Language model: rows become packed blocks (`ids`, one more token than block_size).
+    Classifier: rows become padded `ids` and an integer `label` from the training split's labels.
+    """
+
+    def __init__(self, tokenizer_json: str, family: str, block_size: int, max_length: int,
+                 labels: list[str] | None = None):
+        self.tokenizer = Tokenizer.from_str(tokenizer_json)
+        self.eos_id = self.tokenizer.token_to_id(EOS)
+        self.pad_id = self.tokenizer.token_to_id(PAD)
+        self.family = family
+        self.block_size = block_size
+        self.max_length = max_length
+        self.label_ids = {label: i for i, label in enumerate(labels or [])}
+
+    def _encode(self, texts: pd.Series) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(texts.tolist())]
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        if self.family == "gpt":
+            parts = []
+            for split, group in batch.groupby("split", sort=True):
+                blocks = pack_blocks(self._encode(group["text"]), self.eos_id, self.block_size)
+                parts.append(pd.DataFrame({"ids": list(blocks), "split": split}))
+            return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
+                {"ids": [], "split": []})
+        ids = pad_or_truncate(self._encode(batch["text"]), self.pad_id, self.max_length)
+        # A label unseen in training cannot be predicted; -1 marks it so metrics count it wrong.
+        labels = batch["label"].map(lambda v: self.label_ids.get(v, -1)).astype(np.int64)
+        return pd.DataFrame({"ids": list(ids), "label": labels.to_numpy(), "split": batch["split"]})

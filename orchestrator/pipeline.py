@@ -1,0 +1,213 @@
+"""Run the stages in order and own the run directory and the final report.
+
+Run directory layout (each stage writes its part; later stages only read earlier parts):
+  spec.yaml                  the validated spec with every default filled in
+  tokenizer/, data/          the data stage
+  train/, sweep/             the sweep stage (Ray Train runs, trials.parquet, history.parquet)
+  winner/                    the select stage's bundle, with test metrics after evaluate
+  report.json, report.md     the summary
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import ray
+import requests
+
+from orchestrator import serve as service
+from orchestrator.bundle import save_bundle, write_metrics
+from orchestrator.data import prepare_data
+from orchestrator.evaluate import evaluate_bundle
+from orchestrator.spec import JobSpec, spec_to_yaml
+from orchestrator.sweep import run_sweep
+from orchestrator.sweep.space import apply_trial_config
+
+STAGES = ("data", "sweep", "select", "evaluate", "deploy")
+RESULT_MARKER = "orchestrator-result: "
+
+
+@dataclass
+class Progress:
+    """Prints which stage runs and how far it is."""
+
+    say: Callable[[str], None] = print
+    current: str = ""
+    started: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def stage(self, name: str) -> None:
+        self._close()
+        self.current = name
+        self.started[name] = time.monotonic()
+        self.say(f"[{STAGES.index(name) + 1}/{len(STAGES)} {name}] started")
+
+    def note(self, message: str) -> None:
+        self.say(f"[{STAGES.index(self.current) + 1}/{len(STAGES)} {self.current}] {message}")
+
+    def _close(self) -> None:
+        if self.current:
+            self.seconds[self.current] = round(time.monotonic() - self.started[self.current], 1)
+
+    def finish(self) -> dict[str, float]:
+        self._close()
+        self.current = ""
+        return self.seconds
+
+
+def new_run_dir(spec: JobSpec) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    path = Path(spec.run_dir) / f"{spec.name}-{stamp}"
+    path.mkdir(parents=True, exist_ok=False)
+    return path.resolve()
+
+
+def send_sample_requests(spec: JobSpec, url: str, family: str) -> list[dict[str, Any]]:
+    """The requests the quickstart sends to show the service answering."""
+    if family == "classifier":
+        body = {"texts": spec.serve.sample_requests}
+        response = requests.post(f"{url}/classify", json=body, timeout=60)
+        return [{"request": body, "status": response.status_code, "response": response.json()}]
+    answers = []
+    for prompt in spec.serve.sample_requests:
+        body = {"prompt": prompt, "max_tokens": 24, "temperature": 0.8, "top_k": 40, "seed": 0}
+        response = requests.post(f"{url}/generate", json=body, timeout=60)
+        answers.append({"request": body, "status": response.status_code,
+                        "response": response.json()})
+    return answers
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN becomes None, numpy scalars become Python numbers."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def run_pipeline(spec: JobSpec, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every stage on the connected Ray cluster; return the report (also in report.json)."""
+    progress = Progress(say)
+    run_dir = new_run_dir(spec)
+    (run_dir / "spec.yaml").write_text(spec_to_yaml(spec))
+    say(f"run directory: {run_dir}")
+    started = datetime.now(timezone.utc)
+
+    progress.stage("data")
+    info = prepare_data(spec, run_dir, progress.note)
+    progress.note(f"{info.texts} texts -> {info.rows} rows, vocabulary {info.vocab_size}"
+                  + (f", {info.num_classes} classes" if info.labels else ""))
+
+    progress.stage("sweep")
+    sweep = run_sweep(spec, run_dir, info, progress.note)
+    winner = sweep.winner
+    config = {k.removeprefix("config/"): v for k, v in winner.items() if k.startswith("config/")}
+
+    progress.stage("select")
+    winner_spec = apply_trial_config(spec, config)
+    val_metrics = {k.removeprefix("best/"): v for k, v in winner.items() if k.startswith("best/")}
+    bundle_dir = save_bundle(run_dir / "winner", winner_spec, info, winner["checkpoint_path"],
+                             run_dir / "tokenizer", {"val": val_metrics}, winner["trial_id"])
+    progress.note(f"winner {winner['trial_id']} {config} {spec.metric} "
+                  f"{winner[f'best_{spec.metric}']:.4f}")
+
+    progress.stage("evaluate")
+    evaluation = evaluate_bundle(run_dir, bundle_dir, info)
+    write_metrics(bundle_dir, {split: e["model"] for split, e in evaluation.items()})
+
+    endpoint, samples = None, []
+    if spec.serve.enabled:
+        progress.stage("deploy")
+        endpoint = service.deploy(winner_spec, bundle_dir)
+        progress.note(f"serving at {endpoint}")
+        samples = send_sample_requests(spec, endpoint, info.family)
+        if not spec.serve.keep_running:
+            service.shutdown(winner_spec)
+    report = _clean({
+        "name": spec.name, "run_dir": str(run_dir), "family": info.family,
+        "started": started.isoformat(), "finished": datetime.now(timezone.utc).isoformat(),
+        "stage_seconds": progress.finish(), "metric": spec.metric,
+        "data": {"texts": info.texts, "rows": info.rows, "vocab_size": info.vocab_size,
+                 "labels": info.labels},
+        "winner": {"trial_id": winner["trial_id"], "config": config, "bundle": str(bundle_dir),
+                   "best_step": winner["best_step"]},
+        "evaluation": evaluation,
+        "endpoint": endpoint if spec.serve.keep_running else None,
+        "sample_responses": samples,
+        "trials": sweep.trials.drop(columns=["checkpoint_path"], errors="ignore")
+                               .to_dict(orient="records"),
+        "ray_version": ray.__version__,
+    })
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    (run_dir / "report.md").write_text(render_markdown(report))
+    return report
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def _metrics_table(evaluation: dict[str, Any]) -> list[str]:
+    lines = ["| split | metric | winner | baseline |", "|---|---|---|---|"]
+    for split, result in evaluation.items():
+        baseline = result["baseline"]
+        for name, value in result["model"].items():
+            if name in baseline:
+                lines.append(f"| {split} | {name} | {_format(value)} | "
+                             f"{_format(baseline[name])} ({baseline['name']}) |")
+    return lines
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    trials = report["trials"]
+    columns = [c for c in trials[0] if c != "error"] if trials else []
+    lines = [
+        f"# Run report: {report['name']}", "",
+        f"- run directory: `{report['run_dir']}`",
+        f"- model family: {report['family']}; sweep metric: {report['metric']}",
+        f"- data: {report['data']['texts']} texts, {report['data']['rows']} rows, "
+        f"vocabulary {report['data']['vocab_size']}",
+        f"- winner: trial `{report['winner']['trial_id']}` with {report['winner']['config']}",
+        f"- bundle: `{report['winner']['bundle']}`",
+        f"- endpoint: {report['endpoint'] or 'not kept running'}",
+        f"- stage seconds: {report['stage_seconds']}", "",
+        "## Winner against the trivial baseline", "", *_metrics_table(report["evaluation"]), "",
+        "## Trials", "",
+        "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
+        *("| " + " | ".join(_format(t.get(c)) for c in columns) + " |" for t in trials), "",
+    ]
+    if report["sample_responses"]:
+        lines += ["## Sample requests to the service", ""]
+        lines += [f"- `{json.dumps(s['request'])}` -> {s['status']} `{json.dumps(s['response'])}`"
+                  for s in report["sample_responses"]]
+    return "\n".join(lines) + "\n"
+
+
+def summary(report: dict[str, Any]) -> str:
+    """The lines the CLI prints at the end of a run."""
+    lines = [f"winner: trial {report['winner']['trial_id']} {report['winner']['config']}"]
+    for split, result in report["evaluation"].items():
+        baseline = result["baseline"]
+        shown = ", ".join(f"{k} {_format(v)} (baseline {_format(baseline[k])})"
+                          for k, v in result["model"].items() if k in baseline)
+        lines.append(f"{split}: {shown}  [{baseline['name']}]")
+    for sample in report["sample_responses"]:
+        lines.append(f"request {json.dumps(sample['request'])} -> {sample['status']} "
+                     f"{json.dumps(sample['response'])[:300]}")
+    lines.append(f"endpoint: {report['endpoint'] or '(stopped after the sample requests)'}")
+    lines.append(f"run directory: {report['run_dir']} (report.md, report.json)")
+    return "\n".join(lines)

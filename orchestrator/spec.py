@@ -1,0 +1,283 @@
+"""The typed job spec: the only configuration of a job.
+
+A job is a YAML file validated into `JobSpec`. Every default lives here. Errors name the field
+path, the bad value and what is allowed, so a user can fix the YAML without reading our code.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DATA_FORMATS = ("parquet", "jsonl", "csv", "text")
+FORMAT_BY_SUFFIX = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv",
+                    ".txt": "text", ".text": "text"}
+
+
+class SpecError(ValueError):
+    """A job spec that cannot run, with a message meant for the user."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataSpec(_Section):
+    path: str = Field(description="File, directory or URI (s3://, gs://, file://) of the text data.")
+    format: Literal["auto", "parquet", "jsonl", "csv", "text"] = "auto"
+    text_column: str = "text"
+    label_column: str | None = Field(None, description="Required for the classifier.")
+    val_fraction: float = Field(0.1, gt=0, lt=0.5)
+    test_fraction: float = Field(0.1, gt=0, lt=0.5)
+    split_seed: int = 0
+    vocab_size: int = Field(2048, ge=64, le=65536)
+    block_size: int = Field(64, ge=8, description="Tokens per training block (language model).")
+    max_length: int = Field(128, ge=8, description="Tokens per text (classifier).")
+    cache: bool = Field(
+        True, description="Keep the tokenized splits in Ray's object store for the whole trial, "
+        "so epochs after the first read no files and need no CPU for Ray Data. Turn off for "
+        "data larger than the object store; then resources.data_cpus stay free for reading.")
+
+    @field_validator("path")
+    @classmethod
+    def _path_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must name a file, directory or URI")
+        return value
+
+    @property
+    def resolved_format(self) -> str:
+        """The explicit format, or the one the path's suffix implies."""
+        if self.format != "auto":
+            return self.format
+        suffix = Path(self.path.rstrip("/")).suffix.lower()
+        if suffix not in FORMAT_BY_SUFFIX:
+            raise SpecError(
+                f"data.format: cannot infer the format of {self.path!r} from its suffix "
+                f"{suffix or '(none)'!r}; set data.format to one of {', '.join(DATA_FORMATS)}"
+            )
+        return FORMAT_BY_SUFFIX[suffix]
+
+
+class ModelSpec(_Section):
+    family: Literal["gpt", "classifier"] = "gpt"
+    n_layer: int = Field(2, ge=1, le=96)
+    n_head: int = Field(4, ge=1, le=128)
+    d_model: int = Field(128, ge=8, le=16384)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelSpec:
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        return self
+
+
+class TrainSpec(_Section):
+    optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
+    lr: float = Field(3e-3, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(0.0, ge=0, description="L2 penalty (decoupled for adamw).")
+    l1: float = Field(0.0, ge=0, description="L1 penalty coefficient added to the loss.")
+    batch_size: int = Field(32, ge=1, description="Per-worker micro-batch size.")
+    shuffle_buffer: int = Field(
+        2048, ge=0, description="Rows in each worker's shuffle buffer; 0 reads in file order.")
+    grad_accum_steps: int = Field(1, ge=1)
+    grad_clip: float = Field(1.0, ge=0, description="Max gradient norm; 0 disables clipping.")
+    warmup_steps: int = Field(20, ge=0)
+    max_steps: int = Field(200, ge=1, description="Optimizer steps per trial.")
+    eval_interval: int = Field(50, ge=1, description="Validate and checkpoint every N steps.")
+    eval_batches: int = Field(8, ge=1, description="Validation batches per evaluation.")
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    seed: int = 0
+    max_failures: int = Field(0, ge=-1, description="Worker failures to recover from; -1: always.")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in value):
+            raise ValueError(f"both betas must be in [0, 1), got {list(value)}")
+        return value
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> TrainSpec:
+        if self.warmup_steps >= self.max_steps:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})"
+            )
+        return self
+
+
+class Choice(_Section):
+    choice: list[Any] = Field(min_length=1)
+
+
+class Grid(_Section):
+    grid: list[Any] = Field(min_length=1)
+
+
+class Uniform(_Section):
+    uniform: tuple[float, float]
+
+
+class LogUniform(_Section):
+    loguniform: tuple[float, float]
+
+
+Distribution = Annotated[Union[Choice, Grid, Uniform, LogUniform], Field(union_mode="left_to_right")]
+SWEEPABLE = ("train.optimizer", "train.lr", "train.momentum", "train.weight_decay", "train.l1",
+             "train.batch_size", "train.warmup_steps", "model.dropout")
+
+
+class SweepSpec(_Section):
+    num_samples: int = Field(4, ge=1, description="Trials to sample (times each grid point).")
+    space: dict[str, Distribution] = Field(default_factory=dict)
+    metric: Literal["auto", "val_loss", "val_accuracy", "val_f1"] = "auto"
+    grace_period: int = Field(2, ge=1, description="ASHA: evaluations before a trial may stop.")
+    reduction_factor: int = Field(2, ge=2)
+    max_concurrent_trials: int = Field(0, ge=0, description="0: as many as the cluster fits.")
+
+    @field_validator("space")
+    @classmethod
+    def _known_parameters(cls, space: dict[str, Any]) -> dict[str, Any]:
+        for key, dist in space.items():
+            if key not in SWEEPABLE:
+                raise ValueError(f"cannot sweep {key!r}; sweepable settings: {', '.join(SWEEPABLE)}")
+            bounds = getattr(dist, "uniform", None) or getattr(dist, "loguniform", None)
+            if bounds is not None and not bounds[0] < bounds[1]:
+                raise ValueError(f"{key}: lower bound {bounds[0]} must be below {bounds[1]}")
+            if isinstance(dist, LogUniform) and bounds[0] <= 0:
+                raise ValueError(f"{key}: loguniform bounds must be > 0, got {list(bounds)}")
+        return space
+
+
+class ServeSpec(_Section):
+    enabled: bool = True
+    keep_running: bool = Field(False, description="Leave the service up after the job.")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    num_replicas: int = Field(1, ge=1)
+    replica_cpus: float = Field(0.5, gt=0, description="CPUs reserved by each replica.")
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    max_texts: int = Field(64, ge=1, description="Most texts in one /classify request.")
+    max_prompt_chars: int = Field(2000, ge=1)
+    max_new_tokens: int = Field(128, ge=1, description="Cap on max_tokens of /generate.")
+    sample_requests: list[str] = Field(
+        default_factory=lambda: ["The event loop", "Return the number of"],
+        description="Texts the quickstart sends to the service at the end of the run.",
+    )
+
+
+class ResourcesSpec(_Section):
+    num_workers: int = Field(1, ge=1, description="Ray Train workers per trial.")
+    use_gpu: Literal["auto", True, False] = "auto"
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, ge=0)
+    data_cpus: float = Field(
+        1.0, ge=0, description="CPUs left free for Ray Data while training (data.cache false).")
+
+
+class JobSpec(_Section):
+    name: str = Field("job", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    run_dir: str = Field("runs", description="Parent directory of this job's run directories.")
+    data: DataSpec
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    sweep: SweepSpec = Field(default_factory=SweepSpec)
+    serve: ServeSpec = Field(default_factory=ServeSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+
+    @model_validator(mode="after")
+    def _family_needs(self) -> JobSpec:
+        if self.model.family == "classifier" and not self.data.label_column:
+            raise ValueError("model.family 'classifier' needs data.label_column")
+        if self.model.family == "gpt" and self.sweep.metric in ("val_accuracy", "val_f1"):
+            raise ValueError(f"sweep.metric {self.sweep.metric!r} needs model.family 'classifier'")
+        return self
+
+    @property
+    def metric(self) -> str:
+        """The validation metric the sweep optimizes."""
+        if self.sweep.metric != "auto":
+            return self.sweep.metric
+        return "val_accuracy" if self.model.family == "classifier" else "val_loss"
+
+    @property
+    def metric_mode(self) -> str:
+        return "min" if self.metric == "val_loss" else "max"
+
+
+def _format_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        path = ".".join(str(p) for p in item["loc"] if not str(p).startswith(("function-", "tagged")))
+        path = re.sub(r"\.(Choice|Grid|Uniform|LogUniform)\b", "", path)
+        value = item.get("input")
+        shown = "(missing)" if item["type"] == "missing" else repr(value)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"  {path or '(top level)'} = {shown}: {message}")
+    return "invalid job spec:\n" + "\n".join(dict.fromkeys(lines))
+
+
+def parse_spec(raw: dict[str, Any]) -> JobSpec:
+    """Validate a plain dict into a JobSpec, raising SpecError with a readable message."""
+    if not isinstance(raw, dict):
+        raise SpecError(f"invalid job spec: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as error:
+        raise SpecError(_format_error(error)) from None
+
+
+def _parse_override_value(text: str) -> Any:
+    return yaml.safe_load(text) if text.strip() else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=value` overrides (values parsed as YAML) to a raw spec dict."""
+    result = copy.deepcopy(raw)
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or not key.strip():
+            raise SpecError(f"--set {override!r}: expected KEY=VALUE, e.g. train.lr=0.001")
+        node = result
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise SpecError(f"--set {override!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = _parse_override_value(value)
+    return result
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    """Read a YAML job spec, apply overrides and validate it.
+
+    A relative data.path stays relative to the current directory, which is the working directory
+    of `ray job submit` too, so the same spec runs locally and on a cluster.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"job spec {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise SpecError(f"job spec {str(path)!r} is not valid YAML: {error}") from None
+    return parse_spec(apply_overrides(raw, overrides or []))
+
+
+def spec_to_yaml(spec: JobSpec) -> str:
+    """The spec with every default filled in, as YAML."""
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)

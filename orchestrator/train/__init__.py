@@ -1,0 +1,1 @@
+"""The train stage: one Ray Train (TorchTrainer) run per sweep trial."""

@@ -1,0 +1,68 @@
+"""Loss and validation metrics shared by training, evaluation and tests."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross entropy on a packed block of block_size + 1 tokens."""
+    logits = model(ids[:, :-1])
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def classifier_loss(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(ids).float(), labels, ignore_index=-1)
+
+
+def macro_f1(predictions: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
+    """Mean F1 over the classes present in labels or predictions."""
+    scores = []
+    for cls in range(num_classes):
+        tp = np.sum((predictions == cls) & (labels == cls))
+        fp = np.sum((predictions == cls) & (labels != cls))
+        fn = np.sum((predictions != cls) & (labels == cls))
+        if tp + fp + fn:
+            scores.append(2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores)) if scores else 0.0
+
+
+def classification_metrics(predictions: np.ndarray, labels: np.ndarray,
+                           num_classes: int) -> dict[str, float]:
+    return {"accuracy": float(np.mean(predictions == labels)) if len(labels) else 0.0,
+            "f1": macro_f1(predictions, labels, num_classes)}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], family: str,
+             num_classes: int) -> dict[str, float]:
+    """Validation metrics over the given batches: loss (+ perplexity or accuracy and macro F1)."""
+    was_training = model.training
+    model.eval()
+    total_loss, count = 0.0, 0
+    predictions, labels = [], []
+    for batch in batches:
+        ids = batch["ids"].long()
+        if family == "gpt":
+            total_loss += lm_loss(model, ids).item() * ids[:, 1:].numel()
+            count += ids[:, 1:].numel()
+        else:
+            logits = model(ids).float()
+            target = batch["label"].long()
+            total_loss += F.cross_entropy(logits, target, ignore_index=-1,
+                                          reduction="sum").item()
+            count += len(target)
+            predictions.append(logits.argmax(-1).cpu().numpy())
+            labels.append(target.cpu().numpy())
+    model.train(was_training)
+    loss = total_loss / max(count, 1)
+    if family == "gpt":
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    return {"loss": loss, **classification_metrics(np.concatenate(predictions),
+                                                   np.concatenate(labels), num_classes)}

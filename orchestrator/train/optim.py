@@ -1,0 +1,52 @@
+"""Optimizer, learning-rate schedule and L1 penalty from the spec's train section."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from orchestrator.spec import TrainSpec
+
+
+def split_decay_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Matrices and embeddings get weight decay; biases and norm gains do not (as in nanoGPT).
+    Tied parameters appear once."""
+    decay, no_decay, seen = [], [], set()
+    for param in model.parameters():
+        if not param.requires_grad or id(param) in seen:
+            continue
+        seen.add(id(param))
+        (decay if param.dim() >= 2 else no_decay).append(param)
+    return decay, no_decay
+
+
+def build_optimizer(model: nn.Module, train: TrainSpec) -> torch.optim.Optimizer:
+    decay, no_decay = split_decay_parameters(model)
+    groups = [{"params": decay, "weight_decay": train.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum)
+    if train.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=train.lr, betas=train.betas)
+    return torch.optim.AdamW(groups, lr=train.lr, betas=train.betas)
+
+
+def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_ratio: float = 0.1) -> float:
+    """LR multiplier: linear warmup to 1, then cosine decay to min_ratio at max_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer,
+                    train: TrainSpec) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, train.warmup_steps, train.max_steps)
+    )
+
+
+def l1_penalty(parameters: list[nn.Parameter]) -> torch.Tensor:
+    return sum(p.abs().sum() for p in parameters)
