@@ -52,21 +52,31 @@ def git_commit(cwd: str | Path = ".") -> str | None:
     return out.stdout.strip() or None
 
 
-def save_bundle(directory: str | Path, spec: JobSpec, info: DataInfo, checkpoint_path: str,
-                tokenizer_dir: str | Path, metrics: dict[str, Any], trial_id: str) -> Path:
+def write_bundle(directory: str | Path, spec: JobSpec, info: DataInfo,
+                 state_dict: dict[str, torch.Tensor], tokenizer_dir: str | Path,
+                 metrics: dict[str, Any], provenance: dict[str, Any]) -> Path:
+    """Write a bundle folder from weights in memory; see the module docstring for its files."""
     directory = Path(directory)
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
-    torch.save(load_state(checkpoint_path)["model"], directory / MODEL_FILE)
+    torch.save(state_dict, directory / MODEL_FILE)
     shutil.copy(Path(tokenizer_dir) / TOKENIZER_FILE, directory / TOKENIZER_FILE)
     (directory / SPEC_FILE).write_text(spec_to_yaml(spec))
     (directory / INFO_FILE).write_text(json.dumps(asdict(info), indent=2))
     write_metrics(directory, metrics)
-    provenance = {"trial_id": trial_id, "checkpoint": checkpoint_path,
-                  "ray_version": ray.__version__, "torch_version": torch.__version__,
+    provenance = {**provenance, "ray_version": ray.__version__,
+                  "torch_version": torch.__version__,
                   "python_version": platform.python_version(), "git_commit": git_commit()}
     (directory / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
     return directory
+
+
+def save_bundle(directory: str | Path, spec: JobSpec, info: DataInfo, checkpoint_path: str,
+                tokenizer_dir: str | Path, metrics: dict[str, Any], trial_id: str) -> Path:
+    """The winner's bundle, from the checkpoint of its best validation step."""
+    return write_bundle(directory, spec, info, load_state(checkpoint_path)["model"],
+                        tokenizer_dir, metrics, {"trial_id": trial_id,
+                                                 "checkpoint": checkpoint_path})
 
 
 def write_metrics(directory: str | Path, metrics: dict[str, Any]) -> None:
