@@ -63,10 +63,17 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
+    """Validate locally, then submit; an unreachable or refusing cluster is one line, exit 1."""
+    from ray.exceptions import AuthenticationError
+
     from orchestrator.submit import submit
 
     load_spec(args.spec, args.overrides)  # fail here, not on the cluster
-    job = submit(args.spec, args.address, args.working_dir, args.overrides, args.token)
+    try:
+        job = submit(args.spec, args.address, args.working_dir, args.overrides, args.token)
+    except (AuthenticationError, ConnectionError) as error:
+        print(f"error: cannot submit to {args.address}: {error}", file=sys.stderr)
+        return 1
     print(f"submitted job {job.job_id} to {args.address}", flush=True)
     if args.no_wait:
         return 0

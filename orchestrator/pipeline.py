@@ -77,7 +77,8 @@ def send_sample_requests(spec: JobSpec, url: str, family: str) -> list[dict[str,
         return [{"request": body, "status": response.status_code, "response": response.json()}]
     answers = []
     for prompt in spec.serve.sample_requests:
-        body = {"prompt": prompt, "max_tokens": 24, "temperature": 0.8, "top_k": 40, "seed": 0}
+        body = {"prompt": prompt, "max_tokens": min(24, spec.serve.max_new_tokens),
+                "temperature": 0.8, "top_k": 40, "seed": 0}
         response = requests.post(f"{url}/generate", json=body, timeout=60)
         answers.append({"request": body, "status": response.status_code,
                         "response": response.json()})

@@ -19,12 +19,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from ray import serve
+from starlette.exceptions import HTTPException
 
 from orchestrator.bundle import load_bundle
 from orchestrator.serve.predictor import GenerationRequest, Predictor
 from orchestrator.spec import JobSpec, ServeSpec
 
 APP_NAME_SUFFIX = "-service"
+DEFAULT_MAX_TOKENS = 32
 
 
 class ClassifyRequest(BaseModel):
@@ -35,10 +37,11 @@ class ClassifyRequest(BaseModel):
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: StrictStr
-    max_tokens: StrictInt = Field(32, ge=1)
+    max_tokens: StrictInt | None = Field(
+        None, ge=1, description="Default: DEFAULT_MAX_TOKENS, capped by serve.max_new_tokens.")
     temperature: float = Field(1.0, ge=0.0)
     top_k: StrictInt = Field(0, ge=0)
-    seed: StrictInt | None = None
+    seed: StrictInt | None = Field(None, ge=0, lt=2**64, description="torch accepts 64 bits.")
 
 
 class RequestError(Exception):
@@ -47,9 +50,10 @@ class RequestError(Exception):
         self.status, self.message, self.field = status, message, field
 
 
-def error_response(status: int, message: str, field: str | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"message": message,
-                                                               "field": field}})
+def error_response(status: int, message: str, field: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, headers=headers,
+                        content={"error": {"message": message, "field": field}})
 
 
 api = FastAPI(title="orchestrator model service")
@@ -62,6 +66,12 @@ async def _invalid_request(_: Request, error: RequestValidationError) -> JSONRes
     if first["type"] == "json_invalid":
         return error_response(400, f"malformed JSON: {first['msg']}")
     return error_response(422, first["msg"], field)
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(_: Request, error: HTTPException) -> JSONResponse:
+    """Unknown routes (404) and methods (405) answer in the same shape as other bad requests."""
+    return error_response(error.status_code, str(error.detail), headers=error.headers)
 
 
 @api.exception_handler(RequestError)
@@ -129,10 +139,13 @@ class ModelService:
         if len(body.prompt) > self.limits.max_prompt_chars:
             raise RequestError(422, f"prompt of {len(body.prompt)} characters exceeds the "
                                     f"limit of {self.limits.max_prompt_chars}", "prompt")
-        if body.max_tokens > self.limits.max_new_tokens:
-            raise RequestError(422, f"max_tokens {body.max_tokens} exceeds the limit of "
+        max_tokens = body.max_tokens
+        if max_tokens is None:
+            max_tokens = min(DEFAULT_MAX_TOKENS, self.limits.max_new_tokens)
+        if max_tokens > self.limits.max_new_tokens:
+            raise RequestError(422, f"max_tokens {max_tokens} exceeds the limit of "
                                     f"{self.limits.max_new_tokens}", "max_tokens")
-        request = GenerationRequest(body.prompt, body.max_tokens, body.temperature, body.top_k,
+        request = GenerationRequest(body.prompt, max_tokens, body.temperature, body.top_k,
                                     body.seed)
         return {"prompt": body.prompt, **await self.generate_batch(request)}
 

@@ -20,6 +20,17 @@ class GenerationRequest:
     seed: int | None = None
 
 
+def request_generator(seed: int | None) -> torch.Generator:
+    """One request's random stream: its seed alone decides its samples, whatever shares its
+    batch; without a seed, fresh entropy (a new Generator's default seed is a constant)."""
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
 class Predictor:
     def __init__(self, bundle: Bundle):
         self.bundle = bundle
@@ -60,11 +71,8 @@ class Predictor:
 
     def _decode(self, ids: torch.Tensor, batch: list[GenerationRequest]) -> list[dict]:
         block = self.info.seq_len - 1
-        generator = torch.Generator()
-        if batch[0].seed is not None:
-            generator.manual_seed(batch[0].seed)
+        generators = [request_generator(r.seed) for r in batch]
         temperature = torch.tensor([[max(r.temperature, 1e-6)] for r in batch])
-        greedy = torch.tensor([r.temperature == 0 for r in batch])
         prompt_len, steps = ids.shape[1], max(r.max_tokens for r in batch)
         for _ in range(steps):
             logits = self.model(ids[:, -block:])[:, -1, :].float() / temperature
@@ -72,8 +80,11 @@ class Predictor:
                 if request.top_k:
                     kth = torch.topk(logits[row], min(request.top_k, logits.shape[-1])).values[-1]
                     logits[row] = logits[row].masked_fill(logits[row] < kth, float("-inf"))
-            sampled = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
-            next_ids = torch.where(greedy[:, None], logits.argmax(-1, keepdim=True), sampled)
+            probs = F.softmax(logits, dim=-1)
+            next_ids = torch.stack([
+                logits[row].argmax(-1, keepdim=True) if request.temperature == 0
+                else torch.multinomial(probs[row], 1, generator=generators[row])
+                for row, request in enumerate(batch)])
             ids = torch.cat([ids, next_ids], dim=1)
         outputs = []
         for row, request in enumerate(batch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
+from ray.util.placement_group import placement_group_table
 
 from orchestrator.data import DataInfo
 from orchestrator.spec import JobSpec
@@ -86,6 +88,17 @@ def _tables(results: tune.ResultGrid, spec: JobSpec) -> tuple[pd.DataFrame, pd.D
     return trials, (pd.concat(histories, ignore_index=True) if histories else pd.DataFrame())
 
 
+def _wait_for_trial_resources(timeout_s: float = 60.0) -> None:
+    """Trials' placement groups are removed asynchronously after Tune returns; the next stages'
+    Ray Data actors need those CPUs back, so wait (bounded) until no placement group holds any."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        table = placement_group_table().values()
+        if not any(pg["state"] in ("CREATED", "PENDING", "RESCHEDULING") for pg in table):
+            return
+        time.sleep(0.5)
+
+
 def run_sweep(spec: JobSpec, run_dir: str | Path, info: DataInfo,
               progress: Callable[[str], None] = lambda _: None) -> SweepResult:
     """Run every trial, write sweep/trials.parquet and sweep/history.parquet, pick the winner."""
@@ -111,6 +124,7 @@ def run_sweep(spec: JobSpec, run_dir: str | Path, info: DataInfo,
             callbacks=[TrialProgress(progress, metric, spec.train.max_steps)]),
     )
     results = tuner.fit()
+    _wait_for_trial_resources()
     trials, history = _tables(results, spec)
     out = run_dir / "sweep"
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,90 @@
+"""The data stage on a real local Ray: every format, and bad datasets rejected before training."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from conftest import tiny_spec
+from orchestrator.data import load_data_info, prepare_data, read_split
+from orchestrator.spec import SpecError, parse_spec
+
+
+@pytest.fixture(scope="module")
+def frame(sample_rows) -> pd.DataFrame:
+    return pd.DataFrame(sample_rows[:600])
+
+
+def _write(frame: pd.DataFrame, directory, fmt: str):
+    path = directory / f"corpus.{ {'jsonl': 'jsonl', 'csv': 'csv', 'parquet': 'parquet', 'text': 'txt'}[fmt] }"
+    if fmt == "jsonl":
+        frame.to_json(path, orient="records", lines=True)
+    elif fmt == "csv":
+        frame.to_csv(path, index=False)
+    elif fmt == "parquet":
+        frame.to_parquet(path)
+    else:
+        path.write_text("\n".join(frame["text"]))
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet", "text"])
+def test_every_format_prepares_the_same_splits(ray_local, tmp_path, frame, fmt):
+    path = _write(frame, tmp_path, fmt)
+    spec = parse_spec(tiny_spec("gpt", path=path))
+    info = prepare_data(spec, tmp_path / "run")
+    assert sum(info.texts.values()) == len(frame)
+    assert all(info.rows[s] > 0 for s in ("train", "val", "test"))
+    ids = read_split(tmp_path / "run", "train").take_batch(4)["ids"]
+    assert ids.shape == (4, spec.data.block_size + 1) and ids.max() < info.vocab_size
+    assert (tmp_path / "run" / "tokenizer" / "tokenizer.json").is_file()
+    assert load_data_info(tmp_path / "run") == info
+
+
+def test_classifier_labels_come_from_the_training_split(ray_local, tmp_path, frame):
+    path = _write(frame, tmp_path, "parquet")
+    info = prepare_data(parse_spec(tiny_spec("classifier", path=path)), tmp_path / "run")
+    assert info.labels == sorted(info.label_counts["train"])
+    batch = read_split(tmp_path / "run", "test").take_batch(1000)
+    assert batch["ids"].shape[1] == 48 and len(batch["label"]) == info.rows["test"]
+
+
+def _rejects(spec_raw: dict, run_dir, *words: str) -> str:
+    with pytest.raises(SpecError) as error:
+        prepare_data(parse_spec(spec_raw), run_dir)
+    for word in words:
+        assert word in str(error.value)
+    assert not (run_dir / "data" / "meta.json").exists()  # nothing half-written looks done
+    return str(error.value)
+
+
+def test_missing_path(ray_local, tmp_path):
+    _rejects(tiny_spec("gpt", path=tmp_path / "nope.jsonl"), tmp_path / "run",
+             "data.path", "nope.jsonl", "no such file")
+
+
+def test_unknown_text_and_label_columns(ray_local, tmp_path, frame):
+    path = _write(frame, tmp_path, "jsonl")
+    _rejects(tiny_spec("gpt", path=path, data={"text_column": "body"}), tmp_path / "run",
+             "data.text_column = 'body'", "columns: text, label, source")
+    _rejects(tiny_spec("classifier", path=path, data={"label_column": "topic"}),
+             tmp_path / "run", "data.label_column = 'topic'")
+
+
+def test_empty_dataset(ray_local, tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text(json.dumps({"text": ""}) + "\n" + json.dumps({"text": "   "}) + "\n")
+    _rejects(tiny_spec("gpt", path=path), tmp_path / "run", "no non-empty texts")
+
+
+def test_single_class(ray_local, tmp_path, frame):
+    path = _write(frame.assign(label="only"), tmp_path, "jsonl")
+    _rejects(tiny_spec("classifier", path=path), tmp_path / "run", "single class", "'only'")
+
+
+def test_unreadable_file(ray_local, tmp_path):
+    path = tmp_path / "broken.parquet"
+    path.write_text("this is not parquet")
+    _rejects(tiny_spec("gpt", path=path), tmp_path / "run", "cannot read it as parquet")

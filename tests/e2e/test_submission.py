@@ -1,0 +1,323 @@
+"""End to end: a real `ray start --head` with token auth, real job submissions, real HTTP.
+
+One head per module, started in a short temporary directory with free ports and its own
+freshly generated token (the user's ~/.ray/auth_token is never touched). `ray stop` cannot target
+one cluster (it stops every Ray on the machine), so the fixture tears down exactly the processes
+that carry this head's marker in their environment; Ray passes its environment down from the
+head's daemons to workers, the job supervisor and the job's driver.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from orchestrator.pipeline import RESULT_MARKER
+from orchestrator.submit import EXCLUDES
+from conftest import REPO, free_port
+
+pytestmark = pytest.mark.e2e
+
+VENV_BIN = Path(sys.executable).parent
+RAY = str(VENV_BIN / "ray")
+MARKER = "ORCHESTRATOR_E2E_CLUSTER"
+AUTH_VARS = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+USER_TOKEN = Path.home() / ".ray" / "auth_token"
+# Small enough for 2 cores, still every stage: data, a 2-trial sweep, select, evaluate, deploy.
+SHRINK = ["train.max_steps=30", "train.eval_interval=15", "train.warmup_steps=5",
+          "train.eval_batches=2", "sweep.num_samples=2", "data.vocab_size=512"]
+JOB_TIMEOUT_S = 300
+
+
+@dataclass(frozen=True)
+class Head:
+    """A running token-auth head and what a client needs to reach it."""
+
+    dashboard: str
+    token: str
+    token_path: Path
+    root: Path
+    serve_port: int
+
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def client(self):
+        from ray.job_submission import JobSubmissionClient
+
+        return JobSubmissionClient(self.dashboard, headers=self.auth())
+
+    def shrink(self, name: str) -> list[str]:
+        """Overrides: small run, outputs under this head's directory, Serve on its free port."""
+        return [*SHRINK, f"name={name}", f"run_dir={self.root / 'runs'}",
+                f"serve.port={self.serve_port}"]
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    """This environment without any Ray address or auth settings, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in AUTH_VARS}
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    return {**env, **extra}
+
+
+def ray_cli(*args: str, env: dict[str, str], timeout: float = 120,
+            cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([RAY, *args], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _marked_pids(marker: str, root: Path) -> list[int]:
+    """Processes of this head: its marker in their environment or its directory in their argv."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            argv = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"{MARKER}={marker}".encode() in environ or str(root).encode() in argv:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _stop_head(marker: str, root: Path, grace_s: float = 3.0) -> None:
+    """SIGTERM this head's processes, SIGKILL what is left after grace_s. Nothing else."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = _marked_pids(marker, root)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while pids and time.monotonic() < deadline:
+            time.sleep(0.2)
+            pids = _marked_pids(marker, root)
+        if not pids:
+            return
+
+
+def _digest(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+@pytest.fixture(scope="module")
+def head() -> Iterator[Head]:
+    """`ray start --head` with RAY_AUTH_MODE=token and a fresh token, torn down precisely."""
+    user_token_before = _digest(USER_TOKEN)
+    # Short on purpose: Ray's unix socket paths live under the temp dir (107-byte limit).
+    root = Path(tempfile.mkdtemp(prefix="orch-e2e-", dir="/tmp"))
+    marker = uuid.uuid4().hex
+    # `ray get-auth-token --generate` writes ~/.ray/auth_token: give it a throwaway home.
+    home = root / "home"
+    home.mkdir()
+    generated = ray_cli("get-auth-token", "--generate", env=base_env(HOME=str(home)))
+    assert generated.returncode == 0, generated.stderr
+    token_path = home / ".ray" / "auth_token"
+    token = token_path.read_text().strip()
+    assert generated.stdout.strip() == token and len(token) == 64
+
+    dashboard_port = free_port()
+    env = base_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path), **{MARKER: marker})
+    started = ray_cli(
+        "start", "--head", "--temp-dir", str(root / "ray"), "--num-cpus", "2",
+        "--port", str(free_port()), "--ray-client-server-port", str(free_port()),
+        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+        "--dashboard-agent-listen-port", str(free_port()),
+        "--min-worker-port", "0", "--max-worker-port", "0",
+        "--object-store-memory", str(300 * 1024**2), "--disable-usage-stats",
+        env=env, timeout=180,
+    )
+    cluster = Head(f"http://127.0.0.1:{dashboard_port}", token, token_path, root, free_port())
+    try:
+        assert started.returncode == 0, f"ray start failed:\n{started.stdout}\n{started.stderr}"
+        deadline = time.monotonic() + 60
+        while True:  # the Jobs API comes up a little after `ray start` returns
+            try:
+                if requests.get(f"{cluster.dashboard}/api/version", headers=cluster.auth(),
+                                timeout=5).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, "the dashboard never answered"
+            time.sleep(1)
+        yield cluster
+    finally:
+        _stop_head(marker, root)
+        leftover = _marked_pids(marker, root)
+        shutil.rmtree(root, ignore_errors=True)
+        assert not leftover, f"processes of the e2e head survived: {leftover}"
+        assert _digest(USER_TOKEN) == user_token_before, "the user's ~/.ray/auth_token changed"
+
+
+def result_line(logs: str) -> dict:
+    lines = [line for line in logs.splitlines() if line.startswith(RESULT_MARKER)]
+    assert lines, f"no result line in the job's logs:\n{logs[-4000:]}"
+    return json.loads(lines[-1].removeprefix(RESULT_MARKER))
+
+
+def check_report(report: dict, head: Head) -> None:
+    """The whole pipeline ran: a 2-trial sweep, a winner, and the service answered."""
+    assert len(report["trials"]) >= 2
+    assert set(report["stage_seconds"]) == {"data", "sweep", "select", "evaluate", "deploy"}
+    assert report["sample_responses"], "the service was never called"
+    assert all(sample["status"] == 200 for sample in report["sample_responses"])
+    assert Path(report["run_dir"]).is_relative_to(head.root / "runs")
+    assert (Path(report["run_dir"]) / "report.json").is_file()
+
+
+# --- refusals: cheap, so first ------------------------------------------------------------------
+
+
+def test_jobs_api_answers_401_without_token_and_403_with_a_wrong_one(head: Head) -> None:
+    url = f"{head.dashboard}/api/jobs/"
+    assert requests.get(url, timeout=10).status_code == 401
+    wrong = {"Authorization": f"Bearer {'0' * 64}"}
+    assert requests.get(url, headers=wrong, timeout=10).status_code == 403
+    assert requests.get(url, headers=head.auth(), timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("case", ["auth-mode-off", "token-file-missing", "wrong-token"])
+def test_ray_job_submit_without_the_token_is_refused(head: Head, case: str) -> None:
+    empty_home = head.root / f"home-{case}"  # so that no ~/.ray/auth_token can be found
+    empty_home.mkdir()
+    wrong = head.root / "wrong_token"
+    wrong.write_text("f" * 64)
+    extra = {
+        "auth-mode-off": {},
+        "token-file-missing": {"RAY_AUTH_MODE": "token",
+                               "RAY_AUTH_TOKEN_PATH": str(head.root / "no_such_token")},
+        "wrong-token": {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(wrong)},
+    }[case]
+    submission_id = f"e2e-refused-{case}-{uuid.uuid4().hex[:6]}"
+    refused = ray_cli("job", "submit", "--address", head.dashboard,
+                      "--submission-id", submission_id, "--no-wait", "--",
+                      "python", "-c", "print('should never run')",
+                      env=base_env(HOME=str(empty_home), **extra))
+    output = refused.stdout + refused.stderr
+    assert refused.returncode != 0, output
+    assert "Authentication" in output or "authentication" in output, output
+    assert submission_id not in {job.submission_id for job in head.client().list_jobs()}
+
+
+def test_sdk_with_a_wrong_token_is_refused(head: Head) -> None:
+    from ray.exceptions import AuthenticationError
+
+    import orchestrator
+
+    with pytest.raises(AuthenticationError, match="Authentication failed"):
+        orchestrator.submit("jobs/quickstart.yaml", head.dashboard, working_dir=REPO,
+                            token="0" * 64)
+
+
+def test_orchestrator_submit_rejects_a_bad_spec_before_contacting_a_cluster(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Port 9 (discard) on 127.0.0.1: nothing listens, so any contact would be a connection error.
+    bad = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "submit", "jobs/quickstart.yaml",
+         "--set", "train.max_steps=-1", "--address", "http://127.0.0.1:9"],
+        cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2, bad.stdout + bad.stderr
+    assert "invalid job spec" in bad.stderr and "train.max_steps" in bad.stderr
+    assert "Traceback" not in bad.stderr and "connect" not in bad.stderr
+
+    from orchestrator.cli import main
+
+    assert main(["submit", str(tmp_path / "nope.yaml"), "--address", "http://127.0.0.1:9"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_orchestrator_submit_without_token_fails_cleanly(head: Head) -> None:
+    refused = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "submit", "jobs/quickstart.yaml",
+         "--address", head.dashboard, "--no-wait"],
+        cwd=REPO, env=base_env(HOME=str(head.root / "home-orchestrator-cli")),
+        capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "error:" in refused.stderr and "Authentication required" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+def test_orchestrator_submit_with_token_submits(head: Head) -> None:
+    """`orchestrator submit --token ... --no-wait` reaches the Jobs API; the job is then stopped."""
+    submitted = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "submit", "jobs/quickstart.yaml",
+         *[arg for override in SHRINK for arg in ("--set", override)],
+         "--address", head.dashboard, "--token", head.token, "--no-wait"],
+        cwd=REPO, env=base_env(HOME=str(head.root / "home-orchestrator-cli")),
+        capture_output=True, text=True, timeout=120)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    job_id = submitted.stdout.split("submitted job ", 1)[1].split()[0]
+    client = head.client()
+    client.stop_job(job_id)
+    deadline = time.monotonic() + 60
+    while str(client.get_job_status(job_id).value) not in {"STOPPED", "FAILED", "SUCCEEDED"}:
+        assert time.monotonic() < deadline, "the submitted job did not stop"
+        time.sleep(1)
+
+
+# --- whole pipeline ----------------------------------------------------------------------------
+
+
+def test_ray_job_submit_runs_the_quickstart(head: Head) -> None:
+    """The documented path: `ray job submit --working-dir . -- python -m orchestrator run ...`."""
+    submission_id = f"e2e-cli-{uuid.uuid4().hex[:8]}"
+    overrides = [arg for override in head.shrink("e2e-cli") for arg in ("--set", override)]
+    client = head.client()
+    try:
+        submitted = ray_cli(
+            "job", "submit", "--address", head.dashboard, "--submission-id", submission_id,
+            "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
+            "--", "python", "-m", "orchestrator", "run", "jobs/quickstart.yaml", *overrides,
+            env=base_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=head.token,
+                         HOME=str(head.root / "home-cli")),
+            timeout=JOB_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        client.stop_job(submission_id)
+        pytest.fail(f"still running after {JOB_TIMEOUT_S} s:\n"
+                    f"{client.get_job_logs(submission_id)[-4000:]}")
+    output = submitted.stdout + submitted.stderr
+    assert str(client.get_job_status(submission_id).value) == "SUCCEEDED", output[-4000:]
+    assert submitted.returncode == 0, output[-4000:]
+    logs = client.get_job_logs(submission_id)
+    check_report(result_line(logs), head)
+
+
+def test_sdk_submit_runs_the_quickstart_and_returns_results(head: Head) -> None:
+    import orchestrator
+    from orchestrator.spec import load_spec
+
+    name = f"e2e-sdk-{uuid.uuid4().hex[:8]}"
+    spec = load_spec(REPO / "jobs" / "quickstart.yaml", head.shrink(name))
+    try:
+        job = orchestrator.submit(spec, head.dashboard, working_dir=REPO, token=head.token)
+        status = job.wait(timeout_s=JOB_TIMEOUT_S)
+        assert status == "SUCCEEDED", job.logs()[-4000:]
+        check_report(job.report(), head)
+        results = job.results()
+    finally:
+        for staged in (REPO / ".orchestrator" / "jobs").glob(f"{name}-*.yaml"):
+            staged.unlink()
+    assert len(results) == 2
+    config_columns = [c for c in results.columns if c.startswith("config/")]
+    assert {"config/train.optimizer", "config/train.lr", "config/train.weight_decay"} <= set(
+        config_columns)
+    assert "best_val_loss" in results.columns
+    assert results["best_val_loss"].notna().all() and (results["best_val_loss"] > 0).all()

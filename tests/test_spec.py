@@ -1,0 +1,94 @@
+"""The job spec: defaults, overrides and errors that name the field, the value and what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from conftest import REPO, SAMPLE, tiny_spec
+from orchestrator.cli import main
+from orchestrator.spec import SpecError, apply_overrides, load_spec, parse_spec
+
+
+def test_shipped_jobs_validate():
+    for path in (REPO / "jobs").glob("*.yaml"):
+        spec = load_spec(path)
+        assert spec.data.path.endswith("stdlib_docs.jsonl")
+
+
+def test_defaults_live_in_the_model():
+    spec = parse_spec({"data": {"path": str(SAMPLE)}})
+    assert spec.model.family == "gpt" and spec.train.optimizer == "adamw"
+    assert spec.metric == "val_loss" and spec.metric_mode == "min"
+    assert spec.data.resolved_format == "jsonl"
+
+
+def test_classifier_metric_is_accuracy():
+    spec = parse_spec(tiny_spec("classifier"))
+    assert spec.metric == "val_accuracy" and spec.metric_mode == "max"
+
+
+@pytest.mark.parametrize("section, values, field, words", [
+    ("train", {"lr": 0}, "train.lr", "greater than 0"),
+    ("train", {"lr": -1e-3}, "train.lr", "greater than 0"),
+    ("model", {"dropout": 1.0}, "model.dropout", "less than 1"),
+    ("model", {"dropout": -0.1}, "model.dropout", "greater than or equal to 0"),
+    ("train", {"optimizer": "lion"}, "train.optimizer", "'sgd', 'adam' or 'adamw'"),
+    ("train", {"batch_size": "many"}, "train.batch_size", "valid integer"),
+    ("model", {"colour": "red"}, "model.colour", "unknown key"),
+    ("sweep", {"space": {"train.epochs": {"choice": [1]}}}, "sweep.space", "cannot sweep"),
+    ("sweep", {"space": {"train.lr": {"loguniform": [0, 1]}}}, "sweep.space", "> 0"),
+])
+def test_bad_values_name_field_value_and_allowed(section, values, field, words):
+    raw = tiny_spec("gpt", **{section: values})
+    with pytest.raises(SpecError) as error:
+        parse_spec(raw)
+    message = str(error.value)
+    assert field in message and words in message
+    shown = repr(next(iter(values.values())))
+    assert shown[:20] in message or "unknown key" in message or "cannot sweep" in message
+
+
+def test_unknown_top_level_key():
+    with pytest.raises(SpecError, match=r"epochs = 3: unknown key"):
+        parse_spec({**tiny_spec("gpt"), "epochs": 3})
+
+
+def test_missing_data_path():
+    with pytest.raises(SpecError, match=r"data = \(missing\)"):
+        parse_spec({"name": "x"})
+
+
+def test_classifier_needs_label_column():
+    raw = tiny_spec("gpt", model={"family": "classifier"})
+    with pytest.raises(SpecError, match="needs data.label_column"):
+        parse_spec(raw)
+
+
+def test_unsupported_format_is_named():
+    spec = parse_spec(tiny_spec("gpt", data={"path": "corpus.xlsx"}))
+    with pytest.raises(SpecError, match=r"data.format.*'\.xlsx'.*parquet, jsonl, csv, text"):
+        spec.data.resolved_format
+    with pytest.raises(SpecError, match=r"data.format = 'xlsx'"):
+        parse_spec(tiny_spec("gpt", data={"format": "xlsx"}))
+
+
+def test_overrides_parse_yaml_values():
+    raw = apply_overrides(tiny_spec("gpt"), ["train.lr=0.01", "serve.enabled=false",
+                                              "sweep.space={train.lr: {choice: [0.1, 0.2]}}"])
+    spec = parse_spec(raw)
+    assert spec.train.lr == 0.01 and spec.serve.enabled is False
+    assert spec.sweep.space["train.lr"].choice == [0.1, 0.2]
+    with pytest.raises(SpecError, match="expected KEY=VALUE"):
+        apply_overrides(raw, ["train.lr"])
+
+
+def test_validate_command(tmp_path, capsys):
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(tiny_spec("gpt")))
+    assert main(["validate", str(job), "--set", "train.lr=0.5"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["lr"] == 0.5 and printed["serve"]["port"] == 8000
+    assert main(["validate", str(job), "--set", "train.lr=-1"]) == 2
+    assert "train.lr = -1" in capsys.readouterr().err
+    assert main(["validate", str(tmp_path / "missing.yaml")]) == 2

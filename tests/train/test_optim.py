@@ -1,0 +1,55 @@
+"""Optimizer settings from the spec, the schedule, the L1 penalty and the metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from orchestrator.models import GPT
+from orchestrator.spec import TrainSpec
+from orchestrator.train.metrics import macro_f1
+from orchestrator.train.optim import build_optimizer, l1_penalty, split_decay_parameters, warmup_cosine
+
+
+def _model() -> GPT:
+    return GPT(vocab_size=20, block_size=4, n_layer=1, n_head=2, d_model=8, dropout=0.0)
+
+
+@pytest.mark.parametrize("name, cls", [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam),
+                                       ("adamw", torch.optim.AdamW)])
+def test_optimizer_settings(name, cls):
+    train = TrainSpec(optimizer=name, lr=0.05, momentum=0.8, betas=(0.8, 0.9), weight_decay=0.1)
+    optimizer = build_optimizer(_model(), train)
+    assert isinstance(optimizer, cls)
+    decay, no_decay = optimizer.param_groups
+    assert decay["lr"] == 0.05 and decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0
+    if name == "sgd":
+        assert decay["momentum"] == 0.8
+    else:
+        assert decay["betas"] == (0.8, 0.9)
+
+
+def test_decay_only_on_matrices_and_tied_weights_once():
+    model = _model()
+    decay, no_decay = split_decay_parameters(model)
+    assert all(p.dim() >= 2 for p in decay) and all(p.dim() < 2 for p in no_decay)
+    assert len(decay) + len(no_decay) == len(list(model.parameters()))  # tied head counted once
+
+
+def test_warmup_then_cosine():
+    values = [warmup_cosine(s, 10, 100) for s in range(100)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert values[10] == pytest.approx(1.0) and values[-1] == pytest.approx(0.1, abs=0.01)
+    assert all(a >= b for a, b in zip(values[10:], values[11:]))
+
+
+def test_l1_penalty_is_sum_of_absolute_weights():
+    weight = torch.nn.Parameter(torch.tensor([[1.0, -2.0], [0.5, 0.0]]))
+    assert l1_penalty([weight]).item() == pytest.approx(3.5)
+
+
+def test_macro_f1():
+    labels = np.array([0, 0, 1, 1])
+    assert macro_f1(labels, labels, 2) == 1.0
+    assert macro_f1(np.array([0, 0, 0, 0]), labels, 2) == pytest.approx((2 / 3 + 0) / 2)

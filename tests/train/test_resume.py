@@ -1,0 +1,61 @@
+"""A training worker really killed mid-run resumes from its last checkpoint and finishes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+from ray.util.state import list_actors
+
+from conftest import tiny_spec
+from orchestrator.data import prepare_data
+from orchestrator.spec import parse_spec
+from orchestrator.train.trainer import build_trainer
+
+
+def _kill_worker_after_first_checkpoint(storage, killed: list[int], timeout_s: float = 240):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if list(storage.glob("*/checkpoint_*")):
+            workers = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
+                       if a.class_name == "RayTrainWorker"]
+            if workers:
+                os.kill(workers[0].pid, signal.SIGKILL)
+                killed.append(workers[0].pid)
+                return
+        time.sleep(0.2)
+
+
+def test_killed_worker_resumes_from_checkpoint(ray_local, tmp_path):
+    spec = parse_spec(tiny_spec("gpt", train={"max_steps": 400, "eval_interval": 20,
+                                              "max_failures": 1}))
+    info = prepare_data(spec, tmp_path)
+    trainer = build_trainer(spec, tmp_path, info, name="resume")
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_worker_after_first_checkpoint,
+                              args=(tmp_path / "train", killed))
+    killer.start()
+    result = trainer.fit()
+    killer.join()
+    assert killed, "the worker was never killed"
+    assert result.error is None
+    assert result.metrics["step"] == spec.train.max_steps
+    assert result.metrics["resumed_from_step"] >= spec.train.eval_interval
+    assert result.metrics["resumed_from_step"] % spec.train.eval_interval == 0
+
+
+def test_without_failures_allowed_the_run_fails(ray_local, tmp_path):
+    spec = parse_spec(tiny_spec("gpt", train={"max_steps": 400, "eval_interval": 20}))
+    info = prepare_data(spec, tmp_path)
+    trainer = build_trainer(spec, tmp_path, info, name="no-retry")
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_worker_after_first_checkpoint,
+                              args=(tmp_path / "train", killed))
+    killer.start()
+    with pytest.raises(Exception):
+        trainer.fit()
+    killer.join()
+    assert killed
