@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from orchestrator.spec import SpecError, load_spec, spec_to_yaml
 
@@ -70,7 +71,8 @@ def _submit(args: argparse.Namespace) -> int:
 
     load_spec(args.spec, args.overrides)  # fail here, not on the cluster
     try:
-        job = submit(args.spec, args.address, args.working_dir, args.overrides, args.token)
+        job = submit(Path(args.spec).resolve(), args.address, args.working_dir, args.overrides,
+                     args.token)
     except (AuthenticationError, ConnectionError) as error:
         print(f"error: cannot submit to {args.address}: {error}", file=sys.stderr)
         return 1

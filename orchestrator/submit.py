@@ -6,7 +6,6 @@ import json
 import shlex
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +13,11 @@ import pandas as pd
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from orchestrator.pipeline import RESULT_MARKER
-from orchestrator.spec import JobSpec, spec_to_yaml
+from orchestrator.spec import JobSpec, load_spec, spec_to_yaml
 
 # Never uploaded: version control, virtual environments, caches and run outputs.
 EXCLUDES = [".git", ".venv", "venv", "env", "__pycache__", "*.pyc", ".pytest_cache", "runs",
             ".orchestrator/runs", "*.egg-info", ".mypy_cache", ".ruff_cache"]
-STAGED_SPECS = ".orchestrator/jobs"
 TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
 
 
@@ -58,31 +56,39 @@ class Job:
         return pd.DataFrame(self.report()["trials"])
 
 
-def _stage_spec(spec: JobSpec, working_dir: Path) -> str:
-    """Write an in-memory spec into the uploaded tree; return its path relative to it."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
-    relative = Path(STAGED_SPECS) / f"{spec.name}-{stamp}.yaml"
-    (working_dir / relative).parent.mkdir(parents=True, exist_ok=True)
-    (working_dir / relative).write_text(spec_to_yaml(spec))
-    return relative.as_posix()
+def _entrypoint(spec: JobSpec | str | Path, working_dir: Path, overrides: list[str]) -> str:
+    """The job's shell command.
+
+    A spec path is relative to working_dir; a file inside it is named by its relative path, so
+    the job reads the uploaded copy. Any other spec (a JobSpec, or a file outside working_dir) travels inside the command:
+    a file staged into the tree would not reach the cluster when .gitignore covers it, because
+    Ray's upload honours .gitignore. The job writes it to a temporary file and removes it after.
+    """
+    if not isinstance(spec, JobSpec):
+        path = (working_dir / spec).resolve()
+        if path.is_relative_to(working_dir):
+            sets = [arg for override in overrides for arg in ("--set", override)]
+            return shlex.join(["python", "-m", "orchestrator", "run",
+                               path.relative_to(working_dir).as_posix(), *sets])
+        spec = load_spec(path, overrides)
+    return (f"spec=$(mktemp -t orchestrator-spec.XXXXXX) && "
+            f"printf '%s' {shlex.quote(spec_to_yaml(spec))} > \"$spec\" && "
+            f"python -m orchestrator run \"$spec\"; status=$?; rm -f \"$spec\"; exit $status")
 
 
 def submit(spec: JobSpec | str | Path, address: str, working_dir: str | Path = ".",
            overrides: list[str] | None = None, token: str | None = None) -> Job:
     """Submit `python -m orchestrator run SPEC` with the working directory uploaded.
 
-    `spec` is a YAML path inside working_dir or a JobSpec (staged under .orchestrator/jobs/).
+    `spec` is a YAML path (overrides apply to it) or a JobSpec; see _entrypoint.
     `token` is the cluster's auth token when it runs with RAY_AUTH_MODE=token.
     """
     working_dir = Path(working_dir).resolve()
-    spec_path = _stage_spec(spec, working_dir) if isinstance(spec, JobSpec) else str(spec)
+    entrypoint = _entrypoint(spec, working_dir, overrides or [])
     headers = {"Authorization": f"Bearer {token}"} if token else None
     client = JobSubmissionClient(address, headers=headers)
-    command = ["python", "-m", "orchestrator", "run", spec_path]
-    for override in overrides or []:
-        command += ["--set", override]
     job_id = client.submit_job(
-        entrypoint=shlex.join(command),
+        entrypoint=entrypoint,
         runtime_env={"working_dir": str(working_dir), "excludes": EXCLUDES},
     )
     return Job(client, job_id)

@@ -101,7 +101,11 @@ def load_data_info(run_dir: str | Path) -> DataInfo:
 
 def prepare_data(spec: JobSpec, run_dir: str | Path,
                  progress: Callable[[str], None] = lambda _: None) -> DataInfo:
-    """Validate, split, train the tokenizer, tokenize and write the splits; return DataInfo."""
+    """Validate, split, train the tokenizer, tokenize and write the splits; return DataInfo.
+
+    Rows are shuffled once before writing: sources are often sorted (by topic, date, label), and
+    validation on the first few batches of a sorted split measures one corner of the data.
+    """
     run_dir = Path(run_dir)
     data = spec.data
     quiet_progress()
@@ -126,7 +130,7 @@ def prepare_data(spec: JobSpec, run_dir: str | Path,
         fn_constructor_kwargs={"tokenizer_json": tokenizer.to_str(),
                                "family": spec.model.family, "block_size": data.block_size,
                                "max_length": data.max_length, "labels": labels},
-    ).write_parquet(str(out), partition_cols=["split"])
+    ).random_shuffle(seed=data.split_seed).write_parquet(str(out), partition_cols=["split"])
 
     rows = {split: read_split(run_dir, split).count() if (out / f"split={split}").exists() else 0
             for split in SPLITS}

@@ -115,7 +115,10 @@ def run_sweep(spec: JobSpec, run_dir: str | Path, info: DataInfo,
         tune_config=tune.TuneConfig(
             metric=metric, mode=mode, num_samples=spec.sweep.num_samples,
             max_concurrent_trials=max_concurrent_trials(spec),
-            scheduler=ASHAScheduler(max_t=_evaluations_per_trial(spec),
+            # One past the last evaluation: ASHA stopping a trial at max_t kills its driver while
+            # trainer.fit() is still returning, and Train's placement groups (its CPUs) leaked,
+            # starving the stages after the sweep. Trials that survive every rung end by returning.
+            scheduler=ASHAScheduler(max_t=_evaluations_per_trial(spec) + 1,
                                     grace_period=spec.sweep.grace_period,
                                     reduction_factor=spec.sweep.reduction_factor),
         ),

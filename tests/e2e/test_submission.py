@@ -35,7 +35,8 @@ pytestmark = pytest.mark.e2e
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
 MARKER = "ORCHESTRATOR_E2E_CLUSTER"
-AUTH_VARS = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+AUTH_VARS = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
+             "RAY_AUTH_TOKEN_PATH")
 USER_TOKEN = Path.home() / ".ray" / "auth_token"
 # Small enough for 2 cores, still every stage: data, a 2-trial sweep, select, evaluate, deploy.
 SHRINK = ["train.max_steps=30", "train.eval_interval=15", "train.warmup_steps=5",
@@ -135,7 +136,12 @@ def head() -> Iterator[Head]:
     assert generated.stdout.strip() == token and len(token) == 64
 
     dashboard_port = free_port()
-    env = base_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path), **{MARKER: marker})
+    # Ray processes that call the state API with no address (Train V2's placement-group cleaner
+    # does) look for "the" local Ray by its GCS processes and fail when this machine runs more
+    # than one Ray (ray_local, other sessions): the cleaner's thread dies, the sweep's placement
+    # groups are never removed and the next stage waits forever. Pin them to this head.
+    env = base_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path),
+                   RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dashboard_port}", **{MARKER: marker})
     started = ray_cli(
         "start", "--head", "--temp-dir", str(root / "ray"), "--num-cpus", "2",
         "--port", str(free_port()), "--ray-client-server-port", str(free_port()),
@@ -244,6 +250,28 @@ def test_orchestrator_submit_rejects_a_bad_spec_before_contacting_a_cluster(
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_entrypoint_names_specs_in_the_tree_and_carries_the_others(tmp_path: Path) -> None:
+    """Ray's upload skips what .gitignore lists, so only a spec file in the uploaded tree is
+    named by path; a JobSpec or an outside file travels inside the command (no cluster here)."""
+    from orchestrator.spec import load_spec, spec_to_yaml
+    from orchestrator.submit import _entrypoint
+
+    assert _entrypoint("jobs/quickstart.yaml", REPO, ["train.lr=0.001"]) == (
+        "python -m orchestrator run jobs/quickstart.yaml --set train.lr=0.001")
+    tricky = 'serve.sample_requests=["it\'s $HOME `id` \\\\n"]'  # quotes, $, backticks
+    spec = load_spec(REPO / "jobs" / "quickstart.yaml", [tricky])
+    assert spec.serve.sample_requests == ["it's $HOME `id` \\n"]
+    outside = tmp_path / "spec.yaml"
+    outside.write_text(spec_to_yaml(spec))
+    for command in (_entrypoint(spec, REPO, []), _entrypoint(outside, REPO, [])):
+        # Run the real shell command with `cat` standing in for the CLI: the spec round-trips.
+        shown = subprocess.run(
+            ["/bin/sh", "-c", command.replace("python -m orchestrator run", "cat")],
+            cwd=tmp_path, capture_output=True, text=True, check=True)
+        assert shown.stdout == spec_to_yaml(spec)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml"]
+
+
 def test_orchestrator_submit_without_token_fails_cleanly(head: Head) -> None:
     refused = subprocess.run(
         [sys.executable, "-m", "orchestrator", "submit", "jobs/quickstart.yaml",
@@ -304,17 +332,12 @@ def test_sdk_submit_runs_the_quickstart_and_returns_results(head: Head) -> None:
     import orchestrator
     from orchestrator.spec import load_spec
 
-    name = f"e2e-sdk-{uuid.uuid4().hex[:8]}"
-    spec = load_spec(REPO / "jobs" / "quickstart.yaml", head.shrink(name))
-    try:
-        job = orchestrator.submit(spec, head.dashboard, working_dir=REPO, token=head.token)
-        status = job.wait(timeout_s=JOB_TIMEOUT_S)
-        assert status == "SUCCEEDED", job.logs()[-4000:]
-        check_report(job.report(), head)
-        results = job.results()
-    finally:
-        for staged in (REPO / ".orchestrator" / "jobs").glob(f"{name}-*.yaml"):
-            staged.unlink()
+    spec = load_spec(REPO / "jobs" / "quickstart.yaml", head.shrink("e2e-sdk"))
+    job = orchestrator.submit(spec, head.dashboard, working_dir=REPO, token=head.token)
+    status = job.wait(timeout_s=JOB_TIMEOUT_S)
+    assert status == "SUCCEEDED", job.logs()[-4000:]
+    check_report(job.report(), head)
+    results = job.results()
     assert len(results) == 2
     config_columns = [c for c in results.columns if c.startswith("config/")]
     assert {"config/train.optimizer", "config/train.lr", "config/train.weight_decay"} <= set(
