@@ -6,8 +6,8 @@
     job.wait(); job.results()                           # one row per sweep trial
 """
 
+from orchestrator.runner import run
 from orchestrator.spec import JobSpec, SpecError, load_spec, parse_spec
 from orchestrator.submit import Job, submit
-from orchestrator.runner import run
 
 __all__ = ["Job", "JobSpec", "SpecError", "load_spec", "parse_spec", "run", "submit"]

@@ -60,9 +60,10 @@ def _entrypoint(spec: JobSpec | str | Path, working_dir: Path, overrides: list[s
     """The job's shell command.
 
     A spec path is relative to working_dir; a file inside it is named by its relative path, so
-    the job reads the uploaded copy. Any other spec (a JobSpec, or a file outside working_dir) travels inside the command:
-    a file staged into the tree would not reach the cluster when .gitignore covers it, because
-    Ray's upload honours .gitignore. The job writes it to a temporary file and removes it after.
+    the job reads the uploaded copy. Any other spec (a JobSpec, or a file outside working_dir)
+    travels inside the command: a file staged into the tree would not reach the cluster when
+    .gitignore covers it, because Ray's upload honours .gitignore. The job writes it to a
+    temporary file and removes it after.
     """
     if not isinstance(spec, JobSpec):
         path = (working_dir / spec).resolve()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import yaml
-
 from conftest import REPO, SAMPLE, tiny_spec
+
 from orchestrator.cli import main
 from orchestrator.spec import SpecError, apply_overrides, load_spec, parse_spec
 

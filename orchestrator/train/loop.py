@@ -18,7 +18,12 @@ from orchestrator.data import DataInfo
 from orchestrator.models import build_model
 from orchestrator.spec import JobSpec
 from orchestrator.train.metrics import classifier_loss, evaluate, lm_loss
-from orchestrator.train.optim import build_optimizer, build_scheduler, l1_penalty, split_decay_parameters
+from orchestrator.train.optim import (
+    build_optimizer,
+    build_scheduler,
+    l1_penalty,
+    split_decay_parameters,
+)
 
 STATE_FILE = "state.pt"
 

@@ -6,8 +6,8 @@ import json
 
 import pandas as pd
 import pytest
-
 from conftest import tiny_spec
+
 from orchestrator.data import load_data_info, prepare_data, read_split
 from orchestrator.spec import SpecError, parse_spec
 
@@ -17,8 +17,11 @@ def frame(sample_rows) -> pd.DataFrame:
     return pd.DataFrame(sample_rows[:600])
 
 
+SUFFIX = {"jsonl": "jsonl", "csv": "csv", "parquet": "parquet", "text": "txt"}
+
+
 def _write(frame: pd.DataFrame, directory, fmt: str):
-    path = directory / f"corpus.{ {'jsonl': 'jsonl', 'csv': 'csv', 'parquet': 'parquet', 'text': 'txt'}[fmt] }"
+    path = directory / f"corpus.{SUFFIX[fmt]}"
     if fmt == "jsonl":
         frame.to_json(path, orient="records", lines=True)
     elif fmt == "csv":

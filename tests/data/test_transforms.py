@@ -5,8 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from orchestrator.data.datasets import (TokenizeBatch, assign_splits, pack_blocks,
-                                        pad_or_truncate, split_of)
+from orchestrator.data.datasets import (
+    TokenizeBatch,
+    assign_splits,
+    pack_blocks,
+    pad_or_truncate,
+    split_of,
+)
 from orchestrator.data.tokenizer import EOS, PAD, load_tokenizer, save_tokenizer, train_tokenizer
 
 

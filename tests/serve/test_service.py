@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 import requests
-
 from conftest import SAMPLE, free_port, tiny_spec
+
 from orchestrator.bundle import write_bundle
 from orchestrator.data.stage import DataInfo
 from orchestrator.data.tokenizer import EOS, PAD, save_tokenizer, train_tokenizer

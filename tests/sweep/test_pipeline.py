@@ -7,8 +7,8 @@ import json
 import pandas as pd
 import pytest
 import requests
-
 from conftest import free_port, tiny_spec
+
 from orchestrator.bundle import load_bundle
 from orchestrator.pipeline import run_pipeline
 from orchestrator.spec import SpecError, parse_spec

@@ -9,7 +9,12 @@ import torch
 from orchestrator.models import GPT
 from orchestrator.spec import TrainSpec
 from orchestrator.train.metrics import macro_f1
-from orchestrator.train.optim import build_optimizer, l1_penalty, split_decay_parameters, warmup_cosine
+from orchestrator.train.optim import (
+    build_optimizer,
+    l1_penalty,
+    split_decay_parameters,
+    warmup_cosine,
+)
 
 
 def _model() -> GPT:

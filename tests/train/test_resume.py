@@ -8,9 +8,9 @@ import threading
 import time
 
 import pytest
+from conftest import tiny_spec
 from ray.util.state import list_actors
 
-from conftest import tiny_spec
 from orchestrator.data import prepare_data
 from orchestrator.spec import parse_spec
 from orchestrator.train.trainer import build_trainer
