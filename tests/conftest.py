@@ -23,12 +23,15 @@ def ray_local():
     """A real local Ray with 2 CPUs, shared by every integration test.
 
     The dashboard gets a free port so that a `ray start --head` elsewhere cannot collide with it
-    (Train V2 needs the dashboard: see design.md)."""
+    (Train V2 needs the dashboard: see design.md). RAY_API_SERVER_ADDRESS points Train's
+    placement-group cleaner at this instance: with two Rays on one machine its state-API call
+    fails ("Found multiple active Ray instances"), its thread dies and stopped trials leak CPUs."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, log_to_driver=False, logging_level="WARNING",
-                 dashboard_port=free_port())
+        port = free_port()
+        ray.init(num_cpus=2, log_to_driver=False, logging_level="WARNING", dashboard_port=port,
+                 runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
     yield ray
     ray.shutdown()
 
