@@ -17,9 +17,14 @@ from orchestrator.train.trainer import build_trainer
 
 
 def _kill_worker_after_first_checkpoint(storage, killed: list[int], timeout_s: float = 240):
+    """Kill once the Train controller has registered a checkpoint in its snapshot file.
+
+    A worker's report reaches the controller asynchronously: a worker killed right after
+    reporting (before the controller polled it) rightly restarts from an older checkpoint."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if list(storage.glob("*/checkpoint_*")):
+        snapshots = list(storage.glob("*/checkpoint_manager_snapshot.json"))
+        if snapshots and "checkpoint_" in snapshots[0].read_text():
             workers = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
                        if a.class_name == "RayTrainWorker"]
             if workers:
