@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+import ray.train
 from conftest import tiny_spec
 from ray.util.state import list_actors
 
@@ -60,7 +61,7 @@ def test_without_failures_allowed_the_run_fails(ray_local, tmp_path):
     killer = threading.Thread(target=_kill_worker_after_first_checkpoint,
                               args=(tmp_path / "train", killed))
     killer.start()
-    with pytest.raises(Exception):
+    with pytest.raises(ray.train.TrainingFailedError):
         trainer.fit()
     killer.join()
     assert killed
