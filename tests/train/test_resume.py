@@ -35,15 +35,20 @@ def _kill_worker_after_first_checkpoint(storage, killed: list[int], timeout_s: f
         time.sleep(0.2)
 
 
+def _trainer_with_killer(spec, run_dir, name: str):
+    """A trainer on freshly prepared data, and a started thread that kills its worker."""
+    trainer = build_trainer(spec, run_dir, prepare_data(spec, run_dir), name=name)
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_worker_after_first_checkpoint,
+                              args=(run_dir / "train", killed))
+    killer.start()
+    return trainer, killer, killed
+
+
 def test_killed_worker_resumes_from_checkpoint(ray_local, tmp_path):
     spec = parse_spec(tiny_spec("gpt", train={"max_steps": 400, "eval_interval": 20,
                                               "max_failures": 1}))
-    info = prepare_data(spec, tmp_path)
-    trainer = build_trainer(spec, tmp_path, info, name="resume")
-    killed: list[int] = []
-    killer = threading.Thread(target=_kill_worker_after_first_checkpoint,
-                              args=(tmp_path / "train", killed))
-    killer.start()
+    trainer, killer, killed = _trainer_with_killer(spec, tmp_path, "resume")
     result = trainer.fit()
     killer.join()
     assert killed, "the worker was never killed"
@@ -55,12 +60,7 @@ def test_killed_worker_resumes_from_checkpoint(ray_local, tmp_path):
 
 def test_without_failures_allowed_the_run_fails(ray_local, tmp_path):
     spec = parse_spec(tiny_spec("gpt", train={"max_steps": 400, "eval_interval": 20}))
-    info = prepare_data(spec, tmp_path)
-    trainer = build_trainer(spec, tmp_path, info, name="no-retry")
-    killed: list[int] = []
-    killer = threading.Thread(target=_kill_worker_after_first_checkpoint,
-                              args=(tmp_path / "train", killed))
-    killer.start()
+    trainer, killer, killed = _trainer_with_killer(spec, tmp_path, "no-retry")
     with pytest.raises(ray.train.TrainingFailedError):
         trainer.fit()
     killer.join()
