@@ -14,6 +14,8 @@ import json
 import platform
 import shutil
 import subprocess
+import tempfile
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,11 +27,12 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from orchestrator.data import DataInfo
-from orchestrator.data.tokenizer import TOKENIZER_FILE
+from orchestrator.data.tokenizer import EOS, PAD, TOKENIZER_FILE, save_tokenizer, train_tokenizer
 from orchestrator.models import build_model
 from orchestrator.spec import JobSpec, parse_spec, spec_to_yaml
 from orchestrator.train.loop import load_state
 
+WINNER_DIR = "winner"
 MODEL_FILE, SPEC_FILE, INFO_FILE = "model.pt", "spec.yaml", "data_info.json"
 METRICS_FILE, PROVENANCE_FILE = "metrics.json", "provenance.json"
 
@@ -79,8 +82,39 @@ def save_bundle(directory: str | Path, spec: JobSpec, info: DataInfo, checkpoint
                                                  "checkpoint": checkpoint_path})
 
 
+def initial_bundle(directory: str | Path, spec: JobSpec, rows: list[dict[str, str]]) -> Path:
+    """A bundle with freshly initialised weights and a tokenizer trained on the rows' `text`
+    (classifier labels from their `label`): what the service benchmark and the service tests
+    serve when the answers' quality does not matter, without a training run."""
+    tokenizer = train_tokenizer((row["text"] for row in rows), spec.data.vocab_size)
+    eos_id, pad_id = tokenizer.token_to_id(EOS), tokenizer.token_to_id(PAD)
+    if spec.model.family == "gpt":
+        info = DataInfo("gpt", tokenizer.get_vocab_size(), eos_id, pad_id,
+                        spec.data.block_size + 1)
+    else:
+        counts = Counter(row["label"] for row in rows)
+        info = DataInfo("classifier", tokenizer.get_vocab_size(), eos_id, pad_id,
+                        spec.data.max_length, labels=sorted(counts),
+                        label_counts={"train": dict(counts)})
+    model = build_model(spec.model, info.vocab_size, info.seq_len, info.pad_id, info.num_classes)
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer_dir = save_tokenizer(tokenizer, scratch).parent
+        return write_bundle(directory, spec, info, model.state_dict(), tokenizer_dir, {},
+                            {"trial_id": None, "note": "initial weights, not trained"})
+
+
 def write_metrics(directory: str | Path, metrics: dict[str, Any]) -> None:
     (Path(directory) / METRICS_FILE).write_text(json.dumps(metrics, indent=2, default=float))
+
+
+def find_bundle(path: str | Path) -> Path:
+    """The bundle of a run directory (its winner/) or a bundle directory itself."""
+    path = Path(path)
+    for candidate in (path / WINNER_DIR, path):
+        if (candidate / MODEL_FILE).is_file():
+            return candidate.resolve()
+    raise FileNotFoundError(f"{path} is neither a run directory with {WINNER_DIR}/ nor a model "
+                            f"bundle ({MODEL_FILE} is missing)")
 
 
 def load_bundle(directory: str | Path) -> Bundle:

@@ -8,7 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from orchestrator.spec import SpecError, load_spec, spec_to_yaml
+from orchestrator.bench import BENCHMARKS, render, run_benchmark
+from orchestrator.spec import JobSpec, SpecError, load_spec, spec_to_yaml
 
 EXIT_SPEC_ERROR = 2
 
@@ -33,6 +34,36 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--working-dir", default=".", help="directory uploaded with the job")
     submit.add_argument("--token", help="cluster auth token (RAY_AUTH_MODE=token clusters)")
     submit.add_argument("--no-wait", action="store_true", help="print the job id and return")
+
+    def with_run_dir(name: str, help_text: str) -> argparse.ArgumentParser:
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("run_dir", help="a run directory (its winner/ is used) or a bundle")
+        command.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                             dest="overrides", help="override a value of the bundle's spec, "
+                                                    "e.g. serve.num_replicas=2")
+        return command
+
+    deploy = with_run_dir("deploy", "serve a run's winner; replaces a running version "
+                                    "without downtime")
+    deploy.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or embedded)")
+    deploy.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for it")
+    config = with_run_dir("serve-config", "write a Ray Serve config for `serve deploy`")
+    config.add_argument("-o", "--output", required=True, help="YAML file to write")
+    predict = with_run_dir("predict", "batch inference over a dataset with Ray Data")
+    predict.add_argument("--input", required=True, help="file, directory or URI of the inputs")
+    predict.add_argument("--output", required=True, help="directory to write parquet to")
+    predict.add_argument("--column", help="text column (default: the spec's data.text_column)")
+    predict.add_argument("--max-tokens", type=int, default=32, help="language model: new tokens")
+    predict.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily")
+    predict.add_argument("--seed", type=int, help="sampling seed (with temperature > 0)")
+    predict.add_argument("--replicas", type=int, default=1, help="actors running the model")
+    predict.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or embedded)")
+
+    bench = commands.add_parser("bench", help="run a benchmark and print its figures")
+    bench.add_argument("name", choices=sorted(BENCHMARKS), help="; ".join(
+        f"{name}: {what}" for name, what in BENCHMARKS.items()))
+    bench.add_argument("--quick", action="store_true", help="short mode (what CI runs)")
+    bench.add_argument("--json", action="store_true", help="one JSON object as the last line")
     return parser
 
 
@@ -54,12 +85,8 @@ def _run(args: argparse.Namespace) -> int:
     print(summary(report))
     print(RESULT_MARKER + json.dumps(report), flush=True)
     if spec.serve.enabled and spec.serve.keep_running and embedded:
-        print(f"serving at {report['endpoint']}; press Ctrl-C to stop", flush=True)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
+        print(f"serving at {report['endpoint']}", flush=True)
+        _wait_for_interrupt()
     return 0
 
 
@@ -85,11 +112,76 @@ def _submit(args: argparse.Namespace) -> int:
     return 0 if status == "SUCCEEDED" else 1
 
 
+def _bundle_and_spec(args: argparse.Namespace) -> tuple[Path, JobSpec]:
+    from orchestrator.bundle import SPEC_FILE, find_bundle
+
+    bundle_dir = find_bundle(args.run_dir)
+    return bundle_dir, load_spec(bundle_dir / SPEC_FILE, args.overrides)
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from orchestrator.runner import connect
+    from orchestrator.serve import DeployError, deploy
+
+    bundle_dir, spec = _bundle_and_spec(args)
+    embedded = connect(args.address)
+    try:
+        url = deploy(spec, bundle_dir, timeout_s=args.timeout)
+    except DeployError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"serving {spec.name} from {bundle_dir} at {url}", flush=True)
+    if embedded:
+        _wait_for_interrupt()
+    return 0
+
+
+def _serve_config(args: argparse.Namespace) -> int:
+    from orchestrator.serve import serve_config_yaml
+
+    bundle_dir, spec = _bundle_and_spec(args)
+    Path(args.output).write_text(serve_config_yaml(spec, bundle_dir))
+    print(f"wrote {args.output}; deploy it with: serve deploy {args.output}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from orchestrator.evaluate import predict
+    from orchestrator.runner import connect
+
+    bundle_dir, _ = _bundle_and_spec(args)
+    connect(args.address)
+    started = time.monotonic()
+    rows = predict(bundle_dir, args.input, args.output, args.column, args.max_tokens,
+                   args.temperature, args.seed, args.replicas)
+    print(f"wrote {rows} predictions to {args.output} in {time.monotonic() - started:.1f} s")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    result = run_benchmark(args.name, quick=args.quick)
+    print(render(result, as_json=args.json))
+    return 0
+
+
+def _wait_for_interrupt() -> None:
+    print("Ray is embedded in this process: press Ctrl-C to stop serving", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"validate": _validate, "run": _run, "submit": _submit}
+    handlers = {"validate": _validate, "run": _run, "submit": _submit, "deploy": _deploy,
+                "serve-config": _serve_config, "predict": _predict, "bench": _bench}
     try:
         return handlers[args.command](args)
     except SpecError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_SPEC_ERROR
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1

@@ -1,10 +1,16 @@
-"""The evaluate stage: test-split metrics by batch inference with Ray Data, and the trivial
-baselines the winner must beat (majority class; unigram perplexity)."""
+"""Batch inference with Ray Data, and the evaluate stage built on it.
+
+`predict` runs a bundle over any dataset (`orchestrator predict`); `evaluate_bundle` scores the
+validation and test splits against the trivial baselines the winner must beat (majority class;
+unigram perplexity). Both map batches on a pool of actors that load the bundle once each, on GPU
+when the cluster has GPUs.
+"""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -12,8 +18,11 @@ import ray.data
 import torch
 import torch.nn.functional as F
 
-from orchestrator.bundle import load_bundle
-from orchestrator.data import DataInfo, read_split, read_splits
+from orchestrator.bundle import Bundle, load_bundle
+from orchestrator.data import DataInfo, read_source, read_split, read_splits
+from orchestrator.data.sources import TEXT
+from orchestrator.predictor import Predictor, SamplingParams
+from orchestrator.spec import DataSpec
 from orchestrator.train.metrics import classification_metrics
 
 INFERENCE_BATCH = 64
@@ -27,21 +36,81 @@ class ScoreBatch:
     """
 
     def __init__(self, bundle_dir: str, unigram_log_probs: np.ndarray | None = None):
-        self.bundle = load_bundle(bundle_dir)
+        self.bundle = load_on_device(bundle_dir)
         self.unigram_log_probs = unigram_log_probs
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ids = torch.as_tensor(np.stack(batch["ids"])).long()
         model = self.bundle.model
+        ids = torch.as_tensor(np.stack(batch["ids"])).long().to(next(model.parameters()).device)
         if self.bundle.info.family == "gpt":
             logits = model(ids[:, :-1]).float()
             nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-            unigram_nll = -self.unigram_log_probs[ids[:, 1:].numpy()].sum(1)
-            return {"nll": nll.sum(1).numpy(), "unigram_nll": unigram_nll,
+            targets = ids[:, 1:].cpu().numpy()
+            return {"nll": nll.sum(1).cpu().numpy(),
+                    "unigram_nll": -self.unigram_log_probs[targets].sum(1),
                     "tokens": np.full(len(ids), ids.shape[1] - 1), "split": batch["split"]}
-        return {"prediction": model(ids).argmax(-1).numpy(), "label": batch["label"],
+        return {"prediction": model(ids).argmax(-1).cpu().numpy(), "label": batch["label"],
                 "split": batch["split"]}
+
+
+class PredictBatch:
+    """`orchestrator predict` on one actor: the same Predictor the service uses, so a batch
+    prediction equals the online answer for the same input and settings."""
+
+    def __init__(self, bundle_dir: str, max_tokens: int, temperature: float, seed: int | None):
+        self.predictor = Predictor(load_on_device(bundle_dir))
+        self.family = self.predictor.info.family
+        self.params = SamplingParams(max_tokens, temperature, seed=seed)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        texts = batch[TEXT].astype(str).tolist()
+        if self.family == "classifier":
+            predictions = self.predictor.classify(texts)
+            return batch.assign(label=[p["label"] for p in predictions],
+                                score=[p["score"] for p in predictions],
+                                scores=[p["scores"] for p in predictions])
+        # A prompt too long for the context keeps its last tokens (the service refuses it).
+        room = self.predictor.context_length - self.params.max_tokens
+        prompts = [self.predictor.encode(text)[-room:] for text in texts]
+        completions = self.predictor.complete(prompts, [self.params] * len(prompts))
+        return batch.assign(completion=[c.text for c in completions],
+                            finish_reason=[c.finish_reason for c in completions],
+                            prompt_tokens=[len(p) for p in prompts],
+                            completion_tokens=[c.completion_tokens for c in completions])
+
+
+def load_on_device(bundle_dir: str) -> Bundle:
+    """The bundle, with its model on the GPU when this actor has one."""
+    bundle = load_bundle(bundle_dir)
+    if torch.cuda.is_available():
+        bundle.model.to("cuda")
+    return bundle
+
+
+def on_actor_pool(replicas: int) -> dict[str, Any]:
+    """map_batches options for batch inference: a pool of actors, one GPU each if there are GPUs."""
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    return {"batch_size": INFERENCE_BATCH, "num_gpus": gpus,
+            "compute": ray.data.ActorPoolStrategy(size=replicas)}
+
+
+def predict(bundle_dir: str | Path, input_path: str, output_path: str,
+            text_column: str | None = None, max_tokens: int = 32, temperature: float = 0.0,
+            seed: int | None = None, replicas: int = 1) -> int:
+    """Run the bundle over every row of `input_path` and write parquet to `output_path`; the
+    input's other columns are kept. Returns the number of rows written."""
+    bundle = load_bundle(bundle_dir)
+    if bundle.info.family == "gpt" and not 1 <= max_tokens < bundle.info.seq_len - 1:
+        raise ValueError(f"max_tokens must be in [1, {bundle.info.seq_len - 2}] for this model's "
+                         f"context of {bundle.info.seq_len - 1} tokens, not {max_tokens}")
+    source = DataSpec(path=input_path, text_column=text_column or bundle.spec.data.text_column)
+    predicted = read_source(source, keep_other_columns=True).map_batches(
+        PredictBatch, batch_format="pandas", **on_actor_pool(replicas),
+        fn_constructor_kwargs={"bundle_dir": str(bundle_dir), "max_tokens": max_tokens,
+                               "temperature": temperature, "seed": seed})
+    predicted.write_parquet(output_path)
+    return ray.data.read_parquet(output_path).count()
 
 
 def _unigram_counts(run_dir: Path, vocab_size: int) -> np.ndarray:
@@ -73,7 +142,7 @@ def evaluate_bundle(run_dir: str | Path, bundle_dir: str | Path, info: DataInfo,
     scored = read_splits(run_dir, splits).map_batches(
         ScoreBatch, fn_constructor_kwargs={"bundle_dir": str(bundle_dir),
                                            "unigram_log_probs": log_probs},
-        batch_size=INFERENCE_BATCH, compute=ray.data.ActorPoolStrategy(size=replicas),
+        **on_actor_pool(replicas),
     ).to_pandas()
     return {split: _split_metrics(scored[scored["split"] == split], info) for split in splits}
 

@@ -23,7 +23,7 @@ import ray
 import requests
 
 from orchestrator import serve as service
-from orchestrator.bundle import save_bundle, write_metrics
+from orchestrator.bundle import WINNER_DIR, save_bundle, write_metrics
 from orchestrator.data import prepare_data
 from orchestrator.evaluate import evaluate_bundle
 from orchestrator.spec import JobSpec, spec_to_yaml
@@ -71,15 +71,17 @@ def new_run_dir(spec: JobSpec) -> Path:
 
 def send_sample_requests(spec: JobSpec, url: str, family: str) -> list[dict[str, Any]]:
     """The requests the quickstart sends to show the service answering."""
+    keys = service.load_keys(spec.serve)
+    headers = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
     if family == "classifier":
-        body = {"texts": spec.serve.sample_requests}
-        response = requests.post(f"{url}/classify", json=body, timeout=60)
-        return [{"request": body, "status": response.status_code, "response": response.json()}]
+        calls = [("/v1/classify", {"model": spec.name, "input": spec.serve.sample_requests})]
+    else:
+        calls = [("/v1/completions", {
+            "model": spec.name, "prompt": prompt, "max_tokens": min(24, spec.serve.max_new_tokens),
+            "temperature": 0.8, "top_k": 40, "seed": 0}) for prompt in spec.serve.sample_requests]
     answers = []
-    for prompt in spec.serve.sample_requests:
-        body = {"prompt": prompt, "max_tokens": min(24, spec.serve.max_new_tokens),
-                "temperature": 0.8, "top_k": 40, "seed": 0}
-        response = requests.post(f"{url}/generate", json=body, timeout=60)
+    for route, body in calls:
+        response = requests.post(f"{url}{route}", json=body, headers=headers, timeout=60)
         answers.append({"request": body, "status": response.status_code,
                         "response": response.json()})
     return answers
@@ -119,7 +121,7 @@ def run_pipeline(spec: JobSpec, say: Callable[[str], None] = print) -> dict[str,
     progress.stage("select")
     winner_spec = apply_trial_config(spec, config)
     val_metrics = {k.removeprefix("best/"): v for k, v in winner.items() if k.startswith("best/")}
-    bundle_dir = save_bundle(run_dir / "winner", winner_spec, info, winner["checkpoint_path"],
+    bundle_dir = save_bundle(run_dir / WINNER_DIR, winner_spec, info, winner["checkpoint_path"],
                              run_dir / "tokenizer", {"val": val_metrics}, winner["trial_id"])
     progress.note(f"winner {winner['trial_id']} {config} {spec.metric} "
                   f"{winner[f'best_{spec.metric}']:.4f}")

@@ -157,22 +157,53 @@ class SweepSpec(_Section):
         return space
 
 
+class AutoscalingSpec(_Section):
+    """Serve's replica autoscaling: replicas follow the number of ongoing requests."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    target_ongoing_requests: float = Field(
+        8.0, gt=0, description="Ongoing requests per replica the autoscaler aims for.")
+    upscale_delay_s: float = Field(10.0, ge=0)
+    downscale_delay_s: float = Field(300.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} exceeds max_replicas "
+                             f"{self.max_replicas}")
+        return self
+
+
 class ServeSpec(_Section):
     enabled: bool = True
     keep_running: bool = Field(False, description="Leave the service up after the job.")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    num_replicas: int = Field(1, ge=1)
+    num_replicas: int = Field(1, ge=1, description="Fixed replica count (without autoscaling).")
+    autoscaling: AutoscalingSpec | None = Field(
+        None, description="Scale replicas with load instead of a fixed num_replicas.")
     replica_cpus: float = Field(0.5, gt=0, description="CPUs reserved by each replica.")
-    max_batch_size: int = Field(8, ge=1)
+    replica_gpus: float = Field(0.0, ge=0, description="GPUs per replica; the model runs on GPU.")
+    max_batch_size: int = Field(8, ge=1, description="Most requests decoded together.")
     batch_wait_timeout_s: float = Field(0.01, ge=0)
-    max_texts: int = Field(64, ge=1, description="Most texts in one /classify request.")
-    max_prompt_chars: int = Field(2000, ge=1)
-    max_new_tokens: int = Field(128, ge=1, description="Cap on max_tokens of /generate.")
+    max_inputs: int = Field(16, ge=1, description="Most prompts (times n) or texts per request.")
+    max_prompt_tokens: int = Field(256, ge=1)
+    max_new_tokens: int = Field(128, ge=1, description="Cap on a completion's max_tokens.")
+    request_timeout_s: float = Field(60.0, gt=0, description="A request running longer gets 408.")
+    api_keys_env: str | None = Field(
+        None, description="Environment variable with the API keys (comma separated).")
+    api_keys_file: str | None = Field(None, description="File with one API key per line.")
     sample_requests: list[str] = Field(
         default_factory=lambda: ["The event loop", "Return the number of"],
         description="Texts the quickstart sends to the service at the end of the run.",
     )
+
+    @model_validator(mode="after")
+    def _one_way_to_size(self) -> ServeSpec:
+        if self.autoscaling is not None and self.num_replicas != 1:
+            raise ValueError("set serve.num_replicas or serve.autoscaling, not both")
+        return self
 
 
 class ResourcesSpec(_Section):

@@ -6,6 +6,7 @@ Output in the run directory:
   data/meta.json               DataInfo: vocabulary, special ids, labels, row counts
 """
 
+from orchestrator.data.sources import read_source
 from orchestrator.data.stage import DataInfo, load_data_info, prepare_data, read_split, read_splits
 
-__all__ = ["DataInfo", "load_data_info", "prepare_data", "read_split", "read_splits"]
+__all__ = ["DataInfo", "load_data_info", "prepare_data", "read_source", "read_split", "read_splits"]

@@ -39,8 +39,9 @@ def _read(data: DataSpec, fmt: str) -> ray.data.Dataset:
         raise SpecError(f"data.path = {data.path!r}: cannot read it as {fmt}: {error}") from None
 
 
-def read_source(data: DataSpec) -> ray.data.Dataset:
-    """A lazy dataset with the column `text` (and `label` when data.label_column is set).
+def read_source(data: DataSpec, keep_other_columns: bool = False) -> ray.data.Dataset:
+    """A lazy dataset with the column `text` (and `label` when data.label_column is set), and
+    with keep_other_columns the source's other columns too (batch inference passes ids through).
 
     Checks that the path exists and that the named columns are there before any heavy work, so
     a wrong spec fails in seconds with the columns that do exist.
@@ -67,4 +68,6 @@ def read_source(data: DataSpec) -> ray.data.Dataset:
     renames = {data.text_column: TEXT}
     if data.label_column:
         renames[data.label_column] = LABEL
-    return ds.select_columns(list(renames)).rename_columns(renames)
+    if not keep_other_columns:
+        ds = ds.select_columns(list(renames))
+    return ds.rename_columns(renames)

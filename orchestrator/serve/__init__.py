@@ -1,5 +1,15 @@
-"""The deploy stage: the winner's bundle behind HTTP on Ray Serve."""
+"""The deploy stage: the winner's bundle behind an OpenAI-compatible HTTP API on Ray Serve."""
 
-from orchestrator.serve.app import deploy, endpoint_url, shutdown
+from orchestrator.serve.app import (
+    DeployError,
+    app_name,
+    build_app,
+    deploy,
+    endpoint_url,
+    serve_config_yaml,
+    shutdown,
+)
+from orchestrator.serve.auth import load_keys
 
-__all__ = ["deploy", "endpoint_url", "shutdown"]
+__all__ = ["DeployError", "app_name", "build_app", "deploy", "endpoint_url", "load_keys",
+           "serve_config_yaml", "shutdown"]

@@ -1,153 +1,79 @@
-"""The HTTP service on Ray Serve: routes, request schemas, batching and the deploy call.
+"""The model service on Ray Serve: the deployment, the app builder that Serve configs import,
+deploying (a rolling update when the application already runs) and writing a Serve config.
 
-  GET  /healthz                                            liveness and what model is loaded
-  POST /classify  {"texts": [...]}                         labels, scores (classifier)
-  POST /generate  {"prompt", "max_tokens", "temperature", "top_k", "seed"}   text (language model)
-
-Bad requests get a 4xx JSON body {"error": {"message", "field"}} and the replica keeps serving.
+A Serve config from `serve_config()` names `orchestrator.serve.app:build_app` with the bundle and
+the serve section as arguments, so `serve deploy serve.yaml` builds the same app as `deploy()`.
 """
 
-# No `from __future__ import annotations` here: FastAPI must see the request models as classes
-# to read them from the body.
+from __future__ import annotations
+
 import time
 from pathlib import Path
 from typing import Any
 
-import requests
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+import yaml
+from fastapi import FastAPI
 from ray import serve
-from starlette.exceptions import HTTPException
+from ray.serve import Application
+from ray.serve.schema import ApplicationStatus
 
-from orchestrator.bundle import load_bundle
-from orchestrator.serve.predictor import GenerationRequest, Predictor
-from orchestrator.spec import JobSpec, ServeSpec
+from orchestrator.bundle import SPEC_FILE, load_bundle
+from orchestrator.serve.api import ModelServer, create_api
+from orchestrator.serve.auth import load_key_digests
+from orchestrator.spec import JobSpec, ServeSpec, load_spec
 
 APP_NAME_SUFFIX = "-service"
-DEFAULT_MAX_TOKENS = 32
+BUILDER_IMPORT_PATH = "orchestrator.serve.app:build_app"
+DEPLOYMENT_NAME = "ModelService"
 
 
-class ClassifyRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    texts: list[StrictStr] = Field(min_length=1)
+class DeployError(RuntimeError):
+    """A bundle that cannot be served; whatever served before keeps serving."""
 
 
-class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    prompt: StrictStr
-    max_tokens: StrictInt | None = Field(
-        None, ge=1, description="Default: DEFAULT_MAX_TOKENS, capped by serve.max_new_tokens.")
-    temperature: float = Field(1.0, ge=0.0)
-    top_k: StrictInt = Field(0, ge=0)
-    seed: StrictInt | None = Field(None, ge=0, lt=2**64, description="torch accepts 64 bits.")
-
-
-class RequestError(Exception):
-    def __init__(self, status: int, message: str, field: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.field = status, message, field
-
-
-def error_response(status: int, message: str, field: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, headers=headers,
-                        content={"error": {"message": message, "field": field}})
-
-
-api = FastAPI(title="orchestrator model service")
-
-
-@api.exception_handler(RequestValidationError)
-async def _invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
-    first = error.errors()[0]
-    field = ".".join(str(p) for p in first["loc"] if p != "body") or None
-    if first["type"] == "json_invalid":
-        return error_response(400, f"malformed JSON: {first['msg']}")
-    return error_response(422, first["msg"], field)
-
-
-@api.exception_handler(HTTPException)
-async def _http_error(_: Request, error: HTTPException) -> JSONResponse:
-    """Unknown routes (404) and methods (405) answer in the same shape as other bad requests."""
-    return error_response(error.status_code, str(error.detail), headers=error.headers)
-
-
-@api.exception_handler(RequestError)
-async def _request_error(_: Request, error: RequestError) -> JSONResponse:
-    return error_response(error.status, error.message, error.field)
-
-
-@serve.deployment(health_check_period_s=10)
-@serve.ingress(api)
+@serve.deployment(name=DEPLOYMENT_NAME)
+@serve.ingress()
 class ModelService:
-    """One replica: the bundle loaded once, requests batched with @serve.batch."""
+    """One replica: the bundle loaded once; the FastAPI app is built around it on the replica."""
 
-    def __init__(self, bundle_dir: str, serve_spec: dict[str, Any]):
-        self.limits = ServeSpec.model_validate(serve_spec)
-        self.predictor = Predictor(load_bundle(bundle_dir))
-        self.family = self.predictor.info.family
-        for method in (self.classify_batch, self.generate_batch):
-            method.set_max_batch_size(self.limits.max_batch_size)
-            method.set_batch_wait_timeout_s(self.limits.batch_wait_timeout_s)
+    def __init__(self, bundle_dir: str, serve_spec: dict[str, Any], key_digests: list[str]):
+        self.server = ModelServer(bundle_dir, ServeSpec.model_validate(serve_spec), key_digests)
 
-    def check_health(self) -> None:
-        """Serve marks the replica unhealthy (and replaces it) when the model cannot answer."""
-        if self.family == "gpt":
-            self.predictor.generate([GenerationRequest("a", 1, 0.0, 0)])
-        else:
-            self.predictor.classify(["a"])
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_api(self.server)
 
-    def _require(self, family: str, route: str) -> None:
-        if self.family != family:
-            other = "/generate" if self.family == "gpt" else "/classify"
-            raise RequestError(404, f"{route} is not served by this {self.family} model; "
-                                    f"use {other}")
+    async def check_health(self) -> None:
+        await self.server.check_health()
 
-    @api.get("/healthz")
-    async def healthz(self) -> dict[str, Any]:
-        return {"status": "ok", "family": self.family, "name": self.predictor.bundle.spec.name}
 
-    @serve.batch
-    async def classify_batch(self, texts_per_request: list[list[str]]) -> list[list[dict]]:
-        flat = [text for texts in texts_per_request for text in texts]
-        predictions = self.predictor.classify(flat)
-        out, start = [], 0
-        for texts in texts_per_request:
-            out.append(predictions[start: start + len(texts)])
-            start += len(texts)
-        return out
+def deployment_options(limits: ServeSpec) -> dict[str, Any]:
+    """Serve's deployment options from the spec: replicas or autoscaling, resources, and room
+    for a full batch to queue on each replica (Serve's default of 5 caps batches)."""
+    options: dict[str, Any] = {
+        "max_ongoing_requests": max(5, 2 * limits.max_batch_size),
+        "ray_actor_options": {"num_cpus": limits.replica_cpus, "num_gpus": limits.replica_gpus},
+        "health_check_period_s": 10.0,
+        # A replica being replaced finishes what it is serving first.
+        "graceful_shutdown_timeout_s": limits.request_timeout_s,
+    }
+    if limits.autoscaling is None:
+        options["num_replicas"] = limits.num_replicas
+    else:
+        options["autoscaling_config"] = limits.autoscaling.model_dump()
+    return options
 
-    @serve.batch
-    async def generate_batch(self, batch: list[GenerationRequest]) -> list[dict]:
-        return self.predictor.generate(batch)
 
-    @api.post("/classify")
-    async def classify(self, body: ClassifyRequest) -> dict[str, Any]:
-        self._require("classifier", "/classify")
-        if len(body.texts) > self.limits.max_texts:
-            raise RequestError(422, f"{len(body.texts)} texts exceed the limit of "
-                                    f"{self.limits.max_texts}", "texts")
-        if any(not text.strip() for text in body.texts):
-            raise RequestError(422, "texts must not be empty strings", "texts")
-        return {"predictions": await self.classify_batch(body.texts)}
+def bundle_spec(bundle_dir: str | Path) -> JobSpec:
+    return load_spec(Path(bundle_dir) / SPEC_FILE)
 
-    @api.post("/generate")
-    async def generate(self, body: GenerateRequest) -> dict[str, Any]:
-        self._require("gpt", "/generate")
-        if len(body.prompt) > self.limits.max_prompt_chars:
-            raise RequestError(422, f"prompt of {len(body.prompt)} characters exceeds the "
-                                    f"limit of {self.limits.max_prompt_chars}", "prompt")
-        max_tokens = body.max_tokens
-        if max_tokens is None:
-            max_tokens = min(DEFAULT_MAX_TOKENS, self.limits.max_new_tokens)
-        if max_tokens > self.limits.max_new_tokens:
-            raise RequestError(422, f"max_tokens {max_tokens} exceeds the limit of "
-                                    f"{self.limits.max_new_tokens}", "max_tokens")
-        request = GenerationRequest(body.prompt, max_tokens, body.temperature, body.top_k,
-                                    body.seed)
-        return {"prompt": body.prompt, **await self.generate_batch(request)}
+
+def build_app(args: dict[str, Any]) -> Application:
+    """The application for a bundle: args `bundle_dir` and optionally `serve` (the spec's serve
+    section; default: the bundle's own). API keys are read here, where the app is built."""
+    bundle_dir = str(Path(args["bundle_dir"]).expanduser().resolve())
+    limits = ServeSpec.model_validate(args.get("serve") or bundle_spec(bundle_dir).serve.model_dump())
+    deployment = ModelService.options(**deployment_options(limits))
+    return deployment.bind(bundle_dir, limits.model_dump(mode="json"), load_key_digests(limits))
 
 
 def endpoint_url(spec: JobSpec) -> str:
@@ -158,30 +84,61 @@ def app_name(spec: JobSpec) -> str:
     return spec.name + APP_NAME_SUFFIX
 
 
-def deploy(spec: JobSpec, bundle_dir: str | Path, timeout_s: float = 120.0) -> str:
-    """Deploy the bundle as an application and wait until /healthz answers; return the URL."""
+def deploy(spec: JobSpec, bundle_dir: str | Path, timeout_s: float = 180.0) -> str:
+    """Serve the bundle and return the URL once it answers.
+
+    When the application already runs, Serve replaces its replicas one by one (a rolling update)
+    and keeps the old ones serving until new ones are healthy. A bundle that cannot load fails
+    here, before Serve is touched.
+    """
+    bundle_dir = Path(bundle_dir).resolve()
+    try:
+        load_bundle(bundle_dir)
+    except Exception as error:
+        raise DeployError(f"cannot serve {bundle_dir}: {type(error).__name__}: {error}") from error
+    app = build_app({"bundle_dir": str(bundle_dir), "serve": spec.serve.model_dump(mode="json")})
     serve.start(http_options={"host": spec.serve.host, "port": spec.serve.port})
-    limits = spec.serve
-    deployment = ModelService.options(
-        num_replicas=limits.num_replicas,
-        # Room for a full batch to queue on each replica (Serve's default of 5 caps batches).
-        max_ongoing_requests=max(5, 2 * limits.max_batch_size),
-        ray_actor_options={"num_cpus": limits.replica_cpus},
-    )
-    serve.run(deployment.bind(str(Path(bundle_dir).resolve()), limits.model_dump(mode="json")),
-              name=app_name(spec), route_prefix="/", blocking=False)
-    url = endpoint_url(spec)
+    serve._run(app, name=app_name(spec), route_prefix="/", _blocking=False)
+    wait_until_running(app_name(spec), timeout_s)
+    return endpoint_url(spec)
+
+
+def wait_until_running(name: str, timeout_s: float) -> None:
+    """Serve's own wait has no timeout: a replica that never gets its resources hangs it."""
     deadline = time.monotonic() + timeout_s
     while True:
-        try:
-            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
-                return url
-        except requests.RequestException:
-            pass
+        status = serve.status().applications.get(name)
+        if status is not None and status.status == ApplicationStatus.RUNNING:
+            return
+        if status is not None and status.status == ApplicationStatus.DEPLOY_FAILED:
+            raise DeployError(f"Serve could not deploy {name}: {status.message}")
         if time.monotonic() > deadline:
-            raise TimeoutError(f"the service at {url} did not become healthy in {timeout_s:.0f} s")
+            state = status.status if status else "missing"
+            raise DeployError(f"{name} is not running after {timeout_s:.0f} s (status {state}); "
+                              "do the replicas' resources fit the cluster?")
         time.sleep(0.5)
 
 
 def shutdown(spec: JobSpec) -> None:
     serve.delete(app_name(spec))
+
+
+def serve_config(spec: JobSpec, bundle_dir: str | Path) -> dict[str, Any]:
+    """A Ray Serve config (what `serve deploy` takes) that serves this bundle as `deploy` does."""
+    options = deployment_options(spec.serve)
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": spec.serve.host, "port": spec.serve.port},
+        "applications": [{
+            "name": app_name(spec),
+            "route_prefix": "/",
+            "import_path": BUILDER_IMPORT_PATH,
+            "args": {"bundle_dir": str(Path(bundle_dir).resolve()),
+                     "serve": spec.serve.model_dump(mode="json")},
+            "deployments": [{"name": DEPLOYMENT_NAME, **options}],
+        }],
+    }
+
+
+def serve_config_yaml(spec: JobSpec, bundle_dir: str | Path) -> str:
+    return yaml.safe_dump(serve_config(spec, bundle_dir), sort_keys=False)

@@ -1,0 +1,63 @@
+"""Benchmarks behind `orchestrator bench NAME`: each prints a table, or with --json one JSON
+object as the last line, with the headline comparison under `ratio` (ours over the baseline).
+
+A benchmark is a module in this package with `run(quick: bool) -> BenchResult`; `--quick` is the
+short mode CI runs to prove it works. No test asserts a speed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+BENCHMARKS = {
+    "decode": "tokens/s of KV-cache decoding against cache-less decoding",
+    "serve": "requests/s and latency of the service: batched, unbatched, plain uvicorn",
+}
+
+
+@dataclass
+class BenchResult:
+    name: str
+    rows: list[dict[str, Any]]
+    ratio: float | None = None
+    ratio_means: str = ""
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def run_benchmark(name: str, quick: bool) -> BenchResult:
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
+    module = importlib.import_module(f"orchestrator.bench.{name.replace('-', '_')}")
+    return module.run(quick=quick)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Rows of equal keys as an aligned text table; floats with 4 significant digits."""
+    if not rows:
+        return "(no rows)"
+    columns = list(rows[0])
+    cells = [[_cell(row.get(column)) for column in columns] for row in rows]
+    widths = [max(len(column), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)]
+    lines = ["  ".join(column.ljust(width) for column, width in zip(columns, widths))]
+    lines += ["  ".join(value.rjust(width) for value, width in zip(line, widths)) for line in cells]
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def render(result: BenchResult, as_json: bool) -> str:
+    if as_json:
+        return json.dumps(asdict(result))
+    text = f"{result.name}\n{format_table(result.rows)}"
+    if result.ratio is not None:
+        text += f"\nratio = {result.ratio:.3g}  ({result.ratio_means})"
+    for key, value in result.notes.items():
+        text += f"\n{key}: {value}"
+    return text
