@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily")
     predict.add_argument("--seed", type=int, help="sampling seed (with temperature > 0)")
     predict.add_argument("--replicas", type=int, default=1, help="actors running the model")
+    predict.add_argument("--cpus", type=float, default=1.0,
+                         help="CPUs per actor (leave room for reads beside a running service)")
     predict.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or embedded)")
 
     bench = commands.add_parser("bench", help="run a benchmark and print its figures")
@@ -153,7 +155,7 @@ def _predict(args: argparse.Namespace) -> int:
     connect(args.address)
     started = time.monotonic()
     rows = predict(bundle_dir, args.input, args.output, args.column, args.max_tokens,
-                   args.temperature, args.seed, args.replicas)
+                   args.temperature, args.seed, args.replicas, args.cpus)
     print(f"wrote {rows} predictions to {args.output} in {time.monotonic() - started:.1f} s")
     return 0
 

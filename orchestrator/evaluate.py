@@ -88,16 +88,16 @@ def load_on_device(bundle_dir: str) -> Bundle:
     return bundle
 
 
-def on_actor_pool(replicas: int) -> dict[str, Any]:
+def on_actor_pool(replicas: int, cpus: float = 1.0) -> dict[str, Any]:
     """map_batches options for batch inference: a pool of actors, one GPU each if there are GPUs."""
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    return {"batch_size": INFERENCE_BATCH, "num_gpus": gpus,
+    return {"batch_size": INFERENCE_BATCH, "num_gpus": gpus, "num_cpus": cpus,
             "compute": ray.data.ActorPoolStrategy(size=replicas)}
 
 
 def predict(bundle_dir: str | Path, input_path: str, output_path: str,
             text_column: str | None = None, max_tokens: int = 32, temperature: float = 0.0,
-            seed: int | None = None, replicas: int = 1) -> int:
+            seed: int | None = None, replicas: int = 1, cpus: float = 1.0) -> int:
     """Run the bundle over every row of `input_path` and write parquet to `output_path`; the
     input's other columns are kept. Returns the number of rows written."""
     bundle = load_bundle(bundle_dir)
@@ -106,7 +106,7 @@ def predict(bundle_dir: str | Path, input_path: str, output_path: str,
                          f"context of {bundle.info.seq_len - 1} tokens, not {max_tokens}")
     source = DataSpec(path=input_path, text_column=text_column or bundle.spec.data.text_column)
     predicted = read_source(source, keep_other_columns=True).map_batches(
-        PredictBatch, batch_format="pandas", **on_actor_pool(replicas),
+        PredictBatch, batch_format="pandas", **on_actor_pool(replicas, cpus),
         fn_constructor_kwargs={"bundle_dir": str(bundle_dir), "max_tokens": max_tokens,
                                "temperature": temperature, "seed": seed})
     predicted.write_parquet(output_path)
