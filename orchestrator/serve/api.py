@@ -70,7 +70,9 @@ async def _invalid_request(_: Request, error: RequestValidationError) -> JSONRes
     first = error.errors()[0]
     if first["type"] == "json_invalid":
         return error_response(400, f"malformed JSON: {first['msg']}", code="invalid_json")
-    param = ".".join(str(p) for p in first["loc"] if p != "body") or None
+    # OpenAI names the top-level parameter (deeper locations hold pydantic's union tags).
+    fields = [str(part) for part in first["loc"] if part != "body"]
+    param = fields[0] if fields else None
     if first["type"] == "extra_forbidden":
         return error_response(400, f"unknown or unsupported parameter {param!r}", param,
                               "unsupported_parameter")
@@ -114,12 +116,14 @@ class ClassifyBody(_Body):
 
 # ---- the server ---------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass
 class DecodeJob:
-    """One request's rows (prompt x n) for the shared decoding batch."""
+    """One request's rows (prompt x n) for the shared decoding batch. `abandoned` is set when
+    its caller stops listening (timeout, disconnect): its rows then leave the batch."""
 
     prompts: list[list[int]]
     params: list[SamplingParams]
+    abandoned: bool = False
 
 
 RowUpdate = tuple[int, ChoiceUpdate]
@@ -163,9 +167,17 @@ class ModelServer:
         async with self.model_lock:
             return (await self.classify_lists([texts]))[0]
 
-    def decode(self, job: DecodeJob) -> AsyncIterator[list[RowUpdate]]:
-        """The request's row updates, step by step, decoded with whatever shares its batch."""
-        return self.decode_batch(job) if self.batching else self.decode_alone(job)
+    async def decode(self, job: DecodeJob) -> AsyncIterator[list[RowUpdate]]:
+        """The request's row updates, step by step, decoded with whatever shares its batch.
+        A caller that stops early (timeout, disconnect) marks its job abandoned."""
+        finished = False
+        try:
+            async for updates in (self.decode_batch(job) if self.batching
+                                  else self.decode_alone(job)):
+                yield updates
+            finished = True
+        finally:
+            job.abandoned = not finished
 
     @serve.batch
     async def classify_batch(self, texts_per_request: list[list[str]]) -> list[list[dict]]:
@@ -203,6 +215,12 @@ class ModelServer:
         unfinished = [len(job.prompts) for job in jobs]
         done: set[int] = set()
         while not decoding.finished:
+            gone = {j for j, job in enumerate(jobs) if job.abandoned and j not in done}
+            if gone:
+                decoding.cancel({i for i, (j, _) in enumerate(owners) if j in gone})
+                done.update(gone)
+                if decoding.finished:
+                    break
             updates = await asyncio.to_thread(decoding.step)
             per_job: list[list[RowUpdate]] = [[] for _ in jobs]
             for (job_index, row), update in zip(owners, updates):

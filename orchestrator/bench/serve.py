@@ -1,0 +1,133 @@
+"""`orchestrator bench serve`: the same model and request behind (a) our Serve app with batching,
+(b) the same app without batching (batches of one), (c) plain FastAPI on uvicorn in one process.
+
+Closed-loop load at concurrency 1, 8 and 32 comes from a separate process (bench/load.py). The
+model is the quickstart's GPT with fresh weights (serving cost does not depend on training); the
+request is a 16-token greedy completion. Every server gets one CPU for the model: the replica
+reserves 1 CPU (Ray sets its torch threads to match) and uvicorn runs with OMP_NUM_THREADS=1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from orchestrator.bench import BenchResult
+from orchestrator.bundle import initial_bundle
+from orchestrator.spec import JobSpec, parse_spec
+
+CONCURRENCIES = (1, 8, 32)
+SAMPLE = Path(__file__).resolve().parents[2] / "jobs" / "data" / "stdlib_docs.jsonl"
+MODEL = {"family": "gpt", "n_layer": 2, "n_head": 4, "d_model": 128, "dropout": 0.0}
+REQUEST = {"model": "bench", "prompt": "The event loop", "max_tokens": 16, "temperature": 0}
+
+
+def bench_spec(port: int, max_batch_size: int) -> JobSpec:
+    return parse_spec({
+        "name": "bench", "data": {"path": str(SAMPLE), "vocab_size": 2048, "block_size": 64},
+        "model": MODEL,
+        "serve": {"port": port, "replica_cpus": 1, "max_batch_size": max_batch_size,
+                  # Short: a lone request should not wait long for company.
+                  "batch_wait_timeout_s": 0.002},
+    })
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def measure(url: str, concurrency: int, seconds: float) -> dict[str, float]:
+    """One closed-loop run from a separate process."""
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator.bench.load", f"{url}/v1/completions",
+         str(concurrency), str(seconds), json.dumps(REQUEST), str(min(2.0, seconds))],
+        capture_output=True, text=True, check=True, timeout=seconds + 120)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def wait_healthy(url: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} did not become healthy in {timeout_s:.0f} s")
+
+
+def serve_rows(variant: str, bundle_dir: Path, spec: JobSpec, seconds: float) -> list[dict]:
+    from orchestrator.serve import deploy
+
+    url = deploy(spec, bundle_dir)
+    return [{"server": variant, "concurrency": c, **measure(url, c, seconds)}
+            for c in CONCURRENCIES]
+
+
+def uvicorn_rows(bundle_dir: Path, seconds: float) -> list[dict]:
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "orchestrator.bench.plain", str(bundle_dir),
+                               str(port)], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url)
+        return [{"server": "plain uvicorn", "concurrency": c, **measure(url, c, seconds)}
+                for c in CONCURRENCIES]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def run(quick: bool) -> BenchResult:
+    import ray
+    from ray import serve
+
+    seconds = 2.0 if quick else 10.0
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(log_to_driver=False, logging_level="WARNING")
+    port = free_port()
+    rows_of_text = [json.loads(line) for line in SAMPLE.read_text().splitlines()]
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        bundle_dir = initial_bundle(Path(scratch) / "bundle", bench_spec(port, 32), rows_of_text)
+        try:
+            rows += serve_rows("serve batched", bundle_dir, bench_spec(port, 32), seconds)
+            rows += serve_rows("serve unbatched", bundle_dir, bench_spec(port, 1), seconds)
+        finally:
+            serve.shutdown()
+        rows += uvicorn_rows(bundle_dir, seconds)
+    if started_ray:
+        ray.shutdown()
+    return summarize(rows, seconds)
+
+
+def summarize(rows: list[dict[str, Any]], seconds: float) -> BenchResult:
+    def cell(server: str, concurrency: int, key: str) -> float:
+        return next(r[key] for r in rows if r["server"] == server and r["concurrency"] == concurrency)
+
+    top = CONCURRENCIES[-1]
+    ratio = cell("serve batched", top, "requests_per_s") / cell("serve unbatched", top,
+                                                                "requests_per_s")
+    notes = {
+        f"batched / plain uvicorn requests/s at concurrency {top}":
+            round(cell("serve batched", top, "requests_per_s")
+                  / cell("plain uvicorn", top, "requests_per_s"), 2),
+        "p50 at concurrency 1, serve batched minus plain uvicorn (ms)":
+            round(cell("serve batched", 1, "p50_ms") - cell("plain uvicorn", 1, "p50_ms"), 2),
+        "request": json.dumps(REQUEST), "seconds per cell": seconds,
+    }
+    return BenchResult("serve", rows, ratio,
+                       f"batched over unbatched requests/s at concurrency {top}", notes)
