@@ -51,7 +51,7 @@ def measure(url: str, concurrency: int, seconds: float) -> dict[str, float]:
     """One closed-loop run from a separate process."""
     out = subprocess.run(
         [sys.executable, "-m", "orchestrator.bench.load", f"{url}/v1/completions",
-         str(concurrency), str(seconds), json.dumps(REQUEST), str(min(2.0, seconds))],
+         str(concurrency), str(seconds), json.dumps(REQUEST), str(min(2.0, seconds / 2))],
         capture_output=True, text=True, check=True, timeout=seconds + 120)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -94,7 +94,7 @@ def run(quick: bool) -> BenchResult:
     import ray
     from ray import serve
 
-    seconds = 2.0 if quick else 10.0
+    seconds = 1.0 if quick else 10.0
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(log_to_driver=False, logging_level="WARNING")
