@@ -68,9 +68,8 @@ def test_kv_cache_decoding_matches_cacheless_model():
     # Teacher-forced random tokens too, where every step's context differs.
     tokens = torch.randint(0, 64, (2, 32))
     cache = model.new_cache(2, 32, torch.zeros(2, dtype=torch.long))
-    cached = torch.cat([model(tokens[:, :8], cache)] + [model(tokens[:, [i]], cache) for i in range(8, 32)],
-                       dim=1)
-    assert torch.allclose(cached, model(tokens), atol=1e-5)
+    steps = [model(tokens[:, :8], cache)] + [model(tokens[:, [i]], cache) for i in range(8, 32)]
+    assert torch.allclose(torch.cat(steps, dim=1), model(tokens), atol=1e-5)
     with pytest.raises(ValueError, match="overflow the cache"):
         model(tokens[:, :1], cache)
 
