@@ -10,6 +10,7 @@ reserves 1 CPU (Ray sets its torch threads to match) and uvicorn runs with OMP_N
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -47,11 +48,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def measure(url: str, concurrency: int, seconds: float) -> dict[str, float]:
+def measure(url: str, concurrency: int, seconds: float, request: dict[str, Any]) -> dict[str, float]:
     """One closed-loop run from a separate process."""
     out = subprocess.run(
         [sys.executable, "-m", "orchestrator.bench.load", f"{url}/v1/completions",
-         str(concurrency), str(seconds), json.dumps(REQUEST), str(min(2.0, seconds / 2))],
+         str(concurrency), str(seconds), json.dumps(request), str(min(2.0, seconds / 2))],
         capture_output=True, text=True, check=True, timeout=seconds + 120)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -68,22 +69,23 @@ def wait_healthy(url: str, timeout_s: float = 120) -> None:
     raise TimeoutError(f"{url} did not become healthy in {timeout_s:.0f} s")
 
 
-def serve_rows(variant: str, bundle_dir: Path, spec: JobSpec, seconds: float) -> list[dict]:
+def serve_rows(variant: str, bundle_dir: Path, spec: JobSpec, seconds: float,
+               request: dict[str, Any]) -> list[dict]:
     from orchestrator.serve import deploy
 
     url = deploy(spec, bundle_dir)
-    return [{"server": variant, "concurrency": c, **measure(url, c, seconds)}
+    return [{"server": variant, "concurrency": c, **measure(url, c, seconds, request)}
             for c in CONCURRENCIES]
 
 
-def uvicorn_rows(bundle_dir: Path, seconds: float) -> list[dict]:
+def uvicorn_rows(bundle_dir: Path, seconds: float, request: dict[str, Any]) -> list[dict]:
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "orchestrator.bench.plain", str(bundle_dir),
                                str(port)], env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url)
-        return [{"server": "plain uvicorn", "concurrency": c, **measure(url, c, seconds)}
+        return [{"server": "plain uvicorn", "concurrency": c, **measure(url, c, seconds, request)}
                 for c in CONCURRENCIES]
     finally:
         server.terminate()
@@ -94,7 +96,9 @@ def run(quick: bool) -> BenchResult:
     import ray
     from ray import serve
 
-    seconds = 1.0 if quick else 10.0
+    # Quick: short cells and short answers, so that even unbatched requests at concurrency 32
+    # finish within a cell.
+    seconds, request = (1.5, {**REQUEST, "max_tokens": 4}) if quick else (10.0, REQUEST)
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(log_to_driver=False, logging_level="WARNING")
@@ -104,30 +108,34 @@ def run(quick: bool) -> BenchResult:
     with tempfile.TemporaryDirectory() as scratch:
         bundle_dir = initial_bundle(Path(scratch) / "bundle", bench_spec(port, 32), rows_of_text)
         try:
-            rows += serve_rows("serve batched", bundle_dir, bench_spec(port, 32), seconds)
-            rows += serve_rows("serve unbatched", bundle_dir, bench_spec(port, 1), seconds)
+            rows += serve_rows("serve batched", bundle_dir, bench_spec(port, 32), seconds, request)
+            rows += serve_rows("serve unbatched", bundle_dir, bench_spec(port, 1), seconds,
+                               request)
         finally:
             serve.shutdown()
-        rows += uvicorn_rows(bundle_dir, seconds)
+        rows += uvicorn_rows(bundle_dir, seconds, request)
     if started_ray:
         ray.shutdown()
-    return summarize(rows, seconds)
+    return summarize(rows, seconds, request)
 
 
-def summarize(rows: list[dict[str, Any]], seconds: float) -> BenchResult:
+def summarize(rows: list[dict[str, Any]], seconds: float, request: dict[str, Any]) -> BenchResult:
     def cell(server: str, concurrency: int, key: str) -> float:
         return next(r[key] for r in rows if r["server"] == server and r["concurrency"] == concurrency)
 
+    def over(a: float, b: float) -> float:
+        return a / b if b else math.nan  # no request finished within the cell
+
     top = CONCURRENCIES[-1]
-    ratio = cell("serve batched", top, "requests_per_s") / cell("serve unbatched", top,
-                                                                "requests_per_s")
+    ratio = over(cell("serve batched", top, "requests_per_s"),
+                 cell("serve unbatched", top, "requests_per_s"))
     notes = {
         f"batched / plain uvicorn requests/s at concurrency {top}":
-            round(cell("serve batched", top, "requests_per_s")
-                  / cell("plain uvicorn", top, "requests_per_s"), 2),
+            round(over(cell("serve batched", top, "requests_per_s"),
+                       cell("plain uvicorn", top, "requests_per_s")), 2),
         "p50 at concurrency 1, serve batched minus plain uvicorn (ms)":
             round(cell("serve batched", 1, "p50_ms") - cell("plain uvicorn", 1, "p50_ms"), 2),
-        "request": json.dumps(REQUEST), "seconds per cell": seconds,
+        "request": json.dumps(request), "seconds per cell": seconds,
     }
     return BenchResult("serve", rows, ratio,
                        f"batched over unbatched requests/s at concurrency {top}", notes)

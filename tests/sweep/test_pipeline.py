@@ -44,11 +44,11 @@ def test_tiny_sweep_end_to_end(ray_local, tmp_path):
     test = report["evaluation"]["test"]
     assert 0 <= test["model"]["accuracy"] <= 1 and test["baseline"]["name"] == "majority class"
     assert report["sample_responses"][0]["status"] == 200
-    label = report["sample_responses"][0]["response"]["predictions"][0]["label"]
+    label = report["sample_responses"][0]["response"]["data"][0]["label"]
     assert label in bundle.info.labels
     # keep_running is off: the application is deleted (Serve's proxy answers 404 for it)
-    gone = requests.post(f"http://127.0.0.1:{spec.serve.port}/classify", json={"texts": ["x"]},
-                         timeout=5)
+    gone = requests.post(f"http://127.0.0.1:{spec.serve.port}/v1/classify",
+                         json={"input": ["x"]}, timeout=5)
     assert gone.status_code == 404
     assert json.loads((run_dir / "report.json").read_text())["winner"] == report["winner"]
     assert "| test | accuracy |" in (run_dir / "report.md").read_text()
