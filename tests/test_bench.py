@@ -26,6 +26,9 @@ def test_decode_bench_cli_prints_json_with_a_ratio() -> None:
 
 
 def test_serve_bench_measures_every_server_at_every_concurrency(ray_local) -> None:
+    from ray import serve
+
+    serve.shutdown()  # a Serve left by an earlier module keeps its port and ignores the bench's
     result = run_benchmark("serve", quick=True)
     cells = {(row["server"], row["concurrency"]) for row in result.rows}
     assert cells == {(server, c) for server in ("serve batched", "serve unbatched",
