@@ -18,7 +18,7 @@ from orchestrator.bench import render, run_benchmark
 
 def test_decode_bench_cli_prints_json_with_a_ratio() -> None:
     out = subprocess.run([sys.executable, "-m", "orchestrator", "bench", "decode", "--quick",
-                          "--json"], cwd=REPO, capture_output=True, text=True, timeout=300)
+                          "--json"], cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["name"] == "decode" and math.isfinite(result["ratio"]) and result["ratio"] > 0
