@@ -117,13 +117,19 @@ def find_bundle(path: str | Path) -> Path:
                             f"bundle ({MODEL_FILE} is missing)")
 
 
-def load_bundle(directory: str | Path) -> Bundle:
-    """Load a bundle for inference (model in eval mode, on CPU)."""
+def read_spec_and_info(directory: str | Path) -> tuple[JobSpec, DataInfo]:
+    """A bundle's spec and data info, without loading its weights."""
     directory = Path(directory)
     if not (directory / MODEL_FILE).is_file():
         raise FileNotFoundError(f"{directory} is not a model bundle: {MODEL_FILE} is missing")
     spec = parse_spec(yaml.safe_load((directory / SPEC_FILE).read_text()))
-    info = DataInfo(**json.loads((directory / INFO_FILE).read_text()))
+    return spec, DataInfo(**json.loads((directory / INFO_FILE).read_text()))
+
+
+def load_bundle(directory: str | Path) -> Bundle:
+    """Load a bundle for inference (model in eval mode, on CPU)."""
+    directory = Path(directory)
+    spec, info = read_spec_and_info(directory)
     model = build_model(spec.model, info.vocab_size, info.seq_len, info.pad_id, info.num_classes)
     model.load_state_dict(torch.load(directory / MODEL_FILE, map_location="cpu",
                                      weights_only=True))

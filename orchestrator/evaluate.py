@@ -18,7 +18,7 @@ import ray.data
 import torch
 import torch.nn.functional as F
 
-from orchestrator.bundle import Bundle, load_bundle
+from orchestrator.bundle import Bundle, load_bundle, read_spec_and_info
 from orchestrator.data import DataInfo, read_source, read_split, read_splits
 from orchestrator.data.sources import TEXT
 from orchestrator.predictor import Predictor, SamplingParams
@@ -100,11 +100,11 @@ def predict(bundle_dir: str | Path, input_path: str, output_path: str,
             seed: int | None = None, replicas: int = 1, cpus: float = 1.0) -> int:
     """Run the bundle over every row of `input_path` and write parquet to `output_path`; the
     input's other columns are kept. Returns the number of rows written."""
-    bundle = load_bundle(bundle_dir)
-    if bundle.info.family == "gpt" and not 1 <= max_tokens < bundle.info.seq_len - 1:
-        raise ValueError(f"max_tokens must be in [1, {bundle.info.seq_len - 2}] for this model's "
-                         f"context of {bundle.info.seq_len - 1} tokens, not {max_tokens}")
-    source = DataSpec(path=input_path, text_column=text_column or bundle.spec.data.text_column)
+    spec, info = read_spec_and_info(bundle_dir)
+    if info.family == "gpt" and not 1 <= max_tokens < info.seq_len - 1:
+        raise ValueError(f"max_tokens must be in [1, {info.seq_len - 2}] for this model's "
+                         f"context of {info.seq_len - 1} tokens, not {max_tokens}")
+    source = DataSpec(path=input_path, text_column=text_column or spec.data.text_column)
     predicted = read_source(source, keep_other_columns=True).map_batches(
         PredictBatch, batch_format="pandas", **on_actor_pool(replicas, cpus),
         fn_constructor_kwargs={"bundle_dir": str(bundle_dir), "max_tokens": max_tokens,

@@ -4,7 +4,7 @@ import copy
 import json
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Set
+from typing import Any
 
 import jsonschema
 import pytest
@@ -19,28 +19,28 @@ DASHBOARD_README = ROOT / "dashboards" / "README.md"
 METRIC_NAME = re.compile(r"(?<![A-Za-z0-9_:])ray_[A-Za-z0-9_:]+")
 
 
-def load_cluster_config() -> Dict[str, Any]:
+def load_cluster_config() -> dict[str, Any]:
     """Parse cluster.yaml."""
     return yaml.safe_load(CLUSTER_YAML.read_text())
 
 
-def load_ray_schema() -> Dict[str, Any]:
+def load_ray_schema() -> dict[str, Any]:
     """Load the cluster config schema shipped inside the installed Ray package."""
     schema_path = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
     return json.loads(schema_path.read_text())
 
 
-def load_dashboard() -> Dict[str, Any]:
+def load_dashboard() -> dict[str, Any]:
     """Parse the Grafana dashboard JSON."""
     return json.loads(DASHBOARD_JSON.read_text())
 
 
-def dashboard_exprs(dashboard: Dict[str, Any]) -> List[str]:
+def dashboard_exprs(dashboard: dict[str, Any]) -> list[str]:
     """Return every PromQL expression in the dashboard's panels."""
     return [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
 
 
-def documented_metrics() -> Set[str]:
+def documented_metrics() -> set[str]:
     """Return the backticked metric names in the README's "## Metrics" section."""
     section = DASHBOARD_README.read_text().split("\n## Metrics\n", 1)[1]
     section = section.split("\n## ", 1)[0]

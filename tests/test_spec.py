@@ -68,7 +68,7 @@ def test_classifier_needs_label_column():
 def test_unsupported_format_is_named():
     spec = parse_spec(tiny_spec("gpt", data={"path": "corpus.xlsx"}))
     with pytest.raises(SpecError, match=r"data.format.*'\.xlsx'.*parquet, jsonl, csv, text"):
-        spec.data.resolved_format
+        _ = spec.data.resolved_format
     with pytest.raises(SpecError, match=r"data.format = 'xlsx'"):
         parse_spec(tiny_spec("gpt", data={"format": "xlsx"}))
 

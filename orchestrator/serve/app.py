@@ -17,10 +17,10 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.schema import ApplicationStatus
 
-from orchestrator.bundle import SPEC_FILE, load_bundle
+from orchestrator.bundle import load_bundle, read_spec_and_info
 from orchestrator.serve.api import ModelServer, create_api
 from orchestrator.serve.auth import load_key_digests
-from orchestrator.spec import JobSpec, ServeSpec, load_spec
+from orchestrator.spec import JobSpec, ServeSpec
 
 APP_NAME_SUFFIX = "-service"
 BUILDER_IMPORT_PATH = "orchestrator.serve.app:build_app"
@@ -63,15 +63,12 @@ def deployment_options(limits: ServeSpec) -> dict[str, Any]:
     return options
 
 
-def bundle_spec(bundle_dir: str | Path) -> JobSpec:
-    return load_spec(Path(bundle_dir) / SPEC_FILE)
-
-
 def build_app(args: dict[str, Any]) -> Application:
     """The application for a bundle: args `bundle_dir` and optionally `serve` (the spec's serve
     section; default: the bundle's own). API keys are read here, where the app is built."""
     bundle_dir = str(Path(args["bundle_dir"]).expanduser().resolve())
-    limits = ServeSpec.model_validate(args.get("serve") or bundle_spec(bundle_dir).serve.model_dump())
+    limits = ServeSpec.model_validate(args.get("serve")
+                                      or read_spec_and_info(bundle_dir)[0].serve.model_dump())
     deployment = ModelService.options(**deployment_options(limits))
     return deployment.bind(bundle_dir, limits.model_dump(mode="json"), load_key_digests(limits))
 
@@ -85,7 +82,7 @@ def app_name(spec: JobSpec) -> str:
 
 
 def deploy(spec: JobSpec, bundle_dir: str | Path, timeout_s: float = 180.0) -> str:
-    """Serve the bundle and return the URL once it answers.
+    """Serve the bundle and return its URL once Serve reports the application RUNNING.
 
     When the application already runs, Serve replaces its replicas one by one (a rolling update)
     and keeps the old ones serving until new ones are healthy. A bundle that cannot load fails
