@@ -30,7 +30,7 @@ from orchestrator.data import DataInfo
 from orchestrator.data.tokenizer import EOS, PAD, TOKENIZER_FILE, save_tokenizer, train_tokenizer
 from orchestrator.models import build_model
 from orchestrator.spec import JobSpec, parse_spec, spec_to_yaml
-from orchestrator.train.loop import load_state
+from orchestrator.train.checkpoint import load_model_weights
 
 WINNER_DIR = "winner"
 MODEL_FILE, SPEC_FILE, INFO_FILE = "model.pt", "spec.yaml", "data_info.json"
@@ -77,9 +77,10 @@ def write_bundle(directory: str | Path, spec: JobSpec, info: DataInfo,
 def save_bundle(directory: str | Path, spec: JobSpec, info: DataInfo, checkpoint_path: str,
                 tokenizer_dir: str | Path, metrics: dict[str, Any], trial_id: str) -> Path:
     """The winner's bundle, from the checkpoint of its best validation step."""
-    return write_bundle(directory, spec, info, load_state(checkpoint_path)["model"],
-                        tokenizer_dir, metrics, {"trial_id": trial_id,
-                                                 "checkpoint": checkpoint_path})
+    model = build_model(spec.model, info.vocab_size, info.seq_len, info.pad_id, info.num_classes)
+    load_model_weights(checkpoint_path, model)
+    return write_bundle(directory, spec, info, model.state_dict(), tokenizer_dir, metrics,
+                        {"trial_id": trial_id, "checkpoint": checkpoint_path})
 
 
 def initial_bundle(directory: str | Path, spec: JobSpec, rows: list[dict[str, str]]) -> Path:

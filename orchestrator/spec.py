@@ -88,15 +88,34 @@ class TrainSpec(_Section):
     batch_size: int = Field(32, ge=1, description="Per-worker micro-batch size.")
     shuffle_buffer: int = Field(
         2048, ge=0, description="Rows in each worker's shuffle buffer; 0 reads in file order.")
-    grad_accum_steps: int = Field(1, ge=1)
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    global_batch_size: int = Field(
+        0, ge=0, description="Rows per optimizer step over all workers. When set, "
+        "grad_accum_steps follows from it (global / (batch_size × num_workers)), so the "
+        "effective batch stays the same for any worker count; 0: batch_size × num_workers × "
+        "grad_accum_steps.")
     grad_clip: float = Field(1.0, ge=0, description="Max gradient norm; 0 disables clipping.")
     warmup_steps: int = Field(20, ge=0)
     max_steps: int = Field(200, ge=1, description="Optimizer steps per trial.")
     eval_interval: int = Field(50, ge=1, description="Validate and checkpoint every N steps.")
     eval_batches: int = Field(8, ge=1, description="Validation batches per evaluation.")
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: every worker holds the whole model; fsdp: parameters, gradients "
+        "and optimizer state are sharded per transformer block (FSDP2), for models that do not "
+        "fit one device.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 autocast on GPUs that have it (else fp16 with a grad "
+        "scaler), fp32 on CPU. fp16 needs a GPU.")
+    compile: bool = Field(False, description="torch.compile each transformer block.")
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each block's activations in backward: less memory, "
+        "about a third more compute.")
     seed: int = 0
     max_failures: int = Field(0, ge=-1, description="Worker failures to recover from; -1: always.")
+    checkpoints_to_keep: int = Field(2, ge=1, description="Checkpoints kept per trial.")
+    checkpoint_keep: Literal["best", "latest"] = Field(
+        "best", description="best: the best by the sweep metric (plus always the latest, to "
+        "resume from); latest: the most recent ones.")
 
     @field_validator("betas")
     @classmethod
@@ -232,6 +251,29 @@ class JobSpec(_Section):
         if self.model.family == "gpt" and self.sweep.metric in ("val_accuracy", "val_f1"):
             raise ValueError(f"sweep.metric {self.sweep.metric!r} needs model.family 'classifier'")
         return self
+
+    @model_validator(mode="after")
+    def _global_batch_divides(self) -> JobSpec:
+        train, workers = self.train, self.resources.num_workers
+        if not train.global_batch_size:
+            return self
+        if train.grad_accum_steps != 1:
+            raise ValueError("set train.grad_accum_steps or train.global_batch_size, not both")
+        per_step = train.batch_size * workers
+        if train.global_batch_size % per_step:
+            raise ValueError(
+                f"train.global_batch_size ({train.global_batch_size}) must be a multiple of "
+                f"train.batch_size × resources.num_workers ({train.batch_size} × {workers} = "
+                f"{per_step}) so that every worker accumulates whole micro-batches")
+        return self
+
+    @property
+    def grad_accum_steps(self) -> int:
+        """Micro-batches per optimizer step on each worker."""
+        if self.train.global_batch_size:
+            return self.train.global_batch_size // (self.train.batch_size
+                                                    * self.resources.num_workers)
+        return self.train.grad_accum_steps
 
     @property
     def metric(self) -> str:

@@ -63,6 +63,15 @@ def _evaluations_per_trial(spec: JobSpec) -> int:
     return math.ceil(spec.train.max_steps / spec.train.eval_interval)
 
 
+def _best_kept(ranked: pd.DataFrame) -> pd.Series:
+    """The best report whose checkpoint is still on disk (train.checkpoint_keep 'latest' deletes
+    older ones, the best among them too); the best report when none is."""
+    for _, row in ranked.iterrows():
+        if Path(str(row.get("checkpoint_path"))).exists():
+            return row
+    return ranked.iloc[0]
+
+
 def _tables(results: tune.ResultGrid, spec: JobSpec) -> tuple[pd.DataFrame, pd.DataFrame]:
     metric, ascending = spec.metric, spec.metric_mode == "min"
     rows, histories = [], []
@@ -75,7 +84,7 @@ def _tables(results: tune.ResultGrid, spec: JobSpec) -> tuple[pd.DataFrame, pd.D
         row.update({f"config/{k}": v for k, v in result.config.items()})
         if history is not None and metric in history:
             history = history.dropna(subset=[metric])
-            best = history.sort_values(metric, ascending=ascending).iloc[0]
+            best = _best_kept(history.sort_values(metric, ascending=ascending))
             row.update({"evaluations": len(history), "last_step": int(history["step"].max()),
                         f"best_{metric}": best[metric], "best_step": int(best["step"]),
                         "checkpoint_path": best.get("checkpoint_path")})

@@ -1,137 +1,194 @@
-"""What one Ray Train worker runs: the training loop, with validation, checkpoints and resume."""
+"""What one Ray Train worker runs: the training loop, with validation, metrics, checkpoints and
+resume (model, optimizer, schedule, random state and data position)."""
 
 from __future__ import annotations
 
-import itertools
+import logging
+import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any
 
 import ray.train
 import ray.train.torch
 import torch
+import torch.distributed as dist
 
 from orchestrator.data import DataInfo
 from orchestrator.models import build_model
 from orchestrator.spec import JobSpec
+from orchestrator.train.batches import BatchStream, DataPosition
+from orchestrator.train.checkpoint import load_checkpoint, save_checkpoint
+from orchestrator.train.flops import model_flops_per_token, peak_flops
 from orchestrator.train.metrics import classifier_loss, evaluate, lm_loss
 from orchestrator.train.optim import (
+    add_l1_gradient,
     build_optimizer,
     build_scheduler,
-    l1_penalty,
     split_decay_parameters,
 )
+from orchestrator.train.parallel import (
+    Precision,
+    compile_unsupported,
+    parallelize,
+    resolve_precision,
+)
 
-STATE_FILE = "state.pt"
-
-
-def autocast_context(device: torch.device, precision: str):
-    """bf16 autocast on GPU ('auto' or 'bf16') and on CPU only when asked; else full precision."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-
-
-def save_state(directory: Path, model: torch.nn.Module, optimizer, scheduler, step: int,
-               metrics: dict[str, float]) -> None:
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "step": step, "metrics": metrics},
-               directory / STATE_FILE)
+log = logging.getLogger("orchestrator.train")
 
 
-def load_state(directory: str | Path) -> dict[str, Any]:
-    return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+def autocast(device: torch.device, precision: Precision):
+    return (torch.autocast(device.type, dtype=precision.dtype) if precision.dtype
+            else nullcontext())
 
 
-def _micro_batches(shard, batch_size: int, shuffle_buffer: int, seed: int,
-                   device: torch.device) -> Iterator[dict]:
-    """Shuffled batches forever, epoch after epoch (files are in source order, often by topic)."""
-    for epoch in itertools.count():
-        yield from shard.iter_torch_batches(
-            batch_size=batch_size, device=device, drop_last=True,
-            local_shuffle_buffer_size=shuffle_buffer or None,
-            local_shuffle_seed=seed + epoch if shuffle_buffer else None)
+def resumed_position(data: dict[str, int], world_size: int, batch_size: int) -> DataPosition:
+    """Where this run's workers pick up the epoch a checkpoint stopped in: the same batch with the
+    same workers, else the same number of rows over all workers."""
+    rows = data["batches"] * data["batch_size"] * data["world_size"]
+    return DataPosition(data["epoch"], rows // (batch_size * world_size))
+
+
+def gather(values: list[float], device: torch.device, world_size: int) -> torch.Tensor:
+    """(world_size, len(values)): every worker's values, on every worker."""
+    mine = torch.tensor(values, dtype=torch.float64, device=device)
+    if world_size == 1:
+        return mine[None]
+    everyone = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(everyone, mine)
+    return torch.stack(everyone).cpu()
+
+
+def throughput(per_worker: torch.Tensor, steps: int, flops_per_token: float | None,
+               peak: float | None) -> dict[str, float]:
+    """Interval figures from every worker's [tokens, rows, seconds, data-wait seconds, loss sum]."""
+    tokens, rows, seconds, wait, loss = per_worker.T
+    world = len(per_worker)
+    slowest = float(seconds.max())
+    metrics = {
+        "train_loss": float(loss.sum()) / (world * steps),
+        "tokens_per_s": float(tokens.sum()) / slowest,
+        "tokens_per_s_per_worker": float((tokens / seconds).mean()),
+        "tokens_per_s_slowest_worker": float((tokens / seconds).min()),
+        "samples_per_s": float(rows.sum()) / slowest,
+        "step_time_s": slowest / steps,
+        "data_wait_s": float(wait.mean()) / steps,
+        "data_wait_share": float((wait / seconds).mean()),
+    }
+    if flops_per_token:
+        metrics["flops_per_s"] = metrics["tokens_per_s"] * flops_per_token
+        if peak:
+            metrics["mfu"] = metrics["flops_per_s"] / (world * peak)
+    return metrics
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     spec = JobSpec.model_validate(config["spec"])
     info = DataInfo(**config["data_info"])
-    train = spec.train
+    train, accum = spec.train, spec.grad_accum_steps
     torch.manual_seed(train.seed)
     device = ray.train.torch.get_device()
+    context = ray.train.get_context()
+    world, rank = context.get_world_size(), context.get_world_rank()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
-    model = build_model(spec.model, info.vocab_size, info.seq_len, info.pad_id, info.num_classes)
-    optimizer = build_optimizer(model, train)
-    scheduler = build_scheduler(optimizer, train)
-    l1_params = split_decay_parameters(model)[0]
+    precision, warning = resolve_precision(train.precision, device)
+    compile_model = train.compile
+    if compile_model and (reason := compile_unsupported(device)):
+        compile_model, warning = False, f"train.compile: {reason}; running eager"
+    if warning and rank == 0:
+        log.warning(warning)
 
-    step, resumed_from = 0, -1
+    model = build_model(spec.model, info.vocab_size, info.seq_len, info.pad_id, info.num_classes)
+    flops_per_token = model_flops_per_token(model, info.seq_len - 1)
+    peak = peak_flops(device, precision.dtype or torch.float32)
+    model = parallelize(model, train, device, world, precision, compile_model)
+    plain_model = model.module if hasattr(model, "module") else model
+    optimizer = build_optimizer(model, train, fused=device.type == "cuda")
+    scheduler = build_scheduler(optimizer, train)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.scaler)
+    l1_params = split_decay_parameters(model)[0]
+    no_sync = getattr(model, "no_sync", None)  # DDP: no all-reduce on accumulation steps
+
+    step, resumed_from, position = 0, -1, DataPosition()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            state = load_state(directory)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+            state = load_checkpoint(directory, model, optimizer, rank)
         scheduler.load_state_dict(state["scheduler"])
         step = resumed_from = state["step"]
-    model = ray.train.torch.prepare_model(model)
-    raw_model = model.module if hasattr(model, "module") else model
-
-    context = ray.train.get_context()
-    world, rank = context.get_world_size(), context.get_world_rank()
-    batches = _micro_batches(ray.train.get_dataset_shard("train"), train.batch_size,
-                             train.shuffle_buffer, train.seed + rank, device)
+        position = resumed_position(state["data"], world, train.batch_size)
+    batches = BatchStream(ray.train.get_dataset_shard("train"), train.batch_size,
+                          train.shuffle_buffer, train.seed + rank, device, position)
     val_shard = ray.train.get_dataset_shard("val")
     val_batches: list[dict] | None = None
 
-    def step_loss(batch: dict) -> torch.Tensor:
+    def micro_step(batch: dict[str, torch.Tensor], sync: bool) -> torch.Tensor:
         ids = batch["ids"].long()
-        with autocast_context(device, train.precision):
+        with (nullcontext() if sync or no_sync is None else no_sync()), autocast(device, precision):
             if info.family == "gpt":
                 loss = lm_loss(model, ids)
             else:
                 loss = classifier_loss(model, ids, batch["label"].long())
-        if train.l1:
-            loss = loss + train.l1 * l1_penalty(l1_params)
-        return loss
+            scaler.scale(loss / accum).backward()
+        return loss.detach() / accum
 
     model.train()
-    interval_loss, interval_tokens, interval_start = 0.0, 0, time.perf_counter()
-    steps_in_interval = 0
+    loss_sum = torch.zeros((), device=device)
+    tokens = rows = steps_in_interval = 0
+    batches.wait_s, started = 0.0, time.perf_counter()
     while step < train.max_steps:
-        for _ in range(train.grad_accum_steps):
+        for micro in range(accum):
             batch = next(batches)
-            loss = step_loss(batch) / train.grad_accum_steps
-            loss.backward()
-            interval_loss += loss.item()
-            interval_tokens += batch["ids"].numel()
+            loss_sum += micro_step(batch, sync=micro == accum - 1)
+            rows += len(batch["ids"])
+            tokens += batch["ids"][:, 1:].numel() if info.family == "gpt" else batch["ids"].numel()
+        scaler.unscale_(optimizer)
+        if train.l1:
+            add_l1_gradient(l1_params, train.l1)
         if train.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         step += 1
         steps_in_interval += 1
         if step % train.eval_interval and step != train.max_steps:
             continue
-        elapsed = time.perf_counter() - interval_start
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        per_worker = gather([tokens, rows, seconds, batches.wait_s, float(loss_sum)], device, world)
+        metrics = {"step": step, "lr": scheduler.get_last_lr()[0], "resumed_from_step": resumed_from,
+                   "epoch": batches.position.epoch,
+                   **throughput(per_worker, steps_in_interval, flops_per_token, peak)}
         if val_batches is None:  # the same validation batches every time, read once
-            val_batches = list(itertools.islice(
-                val_shard.iter_torch_batches(batch_size=train.batch_size, device=device),
-                train.eval_batches))
-        val = evaluate(raw_model, val_batches, info.family, info.num_classes)
-        metrics = {"step": step, "train_loss": interval_loss / steps_in_interval,
-                   "lr": scheduler.get_last_lr()[0],
-                   "tokens_per_s": world * interval_tokens / max(elapsed, 1e-9),
-                   "resumed_from_step": resumed_from,
-                   **{f"val_{name}": value for name, value in val.items()}}
-        with tempfile.TemporaryDirectory() as directory:
-            if rank == 0:
-                save_state(Path(directory), raw_model, optimizer, scheduler, step, metrics)
-            ckpt = ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
-            ray.train.report(metrics, checkpoint=ckpt)
-        interval_loss, interval_tokens, steps_in_interval = 0.0, 0, 0
-        interval_start = time.perf_counter()
+            val_batches = list(val_shard.iter_torch_batches(
+                batch_size=train.batch_size, device=device))[:train.eval_batches]
+        val = evaluate(plain_model, val_batches, info.family, info.num_classes)
+        metrics.update({f"val_{name}": value for name, value in val.items()})
+        report_with_checkpoint(metrics, model, optimizer, rank, trainer_state={
+            "step": step, "scheduler": scheduler.state_dict(), "world_size": world,
+            "data": {"epoch": batches.position.epoch, "batches": batches.position.batches,
+                     "batch_size": train.batch_size, "world_size": world}})
+        loss_sum.zero_()
+        tokens = rows = steps_in_interval = 0
+        batches.wait_s, started = 0.0, time.perf_counter()
+
+
+def report_with_checkpoint(metrics: dict[str, Any], model: torch.nn.Module,
+                           optimizer: torch.optim.Optimizer, rank: int,
+                           trainer_state: dict[str, Any]) -> None:
+    """Every worker saves its shards into its own staging directory and reports it; Ray Train
+    merges them into one checkpoint and registers it once all workers have reported."""
+    staging = tempfile.mkdtemp(prefix=f"orchestrator-ckpt-step{trainer_state['step']}-"
+                                      f"rank{rank}-")
+    try:
+        started = time.perf_counter()
+        save_checkpoint(staging, model, optimizer, {**trainer_state, "metrics": metrics}, rank)
+        metrics = {**metrics, "checkpoint_s": time.perf_counter() - started}
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(staging))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

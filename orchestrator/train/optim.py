@@ -22,15 +22,16 @@ def split_decay_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[n
     return decay, no_decay
 
 
-def build_optimizer(model: nn.Module, train: TrainSpec) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, train: TrainSpec,
+                    fused: bool = False) -> torch.optim.Optimizer:
+    """The spec's optimizer; `fused` (one kernel for all parameters) for Adam/AdamW on GPU."""
     decay, no_decay = split_decay_parameters(model)
     groups = [{"params": decay, "weight_decay": train.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     if train.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum)
-    if train.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=train.lr, betas=train.betas)
-    return torch.optim.AdamW(groups, lr=train.lr, betas=train.betas)
+    adam = torch.optim.Adam if train.optimizer == "adam" else torch.optim.AdamW
+    return adam(groups, lr=train.lr, betas=train.betas, **({"fused": True} if fused else {}))
 
 
 def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_ratio: float = 0.1) -> float:
@@ -48,5 +49,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer,
     )
 
 
-def l1_penalty(parameters: list[nn.Parameter]) -> torch.Tensor:
-    return sum(p.abs().sum() for p in parameters)
+def add_l1_gradient(parameters: list[nn.Parameter], l1: float) -> None:
+    """Add the gradient of l1 * sum(|w|) to each parameter's gradient.
+
+    Done on the gradients (after they are averaged over workers) rather than as a loss term, so
+    it works the same on FSDP's sharded parameters, whose shards never appear in the forward."""
+    with torch.no_grad():
+        for param in parameters:
+            if param.grad is not None:
+                param.grad.add_(torch.sign(param), alpha=l1)

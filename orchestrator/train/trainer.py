@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict
 from pathlib import Path
 
 import ray
+import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
 from orchestrator.data import DataInfo, read_split
 from orchestrator.spec import JobSpec, SpecError
 from orchestrator.train.loop import train_loop_per_worker
+
+log = logging.getLogger("orchestrator.train")
 
 
 def wants_gpu(spec: JobSpec) -> bool:
@@ -52,9 +56,34 @@ def check_cluster_fits(spec: JobSpec) -> None:
             )
 
 
+def ordered_ingest_options() -> ray.data.ExecutionOptions:
+    """Ray Train's default ingest options, with reads in order."""
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
+
+
+def check_training_options(spec: JobSpec, use_gpu: bool) -> JobSpec:
+    """Refuse options that cannot work on this cluster before any worker starts; return the
+    spec to train with (FSDP over one worker falls back to plain training, with a warning)."""
+    train = spec.train
+    if train.precision == "fp16" and not use_gpu:
+        raise SpecError("train.precision = 'fp16': fp16 training needs a GPU (on CPU use 'bf16' "
+                        "or 'fp32'), and this job trains on CPU")
+    if train.precision == "fp16" and train.strategy == "fsdp":
+        raise SpecError("train.precision = 'fp16' with train.strategy = 'fsdp' is not supported "
+                        "(the grad scaler does not handle sharded gradients); use 'bf16' or ddp")
+    if train.strategy == "fsdp" and spec.resources.num_workers == 1:
+        log.warning("train.strategy fsdp with resources.num_workers 1 has nothing to shard "
+                    "over; training the whole model on the one worker")
+        spec = spec.model_copy(update={"train": train.model_copy(update={"strategy": "ddp"})})
+    return spec
+
+
 def build_trainer(spec: JobSpec, run_dir: str | Path, info: DataInfo, name: str,
                   callbacks: list | None = None) -> TorchTrainer:
     use_gpu = wants_gpu(spec)
+    spec = check_training_options(spec, use_gpu)
     datasets = {split: read_split(run_dir, split) for split in ("train", "val")}
     if spec.data.cache:
         datasets = {split: ds.materialize() for split, ds in datasets.items()}
@@ -68,14 +97,26 @@ def build_trainer(spec: JobSpec, run_dir: str | Path, info: DataInfo, name: str,
             num_workers=spec.resources.num_workers, use_gpu=use_gpu,
             resources_per_worker=per_worker),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        # Ordered reads make every worker's shard the same after a restart, so a resumed run
+        # can skip exactly the batches it already trained on.
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=["train"],
+            execution_options={"train": ordered_ingest_options()}),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=str(Path(run_dir, "train").resolve()),
             failure_config=ray.train.FailureConfig(max_failures=spec.train.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute=spec.metric,
-                checkpoint_score_order=spec.metric_mode),
+            checkpoint_config=checkpoint_config(spec),
             callbacks=callbacks or [],
         ),
     )
+
+
+def checkpoint_config(spec: JobSpec) -> ray.train.CheckpointConfig:
+    """Keep the N best checkpoints by the sweep metric or the N latest; Ray Train always keeps
+    the latest one too, which is what a restarted run resumes from."""
+    if spec.train.checkpoint_keep == "latest":
+        return ray.train.CheckpointConfig(num_to_keep=spec.train.checkpoints_to_keep)
+    return ray.train.CheckpointConfig(num_to_keep=spec.train.checkpoints_to_keep,
+                                      checkpoint_score_attribute=spec.metric,
+                                      checkpoint_score_order=spec.metric_mode)

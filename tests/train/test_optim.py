@@ -12,8 +12,8 @@ from orchestrator.models import GPT
 from orchestrator.spec import TrainSpec
 from orchestrator.train.metrics import macro_f1
 from orchestrator.train.optim import (
+    add_l1_gradient,
     build_optimizer,
-    l1_penalty,
     split_decay_parameters,
     warmup_cosine,
 )
@@ -51,9 +51,13 @@ def test_warmup_then_cosine():
     assert all(a >= b for a, b in itertools.pairwise(values[10:]))
 
 
-def test_l1_penalty_is_sum_of_absolute_weights():
+def test_l1_gradient_matches_autograd_of_the_penalty():
     weight = torch.nn.Parameter(torch.tensor([[1.0, -2.0], [0.5, 0.0]]))
-    assert l1_penalty([weight]).item() == pytest.approx(3.5)
+    (0.3 * weight.abs().sum()).backward()
+    expected = weight.grad.clone()
+    weight.grad = torch.zeros_like(weight)
+    add_l1_gradient([weight], 0.3)
+    assert torch.allclose(weight.grad, expected)
 
 
 def test_macro_f1():

@@ -1,0 +1,67 @@
+"""A worker's training batches, epoch after epoch, that know where they are in the data.
+
+The position (epoch, batches taken in it) goes into every checkpoint. A resumed run replays the
+same epoch in the same order (the split and each epoch's local shuffle are seeded) and skips
+the batches it already trained on, so no sample is trained twice within the epoch that failed.
+With a different worker count the shards differ: the run then skips the same number of rows
+in total, but which rows those are depends on the new split.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class DataPosition:
+    epoch: int = 0
+    batches: int = 0  # batches of `epoch` already taken by each worker
+
+
+class BatchStream:
+    """Shuffled, fixed-size batches of one worker's shard, forever; times the waiting."""
+
+    def __init__(self, shard: Any, batch_size: int, shuffle_buffer: int, seed: int,
+                 device: torch.device, start: DataPosition | None = None):
+        self.shard, self.batch_size = shard, batch_size
+        self.shuffle_buffer, self.seed, self.device = shuffle_buffer, seed, device
+        self.position = DataPosition()
+        self.wait_s = 0.0  # time spent waiting for batches since the last reset
+        self._epoch: Iterator[dict[str, torch.Tensor]] | None = None
+        start = start or DataPosition()
+        self.position.epoch = start.epoch
+        for _ in range(start.batches):
+            next(self)
+
+    def _open_epoch(self) -> Iterator[dict[str, torch.Tensor]]:
+        buffer = self.shuffle_buffer or None
+        return iter(self.shard.iter_torch_batches(
+            batch_size=self.batch_size, device=self.device, drop_last=True,
+            pin_memory=self.device.type == "cuda", local_shuffle_buffer_size=buffer,
+            local_shuffle_seed=self.seed + self.position.epoch if buffer else None))
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        started = time.perf_counter()
+        while True:
+            if self._epoch is None:
+                self._epoch = self._open_epoch()
+            batch = next(self._epoch, None)
+            if batch is not None:
+                break
+            if self.position.batches == 0:
+                raise RuntimeError(f"this worker's shard holds fewer than batch_size "
+                                   f"({self.batch_size}) rows: lower train.batch_size or "
+                                   "resources.num_workers, or add data")
+            self._epoch = None
+            self.position = DataPosition(self.position.epoch + 1, 0)
+        self.position.batches += 1
+        self.wait_s += time.perf_counter() - started
+        return batch

@@ -1,0 +1,126 @@
+"""Training checkpoints: sharded with torch.distributed.checkpoint (DCP), for DDP and FSDP alike.
+
+One checkpoint directory holds:
+  .metadata, __<rank>_0.distcp   model and optimizer state, each worker writing its own shards;
+                                 DCP reshards on load, so a checkpoint saved by 2 workers resumes
+                                 with 1 (or 4)
+  rng-rank<r>.pt                 each worker's random number generator states
+  trainer_state.json             step, LR schedule, data position and metrics, written last by
+                                 rank 0, after every shard is on disk: it marks a complete
+                                 checkpoint
+
+Every worker saves into its own local directory and reports it; Ray Train merges them into one
+directory in storage and registers the checkpoint only when every worker has reported, so a
+worker that dies mid-save leaves no checkpoint that resume could pick up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+TRAINER_STATE_FILE = "trainer_state.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from: incomplete, or of a different model."""
+
+
+def _rng_file(rank: int) -> str:
+    return f"rng-rank{rank}.pt"
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    trainer_state: dict[str, Any], rank: int) -> None:
+    """Collective: every worker calls it with its own (local) directory."""
+    directory = Path(directory)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=directory)
+    torch.save(_rng_state(), directory / _rng_file(rank))
+    if rank == 0:  # dcp.save returned on rank 0, the coordinator: every shard is written
+        partial = directory / f".{TRAINER_STATE_FILE}.partial"
+        partial.write_text(json.dumps(trainer_state, indent=2))
+        os.replace(partial, directory / TRAINER_STATE_FILE)
+
+
+def check_complete(directory: str | Path) -> None:
+    """Refuse a checkpoint whose trainer state or any shard file is missing."""
+    directory = Path(directory)
+    if not (directory / TRAINER_STATE_FILE).is_file() or not (directory / ".metadata").is_file():
+        raise CheckpointError(f"checkpoint {directory} is incomplete: {TRAINER_STATE_FILE} or "
+                              ".metadata is missing (its save was interrupted)")
+    metadata = dcp.FileSystemReader(str(directory)).read_metadata()
+    files = {item.relative_path for item in (metadata.storage_data or {}).values()}
+    missing = sorted(name for name in files if not (directory / name).is_file())
+    if missing:
+        raise CheckpointError(f"checkpoint {directory} is incomplete: shard files "
+                              f"{', '.join(missing)} are missing")
+
+
+def check_compatible(directory: str | Path, model_state: dict[str, Any]) -> None:
+    """Compare the checkpoint's model tensors with this model's, naming both shapes on a
+    mismatch, before DCP fails with an error about storage reads."""
+    metadata = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    saved = {key.removeprefix("model."): tuple(meta.size) for key, meta in metadata.items()
+             if key.startswith("model.") and hasattr(meta, "size")}
+    ours = {key: tuple(value.shape) for key, value in model_state.items()}
+    problems = [f"{key}: checkpoint {saved[key]} vs model {ours[key]}"
+                for key in ours if key in saved and saved[key] != ours[key]]
+    problems += [f"{key}: not in the checkpoint" for key in ours if key not in saved]
+    problems += [f"{key}: not in the model" for key in saved if key not in ours]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more"
+                                           if len(problems) > 5 else "")
+        raise CheckpointError(f"checkpoint {directory} holds a different model: {shown}")
+
+
+def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    rank: int) -> dict[str, Any]:
+    """Collective: load model and optimizer state (resharded to this worker count) and this
+    worker's RNG state; return the trainer state."""
+    directory = Path(directory)
+    check_complete(directory)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    check_compatible(directory, model_state)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=directory)
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"])
+    rng_file = directory / _rng_file(rank)
+    if not rng_file.is_file():  # resumed with more workers than saved
+        rng_file = directory / _rng_file(0)
+    rng = torch.load(rng_file, weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return json.loads((directory / TRAINER_STATE_FILE).read_text())
+
+
+def load_model_weights(directory: str | Path, model: nn.Module) -> dict[str, Any]:
+    """Fill a plain model (one process, no process group) with a checkpoint's weights, e.g. to
+    write the winner's bundle; return the trainer state."""
+    directory = Path(directory)
+    check_complete(directory)
+    model_state = get_model_state_dict(model)
+    check_compatible(directory, model_state)
+    dcp.load({"model": model_state}, checkpoint_id=directory)
+    model.load_state_dict(model_state)
+    return json.loads((directory / TRAINER_STATE_FILE).read_text())
