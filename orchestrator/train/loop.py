@@ -112,7 +112,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     no_sync = getattr(model, "no_sync", None)  # DDP: no all-reduce on accumulation steps
 
     step, resumed_from, position = 0, -1, DataPosition()
-    checkpoint = ray.train.get_checkpoint()
+    # After a worker failure Ray Train hands back this run's latest checkpoint; a new run may
+    # start from another run's (Train V2 deprecated resume_from_checkpoint for this).
+    checkpoint = ray.train.get_checkpoint() or (
+        config.get("resume_from") and ray.train.Checkpoint(config["resume_from"]))
     if checkpoint:
         with checkpoint.as_directory() as directory:
             state = load_checkpoint(directory, model, optimizer, rank)

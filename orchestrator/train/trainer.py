@@ -81,7 +81,10 @@ def check_training_options(spec: JobSpec, use_gpu: bool) -> JobSpec:
 
 
 def build_trainer(spec: JobSpec, run_dir: str | Path, info: DataInfo, name: str,
-                  callbacks: list | None = None) -> TorchTrainer:
+                  callbacks: list | None = None,
+                  resume_from: str | Path | None = None) -> TorchTrainer:
+    """A TorchTrainer for one run; `resume_from` (a checkpoint directory) starts it from a
+    checkpoint of another run, which may have had a different number of workers."""
     use_gpu = wants_gpu(spec)
     spec = check_training_options(spec, use_gpu)
     datasets = {split: read_split(run_dir, split) for split in ("train", "val")}
@@ -92,7 +95,8 @@ def build_trainer(spec: JobSpec, run_dir: str | Path, info: DataInfo, name: str,
         per_worker["GPU"] = spec.resources.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec.model_dump(mode="json"), "data_info": asdict(info)},
+        train_loop_config={"spec": spec.model_dump(mode="json"), "data_info": asdict(info),
+                           "resume_from": str(resume_from) if resume_from else None},
         scaling_config=ray.train.ScalingConfig(
             num_workers=spec.resources.num_workers, use_gpu=use_gpu,
             resources_per_worker=per_worker),

@@ -1,11 +1,15 @@
-"""A training worker really killed mid-run resumes from its last checkpoint and finishes."""
+"""Workers really killed mid-run (SIGKILL): the run resumes from its last complete checkpoint,
+with the data position and random state restored, and ends where an uninterrupted run ends."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import ray.train
@@ -16,52 +20,78 @@ from orchestrator.data import prepare_data
 from orchestrator.spec import parse_spec
 from orchestrator.train.trainer import build_trainer
 
+INTERVAL = 20
 
-def _kill_worker_after_first_checkpoint(storage, killed: list[int], timeout_s: float = 240):
-    """Kill once the Train controller has registered a checkpoint in its snapshot file.
+
+def _spec(**train):
+    """Dropout on, so the resumed run must also restore the random state to end the same."""
+    return parse_spec(tiny_spec("gpt", train={"max_steps": 200, "eval_interval": INTERVAL,
+                                              **train}, model={"dropout": 0.1}))
+
+
+def _registered_checkpoint(run_storage: Path) -> bool:
+    """Whether the run's Train controller has registered a checkpoint (its snapshot lists one).
 
     A worker's report reaches the controller asynchronously: a worker killed right after
-    reporting (before the controller polled it) rightly restarts from an older checkpoint."""
+    reporting, before the controller polled it, rightly restarts from an older checkpoint."""
+    snapshot = run_storage / "checkpoint_manager_snapshot.json"
+    return snapshot.is_file() and "checkpoint_" in snapshot.read_text()
+
+
+def _kill_worker_mid_save(run_storage: Path, killed: list[int], timeout_s: float = 240) -> None:
+    """Once a checkpoint is registered, wait for a worker to start staging the next one and
+    SIGKILL it there: the checkpoint being written is interrupted."""
     deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not _registered_checkpoint(run_storage):
+        time.sleep(0.05)
+    staging = Path(tempfile.gettempdir())
     while time.monotonic() < deadline:
-        snapshots = list(storage.glob("*/checkpoint_manager_snapshot.json"))
-        if snapshots and "checkpoint_" in snapshots[0].read_text():
-            workers = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
-                       if a.class_name == "RayTrainWorker"]
-            if workers:
-                os.kill(workers[0].pid, signal.SIGKILL)
-                killed.append(workers[0].pid)
-                return
-        time.sleep(0.2)
+        steps = [int(m.group(1)) for path in staging.glob("orchestrator-ckpt-step*")
+                 if (m := re.match(r"orchestrator-ckpt-step(\d+)-", path.name))]
+        steps = [step for step in steps if step > INTERVAL]
+        if steps:
+            for actor in list_actors(filters=[("state", "=", "ALIVE")]):
+                if actor.class_name == "RayTrainWorker":
+                    os.kill(actor.pid, signal.SIGKILL)
+                    killed.append(max(steps))
+                    return
+        time.sleep(0.005)
 
 
-def _trainer_with_killer(spec, run_dir, name: str):
-    """A trainer on freshly prepared data, and a started thread that kills its worker."""
-    trainer = build_trainer(spec, run_dir, prepare_data(spec, run_dir), name=name)
+@pytest.fixture(scope="module")
+def prepared(ray_local, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("resume")
+    return run_dir, prepare_data(_spec(), run_dir)
+
+
+def _fit_while_killing(spec, prepared, name: str):
+    run_dir, info = prepared
+    trainer = build_trainer(spec, run_dir, info, name=name)
     killed: list[int] = []
-    killer = threading.Thread(target=_kill_worker_after_first_checkpoint,
-                              args=(run_dir / "train", killed))
+    killer = threading.Thread(target=_kill_worker_mid_save, args=(run_dir / "train" / name, killed))
     killer.start()
-    return trainer, killer, killed
+    try:
+        return trainer.fit(), killed
+    finally:
+        killer.join()
 
 
-def test_killed_worker_resumes_from_checkpoint(ray_local, tmp_path):
-    spec = parse_spec(tiny_spec("gpt", train={"max_steps": 400, "eval_interval": 20,
-                                              "max_failures": 1}))
-    trainer, killer, killed = _trainer_with_killer(spec, tmp_path, "resume")
-    result = trainer.fit()
-    killer.join()
+def test_killed_worker_resumes_and_ends_like_an_uninterrupted_run(prepared):
+    spec = _spec(max_failures=1)
+    run_dir, info = prepared
+    reference = build_trainer(spec, run_dir, info, name="uninterrupted").fit()
+    result, killed = _fit_while_killing(spec, prepared, "killed")
     assert killed, "the worker was never killed"
     assert result.error is None
     assert result.metrics["step"] == spec.train.max_steps
-    assert result.metrics["resumed_from_step"] >= spec.train.eval_interval
-    assert result.metrics["resumed_from_step"] % spec.train.eval_interval == 0
+    # The checkpoint being written when the worker died is never the one resumed from.
+    resumed = result.metrics["resumed_from_step"]
+    assert INTERVAL <= resumed < killed[0] and resumed % INTERVAL == 0
+    final, expected = result.metrics["train_loss"], reference.metrics["train_loss"]
+    assert final == pytest.approx(expected, rel=0.02)
+    assert result.metrics["val_loss"] == pytest.approx(reference.metrics["val_loss"], rel=0.02)
 
 
-def test_without_failures_allowed_the_run_fails(ray_local, tmp_path):
-    spec = parse_spec(tiny_spec("gpt", train={"max_steps": 400, "eval_interval": 20}))
-    trainer, killer, killed = _trainer_with_killer(spec, tmp_path, "no-retry")
+def test_without_failures_allowed_the_run_fails(prepared):
     with pytest.raises(ray.train.TrainingFailedError):
-        trainer.fit()
-    killer.join()
-    assert killed
+        _fit_while_killing(_spec(max_steps=100), prepared, "no-retry")
