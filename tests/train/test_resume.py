@@ -25,7 +25,7 @@ INTERVAL = 20
 
 def _spec(**train):
     """Dropout on, so the resumed run must also restore the random state to end the same."""
-    return parse_spec(tiny_spec("gpt", train={"max_steps": 200, "eval_interval": INTERVAL,
+    return parse_spec(tiny_spec("gpt", train={"max_steps": 100, "eval_interval": INTERVAL,
                                               **train}, model={"dropout": 0.1}))
 
 
@@ -94,4 +94,4 @@ def test_killed_worker_resumes_and_ends_like_an_uninterrupted_run(prepared):
 
 def test_without_failures_allowed_the_run_fails(prepared):
     with pytest.raises(ray.train.TrainingFailedError):
-        _fit_while_killing(_spec(max_steps=100), prepared, "no-retry")
+        _fit_while_killing(_spec(max_steps=60), prepared, "no-retry")
