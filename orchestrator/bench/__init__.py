@@ -15,6 +15,10 @@ from typing import Any
 BENCHMARKS = {
     "decode": "tokens/s of KV-cache decoding against cache-less decoding",
     "serve": "requests/s and latency of the service: batched, unbatched, plain uvicorn",
+    "train-overhead": "tokens/s of our Ray Train path (1 worker) against a plain PyTorch loop",
+    "ingest": "rows/s of our Ray Data stream against a DataLoader and in-memory batches",
+    "scaling": "1 against N training workers on one global batch: speedup, efficiency, bytes",
+    "mfu": "GPU only: GPT-2 small (124M) in bf16 with compile: tokens/s and MFU",
 }
 
 

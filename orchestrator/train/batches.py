@@ -10,7 +10,7 @@ in total, but which rows those are depends on the new split.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,11 @@ class DataPosition:
     batches: int = 0  # batches of `epoch` already taken by each worker
 
 
+# Rows fetched from Ray Data at a time and cut into micro-batches here: Ray Data's cost per
+# batch (fetch, collate, copy) is far above a DataLoader's, so small batches starved the loop.
+FETCH_ROWS = 1024
+
+
 class BatchStream:
     """Shuffled, fixed-size batches of one worker's shard, forever; times the waiting."""
 
@@ -32,18 +37,32 @@ class BatchStream:
         self.shuffle_buffer, self.seed, self.device = shuffle_buffer, seed, device
         self.position = DataPosition()
         self.wait_s = 0.0  # time spent waiting for batches since the last reset
-        self._epoch: Iterator[dict[str, torch.Tensor]] | None = None
+        self._epoch: Generator[dict[str, torch.Tensor], None, None] | None = None
         start = start or DataPosition()
         self.position.epoch = start.epoch
         for _ in range(start.batches):
             next(self)
 
-    def _open_epoch(self) -> Iterator[dict[str, torch.Tensor]]:
+    def _open_epoch(self) -> Generator[dict[str, torch.Tensor], None, None]:
+        """This epoch's micro-batches: large fetches cut into batch_size rows; the last rows of
+        the epoch that do not fill a batch are dropped."""
         buffer = self.shuffle_buffer or None
-        return iter(self.shard.iter_torch_batches(
-            batch_size=self.batch_size, device=self.device, drop_last=True,
-            pin_memory=self.device.type == "cuda", local_shuffle_buffer_size=buffer,
-            local_shuffle_seed=self.seed + self.position.epoch if buffer else None))
+        fetches = self.shard.iter_torch_batches(
+            batch_size=max(FETCH_ROWS // self.batch_size, 1) * self.batch_size,
+            device=self.device, pin_memory=self.device.type == "cuda",
+            local_shuffle_buffer_size=buffer,
+            local_shuffle_seed=self.seed + self.position.epoch if buffer else None)
+        for fetch in fetches:
+            rows = len(next(iter(fetch.values())))
+            for start in range(0, rows - self.batch_size + 1, self.batch_size):
+                yield {name: column[start:start + self.batch_size]
+                       for name, column in fetch.items()}
+
+    def close(self) -> None:
+        """Stop the open epoch's prefetching, so that the process can exit."""
+        if self._epoch is not None:
+            self._epoch.close()
+            self._epoch = None
 
     def __iter__(self) -> BatchStream:
         return self

@@ -1,0 +1,114 @@
+"""What the training benchmarks share: one GPT spec, its data prepared once, a plain PyTorch loop
+to compare with, and our Ray Train path's steady-state figures."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import ray
+import torch
+
+from orchestrator.data import DataInfo, prepare_data
+from orchestrator.models import build_model
+from orchestrator.spec import JobSpec, parse_spec
+from orchestrator.train.metrics import lm_loss
+from orchestrator.train.optim import build_optimizer, build_scheduler
+from orchestrator.train.trainer import build_trainer
+
+SAMPLE = Path(__file__).resolve().parents[2] / "jobs" / "data" / "stdlib_docs.jsonl"
+QUICK_MODEL = {"n_layer": 2, "n_head": 2, "d_model": 64}
+FULL_MODEL = {"n_layer": 4, "n_head": 4, "d_model": 256}
+
+
+def worker_threads() -> int:
+    """Threads for one training process: every core but one, which Ray's own processes and the
+    driver keep; the plain loop gets the same number."""
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
+def bench_spec(quick: bool, **train: Any) -> JobSpec:
+    steps = 24 if quick else 120
+    return parse_spec({
+        "name": "bench", "data": {"path": str(SAMPLE), "vocab_size": 512,
+                                  "block_size": 64 if quick else 128},
+        "model": {"family": "gpt", "dropout": 0.0, **(QUICK_MODEL if quick else FULL_MODEL)},
+        "train": {"batch_size": 16, "max_steps": steps, "eval_interval": steps // 4,
+                  "eval_batches": 1, "warmup_steps": 2, **train},
+        "resources": {"num_workers": 1, "cpus_per_worker": worker_threads()}})
+
+
+def ensure_ray() -> None:
+    if not ray.is_initialized():
+        ray.init(log_to_driver=False, logging_level="WARNING")
+
+
+@dataclass
+class Prepared:
+    run_dir: Path
+    info: DataInfo
+
+    def train_ids(self) -> torch.Tensor:
+        """The tokenized training split, as the workers read it, in one tensor."""
+        table = pq.read_table(self.run_dir / "data" / "split=train")
+        return torch.tensor(table.column("ids").to_pylist(), dtype=torch.long)
+
+
+def prepare(spec: JobSpec) -> Prepared:
+    ensure_ray()
+    run_dir = Path(tempfile.mkdtemp(prefix="orchestrator-bench-"))
+    return Prepared(run_dir, prepare_data(spec, run_dir))
+
+
+def steady(reports: list[dict[str, Any]], key: str) -> float:
+    """Median of a figure over every interval but the first, which holds start-up work (data
+    stream start, first allocations) that a long run pays once."""
+    return statistics.median(report[key] for report in reports[1:])
+
+
+def ray_train_reports(spec: JobSpec, prepared: Prepared, name: str) -> list[dict[str, Any]]:
+    """Every interval's report of one Ray Train run, in step order."""
+    spec = spec.model_copy(update={"train": spec.train.model_copy(update={
+        "checkpoints_to_keep": spec.train.max_steps, "checkpoint_keep": "latest"})})
+    result = build_trainer(spec, prepared.run_dir, prepared.info,
+                           name=f"{name}-{time.monotonic_ns()}").fit()
+    if result.error:
+        raise RuntimeError(f"benchmark run {name} failed: {result.error}")
+    return sorted((metrics for _, metrics in result.best_checkpoints), key=lambda m: m["step"])
+
+
+def plain_loop_tokens_per_s(spec: JobSpec, prepared: Prepared) -> float:
+    """The same model, optimizer, schedule, clipping, batch and steps as our path, as a plain
+    PyTorch loop over in-memory tensors in this process; steady-state tokens/s measured over
+    the same intervals."""
+    torch.set_num_threads(int(spec.resources.cpus_per_worker))
+    torch.manual_seed(spec.train.seed)
+    info, train = prepared.info, spec.train
+    ids = prepared.train_ids()
+    model = build_model(spec.model, info.vocab_size, info.seq_len, info.pad_id)
+    optimizer = build_optimizer(model, train)
+    scheduler = build_scheduler(optimizer, train)
+    order = torch.randperm(len(ids))
+    per_interval, cursor, started, tokens = [], 0, time.perf_counter(), 0
+    model.train()
+    for step in range(1, train.max_steps + 1):
+        if cursor + train.batch_size > len(ids):
+            order, cursor = torch.randperm(len(ids)), 0
+        batch = ids[order[cursor:cursor + train.batch_size]]
+        cursor += train.batch_size
+        lm_loss(model, batch).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        tokens += batch[:, 1:].numel()
+        if step % train.eval_interval == 0:
+            per_interval.append({"tokens_per_s": tokens / (time.perf_counter() - started)})
+            started, tokens = time.perf_counter(), 0
+    return steady(per_interval, "tokens_per_s")
