@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from orchestrator.bench import BENCHMARKS, render, run_benchmark
+from orchestrator.bench import BENCHMARKS, BenchmarkUnavailable, render, run_benchmark
 from orchestrator.spec import JobSpec, SpecError, load_spec, spec_to_yaml
 
 EXIT_SPEC_ERROR = 2
@@ -161,7 +161,11 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    result = run_benchmark(args.name, quick=args.quick)
+    try:
+        result = run_benchmark(args.name, quick=args.quick)
+    except BenchmarkUnavailable as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(render(result, as_json=args.json))
     return 0
 

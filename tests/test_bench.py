@@ -11,6 +11,8 @@ import math
 import subprocess
 import sys
 
+import pytest
+import torch
 from conftest import REPO
 
 from orchestrator.bench import render, run_benchmark
@@ -39,3 +41,36 @@ def test_serve_bench_measures_every_server_at_every_concurrency(ray_local) -> No
     assert result.ratio > 0
     assert json.loads(render(result, as_json=True))["ratio"] == result.ratio
     assert "concurrency" in render(result, as_json=False)
+
+
+def test_train_overhead_bench_compares_ray_train_with_a_plain_loop(ray_local) -> None:
+    result = run_benchmark("train-overhead", quick=True)
+    (row,) = result.rows
+    assert row["plain_tok_s"] > 0 and row["ray_train_tok_s"] > 0
+    assert result.ratio == pytest.approx(row["ray_train_tok_s"] / row["plain_tok_s"])
+    assert 0 <= row["ray_data_wait_share"] < 1
+
+
+def test_ingest_bench_measures_every_source_with_and_without_work(ray_local) -> None:
+    result = run_benchmark("ingest", quick=True)
+    cells = {(row["consumer"], row["source"]) for row in result.rows}
+    assert cells == {(consumer, source) for consumer in ("none", "forward+backward")
+                     for source in ("ray data (ours)", "torch DataLoader", "in-memory batches")}
+    assert all(row["rows_per_s"] > 0 and 0 <= row["data_wait_share"] <= 1 for row in result.rows)
+
+
+def test_scaling_bench_reports_speedup_and_communication(ray_local) -> None:
+    result = run_benchmark("scaling", quick=True)
+    one, two = result.rows
+    assert (one["workers"], two["workers"]) == (1, 2)
+    assert one["speedup"] == 1.0 and one["allreduce_MB_per_step"] == 0
+    assert two["grad_accum"] * 2 == one["grad_accum"]  # the same global batch
+    assert two["allreduce_MB_per_step"] > 0 and two["efficiency"] == pytest.approx(
+        two["speedup"] / 2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU path runs the benchmark itself")
+def test_mfu_bench_without_a_gpu_says_so() -> None:
+    out = subprocess.run([sys.executable, "-m", "orchestrator", "bench", "mfu", "--quick"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 2 and "needs a CUDA GPU" in out.stderr

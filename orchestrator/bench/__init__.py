@@ -22,6 +22,10 @@ BENCHMARKS = {
 }
 
 
+class BenchmarkUnavailable(RuntimeError):
+    """This machine cannot run the benchmark (for instance, it has no GPU)."""
+
+
 @dataclass
 class BenchResult:
     name: str

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from orchestrator.bench import BenchResult
+from orchestrator.bench import BenchmarkUnavailable, BenchResult
 from orchestrator.models import GPT
 from orchestrator.train.flops import mfu, model_flops_per_token, non_embedding_params, peak_flops
 from orchestrator.train.metrics import lm_loss
@@ -25,7 +25,7 @@ TOKENS_PER_STEP = 524288  # GPT-2's 0.5M-token batch
 
 def run(quick: bool) -> BenchResult:
     if not torch.cuda.is_available():
-        raise RuntimeError("bench mfu needs a CUDA GPU: it times GPT-2 small training in bf16 with "
+        raise BenchmarkUnavailable("bench mfu needs a CUDA GPU: it times GPT-2 small training in bf16 with "
                            "torch.compile; run it on a machine with an NVIDIA GPU "
                            "(`orchestrator bench decode` runs on CPU)")
     micro_batch, warmup, timed = (8, 3, 5) if quick else (16, 5, 20)

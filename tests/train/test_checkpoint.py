@@ -3,6 +3,7 @@ before and after Ray starts its workers."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -66,13 +67,16 @@ def test_an_interrupted_checkpoint_is_refused(tmp_path, remove):
         load_model_weights(tmp_path, _gpt())
 
 
+def first_ids(batch: dict[str, torch.Tensor]) -> list[int]:
+    return batch["ids"][:, 0].tolist()
+
+
 def test_a_resumed_stream_continues_with_the_same_batches(ray_local):
     dataset = ray.data.from_items([{"ids": [i, i]} for i in range(40)]).materialize()
-    first_ids = lambda batch: batch["ids"][:, 0].tolist()  # noqa: E731
     whole = BatchStream(dataset, 8, shuffle_buffer=16, seed=3, device=torch.device("cpu"))
     run = [first_ids(next(whole)) for _ in range(8)]  # 5 batches per epoch: into epoch 1
     assert whole.position == DataPosition(epoch=1, batches=3)
-    assert sorted(sum(run[:5], [])) == list(range(40))  # an epoch holds every row once
+    assert sorted(itertools.chain(*run[:5])) == list(range(40))  # an epoch holds every row once
     resumed = BatchStream(dataset, 8, shuffle_buffer=16, seed=3, device=torch.device("cpu"),
                           start=DataPosition(epoch=0, batches=3))
     assert [first_ids(next(resumed)) for _ in range(5)] == run[3:]

@@ -15,7 +15,7 @@ from orchestrator.spec import parse_spec
 from orchestrator.train.checkpoint import load_model_weights
 from orchestrator.train.trainer import build_trainer
 
-STEPS, INTERVAL = 16, 4
+STEPS, INTERVAL = 8, 2
 
 
 def _spec(strategy: str, workers: int, max_steps: int = STEPS):
