@@ -22,7 +22,7 @@ from orchestrator.train.checkpoint import (
     save_checkpoint,
 )
 from orchestrator.train.loop import resumed_position, throughput
-from orchestrator.train.parallel import transformer_blocks
+from orchestrator.train.parallel import compile_unsupported, transformer_blocks
 from orchestrator.train.trainer import check_training_options
 
 
@@ -137,3 +137,9 @@ def test_fsdp_on_one_worker_falls_back_with_a_warning(caplog):
 def test_a_model_without_blocks_cannot_be_sharded_per_block():
     with pytest.raises(ValueError, match="Linear has no transformer blocks"):
         transformer_blocks(torch.nn.Linear(2, 2))
+
+
+def test_compile_without_a_cpu_compiler_is_reported(monkeypatch, tmp_path):
+    assert compile_unsupported(torch.device("cpu")) is None  # this machine has g++
+    monkeypatch.setenv("PATH", str(tmp_path))  # a PATH with no compiler on it
+    assert "needs a C++ compiler" in compile_unsupported(torch.device("cpu"))
