@@ -25,9 +25,10 @@ TOKENS_PER_STEP = 524288  # GPT-2's 0.5M-token batch
 
 def run(quick: bool) -> BenchResult:
     if not torch.cuda.is_available():
-        raise BenchmarkUnavailable("bench mfu needs a CUDA GPU: it times GPT-2 small training in bf16 with "
-                           "torch.compile; run it on a machine with an NVIDIA GPU "
-                           "(`orchestrator bench decode` runs on CPU)")
+        raise BenchmarkUnavailable(
+            "bench mfu needs a CUDA GPU: it times GPT-2 small training in bf16 with "
+            "torch.compile; run it on a machine with an NVIDIA GPU (`orchestrator bench "
+            "train-overhead` and `scaling` run on CPU)")
     micro_batch, warmup, timed = (8, 3, 5) if quick else (16, 5, 20)
     seq = GPT2_SMALL["block_size"]
     accum = 1 if quick else TOKENS_PER_STEP // (micro_batch * seq)
