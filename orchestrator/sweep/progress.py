@@ -13,9 +13,12 @@ class TrialProgress(tune.Callback):
         self.done = 0
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        speed = (f"{result.get('tokens_per_s', 0):,.0f} tokens/s, "
+                 f"{result.get('data_wait_share', 0):.0%} waiting for data")
+        if "mfu" in result:
+            speed += f", MFU {result['mfu']:.0%}"
         self.say(f"trial {trial.trial_id} step {result.get('step', '?')}/{self.max_steps} "
-                 f"{self.metric} {result.get(self.metric, float('nan')):.4f} "
-                 f"({result.get('tokens_per_s', 0):,.0f} tokens/s)")
+                 f"{self.metric} {result.get(self.metric, float('nan')):.4f} ({speed})")
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self.done += 1
