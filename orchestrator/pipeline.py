@@ -29,6 +29,7 @@ from orchestrator.evaluate import evaluate_bundle
 from orchestrator.spec import JobSpec, spec_to_yaml
 from orchestrator.sweep import run_sweep
 from orchestrator.sweep.space import apply_trial_config
+from orchestrator.train.trainer import check_cluster_fits, check_training_options, wants_gpu
 
 STAGES = ("data", "sweep", "select", "evaluate", "deploy")
 RESULT_MARKER = "orchestrator-result: "
@@ -102,6 +103,8 @@ def _clean(value: Any) -> Any:
 
 def run_pipeline(spec: JobSpec, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every stage on the connected Ray cluster; return the report (also in report.json)."""
+    check_cluster_fits(spec)  # a job that cannot train fails at once, before any stage runs
+    check_training_options(spec, wants_gpu(spec))
     progress = Progress(say)
     run_dir = new_run_dir(spec)
     (run_dir / "spec.yaml").write_text(spec_to_yaml(spec))
@@ -182,8 +185,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"# Run report: {report['name']}", "",
         f"- run directory: `{report['run_dir']}`",
         f"- model family: {report['family']}; sweep metric: {report['metric']}",
-        f"- data: {report['data']['texts']} texts, {report['data']['rows']} rows, "
-        f"vocabulary {report['data']['vocab_size']}",
+        (f"- data: {report['data']['texts']} texts, {report['data']['rows']} rows, "
+         f"vocabulary {report['data']['vocab_size']}"),
         f"- winner: trial `{report['winner']['trial_id']}` with {report['winner']['config']}",
         f"- bundle: `{report['winner']['bundle']}`",
         f"- endpoint: {report['endpoint'] or 'not kept running'}",

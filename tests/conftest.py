@@ -56,3 +56,13 @@ def tiny_spec(family: str, path: str | Path = SAMPLE, **sections) -> dict:
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
     return raw
+
+
+@pytest.fixture(scope="session")
+def prepared_gpt(ray_local, tmp_path_factory):
+    """tiny_spec("gpt")'s data, prepared once: (run directory, DataInfo) for training tests."""
+    from orchestrator.data import prepare_data
+    from orchestrator.spec import parse_spec
+
+    run_dir = tmp_path_factory.mktemp("prepared-gpt")
+    return run_dir, prepare_data(parse_spec(tiny_spec("gpt")), run_dir)

@@ -60,10 +60,14 @@ class Prepared:
         return torch.tensor(table.column("ids").to_pylist(), dtype=torch.long)
 
 
-def prepare(spec: JobSpec) -> Prepared:
+def prepare(spec: JobSpec, _cache: dict[str, Prepared] = {}) -> Prepared:  # noqa: B006
+    """The spec's data, tokenized once per process for every benchmark that reads it."""
     ensure_ray()
-    run_dir = Path(tempfile.mkdtemp(prefix="orchestrator-bench-"))
-    return Prepared(run_dir, prepare_data(spec, run_dir))
+    key = spec.data.model_dump_json()
+    if key not in _cache:
+        run_dir = Path(tempfile.mkdtemp(prefix="orchestrator-bench-"))
+        _cache[key] = Prepared(run_dir, prepare_data(spec, run_dir))
+    return _cache[key]
 
 
 def steady(reports: list[dict[str, Any]], key: str) -> float:

@@ -15,7 +15,6 @@ import pytest
 from conftest import tiny_spec
 from ray.util.state import list_actors
 
-from orchestrator.data import prepare_data
 from orchestrator.spec import parse_spec
 from orchestrator.train.trainer import build_trainer
 
@@ -24,7 +23,7 @@ INTERVAL = 20
 
 def _spec(**train):
     """Dropout on, so the resumed run must also restore the random state to end the same."""
-    return parse_spec(tiny_spec("gpt", train={"max_steps": 100, "eval_interval": INTERVAL,
+    return parse_spec(tiny_spec("gpt", train={"max_steps": 60, "eval_interval": INTERVAL,
                                               **train}, model={"dropout": 0.1}))
 
 
@@ -57,12 +56,6 @@ def _kill_worker_mid_save(run_storage: Path, killed: list[int], timeout_s: float
         time.sleep(0.005)
 
 
-@pytest.fixture(scope="module")
-def prepared(ray_local, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("resume")
-    return run_dir, prepare_data(_spec(), run_dir)
-
-
 def _fit_while_killing(spec, prepared, name: str):
     run_dir, info = prepared
     trainer = build_trainer(spec, run_dir, info, name=name)
@@ -75,11 +68,11 @@ def _fit_while_killing(spec, prepared, name: str):
         killer.join()
 
 
-def test_killed_worker_resumes_and_ends_like_an_uninterrupted_run(prepared):
+def test_killed_worker_resumes_and_ends_like_an_uninterrupted_run(prepared_gpt):
     spec = _spec(max_failures=1)
-    run_dir, info = prepared
+    run_dir, info = prepared_gpt
     reference = build_trainer(spec, run_dir, info, name="uninterrupted").fit()
-    result, killed = _fit_while_killing(spec, prepared, "killed")
+    result, killed = _fit_while_killing(spec, prepared_gpt, "killed")
     assert killed, "the worker was never killed"
     assert result.error is None
     assert result.metrics["step"] == spec.train.max_steps

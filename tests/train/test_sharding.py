@@ -1,6 +1,7 @@
 """FSDP2 and activation checkpointing change where tensors live and when activations are
-computed, never the arithmetic: one optimizer step over 2 gloo processes equals the same step in
-one process. Plain torch.distributed, no Ray: parallelize() is what each Ray Train worker calls."""
+computed, never the arithmetic: over 2 gloo processes FSDP's loss curve is DDP's, and one step
+equals the same step in one process. Plain torch.distributed, no Ray: parallelize() is what each
+Ray Train worker calls (tests/train/test_parallel.py runs FSDP through Ray Train)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from orchestrator.spec import TrainSpec
 from orchestrator.train.metrics import classifier_loss, lm_loss
 from orchestrator.train.parallel import Precision, checkpoint_activations, parallelize
 
-BATCH = 8
+BATCH, STEPS = 8, 6
 
 
 def _model(family: str) -> torch.nn.Module:
@@ -63,14 +64,53 @@ def _sharded_worker(rank: int, world: int, port: int, family: str, queue) -> Non
         dist.destroy_process_group()
 
 
+def _curve_worker(rank: int, world: int, port: int, strategy: str, queue) -> None:
+    """STEPS AdamW steps of the GPT, each worker on its half of every batch; rank 0 reports the
+    loss averaged over the workers at every step."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = _model("gpt")
+        if strategy == "ddp":  # what Ray Train's prepare_model builds on CPU
+            model = torch.nn.parallel.DistributedDataParallel(model)
+        else:
+            model = parallelize(model, TrainSpec(strategy="fsdp"), torch.device("cpu"), world,
+                                Precision(None), compile_model=False)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+        generator = torch.Generator().manual_seed(2)
+        losses = []
+        for _ in range(STEPS):
+            ids = torch.randint(1, 64, (BATCH, 13), generator=generator)
+            loss = lm_loss(model, ids[rank * BATCH // world:(rank + 1) * BATCH // world])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            mean = loss.detach().clone()
+            dist.all_reduce(mean)
+            losses.append(mean.item() / world)
+        if rank == 0:
+            queue.put(losses)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(worker, *args):
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(worker, args=(2, free_port(), *args, queue), nprocs=2,
+                       start_method="spawn")
+    return queue.get()
+
+
+def test_fsdp_matches_ddp_loss_curve_on_two_workers():
+    ddp, fsdp = _spawn(_curve_worker, "ddp"), _spawn(_curve_worker, "fsdp")
+    assert fsdp == pytest.approx(ddp, rel=1e-4)
+    assert ddp[-1] < ddp[0]  # it trains
+
+
 @pytest.mark.parametrize("family", ["gpt", "classifier"])
 def test_fsdp_with_activation_checkpointing_equals_one_process(family):
     expected = _one_step(_model(family), family, *_data(family))
-    context = mp.get_context("spawn")
-    queue = context.SimpleQueue()
-    mp.start_processes(_sharded_worker, args=(2, free_port(), family, queue), nprocs=2,
-                       start_method="spawn")
-    sharded = queue.get()
+    sharded = _spawn(_sharded_worker, family)
     assert sharded.keys() == expected.keys()
     for name, value in expected.items():
         assert torch.allclose(torch.from_numpy(sharded[name]), value, atol=1e-5), name
