@@ -34,7 +34,7 @@ def worker_threads() -> int:
 
 
 def bench_spec(quick: bool, **train: Any) -> JobSpec:
-    steps = 16 if quick else 120
+    steps = 8 if quick else 120
     return parse_spec({
         "name": "bench", "data": {"path": str(SAMPLE), "vocab_size": 512,
                                   "block_size": 64 if quick else 128},
