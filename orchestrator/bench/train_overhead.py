@@ -37,7 +37,7 @@ def run(quick: bool) -> BenchResult:
         notes={"model": f"GPT {spec.model.n_layer} layers, d_model {spec.model.d_model}, "
                         f"block {spec.data.block_size}, batch {spec.train.batch_size}, "
                         f"{spec.train.max_steps} steps, fp32 on CPU",
-               "threads": f"{spec.resources.cpus_per_worker} torch threads in both",
+               "threads": f"{int(spec.resources.cpus_per_worker)} torch threads in both",
                "method": "steady state: median tokens/s over each run's eval intervals but the "
                          "first; our path's intervals exclude validation and checkpointing, "
                          "the plain loop does neither; ray_run_wall_s includes worker start-up"})

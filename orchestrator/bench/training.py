@@ -24,7 +24,7 @@ from orchestrator.train.trainer import build_trainer
 
 SAMPLE = Path(__file__).resolve().parents[2] / "jobs" / "data" / "stdlib_docs.jsonl"
 QUICK_MODEL = {"n_layer": 2, "n_head": 2, "d_model": 64}
-FULL_MODEL = {"n_layer": 4, "n_head": 4, "d_model": 256}
+FULL_MODEL = {"n_layer": 4, "n_head": 4, "d_model": 128}
 
 
 def worker_threads() -> int:
@@ -34,7 +34,7 @@ def worker_threads() -> int:
 
 
 def bench_spec(quick: bool, **train: Any) -> JobSpec:
-    steps = 8 if quick else 120
+    steps = 8 if quick else 60
     return parse_spec({
         "name": "bench", "data": {"path": str(SAMPLE), "vocab_size": 512,
                                   "block_size": 64 if quick else 128},
