@@ -35,12 +35,11 @@ class BatchStream:
                  device: torch.device, start: DataPosition | None = None):
         self.shard, self.batch_size = shard, batch_size
         self.shuffle_buffer, self.seed, self.device = shuffle_buffer, seed, device
-        self.position = DataPosition()
+        start = start or DataPosition()
+        self.position = DataPosition(start.epoch, 0)
         self.wait_s = 0.0  # time spent waiting for batches since the last reset
         self._epoch: Generator[dict[str, torch.Tensor], None, None] | None = None
-        start = start or DataPosition()
-        self.position.epoch = start.epoch
-        for _ in range(start.batches):
+        for _ in range(start.batches):  # replay the epoch up to where the checkpoint left it
             next(self)
 
     def _open_epoch(self) -> Generator[dict[str, torch.Tensor], None, None]:

@@ -95,7 +95,7 @@ class Load:
             thread.start()
         return self
 
-    def __exit__(self, *_: Any) -> None:
+    def __exit__(self, *_: object) -> None:
         self.stopping.set()
         for thread in self.threads:
             thread.join(timeout=TIMEOUT_S)
