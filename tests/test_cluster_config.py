@@ -1,4 +1,4 @@
-"""Offline checks for cluster.yaml and the Grafana dashboard (no Ray cluster needed)."""
+"""Offline checks for cluster.yaml (no Ray cluster needed)."""
 
 import copy
 import json
@@ -14,9 +14,6 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = ROOT / "cluster.yaml"
-DASHBOARD_JSON = ROOT / "dashboards" / "orchestrator.json"
-DASHBOARD_README = ROOT / "dashboards" / "README.md"
-METRIC_NAME = re.compile(r"(?<![A-Za-z0-9_:])ray_[A-Za-z0-9_:]+")
 
 
 def load_cluster_config() -> dict[str, Any]:
@@ -28,23 +25,6 @@ def load_ray_schema() -> dict[str, Any]:
     """Load the cluster config schema shipped inside the installed Ray package."""
     schema_path = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
     return json.loads(schema_path.read_text())
-
-
-def load_dashboard() -> dict[str, Any]:
-    """Parse the Grafana dashboard JSON."""
-    return json.loads(DASHBOARD_JSON.read_text())
-
-
-def dashboard_exprs(dashboard: dict[str, Any]) -> list[str]:
-    """Return every PromQL expression in the dashboard's panels."""
-    return [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
-
-
-def documented_metrics() -> set[str]:
-    """Return the backticked metric names in the README's "## Metrics" section."""
-    section = DASHBOARD_README.read_text().split("\n## Metrics\n", 1)[1]
-    section = section.split("\n## ", 1)[0]
-    return set(re.findall(r"`(ray_[A-Za-z0-9_:]+)`", section))
 
 
 def test_cluster_yaml_matches_ray_schema() -> None:
@@ -89,24 +69,3 @@ def test_start_commands_enable_token_auth(key: str) -> None:
 def test_auth_token_is_mounted_on_every_node() -> None:
     """file_mounts reach the head and, through its autoscaler, every worker."""
     assert "~/.ray/auth_token" in load_cluster_config()["file_mounts"]
-
-
-def test_dashboard_has_datasource_variable() -> None:
-    variables = load_dashboard()["templating"]["list"]
-    datasource = [v for v in variables if v["name"] == "datasource"]
-    assert datasource and datasource[0]["type"] == "datasource"
-    assert datasource[0]["query"] == "prometheus"
-
-
-def test_dashboard_panels_query_the_datasource_variable() -> None:
-    for panel in load_dashboard()["panels"]:
-        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
-        assert any(t.get("expr") for t in panel.get("targets", [])), panel["title"]
-
-
-def test_dashboard_metrics_are_documented() -> None:
-    exprs = dashboard_exprs(load_dashboard())
-    used = {name for expr in exprs for name in METRIC_NAME.findall(expr)}
-    documented = documented_metrics()
-    assert used, "no ray_ metrics found in dashboard queries"
-    assert used <= documented, f"undocumented metrics: {sorted(used - documented)}"
