@@ -131,8 +131,9 @@ def unigram_log_probs(train_counts: np.ndarray) -> np.ndarray:
 
 def evaluate_bundle(run_dir: str | Path, bundle_dir: str | Path, info: DataInfo,
                     splits: tuple[str, ...] = ("val", "test"),
-                    replicas: int = 1) -> dict[str, dict[str, dict[str, float]]]:
-    """For each split: {'model': the bundle's metrics, 'baseline': the trivial baseline's}.
+                    replicas: int = 1) -> dict[str, dict[str, Any]]:
+    """For each split: {'model': the bundle's metrics, 'baseline': the trivial baseline's}, and
+    for a classifier 'confusion_matrix' (counts[true][predicted], for the report's plot).
 
     All splits are scored in one Ray Data pass; rows carry their split from the directory name.
     """
@@ -147,17 +148,26 @@ def evaluate_bundle(run_dir: str | Path, bundle_dir: str | Path, info: DataInfo,
     return {split: _split_metrics(scored[scored["split"] == split], info) for split in splits}
 
 
-def _split_metrics(scored: pd.DataFrame, info: DataInfo) -> dict[str, dict[str, float]]:
+def _split_metrics(scored: pd.DataFrame, info: DataInfo) -> dict[str, Any]:
     if info.family == "gpt":
         tokens = scored["tokens"].sum()
         loss = float(scored["nll"].sum() / tokens)
         baseline = float(math.exp(scored["unigram_nll"].sum() / tokens))
         return {"model": {"loss": loss, "perplexity": math.exp(loss)},
                 "baseline": {"name": "unigram", "perplexity": baseline}}
-    test = classification_metrics(scored["prediction"].to_numpy(), scored["label"].to_numpy(),
-                                  info.num_classes)
+    predictions, labels = scored["prediction"].to_numpy(), scored["label"].to_numpy()
+    test = classification_metrics(predictions, labels, info.num_classes)
     return {"model": test, "baseline": {"name": "majority class",
-                                       **majority_baseline(info, scored["label"])}}
+                                       **majority_baseline(info, scored["label"])},
+            "confusion_matrix": confusion_matrix(predictions, labels, info.num_classes).tolist()}
+
+
+def confusion_matrix(predictions: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """counts[true, predicted]. Rows whose label was unseen in training (-1) have no row of their
+    own and are left out: the matrix only shows confusions between classes the model knows."""
+    known = (labels >= 0) & (labels < num_classes)
+    cells = labels[known].astype(np.int64) * num_classes + predictions[known].astype(np.int64)
+    return np.bincount(cells, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
 def majority_baseline(info: DataInfo, test_labels: pd.Series) -> dict[str, float]:

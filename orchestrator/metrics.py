@@ -109,6 +109,23 @@ def record(name: str, value: float, **tags: str) -> None:
         metric.observe(value, tags=tags)
 
 
+# Training report keys -> the gauge each one sets (val_* keys go to train_val_metric).
+TRAINING_GAUGES = {
+    "tokens_per_s": "train_tokens_per_second", "samples_per_s": "train_samples_per_second",
+    "step_time_s": "train_step_seconds", "data_wait_s": "train_data_wait_seconds",
+    "train_loss": "train_loss", "mfu": "train_mfu", "checkpoint_s": "train_checkpoint_seconds",
+}
+
+
+def record_training_report(report: dict[str, float], run: str, trial: str) -> None:
+    """One eval interval's figures (the dict a trial reports to Ray Train) as gauges."""
+    for key, value in report.items():
+        if key in TRAINING_GAUGES:
+            record(TRAINING_GAUGES[key], value, run=run, trial=trial)
+        elif key.startswith("val_"):
+            record("train_val_metric", value, run=run, trial=trial, metric=key)
+
+
 def exported_name(name: str) -> str:
     """The name Prometheus sees for one of METRICS (histograms: their _bucket series)."""
     suffix = {"counter": "_total", "gauge": "", "histogram": "_bucket"}[METRICS[name].kind]

@@ -210,6 +210,8 @@ class ServeSpec(_Section):
     max_prompt_tokens: int = Field(256, ge=1)
     max_new_tokens: int = Field(128, ge=1, description="Cap on a completion's max_tokens.")
     request_timeout_s: float = Field(60.0, gt=0, description="A request running longer gets 408.")
+    p99_latency_target_s: float = Field(
+        2.0, gt=0, description="p99 request latency the ServeP99AboveTarget alert holds it to.")
     api_keys_env: str | None = Field(
         None, description="Environment variable with the API keys (comma separated).")
     api_keys_file: str | None = Field(None, description="File with one API key per line.")

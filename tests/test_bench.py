@@ -74,3 +74,12 @@ def test_mfu_bench_without_a_gpu_says_so() -> None:
     out = subprocess.run([sys.executable, "-m", "orchestrator", "bench", "mfu", "--quick"],
                          cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 2 and "needs a CUDA GPU" in out.stderr
+
+
+def test_metrics_bench_compares_the_loop_with_and_without_recording(ray_local) -> None:
+    result = run_benchmark("metrics", quick=True)
+    (row,) = result.rows
+    assert row["without_tok_s"] > 0 and row["with_tok_s"] > 0
+    assert result.ratio == pytest.approx(row["with_tok_s"] / row["without_tok_s"])
+    assert result.notes["step_counter_us"] > 0 and result.notes["interval_report_us"] > 0
+    assert result.notes["recording_share_of_step"].endswith("(target < 1%)")

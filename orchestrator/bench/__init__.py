@@ -18,6 +18,7 @@ BENCHMARKS = {
     "train-overhead": "tokens/s of our Ray Train path (1 worker) against a plain PyTorch loop",
     "ingest": "rows/s of our Ray Data stream against a DataLoader and in-memory batches",
     "scaling": "1 against N training workers on one global batch: speedup, efficiency, bytes",
+    "metrics": "what recording Prometheus metrics costs a training step (with and without)",
     "mfu": "GPU only: GPT-2 small (124M) in bf16 with compile: tokens/s and MFU",
 }
 

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
+from orchestrator import metrics
 from orchestrator.data import DataInfo, prepare_data
 from orchestrator.models import build_model
 from orchestrator.spec import JobSpec, parse_spec
@@ -23,6 +24,11 @@ from orchestrator.train.optim import build_optimizer, build_scheduler
 from orchestrator.train.trainer import build_trainer
 
 SAMPLE = Path(__file__).resolve().parents[2] / "jobs" / "data" / "stdlib_docs.jsonl"
+BENCH_TAGS = {"run": "bench", "trial": "bench"}
+# What one interval reports in our loop (values do not matter for the cost of recording them).
+INTERVAL_FIGURES = {"tokens_per_s": 1.0, "samples_per_s": 1.0, "step_time_s": 1.0,
+                    "data_wait_s": 1.0, "train_loss": 1.0, "checkpoint_s": 1.0,
+                    "val_loss": 1.0, "val_perplexity": 1.0}
 QUICK_MODEL = {"n_layer": 2, "n_head": 2, "d_model": 64}
 FULL_MODEL = {"n_layer": 4, "n_head": 4, "d_model": 128}
 
@@ -87,10 +93,12 @@ def ray_train_reports(spec: JobSpec, prepared: Prepared, name: str) -> list[dict
     return sorted((metrics for _, metrics in result.best_checkpoints), key=lambda m: m["step"])
 
 
-def plain_loop_tokens_per_s(spec: JobSpec, prepared: Prepared) -> float:
+def plain_loop_tokens_per_s(spec: JobSpec, prepared: Prepared,
+                            record_metrics: bool = False) -> float:
     """The same model, optimizer, schedule, clipping, batch and steps as our path, as a plain
     PyTorch loop over in-memory tensors in this process; steady-state tokens/s measured over
-    the same intervals."""
+    the same intervals. With record_metrics it records what our loop's rank 0 records: a step
+    counter every step and the interval's figures every interval."""
     torch.set_num_threads(int(spec.resources.cpus_per_worker))
     torch.manual_seed(spec.train.seed)
     info, train = prepared.info, spec.train
@@ -112,7 +120,11 @@ def plain_loop_tokens_per_s(spec: JobSpec, prepared: Prepared) -> float:
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         tokens += batch[:, 1:].numel()
+        if record_metrics:
+            metrics.record("train_steps", 1, **BENCH_TAGS)
         if step % train.eval_interval == 0:
             per_interval.append({"tokens_per_s": tokens / (time.perf_counter() - started)})
+            if record_metrics:
+                metrics.record_training_report(INTERVAL_FIGURES, **BENCH_TAGS)
             started, tokens = time.perf_counter(), 0
     return steady(per_interval, "tokens_per_s")

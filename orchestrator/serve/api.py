@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from ray import serve
 from starlette.exceptions import HTTPException
 
+from orchestrator import metrics
 from orchestrator.bundle import MODEL_FILE, load_bundle
 from orchestrator.predictor import ChoiceUpdate, Predictor, SamplingParams
 from orchestrator.serve.auth import authorized
@@ -133,13 +134,14 @@ class ModelServer:
     """A loaded bundle and the batching around it; one per replica (or per uvicorn process)."""
 
     def __init__(self, bundle_dir: str, limits: ServeSpec, key_digests: list[str],
-                 batching: bool = True):
+                 batching: bool = True, app_name: str | None = None):
         bundle = load_bundle(bundle_dir)
         if limits.replica_gpus > 0 and torch.cuda.is_available():
             bundle.model.to("cuda")
         self.predictor = Predictor(bundle)
         self.family = bundle.info.family
         self.model_name = bundle.spec.name
+        self.app_name = app_name or self.model_name  # the `app` tag of this server's metrics
         with open(Path(bundle_dir) / MODEL_FILE, "rb") as weights:  # which weights answer
             self.version = hashlib.file_digest(weights, "sha256").hexdigest()[:12]
         self.created = int(time.time())
@@ -181,10 +183,13 @@ class ModelServer:
 
     @serve.batch
     async def classify_batch(self, texts_per_request: list[list[str]]) -> list[list[dict]]:
+        metrics.record("serve_batch_size", len(texts_per_request), app=self.app_name,
+                       route="/v1/classify")
         return await self.classify_lists(texts_per_request)
 
     @serve.batch()  # parenthesised: the bare form refuses async generators in Ray 2.60
     async def decode_batch(self, jobs: list[DecodeJob]) -> AsyncIterator[list[Any]]:
+        metrics.record("serve_batch_size", len(jobs), app=self.app_name, route="/v1/completions")
         async for per_job in self.decode_jobs(jobs):
             yield per_job
 
@@ -329,6 +334,7 @@ async def classify(body: ClassifyBody, request: Request) -> dict[str, Any]:
 
 @router.post("/completions", response_model=None)
 async def completions(body: CompletionBody, request: Request) -> dict[str, Any] | StreamingResponse:
+    started = time.perf_counter()
     server = server_of(request)
     require_family(server, "gpt", "/v1/completions")
     require_model(server, body.model)
@@ -338,8 +344,9 @@ async def completions(body: CompletionBody, request: Request) -> dict[str, Any] 
     prompt_tokens = sum(len(ids) for ids in job.prompts[:: body.n])
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(stream_events(server, job, head, prompt_tokens, include_usage),
-                                 media_type="text/event-stream")
+        return StreamingResponse(
+            stream_events(server, job, head, prompt_tokens, include_usage, started),
+            media_type="text/event-stream")
     texts, finishes, tokens = [""] * len(job.prompts), [""] * len(job.prompts), [0] * len(job.prompts)
     async with timeout_as_408(server):
         async for updates in server.decode(job):
@@ -347,6 +354,7 @@ async def completions(body: CompletionBody, request: Request) -> dict[str, Any] 
                 texts[row] += update.text
                 tokens[row] = update.completion_tokens
                 finishes[row] = update.finish_reason or finishes[row]
+    metrics.record("serve_generated_tokens", sum(tokens), app=server.app_name)
     choices = [{"text": text, "index": row, "logprobs": None, "finish_reason": finish}
                for row, (text, finish) in enumerate(zip(texts, finishes))]
     return {**head, "choices": choices, "usage": usage(prompt_tokens, sum(tokens))}
@@ -358,15 +366,21 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 async def stream_events(server: ModelServer, job: DecodeJob, head: dict[str, Any],
-                        prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
+                        prompt_tokens: int, include_usage: bool,
+                        started: float) -> AsyncIterator[str]:
     """Server-sent events as OpenAI sends them: a chunk per new text, then `data: [DONE]`.
     A timeout mid-stream can no longer change the status code: it ends with an error event."""
     tokens = [0] * len(job.prompts)
+    first_token = True
     try:
         async with asyncio.timeout(server.limits.request_timeout_s):
             async for updates in server.decode(job):
                 for row, update in updates:
                     tokens[row] = update.completion_tokens
+                    if first_token and update.completion_tokens:
+                        first_token = False
+                        metrics.record("serve_time_to_first_token_seconds",
+                                       time.perf_counter() - started, app=server.app_name)
                     if update.text or update.finish_reason:
                         choice = {"text": update.text, "index": row, "logprobs": None,
                                   "finish_reason": update.finish_reason}
@@ -374,6 +388,8 @@ async def stream_events(server: ModelServer, job: DecodeJob, head: dict[str, Any
     except TimeoutError:
         yield sse({"error": timeout_error(server)})
         return
+    finally:
+        metrics.record("serve_generated_tokens", sum(tokens), app=server.app_name)
     if include_usage:
         yield sse({**head, "choices": [], "usage": usage(prompt_tokens, sum(tokens))})
     yield "data: [DONE]\n\n"
@@ -399,10 +415,50 @@ async def timeout_as_408(server: ModelServer) -> AsyncIterator[None]:
         raise APIError(408, error["message"], code=error["code"]) from None
 
 
+class RequestMetrics:
+    """ASGI middleware recording each request's route, status code and latency. Latency runs to
+    the response's last byte, so a stream counts whole; a request whose client left early counts
+    when the app lets go of it."""
+
+    def __init__(self, app: Any, app_name: str):
+        self.app, self.app_name = app, app_name
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, status, done = time.perf_counter(), 500, False
+
+        def finish() -> None:
+            nonlocal done
+            done = True
+            # The matched route's template (FastAPI sets it while routing), not the raw path.
+            route = getattr(scope.get("route"), "path", "unmatched")
+            metrics.record("serve_requests", 1, app=self.app_name, route=route,
+                           status=str(status))
+            metrics.record("serve_latency_seconds", time.perf_counter() - started,
+                           app=self.app_name, route=route)
+
+        async def send_and_measure(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                finish()
+
+        try:
+            await self.app(scope, receive, send_and_measure)
+        finally:
+            if not done:
+                finish()
+
+
 def create_api(server: ModelServer) -> FastAPI:
     """The FastAPI app around one ModelServer (Serve builds it on each replica)."""
     api = FastAPI(title="orchestrator model service")
     api.state.server = server
+    api.add_middleware(RequestMetrics, app_name=server.app_name)
     api.add_exception_handler(APIError, _api_error)
     api.add_exception_handler(RequestValidationError, _invalid_request)
     api.add_exception_handler(HTTPException, _http_error)

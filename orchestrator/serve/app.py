@@ -17,6 +17,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.schema import ApplicationStatus
 
+from orchestrator import metrics
 from orchestrator.bundle import load_bundle, read_spec_and_info
 from orchestrator.serve.api import ModelServer, create_api
 from orchestrator.serve.auth import load_key_digests
@@ -37,7 +38,11 @@ class ModelService:
     """One replica: the bundle loaded once; the FastAPI app is built around it on the replica."""
 
     def __init__(self, bundle_dir: str, serve_spec: dict[str, Any], key_digests: list[str]):
-        self.server = ModelServer(bundle_dir, ServeSpec.model_validate(serve_spec), key_digests)
+        limits = ServeSpec.model_validate(serve_spec)
+        app_name = serve.get_replica_context().app_name
+        self.server = ModelServer(bundle_dir, limits, key_digests, app_name=app_name)
+        metrics.record("serve_p99_latency_target_seconds", limits.p99_latency_target_s,
+                       app=app_name)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_api(self.server)

@@ -1,24 +1,53 @@
-"""A Tune callback that turns trial results into one progress line each."""
+"""A Tune callback that turns trial results into one progress line each, and keeps the sweep's
+Prometheus gauges (trials by state, best metric so far) current."""
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from collections.abc import Callable
 
 from ray import tune
+from ray.tune.experiment import Trial
+
+from orchestrator import metrics
+
+TRIAL_STATES = (Trial.PENDING, Trial.RUNNING, Trial.PAUSED, Trial.TERMINATED, Trial.ERROR)
 
 
 class TrialProgress(tune.Callback):
-    def __init__(self, say: Callable[[str], None], metric: str, max_steps: int):
-        self.say, self.metric, self.max_steps = say, metric, max_steps
+    def __init__(self, say: Callable[[str], None], run: str, metric: str, mode: str,
+                 max_steps: int):
+        self.say, self.run, self.metric, self.max_steps = say, run, metric, max_steps
+        self.better = min if mode == "min" else max
+        self.best = math.nan
         self.done = 0
 
+    def record_states(self, trials: list[Trial]) -> None:
+        """Every state's count, zeros included, so a state that empties drops to 0."""
+        counts = Counter(trial.status for trial in trials)
+        for state in TRIAL_STATES:
+            metrics.record("sweep_trials", counts[state], run=self.run, state=state)
+
+    # Tune changes a trial's status after its callbacks run, so the counts are taken on every
+    # step of Tune's loop (a few dict lookups) and once more at the end.
+    def on_step(self, iteration, trials, **info) -> None:
+        self.record_states(trials)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self.record_states(trials)
+
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        value = result.get(self.metric, math.nan)
+        if not math.isnan(value):
+            self.best = value if math.isnan(self.best) else self.better(self.best, value)
+            metrics.record("sweep_best_metric", self.best, run=self.run, metric=self.metric)
         speed = (f"{result.get('tokens_per_s', 0):,.0f} tokens/s, "
                  f"{result.get('data_wait_share', 0):.0%} waiting for data")
         if "mfu" in result:
             speed += f", MFU {result['mfu']:.0%}"
         self.say(f"trial {trial.trial_id} step {result.get('step', '?')}/{self.max_steps} "
-                 f"{self.metric} {result.get(self.metric, float('nan')):.4f} ({speed})")
+                 f"{self.metric} {value:.4f} ({speed})")
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self.done += 1

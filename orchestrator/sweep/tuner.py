@@ -133,7 +133,7 @@ def run_sweep(spec: JobSpec, run_dir: str | Path, info: DataInfo,
         ),
         run_config=tune.RunConfig(
             name="tune", storage_path=str(run_dir / "sweep"), verbose=0,
-            callbacks=[TrialProgress(progress, metric, spec.train.max_steps)]),
+            callbacks=[TrialProgress(progress, spec.name, metric, mode, spec.train.max_steps)]),
     )
     results = tuner.fit()
     _wait_for_trial_resources()

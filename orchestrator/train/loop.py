@@ -15,6 +15,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from orchestrator import metrics as prometheus
 from orchestrator.data import DataInfo
 from orchestrator.models import build_model
 from orchestrator.spec import JobSpec
@@ -111,10 +112,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     l1_params = split_decay_parameters(model)[0]
     no_sync = getattr(model, "no_sync", None)  # DDP: no all-reduce on accumulation steps
 
-    step, resumed_from, position = 0, -1, DataPosition()
+    step, resumed_from, position, restarts = 0, -1, DataPosition(), 0
     # After a worker failure Ray Train hands back this run's latest checkpoint; a new run may
     # start from another run's (Train V2 deprecated resume_from_checkpoint for this).
-    checkpoint = ray.train.get_checkpoint() or (
+    failed_over = ray.train.get_checkpoint()
+    checkpoint = failed_over or (
         config.get("resume_from") and ray.train.Checkpoint(config["resume_from"]))
     if checkpoint:
         with checkpoint.as_directory() as directory:
@@ -122,6 +124,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         scheduler.load_state_dict(state["scheduler"])
         step = resumed_from = state["step"]
         position = resumed_position(state["data"], world, train.batch_size)
+        restarts = state.get("restarts", 0) + bool(failed_over)
+    # Rank 0 speaks for the trial in Prometheus; the others record nothing.
+    tags = {"run": spec.name, "trial": context.get_experiment_name()} if rank == 0 else None
+    if tags:
+        prometheus.record("train_restarts", restarts, **tags)
     batches = BatchStream(ray.train.get_dataset_shard("train"), train.batch_size,
                           train.shuffle_buffer, train.seed + rank, device, position)
     val_shard = ray.train.get_dataset_shard("val")
@@ -158,6 +165,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         scheduler.step()
         step += 1
         steps_in_interval += 1
+        if tags:
+            prometheus.record("train_steps", 1, **tags)
         if step % train.eval_interval and step != train.max_steps:
             continue
         if device.type == "cuda":
@@ -172,8 +181,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 batch_size=train.batch_size, device=device))[:train.eval_batches]
         val = evaluate(plain_model, val_batches, info.family, info.num_classes)
         metrics.update({f"val_{name}": value for name, value in val.items()})
-        report_with_checkpoint(metrics, model, optimizer, rank, trainer_state={
+        report_with_checkpoint(metrics, model, optimizer, rank, tags, trainer_state={
             "step": step, "scheduler": scheduler.state_dict(), "world_size": world,
+            "restarts": restarts,
             "data": {"epoch": batches.position.epoch, "batches": batches.position.batches,
                      "batch_size": train.batch_size, "world_size": world}})
         loss_sum.zero_()
@@ -183,15 +193,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 def report_with_checkpoint(metrics: dict[str, Any], model: torch.nn.Module,
                            optimizer: torch.optim.Optimizer, rank: int,
-                           trainer_state: dict[str, Any]) -> None:
+                           tags: dict[str, str] | None, trainer_state: dict[str, Any]) -> None:
     """Every worker saves its shards into its own staging directory and reports it; Ray Train
-    merges them into one checkpoint and registers it once all workers have reported."""
+    merges them into one checkpoint and registers it once all workers have reported. With
+    `tags` (rank 0) the figures also go to Prometheus."""
     staging = tempfile.mkdtemp(prefix=f"orchestrator-ckpt-step{trainer_state['step']}-"
                                       f"rank{rank}-")
     try:
         started = time.perf_counter()
         save_checkpoint(staging, model, optimizer, {**trainer_state, "metrics": metrics}, rank)
         metrics = {**metrics, "checkpoint_s": time.perf_counter() - started}
+        if tags:
+            prometheus.record_training_report(metrics, **tags)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(staging))
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,337 @@
+"""The run report's plots: learning curves, sweep results and the winner's test behaviour.
+
+Each function writes one PNG into `<run_dir>/plots/` and returns a `Plot` naming it; `plots_markdown`
+embeds them in report.md with paths relative to the run directory, so the report renders wherever
+the directory is copied. Figures are built on `Figure` + `FigureCanvasAgg`, never pyplot: no GUI
+backend is selected and no global figure state is touched, which matters inside a Ray driver.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+PLOTS_DIR = "plots"
+DPI = 100
+WIDTH = 10.0  # inches: fits a report page at 100 dpi
+MAX_NAMED_TRIALS = 8  # more trials than this: the rest are drawn grey, without legend entries
+STYLE = {
+    "font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "xtick.labelsize": 10,
+    "ytick.labelsize": 10, "legend.fontsize": 9.5, "figure.titlesize": 13,
+    "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False,
+}
+WINNER_STAR = {"marker": "*", "s": 280, "color": "#f2b701", "edgecolor": "black", "linewidth": 0.8,
+               "zorder": 5}
+SETTING_LABELS = {
+    "train.optimizer": "optimizer", "train.lr": "learning rate", "train.momentum": "SGD momentum",
+    "train.weight_decay": "weight decay (coefficient)", "train.l1": "L1 penalty (coefficient)",
+    "train.batch_size": "batch size (examples per worker)", "train.warmup_steps": "warmup (steps)",
+    "model.dropout": "dropout (probability)",
+}
+SHORT_SETTINGS = {"lr": "lr", "weight_decay": "wd", "dropout": "drop", "batch_size": "bs",
+                  "warmup_steps": "warmup", "momentum": "mom", "l1": "l1"}
+STEP_LABEL = "step (optimizer updates)"
+
+
+@dataclass(frozen=True)
+class Plot:
+    file: str      # name inside plots/
+    title: str     # the image's alt text
+    caption: str
+
+
+def plots_markdown(plots: Sequence[Plot]) -> str:
+    """The report section embedding the plots, or nothing when there are none."""
+    if not plots:
+        return ""
+    lines = ["", "## Plots", ""]
+    for plot in plots:
+        lines += [f"![{plot.title}]({PLOTS_DIR}/{plot.file})", "", f"*{plot.caption}*", ""]
+    return "\n".join(lines)
+
+
+def write_report_plots(run_dir: str | Path, family: str, metric: str, mode: str, winner_id: str,
+                       trials: pd.DataFrame, history: pd.DataFrame, evaluation: dict[str, Any],
+                       class_names: Sequence[str] = ()) -> list[Plot]:
+    """Every plot the data allows, in report order; a plot without data is left out."""
+    out = Path(run_dir) / PLOTS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    plots = [plot_learning_curves(out, trials, history, family, metric, mode, winner_id),
+             plot_sweep_results(out, trials, family, metric, mode, winner_id)]
+    test = evaluation.get("test", {})
+    if family == "classifier" and "confusion_matrix" in test:
+        plots.append(plot_confusion_matrix(out, test["confusion_matrix"], class_names, winner_id))
+    elif family == "gpt":
+        baseline = evaluation.get("val", {}).get("baseline", {}).get("perplexity")
+        plots.append(plot_winner_perplexity(out, history, winner_id, baseline))
+    return [plot for plot in plots if plot is not None]
+
+
+def plot_learning_curves(out_dir: Path, trials: pd.DataFrame, history: pd.DataFrame, family: str,
+                         metric: str, mode: str, winner_id: str) -> Plot | None:
+    """Training loss and the sweep metric against step, one line per trial, the winner thick."""
+    reported = set(history["trial_id"]) if "trial_id" in history else set()
+    ranked = [t for t in _ranked_ids(trials, metric, mode, winner_id) if t in reported]
+    if not ranked:
+        return None
+    labels = trial_labels(trials)
+    named = ranked[:MAX_NAMED_TRIALS]
+    colors = dict(zip(named, _palette(len(named))))
+    legend_rows = math.ceil((len(named) + (len(ranked) > len(named))) / 2)
+    file = "learning_curves.png"
+    with _figure(out_dir / file, WIDTH, 4.0 + 0.28 * legend_rows) as fig:
+        loss_ax, metric_ax = fig.subplots(1, 2, sharex=True)
+        for trial_id in reversed(ranked):  # the winner last: drawn on top
+            rows = history[history["trial_id"] == trial_id].sort_values("step")
+            winner = trial_id == winner_id
+            style = ({"color": colors[trial_id], "linewidth": 3.0 if winner else 1.5,
+                      "alpha": 1.0 if winner else 0.8, "marker": "o", "markersize": 4,
+                      "zorder": 4 if winner else 2,
+                      "label": labels.get(trial_id, trial_id) + ("  (winner)" if winner else "")}
+                     if trial_id in colors else
+                     {"color": "0.6", "linewidth": 1.0, "alpha": 0.6, "zorder": 1})
+            for ax, column in ((loss_ax, "train_loss"), (metric_ax, metric)):
+                points = rows[["step", column]].dropna() if column in rows else rows.iloc[0:0]
+                ax.plot(points["step"], points[column], **style)
+            if winner and metric in rows and rows[metric].notna().any():
+                best = rows.loc[_best_index(rows[metric], mode)]
+                metric_ax.scatter([best["step"]], [best[metric]], **WINNER_STAR)
+        loss_ax.set(title="Training loss", xlabel=STEP_LABEL, ylabel=_metric_label("train_loss", family))
+        metric_ax.set(title=f"Validation: {metric} ({_direction(mode)})", xlabel=STEP_LABEL,
+                      ylabel=_metric_label(metric, family))
+        handles, texts = metric_ax.get_legend_handles_labels()
+        handles, texts = handles[::-1], texts[::-1]  # drawn worst first; listed winner first
+        if len(ranked) > len(named):
+            handles.append(Line2D([], [], color="0.6", linewidth=1.0))
+            texts.append(f"{len(ranked) - len(named)} other trials")
+        fig.legend(handles, texts, loc="outside lower center", ncols=2, frameon=False)
+        fig.suptitle(_curves_title(trials, reported))
+    return Plot(file, "Learning curves",
+                f"Training loss (left) and {metric} (right) at each evaluation, one line per trial "
+                f"(legend: trial id and the settings that differ); the winner {winner_id} is the "
+                "thick line, its best evaluation starred. Lines that end early are trials ASHA "
+                "stopped.")
+
+
+def plot_sweep_results(out_dir: Path, trials: pd.DataFrame, family: str, metric: str, mode: str,
+                       winner_id: str) -> Plot | None:
+    """Each trial's best metric against each swept setting: which settings mattered."""
+    settings = _setting_columns(trials)
+    best_column = f"best_{metric}"
+    scored = (trials.dropna(subset=[best_column]) if best_column in trials else trials.iloc[0:0])
+    if not settings or scored.empty:
+        return None
+    columns = min(len(settings), 3)
+    grid_rows = math.ceil(len(settings) / columns)
+    file = "sweep_results.png"
+    with _figure(out_dir / file, WIDTH, 3.6 * grid_rows + 0.6) as fig:
+        axes = fig.subplots(grid_rows, columns, sharey=True, squeeze=False).ravel()
+        for ax, column in zip(axes, settings):
+            _sweep_panel(ax, scored, column, best_column, winner_id)
+        for ax in axes[len(settings):]:
+            ax.set_visible(False)
+        for ax in axes[::columns]:
+            ax.set_ylabel(f"best {_metric_label(metric, family)}")
+        axes[0].legend(loc="best", frameon=True, framealpha=0.85)
+        missing = len(trials) - len(scored)
+        fig.suptitle(f"Sweep: best {metric} per trial ({_direction(mode)}) against each swept setting"
+                     + (f"\n{missing} trial(s) without a result not shown" if missing else ""))
+    return Plot(file, "Sweep results",
+                f"Each trial's best {metric} against each swept setting, one panel per setting "
+                f"(shared y axis); the star is the winner {winner_id}.")
+
+
+def plot_confusion_matrix(out_dir: Path, matrix: Sequence[Sequence[int]] | np.ndarray,
+                          class_names: Sequence[str], winner_id: str, split: str = "test") -> Plot:
+    """Which classes the winner confuses: counts annotated, colour the share of the true class."""
+    counts = np.asarray(matrix, dtype=np.int64)
+    classes = len(counts)
+    names = ([_shorten(str(n), 16) for n in class_names] if len(class_names) == classes
+             else [str(i) for i in range(classes)])
+    totals = counts.sum(axis=1, keepdims=True)
+    share = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
+    side = min(4.0 + 0.45 * classes, 14.0)
+    file = "confusion_matrix.png"
+    with _figure(out_dir / file, side + 1.5, side) as fig:
+        ax = fig.subplots()
+        ax.grid(False)
+        image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+        fig.colorbar(image, ax=ax, shrink=0.85, label="share of the true class's examples")
+        if classes <= 20:
+            size = 11 if classes <= 8 else 8
+            for (true, predicted), count in np.ndenumerate(counts):
+                ax.text(predicted, true, str(count), ha="center", va="center", fontsize=size,
+                        color="white" if share[true, predicted] > 0.6 else "black")
+        rotate = max(len(n) for n in names) > 4
+        ax.set_xticks(range(classes), names, rotation=40 if rotate else 0,
+                      ha="right" if rotate else "center", rotation_mode="anchor")
+        ax.set_yticks(range(classes), names)
+        ax.set(xlabel="predicted class", ylabel="true class")
+        total = int(counts.sum())
+        accuracy = np.trace(counts) / total if total else float("nan")
+        ax.set_title(f"Winner {winner_id} on the {split} split\n"
+                     f"{total} examples, accuracy {accuracy:.1%}")
+    return Plot(file, "Confusion matrix",
+                f"The winner's predictions on the {split} split: rows are true classes, columns "
+                "predicted ones; cells show counts, colour the share of the row.")
+
+
+def plot_winner_perplexity(out_dir: Path, history: pd.DataFrame, winner_id: str,
+                           baseline: float | None = None) -> Plot | None:
+    """The winner's validation perplexity at each evaluation, against the unigram baseline."""
+    if "val_perplexity" not in history or "trial_id" not in history:
+        return None
+    rows = (history[history["trial_id"] == winner_id].dropna(subset=["val_perplexity"])
+            .sort_values("step"))
+    if rows.empty:
+        return None
+    file = "winner_perplexity.png"
+    with _figure(out_dir / file, WIDTH, 4.0) as fig:
+        ax = fig.subplots()
+        ax.plot(rows["step"], rows["val_perplexity"], marker="o", linewidth=2.2, color="C0",
+                label=f"winner {winner_id}")
+        best = rows.loc[rows["val_perplexity"].idxmin()]
+        ax.scatter([best["step"]], [best["val_perplexity"]], **WINNER_STAR,
+                   label=f"best: {best['val_perplexity']:.4g} at step {int(best['step'])}")
+        values = rows["val_perplexity"].tolist()
+        if baseline is not None and math.isfinite(baseline):
+            ax.axhline(baseline, linestyle="--", color="0.4",
+                       label=f"unigram baseline: {baseline:.4g}")
+            values.append(baseline)
+        if min(values) > 0 and max(values) / min(values) > 10:
+            ax.set_yscale("log")
+        ax.set(title=f"Winner {winner_id}: validation perplexity (lower is better)",
+               xlabel=STEP_LABEL, ylabel="validation perplexity (per token)")
+        ax.legend(loc="best")
+    return Plot(file, "Winner's validation perplexity",
+                "The winner's validation perplexity at each evaluation (log scale when it spans "
+                "more than a decade), against the unigram baseline on the same split.")
+
+
+def trial_labels(trials: pd.DataFrame) -> dict[str, str]:
+    """'<trial id>  adam lr=0.0032' per trial: only the settings that differ between trials."""
+    varied = [c for c in _setting_columns(trials) if trials[c].nunique(dropna=False) > 1]
+    return {str(row["trial_id"]): "  ".join([str(row["trial_id"]),
+                                              " ".join(_setting_text(c, row[c]) for c in varied)]).strip()
+            for _, row in trials.iterrows()}
+
+
+def _sweep_panel(ax: Axes, scored: pd.DataFrame, column: str, best_column: str,
+                 winner_id: str) -> None:
+    values = scored[column]
+    single = values.nunique(dropna=False) == 1
+    categorical = not pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values)
+    if categorical:
+        categories = sorted(values.astype(str).unique())
+        x = values.astype(str).map(categories.index).astype(float)
+        x = x + _jitter(x)
+        ax.set_xticks(range(len(categories)), categories)
+        ax.set_xlim(-0.6, len(categories) - 0.4)
+    else:
+        x = values.astype(float)
+        _numeric_scale(ax, x)
+    winner = (scored["trial_id"] == winner_id).to_numpy()
+    ax.scatter(x[~winner], scored[best_column][~winner], s=55, color="C0", alpha=0.8,
+               edgecolor="white", linewidth=0.8, label="trial", zorder=3)
+    ax.scatter(x[winner], scored[best_column][winner], **WINNER_STAR, label=f"winner {winner_id}")
+    key = column.removeprefix("config/")
+    ax.set_title(key + (" (one value)" if single else ""))
+    ax.set_xlabel(SETTING_LABELS.get(key, key))
+    ax.margins(x=0.08, y=0.1)  # room for the winner's star at the edges
+
+
+def _numeric_scale(ax: Axes, x: pd.Series) -> None:
+    """Log scale for positive settings spanning more than a decade (learning rates), symlog when a
+    zero sits among them (weight decay 0 vs 1e-4..1e-1), linear otherwise."""
+    positive = x[x > 0]
+    if positive.empty or positive.max() / positive.min() <= 10:
+        return
+    if (x > 0).all():
+        ax.set_xscale("log")
+    elif (x >= 0).all():
+        ax.set_xscale("symlog", linthresh=float(positive.min()))
+        ax.set_xlim(left=0)
+        ax.set_xmargin(0.15)
+
+
+def _jitter(x: pd.Series) -> np.ndarray:
+    """Spread trials that share a category across ±0.15 so that each stays visible."""
+    order = x.groupby(x).cumcount().to_numpy()
+    size = x.groupby(x).transform("size").to_numpy()
+    return np.where(size > 1, -0.15 + 0.3 * order / np.maximum(size - 1, 1), 0.0)
+
+
+def _setting_columns(trials: pd.DataFrame) -> list[str]:
+    return [c for c in trials.columns if c.startswith("config/")]
+
+
+def _setting_text(column: str, value: Any) -> str:
+    key = column.removeprefix("config/").split(".")[-1]
+    if isinstance(value, str):
+        return _shorten(value, 10)
+    shown = f"{value:.2g}" if isinstance(value, float) else str(value)
+    return f"{SHORT_SETTINGS.get(key, key)}={shown}"
+
+
+def _ranked_ids(trials: pd.DataFrame, metric: str, mode: str, winner_id: str) -> list[str]:
+    """Trial ids best first (winner first, no result last)."""
+    column = f"best_{metric}"
+    ranked = (trials.sort_values(column, ascending=mode == "min", na_position="last")
+              if column in trials else trials)
+    ids = [str(t) for t in ranked["trial_id"]]
+    return sorted(ids, key=lambda t: t != winner_id)
+
+
+def _best_index(values: pd.Series, mode: str) -> Any:
+    return values.idxmin() if mode == "min" else values.idxmax()
+
+
+def _curves_title(trials: pd.DataFrame, reported: set[str]) -> str:
+    missing = [str(t) for t in trials["trial_id"] if t not in reported]
+    if not missing:
+        return f"Learning curves of {len(trials)} trial{'s' if len(trials) > 1 else ''}"
+    shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+    return (f"Learning curves of {len(trials) - len(missing)} of {len(trials)} trials "
+            f"(no reports from {shown})")
+
+
+def _metric_label(metric: str, family: str) -> str:
+    unit = "token" if family == "gpt" else "example"
+    labels = {"train_loss": f"training loss (nats/{unit})", "val_loss": f"val loss (nats/{unit})",
+              "val_accuracy": "val accuracy (fraction)", "val_f1": "val macro F1 (0-1)",
+              "val_perplexity": "val perplexity (per token)"}
+    return labels.get(metric, metric)
+
+
+def _direction(mode: str) -> str:
+    return "lower is better" if mode == "min" else "higher is better"
+
+
+def _palette(count: int) -> list[Any]:
+    return [matplotlib.colormaps["tab10"](i % 10) for i in range(count)]
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+@contextmanager
+def _figure(path: Path, width: float, height: float) -> Iterator[Figure]:
+    """A figure in the report style, written to `path` as PNG when the block ends."""
+    with matplotlib.rc_context(STYLE):
+        fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+        FigureCanvasAgg(fig)
+        yield fig
+        fig.savefig(path, dpi=DPI)
