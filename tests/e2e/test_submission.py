@@ -206,12 +206,16 @@ def check_report(report: dict, head: Head, served: bool = True) -> None:
 # --- refusals: cheap, so first ------------------------------------------------------------------
 
 
-def test_jobs_api_answers_401_without_token_and_403_with_a_wrong_one(head: Head) -> None:
-    url = f"{head.dashboard}/api/jobs/"
+@pytest.mark.parametrize("path", ["/api/jobs/", "/api/v0/nodes", "/api/cluster_status"])
+def test_dashboard_api_answers_401_without_token_and_403_with_a_wrong_one(
+        head: Head, path: str) -> None:
+    """The Jobs API, the state API (`ray list nodes`) and the dashboard's cluster status."""
+    url = f"{head.dashboard}{path}"
     assert requests.get(url, timeout=10).status_code == 401
     wrong = {"Authorization": f"Bearer {'0' * 64}"}
     assert requests.get(url, headers=wrong, timeout=10).status_code == 403
-    assert requests.get(url, headers=head.auth(), timeout=10).status_code == 200
+    answer = requests.get(url, headers=head.auth(), timeout=10)
+    assert answer.status_code == 200, answer.text[:500]
 
 
 @pytest.mark.parametrize("case", ["auth-mode-off", "token-file-missing", "wrong-token"])
@@ -245,6 +249,18 @@ def test_sdk_with_a_wrong_token_is_refused(head: Head) -> None:
     with pytest.raises(AuthenticationError, match="Authentication failed"):
         orchestrator.submit("jobs/quickstart.yaml", head.dashboard, working_dir=REPO,
                             token="0" * 64)
+
+
+def test_sdk_without_a_token_is_refused(head: Head, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray.exceptions import AuthenticationError
+
+    import orchestrator
+
+    for name in AUTH_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(head.root / "home-sdk"))  # no ~/.ray/auth_token to find
+    with pytest.raises(AuthenticationError, match="Authentication required"):
+        orchestrator.submit("jobs/quickstart.yaml", head.dashboard, working_dir=REPO)
 
 
 def test_orchestrator_submit_rejects_a_bad_spec_before_contacting_a_cluster(
