@@ -3,8 +3,8 @@
 Each Ray node's metrics agent exports what its processes record, so the metrics reach Prometheus
 from wherever a trial or a replica runs. Every name starts with `orchestrator_`; Ray exports it
 with a `ray_` prefix, counters with a `_total` suffix and histograms as `_bucket`, `_sum` and
-`_count` (`orchestrator_serve_requests` -> `ray_orchestrator_serve_requests_total`). The README's
-Metrics section lists them; dashboards/ and dashboards/alerts.yaml query them.
+`_count` (`orchestrator_serve_requests` -> `ray_orchestrator_serve_requests_total`). The Metrics
+section of dashboards/README.md lists them; the dashboards and dashboards/alerts.yaml query them.
 
 Metrics are created on first use (no import-time side effects) and only inside a Ray process;
 elsewhere (the serve benchmark's plain uvicorn, unit tests) recording does nothing. Setting
@@ -26,7 +26,9 @@ Kind = Literal["counter", "gauge", "histogram"]
 TRAIN_TAGS = ("run", "trial")
 SERVE_TAGS = ("app", "route")
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# Ray rebuilds a histogram's _sum from bucket midpoints, so batch sizes (integers) get bounds
+# halfway between them: batches of 1 and of 2 have buckets of their own and an exact mean.
+BATCH_SIZE_BUCKETS = (0.5, 1.5, 2.5, 4.5, 8.5, 16.5, 32.5, 64.5, 128.5)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ Run directory layout (each stage writes its part; later stages only read earlier
   train/, sweep/             the sweep stage (Ray Train runs, trials.parquet, history.parquet)
   winner/                    the select stage's bundle, with test metrics after evaluate
   report.json, report.md     the summary
+  plots/                     the report's figures (learning curves, sweep, winner on test)
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ import requests
 
 from orchestrator import serve as service
 from orchestrator.bundle import WINNER_DIR, save_bundle, write_metrics
-from orchestrator.data import prepare_data
+from orchestrator.data import DataInfo, prepare_data
 from orchestrator.evaluate import evaluate_bundle
+from orchestrator.plots import plots_markdown, write_report_plots
 from orchestrator.spec import JobSpec, spec_to_yaml
-from orchestrator.sweep import run_sweep
+from orchestrator.sweep import SweepResult, run_sweep
 from orchestrator.sweep.space import apply_trial_config
 from orchestrator.train.trainer import check_cluster_fits, check_training_options, wants_gpu
 
@@ -157,7 +159,10 @@ def run_pipeline(spec: JobSpec, say: Callable[[str], None] = print) -> dict[str,
         "ray_version": ray.__version__,
     })
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
-    (run_dir / "report.md").write_text(render_markdown(report))
+    plots = write_report_plots(run_dir, info.family, spec.metric, spec.metric_mode,
+                               sweep.winner["trial_id"], sweep.trials, sweep.history, evaluation,
+                               info.labels)
+    (run_dir / "report.md").write_text(render_markdown(report) + plots_markdown(plots))
     return report
 
 

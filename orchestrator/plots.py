@@ -22,6 +22,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator, StrMethodFormatter
 
 PLOTS_DIR = "plots"
 DPI = 100
@@ -40,8 +41,8 @@ SETTING_LABELS = {
     "train.batch_size": "batch size (examples per worker)", "train.warmup_steps": "warmup (steps)",
     "model.dropout": "dropout (probability)",
 }
-SHORT_SETTINGS = {"lr": "lr", "weight_decay": "wd", "dropout": "drop", "batch_size": "bs",
-                  "warmup_steps": "warmup", "momentum": "mom", "l1": "l1"}
+SHORT_SETTINGS = {"weight_decay": "wd", "dropout": "drop", "batch_size": "bs",
+                  "warmup_steps": "warmup", "momentum": "mom"}
 STEP_LABEL = "step (optimizer updates)"
 
 
@@ -88,7 +89,7 @@ def plot_learning_curves(out_dir: Path, trials: pd.DataFrame, history: pd.DataFr
         return None
     labels = trial_labels(trials)
     named = ranked[:MAX_NAMED_TRIALS]
-    colors = dict(zip(named, _palette(len(named))))
+    colors = dict(zip(named, matplotlib.colormaps["tab10"].colors, strict=False))
     legend_rows = math.ceil((len(named) + (len(ranked) > len(named))) / 2)
     file = "learning_curves.png"
     with _figure(out_dir / file, WIDTH, 4.0 + 0.28 * legend_rows) as fig:
@@ -96,12 +97,7 @@ def plot_learning_curves(out_dir: Path, trials: pd.DataFrame, history: pd.DataFr
         for trial_id in reversed(ranked):  # the winner last: drawn on top
             rows = history[history["trial_id"] == trial_id].sort_values("step")
             winner = trial_id == winner_id
-            style = ({"color": colors[trial_id], "linewidth": 3.0 if winner else 1.5,
-                      "alpha": 1.0 if winner else 0.8, "marker": "o", "markersize": 4,
-                      "zorder": 4 if winner else 2,
-                      "label": labels.get(trial_id, trial_id) + ("  (winner)" if winner else "")}
-                     if trial_id in colors else
-                     {"color": "0.6", "linewidth": 1.0, "alpha": 0.6, "zorder": 1})
+            style = _curve_style(labels.get(trial_id, trial_id), colors.get(trial_id), winner)
             for ax, column in ((loss_ax, "train_loss"), (metric_ax, metric)):
                 points = rows[["step", column]].dropna() if column in rows else rows.iloc[0:0]
                 ax.plot(points["step"], points[column], **style)
@@ -125,29 +121,40 @@ def plot_learning_curves(out_dir: Path, trials: pd.DataFrame, history: pd.DataFr
                 "stopped.")
 
 
+def _curve_style(label: str, color: Any, winner: bool) -> dict[str, Any]:
+    """The winner thick and on top; trials beyond the named ones (no colour) thin grey, unlabelled."""
+    if color is None:
+        return {"color": "0.6", "linewidth": 1.0, "alpha": 0.6, "zorder": 1}
+    return {"color": color, "linewidth": 3.0 if winner else 1.5, "alpha": 1.0 if winner else 0.8,
+            "marker": "o", "markersize": 4, "zorder": 4 if winner else 2,
+            "label": label + ("  (winner)" if winner else "")}
+
+
 def plot_sweep_results(out_dir: Path, trials: pd.DataFrame, family: str, metric: str, mode: str,
                        winner_id: str) -> Plot | None:
     """Each trial's best metric against each swept setting: which settings mattered."""
     settings = _setting_columns(trials)
     best_column = f"best_{metric}"
-    scored = (trials.dropna(subset=[best_column]) if best_column in trials else trials.iloc[0:0])
+    scored = trials.dropna(subset=[best_column]) if best_column in trials else trials.iloc[0:0]
     if not settings or scored.empty:
         return None
     columns = min(len(settings), 3)
     grid_rows = math.ceil(len(settings) / columns)
     file = "sweep_results.png"
-    with _figure(out_dir / file, WIDTH, 3.6 * grid_rows + 0.6) as fig:
+    width = max(8.0, min(WIDTH, 3.6 * columns + 1.5))  # one setting: no stretched panel
+    with _figure(out_dir / file, width, 3.6 * grid_rows + 0.9) as fig:
         axes = fig.subplots(grid_rows, columns, sharey=True, squeeze=False).ravel()
-        for ax, column in zip(axes, settings):
+        for ax, column in zip(axes, settings, strict=False):  # the grid may have spare axes
             _sweep_panel(ax, scored, column, best_column, winner_id)
         for ax in axes[len(settings):]:
             ax.set_visible(False)
         for ax in axes[::columns]:
             ax.set_ylabel(f"best {_metric_label(metric, family)}")
-        axes[0].legend(loc="best", frameon=True, framealpha=0.85)
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=2,
+                   frameon=False)
         missing = len(trials) - len(scored)
-        fig.suptitle(f"Sweep: best {metric} per trial ({_direction(mode)}) against each swept setting"
-                     + (f"\n{missing} trial(s) without a result not shown" if missing else ""))
+        fig.suptitle(f"Sweep: best {metric} per trial against each setting ({_direction(mode)})"
+                     + (f"\n{_plural(missing, 'trial')} without a result not shown" if missing else ""))
     return Plot(file, "Sweep results",
                 f"Each trial's best {metric} against each swept setting, one panel per setting "
                 f"(shared y axis); the star is the winner {winner_id}.")
@@ -158,7 +165,7 @@ def plot_confusion_matrix(out_dir: Path, matrix: Sequence[Sequence[int]] | np.nd
     """Which classes the winner confuses: counts annotated, colour the share of the true class."""
     counts = np.asarray(matrix, dtype=np.int64)
     classes = len(counts)
-    names = ([_shorten(str(n), 16) for n in class_names] if len(class_names) == classes
+    names = ([_shorten(str(n), 20) for n in class_names] if len(class_names) == classes
              else [str(i) for i in range(classes)])
     totals = counts.sum(axis=1, keepdims=True)
     share = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
@@ -223,9 +230,11 @@ def plot_winner_perplexity(out_dir: Path, history: pd.DataFrame, winner_id: str,
 def trial_labels(trials: pd.DataFrame) -> dict[str, str]:
     """'<trial id>  adam lr=0.0032' per trial: only the settings that differ between trials."""
     varied = [c for c in _setting_columns(trials) if trials[c].nunique(dropna=False) > 1]
-    return {str(row["trial_id"]): "  ".join([str(row["trial_id"]),
-                                              " ".join(_setting_text(c, row[c]) for c in varied)]).strip()
-            for _, row in trials.iterrows()}
+    labels = {}
+    for _, row in trials.iterrows():
+        settings = " ".join(_setting_text(c, row[c]) for c in varied)
+        labels[str(row["trial_id"])] = f"{row['trial_id']}  {settings}".strip()
+    return labels
 
 
 def _sweep_panel(ax: Axes, scored: pd.DataFrame, column: str, best_column: str,
@@ -242,9 +251,12 @@ def _sweep_panel(ax: Axes, scored: pd.DataFrame, column: str, best_column: str,
     else:
         x = values.astype(float)
         _numeric_scale(ax, x)
+        if single:  # no made-up tick values around the one that was used
+            ax.set_xticks([x.iloc[0]], [f"{x.iloc[0]:g}"])
     winner = (scored["trial_id"] == winner_id).to_numpy()
-    ax.scatter(x[~winner], scored[best_column][~winner], s=55, color="C0", alpha=0.8,
-               edgecolor="white", linewidth=0.8, label="trial", zorder=3)
+    if not winner.all():
+        ax.scatter(x[~winner], scored[best_column][~winner], s=55, color="C0", alpha=0.8,
+                   edgecolor="white", linewidth=0.8, label="trial", zorder=3)
     ax.scatter(x[winner], scored[best_column][winner], **WINNER_STAR, label=f"winner {winner_id}")
     key = column.removeprefix("config/")
     ax.set_title(key + (" (one value)" if single else ""))
@@ -254,16 +266,19 @@ def _sweep_panel(ax: Axes, scored: pd.DataFrame, column: str, best_column: str,
 
 def _numeric_scale(ax: Axes, x: pd.Series) -> None:
     """Log scale for positive settings spanning more than a decade (learning rates), symlog when a
-    zero sits among them (weight decay 0 vs 1e-4..1e-1), linear otherwise."""
+    zero sits among them (weight decay 0 vs 1e-4..1e-1), else linear with few, short tick labels
+    (learning rates 0.0021..0.0035 otherwise print as overlapping 0.00225-style labels)."""
     positive = x[x > 0]
-    if positive.empty or positive.max() / positive.min() <= 10:
-        return
-    if (x > 0).all():
+    decades = not positive.empty and positive.max() / positive.min() > 10
+    if decades and (x > 0).all():
         ax.set_xscale("log")
-    elif (x >= 0).all():
-        ax.set_xscale("symlog", linthresh=float(positive.min()))
-        ax.set_xlim(left=0)
-        ax.set_xmargin(0.15)
+    elif decades and (x >= 0).all():
+        linthresh = float(positive.min())
+        ax.set_xscale("symlog", linthresh=linthresh)
+        ax.set_xlim(-0.5 * linthresh, 2.5 * float(positive.max()))  # zero inside, no negative ticks
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4, steps=[1, 2, 2.5, 5, 10]))
+        ax.xaxis.set_major_formatter(StrMethodFormatter("{x:.3g}"))
 
 
 def _jitter(x: pd.Series) -> np.ndarray:
@@ -301,7 +316,7 @@ def _best_index(values: pd.Series, mode: str) -> Any:
 def _curves_title(trials: pd.DataFrame, reported: set[str]) -> str:
     missing = [str(t) for t in trials["trial_id"] if t not in reported]
     if not missing:
-        return f"Learning curves of {len(trials)} trial{'s' if len(trials) > 1 else ''}"
+        return f"Learning curves of {_plural(len(trials), 'trial')}"
     shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
     return (f"Learning curves of {len(trials) - len(missing)} of {len(trials)} trials "
             f"(no reports from {shown})")
@@ -310,8 +325,7 @@ def _curves_title(trials: pd.DataFrame, reported: set[str]) -> str:
 def _metric_label(metric: str, family: str) -> str:
     unit = "token" if family == "gpt" else "example"
     labels = {"train_loss": f"training loss (nats/{unit})", "val_loss": f"val loss (nats/{unit})",
-              "val_accuracy": "val accuracy (fraction)", "val_f1": "val macro F1 (0-1)",
-              "val_perplexity": "val perplexity (per token)"}
+              "val_accuracy": "val accuracy (fraction)", "val_f1": "val macro F1 (0-1)"}
     return labels.get(metric, metric)
 
 
@@ -319,12 +333,16 @@ def _direction(mode: str) -> str:
     return "lower is better" if mode == "min" else "higher is better"
 
 
-def _palette(count: int) -> list[Any]:
-    return [matplotlib.colormaps["tab10"](i % 10) for i in range(count)]
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _shorten(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+    """Cut in the middle: names often differ only at the end ('..._v1', '..._v2')."""
+    if len(text) <= limit:
+        return text
+    head = (limit - 1) // 2
+    return text[:head] + "…" + text[len(text) - (limit - 1 - head):]
 
 
 @contextmanager
