@@ -25,11 +25,11 @@ import requests
 
 from orchestrator import serve as service
 from orchestrator.bundle import WINNER_DIR, save_bundle, write_metrics
-from orchestrator.data import DataInfo, prepare_data
+from orchestrator.data import prepare_data
 from orchestrator.evaluate import evaluate_bundle
 from orchestrator.plots import plots_markdown, write_report_plots
 from orchestrator.spec import JobSpec, spec_to_yaml
-from orchestrator.sweep import SweepResult, run_sweep
+from orchestrator.sweep import run_sweep
 from orchestrator.sweep.space import apply_trial_config
 from orchestrator.train.trainer import check_cluster_fits, check_training_options, wants_gpu
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -176,12 +174,3 @@ def test_confusion_matrix_counts():
     assert matrix.sum() == 6  # the row with an unseen label (-1) is left out
     assert np.trace(matrix) / matrix.sum() == pytest.approx(0.5)
     assert confusion_matrix(np.array([], int), np.array([], int), 2).tolist() == [[0, 0], [0, 0]]
-
-
-def test_plotting_leaves_pyplot_alone(tmp_path):
-    """No GUI backend and no global figure state: the module never imports pyplot."""
-    code = ("import sys; import pandas as pd; from orchestrator.plots import plot_winner_perplexity;"
-            "h = pd.DataFrame({'trial_id': ['t', 't'], 'step': [1, 2], 'val_perplexity': [9.0, 5.0]});"
-            f"assert plot_winner_perplexity(__import__('pathlib').Path({str(tmp_path)!r}), h, 't');"
-            "assert 'matplotlib.pyplot' not in sys.modules")
-    subprocess.run([sys.executable, "-c", code], check=True)
