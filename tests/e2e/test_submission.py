@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import prom
 import pytest
 import requests
 from conftest import REPO, free_port
@@ -147,8 +148,11 @@ def head() -> Iterator[Head]:
     # does) look for "the" local Ray by its GCS processes and fail when this machine runs more
     # than one Ray (ray_local, other sessions): the cleaner's thread dies, the sweep's placement
     # groups are never removed and the next stage waits forever. Pin them to this head.
+    # Processes hand metrics to the node's exporter every second (Ray's default: 10 s), so that
+    # the short trials of this test are seen by Prometheus.
     env = base_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path),
-                   RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dashboard_port}", **{MARKER: marker})
+                   RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dashboard_port}",
+                   RAY_metrics_report_interval_ms="1000", **{MARKER: marker})
     started = ray_cli(
         "start", "--head", "--temp-dir", str(root / "ray"), "--num-cpus", "2",
         "--port", str(free_port()), "--ray-client-server-port", str(free_port()),
@@ -182,6 +186,23 @@ def head() -> Iterator[Head]:
         shutil.rmtree(root, ignore_errors=True)
         assert not leftover, f"processes of the e2e head survived: {leftover}"
         assert _digest(USER_TOKEN) == user_token_before, "the user's ~/.ray/auth_token changed"
+
+
+@dataclass(frozen=True)
+class Prometheus:
+    url: str
+    started: float  # when it began scraping: the start of every range query
+
+
+@pytest.fixture(scope="module")
+def prometheus(head: Head) -> Iterator[Prometheus]:
+    """A real Prometheus scraping this head through Ray's service-discovery file, as
+    dashboards/prometheus.yml does, every second, with dashboards/alerts.yaml loaded."""
+    workdir = head.root / "prometheus"
+    workdir.mkdir()
+    sd_file = head.root / "ray" / "prom_metrics_service_discovery.json"
+    with prom.running_prometheus(sd_file, workdir) as url:
+        yield Prometheus(url, time.time())
 
 
 def result_line(logs: str) -> dict:
@@ -316,10 +337,12 @@ def test_orchestrator_submit_without_token_fails_cleanly(head: Head) -> None:
 # --- whole pipeline ----------------------------------------------------------------------------
 
 
-def test_ray_job_submit_runs_the_quickstart(head: Head) -> None:
-    """The documented path: `ray job submit --working-dir . -- python -m orchestrator run ...`."""
+def test_ray_job_submit_runs_the_quickstart(head: Head, prometheus: Prometheus) -> None:
+    """The documented path: `ray job submit --working-dir . -- python -m orchestrator run ...`.
+    The service stays up for the metrics test that follows; Prometheus watches all of it."""
     submission_id = f"e2e-cli-{uuid.uuid4().hex[:8]}"
-    overrides = [arg for override in head.shrink("e2e-cli") for arg in ("--set", override)]
+    overrides = [arg for override in [*head.shrink("e2e-cli"), "serve.keep_running=true"]
+                 for arg in ("--set", override)]
     client = head.client()
     try:
         submitted = ray_cli(
@@ -339,6 +362,58 @@ def test_ray_job_submit_runs_the_quickstart(head: Head) -> None:
     assert submitted.returncode == 0, failure_excerpt(output)
     logs = client.get_job_logs(submission_id)
     check_report(result_line(logs), head)
+
+
+def send_service_traffic(head: Head) -> None:
+    """What the serving panels need to see: plain and streamed completions, and a bad request."""
+    url = f"http://127.0.0.1:{head.serve_port}/v1/completions"
+    body = {"model": "e2e-cli", "prompt": "The event loop", "max_tokens": 4}
+    for _ in range(3):
+        assert requests.post(url, json=body, timeout=60).status_code == 200
+        with requests.post(url, json={**body, "stream": True}, stream=True, timeout=60) as streamed:
+            assert streamed.status_code == 200
+            assert b"[DONE]" in b"".join(streamed.iter_content(None))
+    assert requests.post(url, json={**body, "max_tokens": -1}, timeout=60).status_code == 400
+
+
+def series_of(prometheus: Prometheus, expr: str) -> list[dict]:
+    return prom.query_range(prometheus.url, expr, prometheus.started, time.time(), step=2)
+
+
+def test_every_dashboard_and_alert_query_returns_data(head: Head, prometheus: Prometheus) -> None:
+    """Against what Prometheus scraped from the quickstart job (data, sweep, training, serving)
+    and the service it left running: every panel and every alert's signal has data; only the
+    GPU metrics cannot on this CPU-only machine (they must still be valid PromQL)."""
+    try:
+        check_queries_return_data(head, prometheus)
+    finally:  # the service's CPU goes back to the SDK test's sweep
+        deleted = requests.delete(f"{head.dashboard}/api/serve/applications/",
+                                  headers=head.auth(), timeout=60)
+        assert deleted.ok, deleted.text
+
+
+def check_queries_return_data(head: Head, prometheus: Prometheus) -> None:
+    send_service_traffic(head)
+    deadline = time.monotonic() + 60
+    ttft = "ray_orchestrator_serve_time_to_first_token_seconds_count"
+    while not series_of(prometheus, ttft):  # the replica's exporter, then the next scrape
+        assert time.monotonic() < deadline, f"{ttft} never reached Prometheus"
+        time.sleep(1)
+    queries = prom.dashboard_queries() + prom.alert_signals()
+    empty = [f"{query.source}: {query.expr}" for query in queries
+             if not series_of(prometheus, query.expr)
+             and not prom.metric_names(query.expr) & prom.GPU_ONLY]
+    assert not empty, f"{len(empty)} of {len(queries)} queries returned no data:\n" + "\n".join(
+        empty)
+    statuses = {series["metric"]["status"] for series in series_of(
+        prometheus, 'sum by (status) (ray_orchestrator_serve_requests_total'
+                    '{route="/v1/completions"})')}
+    assert {"200", "400"} <= statuses
+    finished = series_of(prometheus, 'max(ray_orchestrator_sweep_trials{state="TERMINATED"})')
+    assert max(float(v) for _, v in finished[0]["values"]) == 2  # the 2-trial sweep, both done
+    rules = requests.get(f"{prometheus.url}/api/v1/rules", timeout=10).json()["data"]["groups"]
+    health = {rule["name"]: rule["health"] for group in rules for rule in group["rules"]}
+    assert len(health) == len(prom.alert_rules()) and set(health.values()) == {"ok"}, health
 
 
 def test_sdk_submit_runs_the_quickstart_and_returns_results(head: Head) -> None:
