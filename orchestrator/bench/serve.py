@@ -98,7 +98,7 @@ def run(quick: bool) -> BenchResult:
 
     # Quick: short cells and short answers, so that even unbatched requests at concurrency 32
     # finish within a cell.
-    seconds, request = (1.5, {**REQUEST, "max_tokens": 4}) if quick else (10.0, REQUEST)
+    seconds, request = (1.0, {**REQUEST, "max_tokens": 4}) if quick else (10.0, REQUEST)
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(log_to_driver=False, logging_level="WARNING")
