@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from orchestrator.bundle import Bundle, load_bundle, read_spec_and_info
+from orchestrator.cluster import cluster_capacity
 from orchestrator.data import DataInfo, read_source, read_split, read_splits
 from orchestrator.data.sources import TEXT
 from orchestrator.predictor import Predictor, SamplingParams
@@ -90,7 +91,7 @@ def load_on_device(bundle_dir: str) -> Bundle:
 
 def on_actor_pool(replicas: int, cpus: float = 1.0) -> dict[str, Any]:
     """map_batches options for batch inference: a pool of actors, one GPU each if there are GPUs."""
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    gpus = 1 if cluster_capacity().get("GPU", 0) >= 1 else 0
     return {"batch_size": INFERENCE_BATCH, "num_gpus": gpus, "num_cpus": cpus,
             "compute": ray.data.ActorPoolStrategy(size=replicas)}
 

@@ -105,8 +105,11 @@ def _clean(value: Any) -> Any:
 
 def run_pipeline(spec: JobSpec, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every stage on the connected Ray cluster; return the report (also in report.json)."""
+    # use_gpu 'auto' is decided here, once: trial drivers on other nodes may see other nodes.
+    spec = spec.model_copy(update={"resources": spec.resources.model_copy(
+        update={"use_gpu": wants_gpu(spec)})})
     check_cluster_fits(spec)  # a job that cannot train fails at once, before any stage runs
-    check_training_options(spec, wants_gpu(spec))
+    check_training_options(spec, spec.resources.use_gpu)
     progress = Progress(say)
     run_dir = new_run_dir(spec)
     (run_dir / "spec.yaml").write_text(spec_to_yaml(spec))

@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.util.placement_group import placement_group_table
 
+from orchestrator.cluster import cluster_capacity
 from orchestrator.data import DataInfo
 from orchestrator.spec import JobSpec
 from orchestrator.sweep.progress import TrialProgress
@@ -47,10 +47,11 @@ def run_trial(config: dict[str, Any], spec: JobSpec, run_dir: str, info: DataInf
 
 
 def max_concurrent_trials(spec: JobSpec) -> int:
-    """How many trials fit the cluster at once, leaving CPUs for Ray Data when it streams."""
+    """How many trials fit the cluster (at its largest, when it autoscales) at once, leaving CPUs
+    for Ray Data when it streams."""
     if spec.sweep.max_concurrent_trials:
         return spec.sweep.max_concurrent_trials
-    cluster = ray.cluster_resources()
+    cluster = cluster_capacity()
     needs = trial_resources(spec)
     fits = math.floor((cluster.get("CPU", 0) - data_cpus(spec))
                       / needs["CPU"])

@@ -11,6 +11,7 @@ import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
+from orchestrator.cluster import cluster_capacity
 from orchestrator.data import DataInfo, read_split
 from orchestrator.spec import JobSpec, SpecError
 from orchestrator.train.loop import train_loop_per_worker
@@ -19,9 +20,10 @@ log = logging.getLogger("orchestrator.train")
 
 
 def wants_gpu(spec: JobSpec) -> bool:
-    """use_gpu 'auto' means: on GPU when the cluster has one."""
+    """use_gpu 'auto' means: on GPU when the cluster has or can get one (the pipeline resolves
+    it once, in the driver, so trials on other nodes agree)."""
     if spec.resources.use_gpu == "auto":
-        return ray.cluster_resources().get("GPU", 0) > 0
+        return cluster_capacity().get("GPU", 0) > 0
     return bool(spec.resources.use_gpu)
 
 
@@ -40,8 +42,9 @@ def data_cpus(spec: JobSpec) -> float:
 
 
 def check_cluster_fits(spec: JobSpec) -> None:
-    """Fail fast when one trial needs more than the whole cluster has, instead of waiting."""
-    cluster = ray.cluster_resources()
+    """Fail fast when one trial needs more than the whole cluster has or can get, instead of
+    waiting."""
+    cluster = cluster_capacity()
     needs = trial_resources(spec)
     needs["CPU"] += data_cpus(spec)
     for resource, amount in needs.items():

@@ -1,58 +1,15 @@
-"""A tiny sweep end to end on a real local Ray: data, Tune over Train, winner, evaluate, serve."""
+"""The pipeline on a real local Ray: what it refuses before any stage, and how it sizes a sweep.
+(A whole tiny sweep runs end to end in tests/test_autoscaling.py, on an autoscaling cluster.)"""
 
 from __future__ import annotations
 
-import json
-
-import pandas as pd
 import pytest
-import requests
-from conftest import free_port, tiny_spec
+import yaml
+from conftest import tiny_spec
 
-from orchestrator.bundle import load_bundle
 from orchestrator.pipeline import run_pipeline
 from orchestrator.spec import SpecError, parse_spec
 from orchestrator.sweep.tuner import max_concurrent_trials
-
-
-def test_tiny_sweep_end_to_end(ray_local, tmp_path):
-    raw = tiny_spec(
-        "classifier",
-        sweep={"num_samples": 1, "space": {"train.lr": {"grid": [0.003, 0.0001]},
-                                           "model.dropout": {"choice": [0.0]}}},
-        serve={"port": free_port(), "sample_requests": ["Start the event loop."]},
-    )
-    raw["run_dir"] = str(tmp_path)
-    spec = parse_spec(raw)
-    lines: list[str] = []
-    report = run_pipeline(spec, say=lines.append)
-
-    run_dir = tmp_path / report["run_dir"].split("/")[-1]
-    trials = pd.read_parquet(run_dir / "sweep" / "trials.parquet")
-    assert len(trials) == 2 and set(trials["config/train.lr"]) == {0.003, 0.0001}
-    assert trials["best_val_accuracy"].notna().all()
-    history = pd.read_parquet(run_dir / "sweep" / "history.parquet")
-    assert set(history["step"]) <= {10, 20} and len(history) >= 2
-    best = trials.sort_values("best_val_accuracy", ascending=False).iloc[0]
-    assert report["winner"]["trial_id"] == best["trial_id"]
-
-    bundle = load_bundle(run_dir / "winner")
-    assert bundle.spec.train.lr == best["config/train.lr"]
-    provenance = json.loads((run_dir / "winner" / "provenance.json").read_text())
-    assert provenance["trial_id"] == best["trial_id"] and provenance["ray_version"]
-    assert set(bundle.metrics) == {"val", "test"}
-    test = report["evaluation"]["test"]
-    assert 0 <= test["model"]["accuracy"] <= 1 and test["baseline"]["name"] == "majority class"
-    assert report["sample_responses"][0]["status"] == 200
-    label = report["sample_responses"][0]["response"]["data"][0]["label"]
-    assert label in bundle.info.labels
-    # keep_running is off: the application is deleted (Serve's proxy answers 404 for it)
-    gone = requests.post(f"http://127.0.0.1:{spec.serve.port}/v1/classify",
-                         json={"input": ["x"]}, timeout=5)
-    assert gone.status_code == 404
-    assert json.loads((run_dir / "report.json").read_text())["winner"] == report["winner"]
-    assert "| test | accuracy |" in (run_dir / "report.md").read_text()
-    assert any(line.startswith("[2/5 sweep] trial") for line in lines)
 
 
 def test_more_workers_than_the_cluster_fails_fast(ray_local, tmp_path):
@@ -69,3 +26,23 @@ def test_concurrency_is_sized_to_the_cluster(ray_local):
     assert max_concurrent_trials(spec) == 2  # 2 CPUs, 1 per trial, cached data
     streaming = parse_spec(tiny_spec("gpt", data={"cache": False}))
     assert max_concurrent_trials(streaming) == 1  # one CPU stays free for Ray Data
+
+
+def test_an_autoscaling_cluster_is_sized_by_what_it_can_grow_to(ray_local, tmp_path, monkeypatch):
+    """On a `ray up` head (~/ray_bootstrap_config.yaml), a job that does not fit the nodes that
+    are up but fits the node types' max_workers goes ahead, and use_gpu 'auto' picks the GPU."""
+    from orchestrator.train.trainer import check_cluster_fits, wants_gpu
+
+    (tmp_path / "ray_bootstrap_config.yaml").write_text(yaml.safe_dump({
+        "head_node_type": "head", "available_node_types": {
+            "head": {"resources": {"CPU": 0}, "max_workers": 0},
+            "cpu_worker": {"resources": {"CPU": 4}, "min_workers": 0, "max_workers": 3},
+            "gpu_worker": {"resources": {"CPU": 4, "GPU": 1}, "min_workers": 0,
+                           "max_workers": 3}}}))
+    spec = parse_spec(tiny_spec("gpt", resources={"num_workers": 3}))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert wants_gpu(spec)
+    check_cluster_fits(spec)  # 3 workers, 3 GPUs: the 2 CPUs that are up would refuse it
+    assert max_concurrent_trials(spec) == 1
+    cpu_only = parse_spec(tiny_spec("gpt", resources={"use_gpu": False}))
+    assert max_concurrent_trials(cpu_only) == 24  # 3 x 4 + 3 x 4 CPUs, 1 per trial
