@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ import pytest
 import requests
 import yaml
 from conftest import REPO, free_port, tiny_spec
+from processes import stop_marked
 from ray.util.state import list_nodes
 
 from orchestrator.bundle import load_bundle
@@ -113,36 +113,6 @@ class FakeCluster:
         return nodes[0].resources_total.get("CPU", 0.0)
 
 
-def _cluster_pids(marker: str, root: Path) -> list[int]:
-    """Processes of this cluster: the marker in their environment or its directory in argv."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes().split(b"\0")
-            argv = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if f"{MARKER}={marker}".encode() in environ or str(root).encode() in argv:
-            pids.append(int(entry.name))
-    return pids
-
-
-def _stop_cluster(marker: str, root: Path, grace_s: float = 3.0) -> list[int]:
-    """SIGTERM this cluster's processes, SIGKILL what is left after grace_s; return survivors."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in _cluster_pids(marker, root):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace_s
-        while _cluster_pids(marker, root) and time.monotonic() < deadline:
-            time.sleep(0.2)
-    return _cluster_pids(marker, root)
-
-
 def _wait_for_dashboard(url: str, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -186,7 +156,7 @@ def fake_cluster() -> Iterator[FakeCluster]:
         _wait_for_dashboard(cluster.dashboard)
         yield cluster
     finally:
-        survivors = _stop_cluster(cluster.marker, root)
+        survivors = stop_marked(MARKER, cluster.marker, root)
         shutil.rmtree(root, ignore_errors=True)
         assert not survivors, f"processes of the fake cluster survived: {survivors}"
 

@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import prom
 import pytest
 import requests
 from conftest import REPO, free_port
+from processes import stop_marked
 from ray.job_submission import JobSubmissionClient
 
 from orchestrator.pipeline import RESULT_MARKER
@@ -90,39 +90,6 @@ def ray_cli(*args: str, env: dict[str, str], timeout: float = 120,
                           timeout=timeout, check=False)
 
 
-def _marked_pids(marker: str, root: Path) -> list[int]:
-    """Processes of this head: its marker in their environment or its directory in their argv."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes().split(b"\0")
-            argv = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if f"{MARKER}={marker}".encode() in environ or str(root).encode() in argv:
-            pids.append(int(entry.name))
-    return pids
-
-
-def _stop_head(marker: str, root: Path, grace_s: float = 3.0) -> None:
-    """SIGTERM this head's processes, SIGKILL what is left after grace_s. Nothing else."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = _marked_pids(marker, root)
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace_s
-        while pids and time.monotonic() < deadline:
-            time.sleep(0.2)
-            pids = _marked_pids(marker, root)
-        if not pids:
-            return
-
-
 def _digest(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
@@ -181,8 +148,7 @@ def head() -> Iterator[Head]:
         yield cluster
     finally:
         patch.undo()
-        _stop_head(marker, root)
-        leftover = _marked_pids(marker, root)
+        leftover = stop_marked(MARKER, marker, root)
         shutil.rmtree(root, ignore_errors=True)
         assert not leftover, f"processes of the e2e head survived: {leftover}"
         assert _digest(USER_TOKEN) == user_token_before, "the user's ~/.ray/auth_token changed"
