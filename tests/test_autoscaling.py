@@ -34,7 +34,7 @@ import requests
 import yaml
 from conftest import REPO, free_port, tiny_spec
 from processes import stop_marked
-from ray.util.state import list_nodes
+from ray.util.state import list_actors, list_nodes, list_placement_groups
 
 from orchestrator.bundle import load_bundle
 from orchestrator.pipeline import RESULT_MARKER
@@ -53,7 +53,9 @@ WORKER_TYPE = {"resources": {"CPU": 2, "object_store_memory": 200 * 1024**2}, "n
 IDLE_TIMEOUT_MINUTES = 0.1  # fractions work: an idle worker goes after 6 s
 JOB_TIMEOUT_S = 480
 SCALE_UP_TIMEOUT_S = 120
-SCALE_DOWN_TIMEOUT_S = 60
+DATA_REQUEST_EXPIRY_S = 10
+# The idle timeout, or up to Ray Data's request expiry plus its 20 s check when a request lingers.
+SCALE_DOWN_TIMEOUT_S = 90
 
 
 def head_resources() -> dict[str, int]:
@@ -100,6 +102,11 @@ class FakeCluster:
         (see conftest.ray_local). The marker finds every process of this cluster at teardown."""
         env = {k: v for k, v in os.environ.items() if k not in RAY_VARS}
         env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+        # Ray Data asks the autoscaler for resources with request_resources(), and an execution
+        # that ends without withdrawing its request (a Train worker's shard iterator, say) holds
+        # it until it expires: 180 s by default, checked every 20 s, and until then a worker
+        # node stays up however idle. A short expiry keeps this test's scale-down short.
+        env["RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S"] = str(DATA_REQUEST_EXPIRY_S)
         return {**env, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
                 "RAY_API_SERVER_ADDRESS": self.dashboard, MARKER: self.marker, **extra}
 
@@ -107,6 +114,21 @@ class FakeCluster:
         nodes = list_nodes(address=self.dashboard, filters=[("state", "=", "ALIVE")], timeout=10,
                            raise_on_missing_output=False)
         return sum(not node.is_head_node for node in nodes)
+
+    def holders(self) -> dict[str, list[str]]:
+        """Live actors and placement groups: what keeps a node from being idle."""
+        actors = list_actors(address=self.dashboard, filters=[("state", "=", "ALIVE")],
+                             timeout=10, raise_on_missing_output=False)
+        groups = list_placement_groups(address=self.dashboard, timeout=10,
+                                       filters=[("state", "!=", "REMOVED")],
+                                       raise_on_missing_output=False)
+        status = subprocess.run([str(VENV_BIN / "ray"), "status", "-v",
+                                 f"--address={self.gcs_address}"], env=self.env(),
+                                capture_output=True, text=True, timeout=60, check=False)
+        return {"actors": [f"{a.class_name} on {a.node_id[:8]}" for a in actors],
+                "placement_groups": [f"{g.name or g.placement_group_id[:8]} {g.state}"
+                                     for g in groups],
+                "ray status": [status.stdout[-3000:] + status.stderr[-1000:]]}
 
     def head_cpus(self) -> float:
         nodes = list_nodes(address=self.dashboard, filters=[("is_head_node", "=", True)])
@@ -227,8 +249,9 @@ def wait_for_no_workers(cluster: FakeCluster, timeout_s: float) -> float:
     started = time.monotonic()
     while workers := cluster.alive_workers():
         waited = time.monotonic() - started
-        assert waited < timeout_s, (f"{workers} idle worker node(s) still alive {waited:.0f} s "
-                                    f"after the job (idle timeout {IDLE_TIMEOUT_MINUTES * 60:.0f} s)")
+        assert waited < timeout_s, (
+            f"{workers} worker node(s) still alive {waited:.0f} s after the job (idle timeout "
+            f"{IDLE_TIMEOUT_MINUTES * 60:.0f} s); what may hold them: {cluster.holders()}")
         time.sleep(1)
     return time.monotonic() - started
 

@@ -238,16 +238,19 @@ def test_sdk_with_a_wrong_token_is_refused(head: Head) -> None:
                             token="0" * 64)
 
 
-def test_sdk_without_a_token_is_refused(head: Head, monkeypatch: pytest.MonkeyPatch) -> None:
-    from ray.exceptions import AuthenticationError
-
-    import orchestrator
-
-    for name in AUTH_VARS:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HOME", str(head.root / "home-sdk"))  # no ~/.ray/auth_token to find
-    with pytest.raises(AuthenticationError, match="Authentication required"):
-        orchestrator.submit("jobs/quickstart.yaml", head.dashboard, working_dir=REPO)
+def test_sdk_without_a_token_is_refused(head: Head) -> None:
+    """In a fresh process (Ray keeps a token it has loaded once, as this one's ray_local did),
+    with no token anywhere: no RAY_AUTH_* variables and no ~/.ray/auth_token."""
+    code = ("import orchestrator, ray.exceptions\n"
+            "try:\n"
+            f"    orchestrator.submit('jobs/quickstart.yaml', {head.dashboard!r}, working_dir='.')\n"
+            "except ray.exceptions.AuthenticationError as error:\n"
+            "    print('refused:', error)\n")
+    refused = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                             text=True, timeout=120, check=False,
+                             env=base_env(HOME=str(head.root / "home-sdk")))
+    assert refused.returncode == 0, refused.stderr[-3000:]
+    assert refused.stdout.startswith("refused:") and "Authentication required" in refused.stdout
 
 
 def test_orchestrator_submit_rejects_a_bad_spec_before_contacting_a_cluster(
@@ -303,37 +306,54 @@ def test_orchestrator_submit_without_token_fails_cleanly(head: Head) -> None:
 # --- whole pipeline ----------------------------------------------------------------------------
 
 
-def test_ray_job_submit_runs_the_quickstart(head: Head, prometheus: Prometheus) -> None:
-    """The documented path: `ray job submit --working-dir . -- python -m orchestrator run ...`.
-    The service stays up for the metrics test that follows; Prometheus watches all of it."""
+def test_ray_job_submit_uploads_the_tree_and_runs_our_cli(head: Head) -> None:
+    """The documented client path: `ray job submit --working-dir . -- python -m orchestrator ...`
+    with the token. The entrypoint only validates the spec: the whole pipeline runs in the SDK
+    test below, through the same Jobs API and the same `python -m orchestrator run` entrypoint."""
     submission_id = f"e2e-cli-{uuid.uuid4().hex[:8]}"
-    overrides = [arg for override in [*head.shrink("e2e-cli"), "serve.keep_running=true"]
-                 for arg in ("--set", override)]
-    client = head.client()
-    try:
-        submitted = ray_cli(
-            "job", "submit", "--address", head.dashboard, "--submission-id", submission_id,
-            "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
-            "--", "python", "-m", "orchestrator", "run", "jobs/quickstart.yaml", *overrides,
-            env=base_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=head.token,
-                         HOME=str(head.root / "home-cli")),
-            timeout=JOB_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        client.stop_job(submission_id)
-        pytest.fail(f"still running after {JOB_TIMEOUT_S} s:\n"
-                    f"{client.get_job_logs(submission_id)[-4000:]}")
+    overrides = [arg for override in head.shrink("e2e-cli") for arg in ("--set", override)]
+    submitted = ray_cli(
+        "job", "submit", "--address", head.dashboard, "--submission-id", submission_id,
+        "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
+        "--", "python", "-m", "orchestrator", "validate", "jobs/quickstart.yaml", *overrides,
+        env=base_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=head.token,
+                     HOME=str(head.root / "home-cli")),
+        timeout=JOB_TIMEOUT_S)
     output = submitted.stdout + submitted.stderr
-    status = str(client.get_job_status(submission_id).value)
-    assert status == "SUCCEEDED", failure_excerpt(client.get_job_logs(submission_id) + output)
+    client = head.client()
+    assert str(client.get_job_status(submission_id).value) == "SUCCEEDED", failure_excerpt(
+        client.get_job_logs(submission_id) + output)
     assert submitted.returncode == 0, failure_excerpt(output)
     logs = client.get_job_logs(submission_id)
-    check_report(result_line(logs), head)
+    assert "jobs/quickstart.yaml: valid" in logs and "name: e2e-cli" in logs, logs[-2000:]
+
+
+def test_sdk_submit_runs_the_quickstart_and_returns_results(
+        head: Head, prometheus: Prometheus) -> None:
+    """The whole pipeline through our SDK: data, a 2-trial sweep, select, evaluate, deploy. The
+    service stays up for the metrics test that follows; Prometheus watches all of it."""
+    import orchestrator
+    from orchestrator.spec import load_spec
+
+    spec = load_spec(REPO / "jobs" / "quickstart.yaml",
+                     [*head.shrink("e2e-sdk"), "serve.keep_running=true"])
+    job = orchestrator.submit(spec, head.dashboard, working_dir=REPO, token=head.token)
+    status = job.wait(timeout_s=JOB_TIMEOUT_S)
+    assert status == "SUCCEEDED", failure_excerpt(job.logs())
+    check_report(job.report(), head)
+    results = job.results()
+    assert len(results) == 2
+    config_columns = [c for c in results.columns if c.startswith("config/")]
+    assert {"config/train.optimizer", "config/train.lr", "config/train.weight_decay"} <= set(
+        config_columns)
+    assert "best_val_loss" in results.columns
+    assert results["best_val_loss"].notna().all() and (results["best_val_loss"] > 0).all()
 
 
 def send_service_traffic(head: Head) -> None:
     """What the serving panels need to see: plain and streamed completions, and a bad request."""
     url = f"http://127.0.0.1:{head.serve_port}/v1/completions"
-    body = {"model": "e2e-cli", "prompt": "The event loop", "max_tokens": 4}
+    body = {"model": "e2e-sdk", "prompt": "The event loop", "max_tokens": 4}
     for _ in range(3):
         assert requests.post(url, json=body, timeout=60).status_code == 200
         with requests.post(url, json={**body, "stream": True}, stream=True, timeout=60) as streamed:
@@ -361,9 +381,10 @@ def test_every_dashboard_and_alert_query_returns_data(head: Head, prometheus: Pr
 def check_queries_return_data(head: Head, prometheus: Prometheus) -> None:
     send_service_traffic(head)
     deadline = time.monotonic() + 60
-    ttft = "ray_orchestrator_serve_time_to_first_token_seconds_count"
-    while not series_of(prometheus, ttft):  # the replica's exporter, then the next scrape
-        assert time.monotonic() < deadline, f"{ttft} never reached Prometheus"
+    # The time-to-first-token series are born with these streams: its rate needs two scrapes.
+    ttft = "rate(ray_orchestrator_serve_time_to_first_token_seconds_count[1m])"
+    while not series_of(prometheus, ttft):  # the replica's exporter, then two scrapes
+        assert time.monotonic() < deadline, f"{ttft} never had data in Prometheus"
         time.sleep(1)
     queries = prom.dashboard_queries() + prom.alert_signals()
     empty = [f"{query.source}: {query.expr}" for query in queries
@@ -380,26 +401,6 @@ def check_queries_return_data(head: Head, prometheus: Prometheus) -> None:
     rules = requests.get(f"{prometheus.url}/api/v1/rules", timeout=10).json()["data"]["groups"]
     health = {rule["name"]: rule["health"] for group in rules for rule in group["rules"]}
     assert len(health) == len(prom.alert_rules()) and set(health.values()) == {"ok"}, health
-
-
-def test_sdk_submit_runs_the_quickstart_and_returns_results(head: Head) -> None:
-    import orchestrator
-    from orchestrator.spec import load_spec
-
-    # The service is the CLI test's business; this one is about the SDK and its results.
-    spec = load_spec(REPO / "jobs" / "quickstart.yaml",
-                     [*head.shrink("e2e-sdk"), "serve.enabled=false"])
-    job = orchestrator.submit(spec, head.dashboard, working_dir=REPO, token=head.token)
-    status = job.wait(timeout_s=JOB_TIMEOUT_S)
-    assert status == "SUCCEEDED", failure_excerpt(job.logs())
-    check_report(job.report(), head, served=False)
-    results = job.results()
-    assert len(results) == 2
-    config_columns = [c for c in results.columns if c.startswith("config/")]
-    assert {"config/train.optimizer", "config/train.lr", "config/train.weight_decay"} <= set(
-        config_columns)
-    assert "best_val_loss" in results.columns
-    assert results["best_val_loss"].notna().all() and (results["best_val_loss"] > 0).all()
 
 
 def test_orchestrator_submit_with_token_submits(head: Head) -> None:
