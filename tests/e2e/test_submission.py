@@ -188,6 +188,10 @@ def check_report(report: dict, head: Head, served: bool = True) -> None:
         assert all(sample["status"] == 200 for sample in report["sample_responses"])
     assert Path(report["run_dir"]).is_relative_to(head.root / "runs")
     assert (Path(report["run_dir"]) / "report.json").is_file()
+    markdown = (Path(report["run_dir"]) / "report.md").read_text()
+    for plot in ("learning_curves.png", "sweep_results.png", "winner_perplexity.png"):
+        assert (Path(report["run_dir"]) / "plots" / plot).is_file(), plot
+        assert f"(plots/{plot})" in markdown, plot
 
 
 # --- refusals: cheap, so first ------------------------------------------------------------------
