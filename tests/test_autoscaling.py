@@ -53,7 +53,7 @@ WORKER_TYPE = {"resources": {"CPU": 2, "object_store_memory": 200 * 1024**2}, "n
 IDLE_TIMEOUT_MINUTES = 0.1  # fractions work: an idle worker goes after 6 s
 JOB_TIMEOUT_S = 480
 SCALE_UP_TIMEOUT_S = 120
-SCALE_DOWN_TIMEOUT_S = 45  # the idle timeout and some: 2-3 s after the job here
+SCALE_DOWN_TIMEOUT_S = 25  # the idle timeout and some: 2-3 s after the job here
 
 
 def head_resources() -> dict[str, int]:
