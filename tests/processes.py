@@ -1,14 +1,45 @@
-"""Finding and stopping exactly the processes of one test cluster (a `ray start --head` and what
-it started). `ray stop` cannot target one cluster: it stops every Ray on the machine. Ray passes
-its environment down from the head's daemons to workers and drivers, so a marker variable in the
-head's environment, or the cluster's temp directory in a command line, names them all."""
+"""Test clusters of our own (a `ray start --head` and what it started): their environment, waiting
+for their dashboard, and finding and stopping exactly their processes. `ray stop` cannot target
+one cluster: it stops every Ray on the machine. Ray passes its environment down from the head's
+daemons to workers and drivers, so a marker variable in the head's environment, or the cluster's
+temp directory in a command line, names them all."""
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from pathlib import Path
+
+import requests
+
+VENV_BIN = Path(sys.executable).parent
+RAY_VARS = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
+            "RAY_AUTH_TOKEN_PATH")
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    """This environment without any Ray address or auth settings, this venv first on PATH, no
+    usage stats, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in RAY_VARS}
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    return {**env, **extra}
+
+
+def wait_for_dashboard(url: str, headers: dict[str, str] | None = None,
+                       timeout_s: float = 60) -> None:
+    """The dashboard (and the Jobs API) comes up a little after `ray start` returns."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if requests.get(f"{url}/api/version", headers=headers, timeout=5).ok:
+                return
+        except requests.ConnectionError:
+            pass
+        assert time.monotonic() < deadline, f"the dashboard at {url} never answered"
+        time.sleep(0.5)
 
 
 def marked_pids(variable: str, marker: str, root: Path) -> list[int]:

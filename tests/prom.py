@@ -10,7 +10,6 @@ import contextlib
 import json
 import re
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from typing import Any
 
 import requests
 import yaml
+from conftest import free_port
 
 DASHBOARDS_DIR = Path(__file__).resolve().parents[1] / "dashboards"
 ALERTS_FILE = DASHBOARDS_DIR / "alerts.yaml"
@@ -153,12 +153,6 @@ def promtool(*args: str, cwd: Path = DASHBOARDS_DIR) -> subprocess.CompletedProc
                           timeout=60, check=False)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def prometheus_config(sd_file: Path, rule_file: Path, scrape_interval_s: float) -> dict[str, Any]:
     """dashboards/prometheus.yml with another service-discovery file, rule file and interval."""
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
@@ -184,7 +178,7 @@ def running_prometheus(sd_file: Path, workdir: Path, scrape_interval_s: float = 
     shutil.copyfile(ALERTS_FILE, rule_file)
     config = workdir / "prometheus.yml"
     config.write_text(yaml.safe_dump(prometheus_config(sd_file, rule_file, scrape_interval_s)))
-    address, log_file = f"127.0.0.1:{_free_port()}", workdir / "prometheus.log"
+    address, log_file = f"127.0.0.1:{free_port()}", workdir / "prometheus.log"
     with log_file.open("w") as log:
         process = subprocess.Popen(
             [str(binary), f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",

@@ -16,7 +16,6 @@ trial worker and batch-inference actor of the job waits for the autoscaler.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -30,10 +29,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import requests
 import yaml
 from conftest import REPO, free_port, tiny_spec
-from processes import stop_marked
+from processes import VENV_BIN, base_env, stop_marked, wait_for_dashboard
 from ray.util.state import list_actors, list_nodes, list_placement_groups
 
 from orchestrator.bundle import load_bundle
@@ -41,10 +39,7 @@ from orchestrator.pipeline import RESULT_MARKER
 
 pytestmark = pytest.mark.e2e
 
-VENV_BIN = Path(sys.executable).parent
 MARKER = "ORCHESTRATOR_AUTOSCALING_CLUSTER"
-RAY_VARS = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
-            "RAY_AUTH_TOKEN_PATH")
 # cluster.yaml's cpu_worker, shrunk to this 2-core machine: 2 CPUs, 0 to 1 of it. Both trials
 # fit one worker; with up to 2 workers the job took 138 s instead of 110 s here (one more raylet
 # on 2 cores, and a worker that went idle between stages was removed and launched again).
@@ -98,10 +93,8 @@ class FakeCluster:
         driver given an explicit address does not (token auth is tested in tests/e2e).
         RAY_API_SERVER_ADDRESS pins Train V2's placement-group cleaner to this cluster's state API
         (see conftest.ray_local). The marker finds every process of this cluster at teardown."""
-        env = {k: v for k, v in os.environ.items() if k not in RAY_VARS}
-        env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-        return {**env, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-                "RAY_API_SERVER_ADDRESS": self.dashboard, MARKER: self.marker, **extra}
+        return base_env(RAY_AUTH_MODE="disabled", RAY_API_SERVER_ADDRESS=self.dashboard,
+                        **{MARKER: self.marker}, **extra)
 
     def alive_workers(self) -> int:
         nodes = list_nodes(address=self.dashboard, filters=[("state", "=", "ALIVE")], timeout=10,
@@ -132,18 +125,6 @@ class FakeCluster:
         return nodes[0].resources_total.get("CPU", 0.0)
 
 
-def _wait_for_dashboard(url: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if requests.get(f"{url}/api/version", timeout=5).ok:
-                return
-        except requests.ConnectionError:
-            pass
-        assert time.monotonic() < deadline, f"the fake cluster's dashboard never answered: {url}"
-        time.sleep(0.5)
-
-
 @pytest.fixture
 def fake_cluster() -> Iterator[FakeCluster]:
     """The head (0 CPUs, autoscaler on, workers from 0), torn down precisely."""
@@ -172,7 +153,7 @@ def fake_cluster() -> Iterator[FakeCluster]:
                             RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5"),
             capture_output=True, text=True, timeout=180, check=False)
         assert started.returncode == 0, f"ray start failed:\n{started.stdout}\n{started.stderr}"
-        _wait_for_dashboard(cluster.dashboard)
+        wait_for_dashboard(cluster.dashboard)
         yield cluster
     finally:
         survivors = stop_marked(MARKER, cluster.marker, root)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -26,7 +25,7 @@ import prom
 import pytest
 import requests
 from conftest import REPO, free_port
-from processes import stop_marked
+from processes import VENV_BIN, base_env, stop_marked, wait_for_dashboard
 from ray.job_submission import JobSubmissionClient
 
 from orchestrator.pipeline import RESULT_MARKER
@@ -34,11 +33,8 @@ from orchestrator.submit import EXCLUDES
 
 pytestmark = pytest.mark.e2e
 
-VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
 MARKER = "ORCHESTRATOR_E2E_CLUSTER"
-AUTH_VARS = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
-             "RAY_AUTH_TOKEN_PATH")
 USER_TOKEN = Path.home() / ".ray" / "auth_token"
 # Small enough for 2 cores, still every stage: data, a 2-trial sweep, select, evaluate, deploy.
 SHRINK = ["train.max_steps=20", "train.eval_interval=10", "train.warmup_steps=2",
@@ -74,14 +70,6 @@ def failure_excerpt(text: str, size: int = 4000) -> str:
     that follow it fill any tail), else the output's end."""
     start = text.find("Traceback (most recent call last)")
     return text[start:start + size] if start >= 0 else text[-size:]
-
-
-def base_env(**extra: str) -> dict[str, str]:
-    """This environment without any Ray address or auth settings, plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if k not in AUTH_VARS}
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["RAY_USAGE_STATS_ENABLED"] = "0"
-    return {**env, **extra}
 
 
 def ray_cli(*args: str, env: dict[str, str], timeout: float = 120,
@@ -135,16 +123,7 @@ def head() -> Iterator[Head]:
         patch.delenv(name, raising=False)
     try:
         assert started.returncode == 0, f"ray start failed:\n{started.stdout}\n{started.stderr}"
-        deadline = time.monotonic() + 60
-        while True:  # the Jobs API comes up a little after `ray start` returns
-            try:
-                if requests.get(f"{cluster.dashboard}/api/version", headers=cluster.auth(),
-                                timeout=5).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, "the dashboard never answered"
-            time.sleep(1)
+        wait_for_dashboard(cluster.dashboard, cluster.auth())
         yield cluster
     finally:
         patch.undo()

@@ -25,6 +25,7 @@ import pytest
 import requests
 import yaml
 from conftest import REPO, SAMPLE, free_port, tiny_spec
+from typing_extensions import Self
 
 from orchestrator.bundle import initial_bundle
 from orchestrator.serve import DeployError, deploy
@@ -90,7 +91,7 @@ class Load:
             except requests.RequestException as error:
                 self.outcomes[type(error).__name__] += 1
 
-    def __enter__(self) -> Load:
+    def __enter__(self) -> Self:
         for thread in self.threads:
             thread.start()
         return self
