@@ -18,6 +18,7 @@ from orchestrator.bench.training import bench_spec, prepare
 from orchestrator.models import build_model
 from orchestrator.train.batches import BatchStream
 from orchestrator.train.metrics import lm_loss
+from orchestrator.train.session import InMemorySplit, RayDataShard
 
 
 def timed_rows(batches: Iterator[dict[str, torch.Tensor]], count: int,
@@ -53,7 +54,10 @@ def run(quick: bool) -> BenchResult:
     # splitter to one consumer, shuffled locally, epoch after epoch.
     shard = ray.data.read_parquet(str(repeated)).materialize().streaming_split(1)[0]
     sources = {
-        "ray data (ours)": lambda: BatchStream(shard, batch_size, buffer, 0, torch.device("cpu")),
+        "ray data (ours, Ray Train)": lambda: BatchStream(
+            RayDataShard(shard, torch.device("cpu"), buffer, 0), batch_size),
+        "in memory (ours, 1-worker trials)": lambda: BatchStream(
+            InMemorySplit({"ids": ids}, torch.device("cpu"), 0), batch_size),
         "torch DataLoader": lambda: forever(lambda: (
             {"ids": b} for (b,) in DataLoader(TensorDataset(ids), batch_size=batch_size,
                                               shuffle=True, drop_last=True))),
@@ -83,7 +87,7 @@ def run(quick: bool) -> BenchResult:
     by = {(row["consumer"], row["source"]): row["rows_per_s"] for row in rows}
     return BenchResult(
         name="ingest", rows=rows,
-        ratio=by[("none", "ray data (ours)")] / by[("none", "torch DataLoader")],
+        ratio=by[("none", "ray data (ours, Ray Train)")] / by[("none", "torch DataLoader")],
         ratio_means="our Ray Data rows/s over the DataLoader's, no consumer (target >= 0.9)",
         notes={"data": f"{len(ids)} tokenized rows of {ids.shape[1]} tokens, batch {batch_size}, "
                        f"shuffle buffer {buffer}",

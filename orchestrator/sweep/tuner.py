@@ -1,11 +1,12 @@
-"""Run the sweep with Ray Tune; each trial is a driver that fits one TorchTrainer (Train V2)."""
+"""Run the sweep with Ray Tune. A trial of one worker trains inside its Tune trial actor; a trial
+of several is a driver that fits one TorchTrainer (Train V2). See train/session.py for why."""
 
 from __future__ import annotations
 
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,16 @@ from orchestrator.data import DataInfo
 from orchestrator.spec import JobSpec
 from orchestrator.sweep.progress import TrialProgress
 from orchestrator.sweep.space import apply_trial_config, search_space
-from orchestrator.train.trainer import build_trainer, check_cluster_fits, data_cpus, trial_resources
+from orchestrator.train.loop import train_in_trial
+from orchestrator.train.trainer import (
+    build_trainer,
+    check_cluster_fits,
+    check_training_options,
+    checkpoint_retention,
+    data_cpus,
+    trial_resources,
+    wants_gpu,
+)
 
 # The trial driver only waits on its TorchTrainer, so it reserves memory and no CPU. A share of
 # 0.01 CPU (our first design) left 0.99 CPU beside integer-CPU workers, which no 1-CPU Ray Data
@@ -37,13 +47,35 @@ class SweepResult:
     winner: dict[str, Any]    # the winning trial's row, with its best checkpoint_path
 
 
+def trains_in_trial(spec: JobSpec) -> bool:
+    """One worker with its splits in memory trains in the trial actor itself; several workers,
+    or splits streamed from storage (data.cache off), need a Ray Train run."""
+    return spec.resources.num_workers == 1 and spec.data.cache
+
+
 def run_trial(config: dict[str, Any], spec: JobSpec, run_dir: str, info: DataInfo) -> None:
-    """One Tune trial: a Ray Train run whose reports reach Tune through TuneReportCallback."""
-    trial_spec = apply_trial_config(spec, config)
+    """One Tune trial: training in this actor, or a Ray Train run whose reports reach Tune
+    through TuneReportCallback."""
+    trial_spec = check_training_options(apply_trial_config(spec, config), spec.resources.use_gpu)
+    if trains_in_trial(trial_spec):
+        train_in_trial({"spec": trial_spec.model_dump(mode="json"), "data_info": asdict(info)},
+                       run_dir)
+        return
     trial_id = tune.get_context().get_trial_id()
     trainer = build_trainer(trial_spec, run_dir, info, name=f"trial-{trial_id}",
                             callbacks=[TuneReportCallback()])
     trainer.fit()
+
+
+def trial_actor_resources(spec: JobSpec) -> dict[str, float]:
+    """A trial that trains in its actor holds its worker's resources there; a Ray Train driver
+    holds none (Train's placement group does)."""
+    if not trains_in_trial(spec):
+        return DRIVER_RESOURCES
+    needs = {"cpu": spec.resources.cpus_per_worker}
+    if spec.resources.use_gpu:
+        needs["gpu"] = spec.resources.gpus_per_worker
+    return needs
 
 
 def max_concurrent_trials(spec: JobSpec) -> int:
@@ -73,12 +105,24 @@ def _best_kept(ranked: pd.DataFrame) -> pd.Series:
     return ranked.iloc[0]
 
 
+def _with_checkpoint_paths(history: pd.DataFrame, trial_path: str) -> pd.DataFrame:
+    """Each report's checkpoint directory: Ray Train's path (TuneReportCallback adds it), or
+    the one Tune persisted under the trial's directory."""
+    if "checkpoint_path" in history or "checkpoint_dir_name" not in history:
+        return history
+    return history.assign(checkpoint_path=[
+        str(Path(trial_path) / name) if isinstance(name, str) else None
+        for name in history["checkpoint_dir_name"]])
+
+
 def _tables(results: tune.ResultGrid, spec: JobSpec) -> tuple[pd.DataFrame, pd.DataFrame]:
     metric, ascending = spec.metric, spec.metric_mode == "min"
     rows, histories = [], []
     for result in results:
         trial_id = result.metrics.get("trial_id") if result.metrics else None
         history = result.metrics_dataframe
+        if history is not None:
+            history = _with_checkpoint_paths(history, result.path)
         row: dict[str, Any] = {"trial_id": trial_id,
                                "status": "error" if result.error else "done",
                                "error": str(result.error) if result.error else None}
@@ -113,11 +157,14 @@ def run_sweep(spec: JobSpec, run_dir: str | Path, info: DataInfo,
               progress: Callable[[str], None] = lambda _: None) -> SweepResult:
     """Run every trial, write sweep/trials.parquet and sweep/history.parquet, pick the winner."""
     check_cluster_fits(spec)
+    spec = spec.model_copy(update={"resources": spec.resources.model_copy(
+        update={"use_gpu": wants_gpu(spec)})})  # decided once, here: trials may run elsewhere
     run_dir = Path(run_dir).resolve()
     metric, mode = spec.metric, spec.metric_mode
+    in_trial = trains_in_trial(spec)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, spec=spec, run_dir=str(run_dir), info=info),
-        DRIVER_RESOURCES,
+        trial_actor_resources(spec),
     )
     tuner = tune.Tuner(
         trainable,
@@ -131,9 +178,17 @@ def run_sweep(spec: JobSpec, run_dir: str | Path, info: DataInfo,
             scheduler=ASHAScheduler(max_t=_evaluations_per_trial(spec) + 1,
                                     grace_period=spec.sweep.grace_period,
                                     reduction_factor=spec.sweep.reduction_factor),
+            # A finished trial's actor (torch imported, threads warm) starts the next trial.
+            reuse_actors=in_trial,
         ),
         run_config=tune.RunConfig(
             name="tune", storage_path=str(run_dir / "sweep"), verbose=0,
+            # Trials that train in their actor keep checkpoints and recover from its death
+            # through Tune, as Ray Train runs do through Train.
+            checkpoint_config=tune.CheckpointConfig(**checkpoint_retention(spec))
+            if in_trial else None,
+            failure_config=tune.FailureConfig(max_failures=spec.train.max_failures)
+            if in_trial else None,
             callbacks=[TrialProgress(progress, spec.name, metric, mode, spec.train.max_steps)]),
     )
     results = tuner.fit()

@@ -10,9 +10,9 @@ in total, but which rows those are depends on the new split.
 from __future__ import annotations
 
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 import torch
 
@@ -28,13 +28,17 @@ class DataPosition:
 FETCH_ROWS = 1024
 
 
-class BatchStream:
-    """Shuffled, fixed-size batches of one worker's shard, forever; times the waiting."""
+class EpochSource(Protocol):
+    def fetches(self, epoch: int, rows: int) -> Iterable[dict[str, torch.Tensor]]:
+        """The epoch's rows, shuffled in an order fixed by the epoch, `rows` at a time, on the
+        worker's device."""
 
-    def __init__(self, shard: Any, batch_size: int, shuffle_buffer: int, seed: int,
-                 device: torch.device, start: DataPosition | None = None):
-        self.shard, self.batch_size = shard, batch_size
-        self.shuffle_buffer, self.seed, self.device = shuffle_buffer, seed, device
+
+class BatchStream:
+    """Shuffled, fixed-size batches of one worker's rows, forever; times the waiting."""
+
+    def __init__(self, source: EpochSource, batch_size: int, start: DataPosition | None = None):
+        self.source, self.batch_size = source, batch_size
         start = start or DataPosition()
         self.position = DataPosition(start.epoch, 0)
         self.wait_s = 0.0  # time spent waiting for batches since the last reset
@@ -45,15 +49,10 @@ class BatchStream:
     def _open_epoch(self) -> Generator[dict[str, torch.Tensor], None, None]:
         """This epoch's micro-batches: large fetches cut into batch_size rows; the last rows of
         the epoch that do not fill a batch are dropped."""
-        buffer = self.shuffle_buffer or None
-        fetches = self.shard.iter_torch_batches(
-            batch_size=max(FETCH_ROWS // self.batch_size, 1) * self.batch_size,
-            device=self.device, pin_memory=self.device.type == "cuda",
-            local_shuffle_buffer_size=buffer,
-            local_shuffle_seed=self.seed + self.position.epoch if buffer else None)
-        for fetch in fetches:
-            rows = len(next(iter(fetch.values())))
-            for start in range(0, rows - self.batch_size + 1, self.batch_size):
+        rows = max(FETCH_ROWS // self.batch_size, 1) * self.batch_size
+        for fetch in self.source.fetches(self.position.epoch, rows):
+            fetched = len(next(iter(fetch.values())))
+            for start in range(0, fetched - self.batch_size + 1, self.batch_size):
                 yield {name: column[start:start + self.batch_size]
                        for name, column in fetch.items()}
 

@@ -1,4 +1,4 @@
-"""What one Ray Train worker runs: the training loop, with validation, metrics, checkpoints and
+"""What one training worker runs: the training loop, with validation, metrics, checkpoints and
 resume (model, optimizer, schedule, random state and data position)."""
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from contextlib import nullcontext
 from typing import Any
 
 import ray.train
-import ray.train.torch
 import torch
 import torch.distributed as dist
 
@@ -35,6 +34,7 @@ from orchestrator.train.parallel import (
     parallelize,
     resolve_precision,
 )
+from orchestrator.train.session import RayTrainSession, Session, TrialSession
 
 log = logging.getLogger("orchestrator.train")
 
@@ -85,13 +85,23 @@ def throughput(per_worker: torch.Tensor, steps: int, flops_per_token: float | No
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """What each Ray Train worker runs."""
+    train_loop(config, RayTrainSession())
+
+
+def train_in_trial(config: dict[str, Any], run_dir: str) -> None:
+    """What a one-worker trial runs inside its Tune trial actor (see train/session.py)."""
+    train_loop(config, TrialSession(JobSpec.model_validate(config["spec"]), run_dir))
+
+
+def train_loop(config: dict[str, Any], session: Session) -> None:
+    """Train from the spec in `config` (or resume), validating, reporting and checkpointing every
+    eval_interval steps through the session's host."""
     spec = JobSpec.model_validate(config["spec"])
     info = DataInfo(**config["data_info"])
     train, accum = spec.train, spec.grad_accum_steps
     torch.manual_seed(train.seed)
-    device = ray.train.torch.get_device()
-    context = ray.train.get_context()
-    world, rank = context.get_world_size(), context.get_world_rank()
+    device, world, rank = session.device, session.world_size, session.rank
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
     precision, warning = resolve_precision(train.precision, device)
@@ -115,7 +125,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     step, resumed_from, position, restarts = 0, -1, DataPosition(), 0
     # After a worker failure Ray Train hands back this run's latest checkpoint; a new run may
     # start from another run's (Train V2 deprecated resume_from_checkpoint for this).
-    failed_over = ray.train.get_checkpoint()
+    failed_over = session.restored()
     checkpoint = failed_over or (
         config.get("resume_from") and ray.train.Checkpoint(config["resume_from"]))
     if checkpoint:
@@ -126,12 +136,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         position = resumed_position(state["data"], world, train.batch_size)
         restarts = state.get("restarts", 0) + bool(failed_over)
     # Rank 0 speaks for the trial in Prometheus; the others record nothing.
-    tags = {"run": spec.name, "trial": context.get_experiment_name()} if rank == 0 else None
+    tags = {"run": spec.name, "trial": session.name} if rank == 0 else None
     if tags:
         prometheus.record("train_restarts", restarts, **tags)
-    batches = BatchStream(ray.train.get_dataset_shard("train"), train.batch_size,
-                          train.shuffle_buffer, train.seed + rank, device, position)
-    val_shard = ray.train.get_dataset_shard("val")
+    batches = BatchStream(session.train_source(train.shuffle_buffer, train.seed + rank),
+                          train.batch_size, position)
     val_batches: list[dict] | None = None
 
     def micro_step(batch: dict[str, torch.Tensor], sync: bool) -> torch.Tensor:
@@ -177,11 +186,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "epoch": batches.position.epoch,
                    **throughput(per_worker, steps_in_interval, flops_per_token, peak)}
         if val_batches is None:  # the same validation batches every time, read once
-            val_batches = list(val_shard.iter_torch_batches(
-                batch_size=train.batch_size, device=device))[:train.eval_batches]
+            val_batches = session.val_batches(train.batch_size, train.eval_batches)
         val = evaluate(plain_model, val_batches, info.family, info.num_classes)
         metrics.update({f"val_{name}": value for name, value in val.items()})
-        report_with_checkpoint(metrics, model, optimizer, rank, tags, trainer_state={
+        report_with_checkpoint(session, metrics, model, optimizer, tags, trainer_state={
             "step": step, "scheduler": scheduler.state_dict(), "world_size": world,
             "restarts": restarts,
             "data": {"epoch": batches.position.epoch, "batches": batches.position.batches,
@@ -191,12 +199,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         batches.wait_s, started = 0.0, time.perf_counter()
 
 
-def report_with_checkpoint(metrics: dict[str, Any], model: torch.nn.Module,
-                           optimizer: torch.optim.Optimizer, rank: int,
-                           tags: dict[str, str] | None, trainer_state: dict[str, Any]) -> None:
+def report_with_checkpoint(session: Session, metrics: dict[str, Any], model: torch.nn.Module,
+                           optimizer: torch.optim.Optimizer, tags: dict[str, str] | None,
+                           trainer_state: dict[str, Any]) -> None:
     """Every worker saves its shards into its own staging directory and reports it; Ray Train
-    merges them into one checkpoint and registers it once all workers have reported. With
-    `tags` (rank 0) the figures also go to Prometheus."""
+    merges them into one checkpoint and registers it once all workers have reported (Tune
+    persists a one-worker trial's). With `tags` (rank 0) the figures also go to Prometheus."""
+    rank = session.rank
     staging = tempfile.mkdtemp(prefix=f"orchestrator-ckpt-step{trainer_state['step']}-"
                                       f"rank{rank}-")
     try:
@@ -205,6 +214,6 @@ def report_with_checkpoint(metrics: dict[str, Any], model: torch.nn.Module,
         metrics = {**metrics, "checkpoint_s": time.perf_counter() - started}
         if tags:
             prometheus.record_training_report(metrics, **tags)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(staging))
+        session.report(metrics, staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -88,7 +88,7 @@ def parallelize(model: nn.Module, train: TrainSpec, device: torch.device, world_
                 precision: Precision, compile_model: bool) -> nn.Module:
     """The model ready for training on this worker: on its device, wrapped for the strategy.
 
-    DDP goes through Ray Train's prepare_model (no wrapper for one worker). FSDP2 shards every
+    One worker needs no wrapper; DDP goes through Ray Train's prepare_model. FSDP2 shards every
     block, then the root (embeddings, final norm and the tied head stay together in it); on GPU
     in bf16 it gathers parameters in bf16 and reduces gradients in fp32."""
     blocks = transformer_blocks(model) if (train.activation_checkpointing or compile_model
@@ -98,9 +98,11 @@ def parallelize(model: nn.Module, train: TrainSpec, device: torch.device, world_
     if compile_model:
         for block in blocks:
             block.compile()
-    if train.strategy == "ddp" or world_size == 1:
-        return ray.train.torch.prepare_model(model, parallel_strategy="ddp")
     model.to(device)
+    if world_size == 1:
+        return model
+    if train.strategy == "ddp":
+        return ray.train.torch.prepare_model(model, parallel_strategy="ddp")
     policy = MixedPrecisionPolicy()
     if device.type == "cuda" and precision.dtype == torch.bfloat16:
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

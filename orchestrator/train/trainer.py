@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import ray
 import ray.data
@@ -113,17 +114,17 @@ def build_trainer(spec: JobSpec, run_dir: str | Path, info: DataInfo, name: str,
             name=name,
             storage_path=str(Path(run_dir, "train").resolve()),
             failure_config=ray.train.FailureConfig(max_failures=spec.train.max_failures),
-            checkpoint_config=checkpoint_config(spec),
+            checkpoint_config=ray.train.CheckpointConfig(**checkpoint_retention(spec)),
             callbacks=callbacks or [],
         ),
     )
 
 
-def checkpoint_config(spec: JobSpec) -> ray.train.CheckpointConfig:
-    """Keep the N best checkpoints by the sweep metric or the N latest; Ray Train always keeps
-    the latest one too, which is what a restarted run resumes from."""
+def checkpoint_retention(spec: JobSpec) -> dict[str, Any]:
+    """Keep the N best checkpoints by the sweep metric or the N latest; Ray Train and Tune
+    always keep the latest one too, which is what a restarted run resumes from. The arguments
+    of Train's and Tune's CheckpointConfig alike."""
     if spec.train.checkpoint_keep == "latest":
-        return ray.train.CheckpointConfig(num_to_keep=spec.train.checkpoints_to_keep)
-    return ray.train.CheckpointConfig(num_to_keep=spec.train.checkpoints_to_keep,
-                                      checkpoint_score_attribute=spec.metric,
-                                      checkpoint_score_order=spec.metric_mode)
+        return {"num_to_keep": spec.train.checkpoints_to_keep}
+    return {"num_to_keep": spec.train.checkpoints_to_keep,
+            "checkpoint_score_attribute": spec.metric, "checkpoint_score_order": spec.metric_mode}

@@ -23,6 +23,7 @@ from orchestrator.train.checkpoint import (
 )
 from orchestrator.train.loop import resumed_position, throughput
 from orchestrator.train.parallel import compile_unsupported, transformer_blocks
+from orchestrator.train.session import InMemorySplit, RayDataShard
 from orchestrator.train.trainer import check_training_options
 
 
@@ -71,15 +72,25 @@ def first_ids(batch: dict[str, torch.Tensor]) -> list[int]:
     return batch["ids"][:, 0].tolist()
 
 
-def test_a_resumed_stream_continues_with_the_same_batches(ray_local):
-    dataset = ray.data.from_items([{"ids": [i, i]} for i in range(40)]).materialize()
-    whole = BatchStream(dataset, 8, shuffle_buffer=16, seed=3, device=torch.device("cpu"))
+def _resumes_with_the_same_batches(source) -> None:
+    whole = BatchStream(source, 8)
     run = [first_ids(next(whole)) for _ in range(8)]  # 5 batches per epoch: into epoch 1
     assert whole.position == DataPosition(epoch=1, batches=3)
     assert sorted(itertools.chain(*run[:5])) == list(range(40))  # an epoch holds every row once
-    resumed = BatchStream(dataset, 8, shuffle_buffer=16, seed=3, device=torch.device("cpu"),
-                          start=DataPosition(epoch=0, batches=3))
+    assert run[5:] != run[:3]  # each epoch has its own order
+    resumed = BatchStream(source, 8, start=DataPosition(epoch=0, batches=3))
     assert [first_ids(next(resumed)) for _ in range(5)] == run[3:]
+
+
+def test_a_resumed_ray_data_stream_continues_with_the_same_batches(ray_local):
+    dataset = ray.data.from_items([{"ids": [i, i]} for i in range(40)]).materialize()
+    _resumes_with_the_same_batches(RayDataShard(dataset, torch.device("cpu"), shuffle_buffer=16,
+                                                seed=3))
+
+
+def test_a_resumed_in_memory_stream_continues_with_the_same_batches():
+    ids = torch.arange(40).repeat_interleave(2).reshape(40, 2)
+    _resumes_with_the_same_batches(InMemorySplit({"ids": ids}, torch.device("cpu"), seed=3))
 
 
 def test_resumed_position_keeps_rows_when_the_worker_count_changes():

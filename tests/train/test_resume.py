@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import ray
 from conftest import tiny_spec
 from ray.util.state import list_actors
 
@@ -48,7 +49,8 @@ def _kill_worker_mid_save(run_storage: Path, killed: list[int], timeout_s: float
                  if (m := re.match(r"orchestrator-ckpt-step(\d+)-", path.name))]
         steps = [step for step in steps if step > INTERVAL]
         if steps:
-            for actor in list_actors(filters=[("state", "=", "ALIVE")]):
+            for actor in list_actors(address=ray.get_runtime_context().gcs_address,
+                                     filters=[("state", "=", "ALIVE")]):
                 if actor.class_name == "RayTrainWorker":
                     os.kill(actor.pid, signal.SIGKILL)
                     killed.append(max(steps))

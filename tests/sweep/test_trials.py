@@ -1,0 +1,82 @@
+"""One-worker trials train inside their Tune trial actors (train/session.py). A trial actor
+really killed (SIGKILL) mid-sweep, while another trial trains, resumes from its last complete
+checkpoint and ends where the untouched trial, with the same settings, ends."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from conftest import tiny_spec
+from ray.util.state import list_actors
+
+from orchestrator.spec import parse_spec
+from orchestrator.sweep.tuner import run_sweep, trains_in_trial
+
+INTERVAL = 20
+TRIAL_ACTOR = "ImplicitFunc"  # Tune's actor class for a function trainable
+
+
+def _kill_a_trial_mid_run(sweep_dir: Path, killed: list[int], timeout_s: float = 300) -> None:
+    """Once a trial has a persisted checkpoint, wait for a trial to start staging a later one
+    and SIGKILL one trial actor there."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not any(sweep_dir.glob("tune/*/checkpoint_000000")):
+        time.sleep(0.05)
+    staging = Path(tempfile.gettempdir())
+    while time.monotonic() < deadline:
+        steps = [int(m.group(1)) for path in staging.glob("orchestrator-ckpt-step*")
+                 if (m := re.match(r"orchestrator-ckpt-step(\d+)-", path.name))]
+        if any(step > INTERVAL for step in steps):
+            actors = list_actors(address=ray.get_runtime_context().gcs_address,
+                                 filters=[("state", "=", "ALIVE"),
+                                          ("class_name", "=", TRIAL_ACTOR)])
+            if actors:
+                os.kill(actors[0].pid, signal.SIGKILL)
+                killed.append(actors[0].pid)
+                return
+        time.sleep(0.005)
+
+
+def test_a_killed_trial_resumes_beside_a_healthy_one_and_ends_like_it(prepared_gpt):
+    run_dir, info = prepared_gpt
+    # Two trials with the same settings (no search space), trained side by side; dropout on, so
+    # the resumed trial must restore its random state too to end where the other one ends.
+    spec = parse_spec(tiny_spec(
+        "gpt", train={"max_steps": 60, "eval_interval": INTERVAL, "max_failures": 1},
+        model={"dropout": 0.1}, sweep={"num_samples": 2, "grace_period": 3}))
+    assert trains_in_trial(spec)
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_a_trial_mid_run, args=(run_dir / "sweep", killed))
+    killer.start()
+    try:
+        result = run_sweep(spec, run_dir, info)
+    finally:
+        killer.join()
+    assert killed, "no trial actor was killed"
+
+    history = result.history.sort_values("step")
+    assert set(result.trials["status"]) == {"done"}
+    last = history.groupby("trial_id").last()
+    assert (last["step"] == spec.train.max_steps).all()
+    resumed = last[last["resumed_from_step"] >= 0]
+    untouched = last[last["resumed_from_step"] < 0]
+    assert len(resumed) == 1 and len(untouched) == 1, last[["resumed_from_step", "pid"]]
+    # It resumed from a persisted checkpoint, in a new actor; the other trial kept its actor.
+    resumed_from = int(resumed["resumed_from_step"].iloc[0])
+    assert resumed_from >= INTERVAL and resumed_from % INTERVAL == 0
+    assert killed[0] not in set(last["pid"])
+    untouched_id = untouched.index[0]
+    assert history.loc[history["trial_id"] == untouched_id, "pid"].nunique() == 1
+    for metric in ("train_loss", "val_loss"):
+        assert resumed[metric].iloc[0] == pytest.approx(untouched[metric].iloc[0], rel=0.02)
+    # The winner's checkpoint is one Tune persisted under the sweep directory.
+    assert Path(result.winner["checkpoint_path"]).is_relative_to(run_dir / "sweep")
+    assert Path(result.winner["checkpoint_path"], "trainer_state.json").is_file()
