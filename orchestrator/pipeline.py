@@ -15,7 +15,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -123,6 +123,10 @@ def run_pipeline(spec: JobSpec, say: Callable[[str], None] = print) -> dict[str,
 
     progress.stage("sweep")
     sweep = run_sweep(spec, run_dir, info, progress.note)
+    timing = sweep.timing
+    progress.note(f"{len(sweep.trials)} trials in {timing.wall_s:.0f} s: {timing.training_s:.0f} s "
+                  f"of training steps, {timing.concurrent_trials} at a time "
+                  f"({timing.overhead:.2f} x the training time per slot)")
     winner = sweep.winner
     config = {k.removeprefix("config/"): v for k, v in winner.items() if k.startswith("config/")}
 
@@ -150,6 +154,7 @@ def run_pipeline(spec: JobSpec, say: Callable[[str], None] = print) -> dict[str,
         "name": spec.name, "run_dir": str(run_dir), "family": info.family,
         "started": started.isoformat(), "finished": datetime.now(timezone.utc).isoformat(),
         "stage_seconds": progress.finish(), "metric": spec.metric,
+        "sweep_timing": {**asdict(timing), "overhead": timing.overhead},
         "data": {"texts": info.texts, "rows": info.rows, "vocab_size": info.vocab_size,
                  "labels": info.labels},
         "winner": {"trial_id": winner["trial_id"], "config": config, "bundle": str(bundle_dir),

@@ -1,5 +1,5 @@
 """What the training benchmarks share: one GPT spec, its data prepared once, a plain PyTorch loop
-to compare with, and our Ray Train path's steady-state figures."""
+to compare with, and our two training paths' reports (a Ray Train run, a one-worker trial)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from orchestrator import metrics
 from orchestrator.data import DataInfo, prepare_data
 from orchestrator.models import build_model
 from orchestrator.spec import JobSpec, parse_spec
+from orchestrator.sweep import run_sweep
 from orchestrator.train.metrics import lm_loss
 from orchestrator.train.optim import build_optimizer, build_scheduler
 from orchestrator.train.trainer import build_trainer
@@ -91,6 +92,15 @@ def ray_train_reports(spec: JobSpec, prepared: Prepared, name: str) -> list[dict
     if result.error:
         raise RuntimeError(f"benchmark run {name} failed: {result.error}")
     return sorted((metrics for _, metrics in result.best_checkpoints), key=lambda m: m["step"])
+
+
+def in_trial_reports(spec: JobSpec, prepared: Prepared, name: str) -> list[dict[str, Any]]:
+    """Every interval's report of one one-worker trial training in its Tune trial actor, as a
+    sweep of one trial runs it, in step order."""
+    spec = spec.model_copy(update={"name": name, "sweep": spec.sweep.model_copy(
+        update={"num_samples": 1, "space": {}})})
+    history = run_sweep(spec, prepared.run_dir, prepared.info).history
+    return history.sort_values("step").to_dict(orient="records")
 
 
 def plain_loop_tokens_per_s(spec: JobSpec, prepared: Prepared,

@@ -18,7 +18,7 @@ from ray.util.placement_group import placement_group_table
 
 from orchestrator.cluster import cluster_capacity
 from orchestrator.data import DataInfo
-from orchestrator.spec import JobSpec
+from orchestrator.spec import Grid, JobSpec
 from orchestrator.sweep.progress import TrialProgress
 from orchestrator.sweep.space import apply_trial_config, search_space
 from orchestrator.train.loop import train_in_trial
@@ -41,10 +41,39 @@ HISTORY_FILE = "history.parquet"
 
 
 @dataclass
+class SweepTiming:
+    """Where the sweep's wall time went: the trials' training steps, shared by the trials that
+    ran at once, against everything else (start-up, validation, checkpoints, coordination)."""
+
+    wall_s: float
+    training_s: float         # the training steps of every trial, summed
+    checkpoint_s: float       # saving checkpoints, summed over trials
+    concurrent_trials: int
+
+    @property
+    def overhead(self) -> float:
+        """Wall time over the best it could be: training time ÷ concurrent trials (1 = none)."""
+        ideal = self.training_s / self.concurrent_trials
+        return self.wall_s / ideal if ideal else math.nan
+
+
+@dataclass
 class SweepResult:
     trials: pd.DataFrame      # one row per trial: config/<key>, status, best_<metric>, ...
     history: pd.DataFrame     # every report of every trial (learning curves)
     winner: dict[str, Any]    # the winning trial's row, with its best checkpoint_path
+    timing: SweepTiming
+
+
+def sweep_timing(history: pd.DataFrame, eval_interval: int, wall_s: float,
+                 concurrent_trials: int) -> SweepTiming:
+    """Training seconds from each report's step time × the steps of its interval (the last
+    interval of a run may be short)."""
+    if history.empty:
+        return SweepTiming(wall_s, 0.0, 0.0, concurrent_trials)
+    steps = history["step"] - (history["step"] - 1) // eval_interval * eval_interval
+    return SweepTiming(wall_s, float((history["step_time_s"] * steps).sum()),
+                       float(history["checkpoint_s"].sum()), concurrent_trials)
 
 
 def trains_in_trial(spec: JobSpec) -> bool:
@@ -90,6 +119,10 @@ def max_concurrent_trials(spec: JobSpec) -> int:
     if "GPU" in needs and needs["GPU"] > 0:
         fits = min(fits, math.floor(cluster.get("GPU", 0) / needs["GPU"]))
     return max(1, fits)
+
+
+def _grid_points(spec: JobSpec) -> int:
+    return math.prod(len(d.grid) for d in spec.sweep.space.values() if isinstance(d, Grid))
 
 
 def _evaluations_per_trial(spec: JobSpec) -> int:
@@ -162,6 +195,7 @@ def run_sweep(spec: JobSpec, run_dir: str | Path, info: DataInfo,
     run_dir = Path(run_dir).resolve()
     metric, mode = spec.metric, spec.metric_mode
     in_trial = trains_in_trial(spec)
+    concurrency = min(max_concurrent_trials(spec), spec.sweep.num_samples * _grid_points(spec))
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, spec=spec, run_dir=str(run_dir), info=info),
         trial_actor_resources(spec),
@@ -171,7 +205,7 @@ def run_sweep(spec: JobSpec, run_dir: str | Path, info: DataInfo,
         param_space=search_space(spec),
         tune_config=tune.TuneConfig(
             metric=metric, mode=mode, num_samples=spec.sweep.num_samples,
-            max_concurrent_trials=max_concurrent_trials(spec),
+            max_concurrent_trials=concurrency,
             # One past the last evaluation: ASHA stopping a trial at max_t kills its driver while
             # trainer.fit() is still returning, and Train's placement groups (its CPUs) leaked,
             # starving the stages after the sweep. Trials that survive every rung end by returning.
@@ -191,7 +225,9 @@ def run_sweep(spec: JobSpec, run_dir: str | Path, info: DataInfo,
             if in_trial else None,
             callbacks=[TrialProgress(progress, spec.name, metric, mode, spec.train.max_steps)]),
     )
+    started = time.monotonic()
     results = tuner.fit()
+    wall_s = time.monotonic() - started
     _wait_for_trial_resources()
     trials, history = _tables(results, spec)
     out = run_dir / "sweep"
@@ -204,4 +240,5 @@ def run_sweep(spec: JobSpec, run_dir: str | Path, info: DataInfo,
         errors = "; ".join(str(e) for e in trials.get("error", pd.Series()).dropna().unique())
         raise RuntimeError(f"no sweep trial reported {metric}: {errors or 'no trial ran'}")
     winner = finished.sort_values(best_column, ascending=mode == "min").iloc[0]
-    return SweepResult(trials=trials, history=history, winner=winner.to_dict())
+    timing = sweep_timing(history, spec.train.eval_interval, wall_s, concurrency)
+    return SweepResult(trials=trials, history=history, winner=winner.to_dict(), timing=timing)
