@@ -3,7 +3,8 @@
 Run directory layout (each stage writes its part; later stages only read earlier parts):
   spec.yaml                  the validated spec with every default filled in
   tokenizer/, data/          the data stage
-  train/, sweep/             the sweep stage (Ray Train runs, trials.parquet, history.parquet)
+  train/, sweep/             the sweep stage (Ray Train runs, Tune trials and their checkpoints,
+                             trials.parquet, history.parquet)
   winner/                    the select stage's bundle, with test metrics after evaluate
   report.json, report.md     the summary
   plots/                     the report's figures (learning curves, sweep, winner on test)

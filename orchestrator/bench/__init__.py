@@ -15,7 +15,7 @@ from typing import Any
 BENCHMARKS = {
     "decode": "tokens/s of KV-cache decoding against cache-less decoding",
     "serve": "requests/s and latency of the service: batched, unbatched, plain uvicorn",
-    "train-overhead": "tokens/s of our Ray Train path (1 worker) against a plain PyTorch loop",
+    "train-overhead": "tokens/s and start-up of our training paths (1 worker) against a plain loop",
     "ingest": "rows/s of our Ray Data stream against a DataLoader and in-memory batches",
     "scaling": "1 against N training workers on one global batch: speedup, efficiency, bytes",
     "metrics": "what recording Prometheus metrics costs a training step (with and without)",
