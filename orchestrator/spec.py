@@ -39,9 +39,11 @@ class DataSpec(_Section):
     block_size: int = Field(64, ge=8, description="Tokens per training block (language model).")
     max_length: int = Field(128, ge=8, description="Tokens per text (classifier).")
     cache: bool = Field(
-        True, description="Keep the tokenized splits in Ray's object store for the whole trial, "
-        "so epochs after the first read no files and need no CPU for Ray Data. Turn off for "
-        "data larger than the object store; then resources.data_cpus stay free for reading.")
+        True, description="Keep the tokenized splits in memory for the whole trial: a "
+        "one-worker trial reads them into its own process (and trains in its Tune trial actor), "
+        "several workers share them in Ray's object store; epochs after the first read no files. "
+        "Turn off for data larger than memory: every trial is then a Ray Train run that streams "
+        "the splits, and resources.data_cpus stay free for reading.")
 
     @field_validator("path")
     @classmethod
