@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -322,6 +323,32 @@ def stage_lines(logs: str) -> list[str]:
     return [line for line in logs.splitlines() if re.match(r"\[\d+/\d+ \w+\]", line)]
 
 
+class ProgressClock(threading.Thread):
+    """Reads a job's logs every poll_s and notes when each progress line first showed (seconds
+    since `started`): where a job that runs out of time spent it. Its logs carry no times."""
+
+    def __init__(self, job, started: float, poll_s: float = 5.0):
+        super().__init__(daemon=True)
+        self.job, self.started, self.poll_s = job, started, poll_s
+        self.seen: dict[str, float] = {}
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.poll_s):
+            try:
+                logs = self.job.logs()
+            except (requests.RequestException, RuntimeError):  # a busy dashboard: next poll
+                continue
+            for line in stage_lines(logs):
+                self.seen.setdefault(line, time.monotonic() - self.started)
+
+    def stop(self) -> list[str]:
+        """The progress lines seen, each after the second it was first seen by."""
+        self.stopped.set()
+        self.join(timeout=30)
+        return [f"by {seconds:4.0f} s: {line}" for line, seconds in self.seen.items()]
+
+
 @pytest.mark.timeout(JOB_TIMEOUT_S + 300)  # so that JOB_TIMEOUT_S, with its message, comes first
 def test_sdk_submit_runs_the_quickstart_and_returns_results(
         head: Head, prometheus: Prometheus, record_property) -> None:
@@ -336,16 +363,20 @@ def test_sdk_submit_runs_the_quickstart_and_returns_results(
                      [*head.shrink("e2e-sdk"), "serve.keep_running=true"])
     started = time.monotonic()
     job = orchestrator.submit(spec, head.dashboard, working_dir=REPO, token=head.token)
+    clock = ProgressClock(job, started)
+    clock.start()
     try:
         status = job.wait(timeout_s=JOB_TIMEOUT_S)
     except TimeoutError:
-        logs = job.logs()
-        last = (stage_lines(logs) or ["no stage started"])[-1]
-        record_property(TIMING, f"{label}: not done after {time.monotonic() - started:.0f} s, "
-                                f"at: {last}")
+        progress, logs = clock.stop(), job.logs()
+        last = progress[-1] if progress else "no stage started"
+        record_property(TIMING, f"{label}: not done after {time.monotonic() - started:.0f} s; "
+                                f"last progress {last}")
         head.client().stop_job(job.job_id)  # its CPUs go back to the tests that follow
         pytest.fail(f"the quickstart job did not end in {JOB_TIMEOUT_S} s; its progress:\n"
-                    + "\n".join(stage_lines(logs)[-20:]) + f"\nits output's end:\n{logs[-3000:]}")
+                    + "\n".join(progress[-20:]) + f"\nits output's end:\n{logs[-3000:]}")
+    finally:
+        clock.stop()
     seconds = time.monotonic() - started
     if status != "SUCCEEDED":
         record_property(TIMING, f"{label}: {status} after {seconds:.0f} s")
