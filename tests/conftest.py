@@ -1,15 +1,71 @@
-"""Shared fixtures: one local Ray per test session, and small prepared data."""
+"""Shared fixtures: one local Ray per test session, and small prepared data; the `ray` marker
+(`scripts/test -m "not ray"`: the fast subset), and the stage times printed after the run."""
 
 from __future__ import annotations
 
 import json
 import socket
+import time
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "jobs" / "data" / "stdlib_docs.jsonl"
+
+
+# Tests that start Ray: those using these fixtures (directly or through another fixture, e.g.
+# prepared_gpt, services, serving) and the e2e tests (their own `ray start --head`).
+RAY_FIXTURES = frozenset({"ray_local"})
+# `record_property(TIMING, line)`: the line is printed in the run's summary, passed or failed.
+TIMING = "suite_timing"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that starts Ray (a local instance, a head or a fake cluster) `ray`."""
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.ray)
+
+
+def stage_times(label: str, wall_s: float, report: dict | None = None) -> str:
+    """One summary line: a job's wall time and its report's stage_seconds."""
+    stages = (report or {}).get("stage_seconds") or {}
+    shown = ", ".join(f"{name} {seconds:.1f}" for name, seconds in stages.items())
+    return f"{label}: job {wall_s:.1f} s" + (f" (stages in s: {shown})" if shown else "")
+
+
+def machine_speed() -> str:
+    """A rough, cheap (< 1 s) figure to compare machines by: a plain Python loop and a small
+    fp32 matmul, best of 3. Other work on the machine lowers both."""
+    def best(work) -> float:
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            work()
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+    loop_s = best(lambda: sum(i * i for i in range(1_000_000)))
+    import torch
+
+    a = torch.randn(256, 256)
+    matmul_s = best(lambda: [a @ a for _ in range(20)])
+    return (f"machine: Python loop {1 / loop_s:.1f} M iterations/s, fp32 matmul "
+            f"{20 * 2 * 256**3 / matmul_s / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """Every TIMING line the tests recorded (the e2e quickstart's stage times), also when they
+    passed, so that a slowdown shows in CI's output the day it lands."""
+    lines = [value for reports in terminalreporter.stats.values() for report in reports
+             if getattr(report, "when", None) == "call"
+             for name, value in getattr(report, "user_properties", ()) if name == TIMING]
+    if lines:
+        terminalreporter.write_sep("-", "stage times")
+        for line in lines:
+            terminalreporter.write_line(line)
+        terminalreporter.write_line(machine_speed())
 
 
 def free_port() -> int:

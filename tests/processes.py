@@ -29,8 +29,9 @@ def base_env(**extra: str) -> dict[str, str]:
 
 
 def wait_for_dashboard(url: str, headers: dict[str, str] | None = None,
-                       timeout_s: float = 60) -> None:
-    """The dashboard (and the Jobs API) comes up a little after `ray start` returns."""
+                       timeout_s: float = 120) -> None:
+    """The dashboard (and the Jobs API) comes up a little after `ray start` returns (seconds
+    here; the limit leaves room for a slower, busier machine)."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:

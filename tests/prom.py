@@ -168,7 +168,7 @@ def prometheus_config(sd_file: Path, rule_file: Path, scrape_interval_s: float) 
 
 @contextlib.contextmanager
 def running_prometheus(sd_file: Path, workdir: Path, scrape_interval_s: float = 1,
-                       ready_timeout_s: float = 30) -> Iterator[str]:
+                       ready_timeout_s: float = 60) -> Iterator[str]:
     """A Prometheus that scrapes the targets in `sd_file` and evaluates dashboards/alerts.yaml,
     storing into `workdir`; yields its base URL and stops it on exit."""
     binary = find_prometheus()
