@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 _SOURCES = {"Job": "submit", "JobSpec": "spec", "SpecError": "spec", "load_spec": "spec",
             "parse_spec": "spec", "run": "runner", "submit": "submit"}
 
-__all__ = sorted(_SOURCES)
+__all__ = ["Job", "JobSpec", "SpecError", "load_spec", "parse_spec", "run", "submit"]
 
 
 def __getattr__(name: str) -> Any:
