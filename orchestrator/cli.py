@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType, TracebackType
+from typing import TYPE_CHECKING, Self
 
 from orchestrator.bench import BENCHMARKS, BenchmarkUnavailable, render, run_benchmark
 from orchestrator.spec import JobSpec, SpecError, load_spec, spec_to_yaml
 
+if TYPE_CHECKING:
+    from orchestrator.pipeline import Progress
+
 EXIT_SPEC_ERROR = 2
+RAY_LOG = Path("logs") / "ray.log"  # inside the run directory
+STOP_SIGNALS = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("--quiet", action="store_true", help="print nothing when valid")
     run = with_spec("run", "run the whole job (embedded local Ray unless --address)")
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or embedded)")
+    run.add_argument("--verbose", action="store_true",
+                     help=f"print Ray's and Tune's own output here, not in RUN_DIR/{RAY_LOG}")
     submit = with_spec("submit", "submit the job to a cluster's Jobs API and follow it")
     submit.add_argument("--address", required=True, help="Jobs API, e.g. http://127.0.0.1:8265")
     submit.add_argument("--working-dir", default=".", help="directory uploaded with the job")
@@ -77,18 +90,134 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+class Console:
+    """Where `orchestrator run` prints: our lines on stdout, and unless verbose everything else in
+    a log file.
+
+    Ray's C++ core and raylet messages, Tune's banner and Python warnings are written by many
+    hands to file descriptors 1 and 2 of this process (and of the Ray processes it starts, which
+    inherit them), so both descriptors are pointed at the log and our lines go to a copy of the
+    original stdout. The log starts beside the run directories, because Ray starts before the run
+    directory exists, and moves to RUN_DIR/logs/ray.log once it does.
+
+    It holds descriptor numbers, not file objects: Tune pickles its callbacks, and `say` with them.
+    """
+
+    def __init__(self, runs_dir: Path, verbose: bool) -> None:
+        self.log: Path | None = None
+        self.out = 1
+        self._saved: list[int] = []
+        if verbose:
+            return
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".ray-", suffix=".log", dir=runs_dir)
+        self.log = Path(name)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self._saved = [os.dup(1), os.dup(2)]
+        self.out = self._saved[0]
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+
+    def say(self, line: str) -> None:
+        sys.stdout.flush()  # with --verbose, Ray's buffered lines come before ours
+        data = f"{line}\n".encode()
+        while data:
+            data = data[os.write(self.out, data):]
+
+    def move_log(self, run_dir: Path) -> None:
+        if self.log:
+            target = run_dir / RAY_LOG
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.log, target)  # the same file system: the open descriptors follow
+            self.log = target
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        """Give stdout and stderr back, for the error lines main() prints after us."""
+        if not self._saved:
+            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, saved in enumerate(self._saved, start=1):
+            os.dup2(saved, fd)
+            os.close(saved)
+        if error is not None:
+            print(f"Ray's output: {self.log}", file=sys.stderr)
+
+
+class StopSignals:
+    """SIGINT and SIGTERM both stop `orchestrator run` as Ctrl-C does: KeyboardInterrupt in the
+    main thread, on the first signal only, so that Ray's shutdown after it runs to its end.
+
+    KeyboardInterrupt and no exception of our own, because Ray's core worker turns any other
+    exception raised by a signal handler during ray.get or ray.wait into a SystemError. Which
+    signal came is kept here instead.
+    """
+
+    def __init__(self) -> None:
+        self.received = signal.SIGINT
+
+    def install(self) -> None:
+        for number in STOP_SIGNALS:
+            signal.signal(number, self._stop)
+
+    def ignore(self) -> None:
+        for number in STOP_SIGNALS:
+            signal.signal(number, signal.SIG_IGN)
+
+    def _stop(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signal.Signals(signum)
+        self.ignore()
+        raise KeyboardInterrupt
+
+
+def _stopped_line(received: signal.Signals, progress: Progress, log: Path | None) -> str:
+    stage = progress.current or ("start-up" if progress.run_dir is None else "final report")
+    line = f"stopped by {STOP_SIGNALS[received]} in the {stage} stage"
+    if progress.run_dir is not None:
+        line += (f"; {progress.run_dir} is incomplete and runs cannot be resumed yet: "
+                 f"remove it with `rm -r {progress.run_dir}`")
+    return line + (f"; Ray's output: {log}" if log else "")
+
+
 def _run(args: argparse.Namespace) -> int:
-    from orchestrator.pipeline import RESULT_MARKER, summary
+    import ray
+
+    from orchestrator.pipeline import RESULT_MARKER, Progress, summary
     from orchestrator.runner import connect, run_pipeline
 
     spec = load_spec(args.spec, args.overrides)
-    embedded = connect(args.address)
-    report = run_pipeline(spec, say=lambda line: print(line, flush=True))
-    print(summary(report))
-    print(RESULT_MARKER + json.dumps(report), flush=True)
-    if spec.serve.enabled and spec.serve.keep_running and embedded:
-        print(f"serving at {report['endpoint']}", flush=True)
-        _wait_for_interrupt()
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # else Tune takes Ctrl-C to end the sweep
+    with Console(Path(spec.run_dir), args.verbose) as console:
+        progress = Progress(console.say, on_run_dir=console.move_log)
+        stop, stopped = StopSignals(), False
+        try:
+            stop.install()
+            embedded = connect(args.address)
+            stop.install()  # ray.init installs a SIGTERM handler of its own
+            report = run_pipeline(spec, progress)
+            console.say(summary(report))
+            if console.log:
+                console.say(f"Ray's and Tune's own output: {console.log}")
+            console.say(RESULT_MARKER + json.dumps(report))
+            if spec.serve.enabled and spec.serve.keep_running and embedded:
+                console.say(f"serving at {report['endpoint']}")
+                _wait_for_interrupt(console.say)
+        except KeyboardInterrupt:
+            console.say(_stopped_line(stop.received, progress, console.log))
+            stopped = True
+        finally:
+            stop.ignore()  # a signal now would cut Ray's shutdown short
+            ray.shutdown()  # inside Console: Ray's last words go to the log too
+    if stopped:
+        # Python's own teardown of the torch and Ray heap (half a million objects) takes 10 s and
+        # more on a busy 2-core machine, and a stopped run has nothing left to do.
+        os._exit(128 + stop.received)
     return 0
 
 
@@ -170,8 +299,8 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _wait_for_interrupt() -> None:
-    print("Ray is embedded in this process: press Ctrl-C to stop serving", flush=True)
+def _wait_for_interrupt(say: Callable[[str], None] = print) -> None:
+    say("Ray is embedded in this process: press Ctrl-C to stop serving")
     try:
         while True:
             time.sleep(3600)

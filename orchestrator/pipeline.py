@@ -40,12 +40,20 @@ RESULT_MARKER = "orchestrator-result: "
 
 @dataclass
 class Progress:
-    """Prints which stage runs and how far it is."""
+    """Prints which stage runs and how far it is, and remembers the run directory and the stage,
+    so that whoever started the run can say where it stopped when it is interrupted."""
 
     say: Callable[[str], None] = print
+    on_run_dir: Callable[[Path], None] = lambda _: None  # the CLI moves its log file there
+    run_dir: Path | None = None
     current: str = ""
     started: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+
+    def begin(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.on_run_dir(run_dir)
+        self.say(f"run directory: {run_dir}")
 
     def stage(self, name: str) -> None:
         self._close()
@@ -104,17 +112,20 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def run_pipeline(spec: JobSpec, say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run every stage on the connected Ray cluster; return the report (also in report.json)."""
+def run_pipeline(spec: JobSpec, say: Callable[[str], None] | Progress = print) -> dict[str, Any]:
+    """Run every stage on the connected Ray cluster; return the report (also in report.json).
+
+    `say` receives the progress lines; pass a Progress to follow the stage and the run directory
+    from outside (the CLI does, to report an interrupted run)."""
     # use_gpu 'auto' is decided here, once: trial drivers on other nodes may see other nodes.
     spec = spec.model_copy(update={"resources": spec.resources.model_copy(
         update={"use_gpu": wants_gpu(spec)})})
     check_cluster_fits(spec)  # a job that cannot train fails at once, before any stage runs
     check_training_options(spec, spec.resources.use_gpu)
-    progress = Progress(say)
+    progress = say if isinstance(say, Progress) else Progress(say)
     run_dir = new_run_dir(spec)
     (run_dir / "spec.yaml").write_text(spec_to_yaml(spec))
-    say(f"run directory: {run_dir}")
+    progress.begin(run_dir)
     started = datetime.now(timezone.utc)
 
     progress.stage("data")
