@@ -132,6 +132,7 @@ def prepare_data(spec: JobSpec, run_dir: str | Path,
                                "max_length": data.max_length, "labels": labels},
     ).random_shuffle(seed=data.split_seed).write_parquet(str(out), partition_cols=["split"])
 
+    progress("counting the rows written")
     rows = {split: read_split(run_dir, split).count() if (out / f"split={split}").exists() else 0
             for split in SPLITS}
     for split, count in rows.items():
