@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pandas as pd
@@ -123,7 +124,7 @@ def test_sorted_source_is_written_shuffled_and_counted_as_on_disk(ray_local, tmp
         assert info.rows[split] == pq.read_table(tmp_path / "run" / "data" / f"split={split}").num_rows
         assert info.rows[split] == info.texts[split]  # one row per text for the classifier
     labels = _labels_on_disk(tmp_path / "run", "train")
-    runs = 1 + sum(a != b for a, b in zip(labels, labels[1:]))
+    runs = 1 + sum(a != b for a, b in itertools.pairwise(labels))
     assert len(set(labels)) > 3 and runs > len(labels) / 3  # sorted, it would be one run a label
     gpt = prepare_data(parse_spec(tiny_spec("gpt", path=path)), tmp_path / "gpt")
     assert gpt.rows == {s: pq.read_table(tmp_path / "gpt" / "data" / f"split={s}").num_rows
