@@ -75,17 +75,18 @@ def time_tokenizer_alone(spec: JobSpec) -> float:
 def run(quick: bool) -> BenchResult:
     ensure_ray()
     cores = int(ray.cluster_resources().get("CPU", 1))
-    work = Path(tempfile.mkdtemp(prefix="orchestrator-bench-data-"))
-    texts, size = build_corpus(work / "corpus.jsonl", QUICK_MB if quick else FULL_MB)
-    spec = bench_spec(work / "corpus.jsonl")
+    with tempfile.TemporaryDirectory(prefix="orchestrator-bench-data-") as directory:
+        work = Path(directory)
+        texts, size = build_corpus(work / "corpus.jsonl", QUICK_MB if quick else FULL_MB)
+        spec = bench_spec(work / "corpus.jsonl")
+        wall, phases = time_stage(spec, work / "run")
+        alone = time_tokenizer_alone(spec)
+        meta = json.loads((work / "run" / "data" / "meta.json").read_text())
     megabytes = size / 1e6
-    wall, phases = time_stage(spec, work / "run")
-    alone = time_tokenizer_alone(spec)
     rows = [{"phase": line, "seconds": seconds, "share": seconds / wall}
             for line, seconds in phases]
     rows.append({"phase": "data stage, end to end", "seconds": wall, "share": 1.0})
     stage_rate, alone_rate = megabytes / wall / cores, megabytes / alone / cores
-    meta = json.loads((work / "run" / "data" / "meta.json").read_text())
     return BenchResult(
         name="data", rows=rows, ratio=stage_rate / alone_rate,
         ratio_means="the stage's MB/s over the tokenizer alone's (train + encode, no Ray); "
