@@ -86,3 +86,13 @@ def test_metrics_bench_compares_the_loop_with_and_without_recording(ray_local) -
     assert result.ratio == pytest.approx(row["with_tok_s"] / row["without_tok_s"])
     assert result.notes["step_counter_us"] > 0 and result.notes["interval_report_us"] > 0
     assert result.notes["recording_share_of_step"].endswith("(target < 1%)")
+
+
+def test_data_bench_times_every_phase_of_the_stage(ray_local) -> None:
+    result = run_benchmark("data", quick=True)
+    *phases, total = result.rows
+    assert total["phase"] == "data stage, end to end" and total["seconds"] > 0
+    assert sum(row["seconds"] for row in phases) == pytest.approx(total["seconds"], rel=0.01)
+    assert any("tokenizer" in row["phase"] for row in phases)
+    assert result.notes["mb_per_s_per_core"] > 0 and result.ratio > 0
+    assert all(count > 0 for count in result.notes["rows_written"].values())

@@ -19,6 +19,7 @@ BENCHMARKS = {
     "ingest": "rows/s of our Ray Data stream against a DataLoader and in-memory batches",
     "scaling": "1 against N training workers on one global batch: speedup, efficiency, bytes",
     "metrics": "what recording Prometheus metrics costs a training step (with and without)",
+    "data": "MB/s per core of raw text through the data stage against the tokenizer alone",
     "mfu": "GPU only: GPT-2 small (124M) in bf16 with compile: tokens/s and MFU",
 }
 

@@ -7,6 +7,8 @@ without Ray and runs unchanged inside Ray Data workers.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -67,10 +69,16 @@ class TokenizeBatch:
 
     Language model: rows become packed blocks (`ids`, one more token than block_size).
     Classifier: rows become padded `ids` and an integer `label` from the training split's labels.
+    The batch is a pandas DataFrame or a dict of numpy arrays (Ray Data's "numpy" format); the
+    result is a dict of numpy arrays, `ids` one 2-D array (no per-row objects to convert).
+
+    With `seed` set, the output rows are put in a random order, seeded by the seed and the
+    batch's first text (so a rerun writes the same rows): packed blocks cut from one document
+    stream would otherwise sit next to their neighbours.
     """
 
     def __init__(self, tokenizer_json: str, family: str, block_size: int, max_length: int,
-                 labels: list[str] | None = None):
+                 labels: list[str] | None = None, seed: int | None = None):
         self.tokenizer = Tokenizer.from_str(tokenizer_json)
         self.eos_id = self.tokenizer.token_to_id(EOS)
         self.pad_id = self.tokenizer.token_to_id(PAD)
@@ -78,19 +86,34 @@ class TokenizeBatch:
         self.block_size = block_size
         self.max_length = max_length
         self.label_ids = {label: i for i, label in enumerate(labels or [])}
+        self.seed = seed
 
-    def _encode(self, texts: pd.Series) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.encode_batch(texts.tolist())]
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch_fast(texts)]
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+    def __call__(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        texts = [str(t) for t in batch["text"]]
+        splits = np.asarray(batch["split"], dtype=object)
         if self.family == "gpt":
-            parts = []
-            for split, group in batch.groupby("split", sort=True):
-                blocks = pack_blocks(self._encode(group["text"]), self.eos_id, self.block_size)
-                parts.append(pd.DataFrame({"ids": list(blocks), "split": split}))
-            return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
-                {"ids": [], "split": []})
-        ids = pad_or_truncate(self._encode(batch["text"]), self.pad_id, self.max_length)
-        # A label unseen in training cannot be predicted; -1 marks it so metrics count it wrong.
-        labels = batch["label"].map(lambda v: self.label_ids.get(v, -1)).astype(np.int64)
-        return pd.DataFrame({"ids": list(ids), "label": labels.to_numpy(), "split": batch["split"]})
+            ids_parts, split_parts = [], []
+            for split in sorted(set(splits)):
+                group = [t for t, s in zip(texts, splits) if s == split]
+                blocks = pack_blocks(self._encode(group), self.eos_id, self.block_size)
+                ids_parts.append(blocks)
+                split_parts.append(np.full(len(blocks), split, dtype=object))
+            out = {"ids": np.concatenate(ids_parts) if ids_parts
+                   else np.empty((0, self.block_size + 1), dtype=np.int32),
+                   "split": np.concatenate(split_parts) if split_parts
+                   else np.empty(0, dtype=object)}
+        else:
+            # A label unseen in training cannot be predicted; -1 marks it so metrics count it
+            # wrong.
+            out = {"ids": pad_or_truncate(self._encode(texts), self.pad_id, self.max_length),
+                   "label": np.fromiter((self.label_ids.get(str(v), -1) for v in batch["label"]),
+                                        dtype=np.int64, count=len(texts)),
+                   "split": splits}
+        if self.seed is not None and texts:
+            rng = np.random.default_rng([self.seed, zlib.crc32(texts[0].encode())])
+            order = rng.permutation(len(out["ids"]))
+            out = {name: column[order] for name, column in out.items()}
+        return out

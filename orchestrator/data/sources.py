@@ -39,21 +39,7 @@ def _read(data: DataSpec, fmt: str) -> ray.data.Dataset:
         raise SpecError(f"data.path = {data.path!r}: cannot read it as {fmt}: {error}") from None
 
 
-def read_source(data: DataSpec, keep_other_columns: bool = False) -> ray.data.Dataset:
-    """A lazy dataset with the column `text` (and `label` when data.label_column is set), and
-    with keep_other_columns the source's other columns too (batch inference passes ids through).
-
-    Checks that the path exists and that the named columns are there before any heavy work, so
-    a wrong spec fails in seconds with the columns that do exist.
-    """
-    _check_exists(data)
-    fmt = data.resolved_format
-    ds = _read(data, fmt)
-    if fmt == "text":
-        if data.label_column:
-            raise SpecError("data.label_column: plain-text files have no label column; "
-                            "use jsonl, csv or parquet for classification")
-        return ds
+def _check_columns(data: DataSpec, fmt: str, ds: ray.data.Dataset) -> None:
     try:
         columns = ds.schema().names
     except Exception as error:
@@ -65,9 +51,32 @@ def read_source(data: DataSpec, keep_other_columns: bool = False) -> ray.data.Da
                 f"data.{field} = {column!r} is not a column of {data.path!r}; "
                 f"columns: {', '.join(columns)}"
             )
+
+
+def read_source(data: DataSpec, keep_other_columns: bool = False,
+                check_columns: bool = True) -> ray.data.Dataset:
+    """A lazy dataset with the column `text` (and `label` when data.label_column is set), and
+    with keep_other_columns the source's other columns too (batch inference passes ids through).
+
+    Checks that the path exists and that the named columns are there before any heavy work, so
+    a wrong spec fails in seconds with the columns that do exist. Knowing the columns of jsonl
+    or csv means reading a file: with check_columns=False that read is left to the caller's
+    own execution (which fails on its first block if a column is missing); call again with
+    check_columns=True when it fails, for the SpecError that says why.
+    """
+    _check_exists(data)
+    fmt = data.resolved_format
+    ds = _read(data, fmt)
+    if fmt == "text":
+        if data.label_column:
+            raise SpecError("data.label_column: plain-text files have no label column; "
+                            "use jsonl, csv or parquet for classification")
+        return ds
     renames = {data.text_column: TEXT}
     if data.label_column:
         renames[data.label_column] = LABEL
+    if check_columns:
+        _check_columns(data, fmt, ds)
     if not keep_other_columns:
         ds = ds.select_columns(list(renames))
     return ds.rename_columns(renames)

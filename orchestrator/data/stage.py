@@ -9,6 +9,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pa_dataset
+import ray
 import ray.data
 
 from orchestrator.data.datasets import SPLITS, TokenizeBatch, assign_splits
@@ -17,7 +21,9 @@ from orchestrator.data.tokenizer import EOS, PAD, save_tokenizer, train_tokenize
 from orchestrator.spec import JobSpec, SpecError
 
 META_FILE = "meta.json"
-SCAN_BATCH_ROWS = 1024
+# Texts per tokenizer call. 4096 was no faster on the 8 MB bench corpus (Ray Data's cost per batch
+# is small beside the encoding), and a batch's Encoding objects grow with it (long documents).
+TOKENIZE_BATCH_ROWS = 1024
 
 
 @dataclass
@@ -41,19 +47,35 @@ class DataInfo:
 
 @dataclass
 class _Scan:
-    """Counts gathered while the tokenizer trains, in the same single pass over the data."""
+    """Texts per split and labels per split, counted on the driver from the split texts."""
 
     texts: Counter = field(default_factory=Counter)
     labels: dict[str, Counter] = field(default_factory=lambda: {s: Counter() for s in SPLITS})
 
 
-def _training_texts(ds: ray.data.Dataset, scan: _Scan) -> Iterator[str]:
-    for batch in ds.iter_batches(batch_size=SCAN_BATCH_ROWS, batch_format="pandas"):
-        scan.texts.update(batch["split"].tolist())
-        if "label" in batch:
-            for split, label in zip(batch["split"], batch["label"]):
-                scan.labels[split][label] += 1
-        yield from batch.loc[batch["split"] == "train", "text"]
+def _blocks(refs: list[ray.ObjectRef]) -> Iterator[pa.Table]:
+    """The materialized blocks one at a time (a block held in the local object store is read
+    without a copy; nothing else is held on the driver)."""
+    for ref in refs:
+        yield ray.get(ref)
+
+
+def _scan(refs: list[ray.ObjectRef]) -> _Scan:
+    scan = _Scan()
+    for block in _blocks(refs):
+        columns = ["split", "label"] if "label" in block.column_names else ["split"]
+        counts = block.select(columns).group_by(columns).aggregate([([], "count_all")])
+        for row in counts.to_pylist():
+            scan.texts[row["split"]] += row["count_all"]
+            if "label" in row:
+                scan.labels[row["split"]][row["label"]] += row["count_all"]
+    return scan
+
+
+def _training_texts(refs: list[ray.ObjectRef]) -> Iterator[list[str]]:
+    """Batches of the training split's texts (the tokenizer trainer takes lists of strings)."""
+    for block in _blocks(refs):
+        yield block.filter(pc.equal(block["split"], "train"))["text"].to_pylist()
 
 
 def _check_scan(spec: JobSpec, scan: _Scan) -> None:
@@ -99,25 +121,44 @@ def load_data_info(run_dir: str | Path) -> DataInfo:
     return DataInfo(**json.loads((Path(run_dir) / "data" / META_FILE).read_text()))
 
 
+def _rows_on_disk(directory: Path) -> int:
+    """Rows in a written split, from the parquet footers alone (no data is read)."""
+    if not directory.exists():
+        return 0
+    return pa_dataset.dataset(str(directory), format="parquet").count_rows()
+
+
 def prepare_data(spec: JobSpec, run_dir: str | Path,
                  progress: Callable[[str], None] = lambda _: None) -> DataInfo:
     """Validate, split, train the tokenizer, tokenize and write the splits; return DataInfo.
 
-    Rows are shuffled once before writing: sources are often sorted (by topic, date, label), and
-    validation on the first few batches of a sorted split measures one corner of the data.
+    The source is read once: its texts, split and shuffled, are held in Ray's object store
+    (spilled to disk when larger) for the counts, the tokenizer and the tokenization. Texts are
+    shuffled before tokenizing and each tokenized batch's rows again: sources are often sorted
+    (by topic, date, label), and validation on the first few batches of a sorted split measures
+    one corner of the data.
     """
     run_dir = Path(run_dir)
     data = spec.data
     quiet_progress()
-    ds = read_source(data).map_batches(
-        assign_splits, batch_format="pandas",
-        fn_kwargs={"seed": data.split_seed, "val_fraction": data.val_fraction,
-                   "test_fraction": data.test_fraction},
-    )
-    scan = _Scan()
-    progress("training the tokenizer on the training split")
-    tokenizer = train_tokenizer(_training_texts(ds, scan), data.vocab_size)
+    progress("reading, splitting and shuffling the texts")
+    try:
+        # One execution reads, splits and shuffles: no read of its own to learn the columns.
+        texts = read_source(data, check_columns=False).map_batches(
+            assign_splits, batch_format="pandas",
+            fn_kwargs={"seed": data.split_seed, "val_fraction": data.val_fraction,
+                       "test_fraction": data.test_fraction},
+        ).random_shuffle(seed=data.split_seed).materialize()
+    except SpecError:
+        raise
+    except Exception:
+        read_source(data)  # a missing column or an unreadable file: the SpecError that says so
+        raise
+    blocks = texts.to_arrow_refs()
+    scan = _scan(blocks)
     _check_scan(spec, scan)
+    progress("training the tokenizer on the training split")
+    tokenizer = train_tokenizer(_training_texts(blocks), data.vocab_size)
     save_tokenizer(tokenizer, run_dir / "tokenizer")
 
     labels = sorted(scan.labels["train"]) if spec.model.family == "classifier" else []
@@ -125,15 +166,18 @@ def prepare_data(spec: JobSpec, run_dir: str | Path,
     out = run_dir / "data"
     shutil.rmtree(out, ignore_errors=True)
     progress("tokenizing and writing the splits")
-    ds.map_batches(
-        TokenizeBatch, batch_format="pandas", batch_size=SCAN_BATCH_ROWS, concurrency=1,
+    texts.map_batches(
+        TokenizeBatch, batch_format="numpy", batch_size=TOKENIZE_BATCH_ROWS,
+        compute=ray.data.ActorPoolStrategy(min_size=1),
         fn_constructor_kwargs={"tokenizer_json": tokenizer.to_str(),
                                "family": spec.model.family, "block_size": data.block_size,
-                               "max_length": data.max_length, "labels": labels},
-    ).random_shuffle(seed=data.split_seed).write_parquet(str(out), partition_cols=["split"])
+                               "max_length": data.max_length, "labels": labels,
+                               "seed": data.split_seed},
+    ).write_parquet(str(out), partition_cols=["split"])
+    del texts, blocks  # the texts leave the object store
 
-    rows = {split: read_split(run_dir, split).count() if (out / f"split={split}").exists() else 0
-            for split in SPLITS}
+    progress("counting the rows written")
+    rows = {split: _rows_on_disk(out / f"split={split}") for split in SPLITS}
     for split, count in rows.items():
         if count == 0:
             raise SpecError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pandas as pd
@@ -101,3 +102,53 @@ def test_unreadable_file(ray_local, tmp_path):
     path = tmp_path / "broken.parquet"
     path.write_text("this is not parquet")
     _rejects(tiny_spec("gpt", path=path), tmp_path / "run", "cannot read it as parquet")
+
+
+def _labels_on_disk(run_dir, split: str) -> list[str]:
+    """The labels of a written split in file order, as a reader streaming the files sees them."""
+    import pyarrow.parquet as pq
+
+    directory = run_dir / "data" / f"split={split}"
+    return [label for path in sorted(directory.glob("*.parquet"))
+            for label in pq.read_table(path).column("label").to_pylist()]
+
+
+def test_sorted_source_is_written_shuffled_and_counted_as_on_disk(ray_local, tmp_path, frame):
+    """Sources are often sorted by label: the written splits are not, and meta.json's row counts
+    are the rows in the files."""
+    import pyarrow.parquet as pq
+
+    path = _write(frame.sort_values("label", kind="stable"), tmp_path, "jsonl")
+    info = prepare_data(parse_spec(tiny_spec("classifier", path=path)), tmp_path / "run")
+    for split in ("train", "val", "test"):
+        assert info.rows[split] == pq.read_table(tmp_path / "run" / "data" / f"split={split}").num_rows
+        assert info.rows[split] == info.texts[split]  # one row per text for the classifier
+    labels = _labels_on_disk(tmp_path / "run", "train")
+    runs = 1 + sum(a != b for a, b in itertools.pairwise(labels))
+    assert len(set(labels)) > 3 and runs > len(labels) / 3  # sorted, it would be one run a label
+    gpt = prepare_data(parse_spec(tiny_spec("gpt", path=path)), tmp_path / "gpt")
+    assert gpt.rows == {s: pq.read_table(tmp_path / "gpt" / "data" / f"split={s}").num_rows
+                        for s in ("train", "val", "test")}
+
+
+def test_bad_datasets_fail_before_the_tokenizer_trains(ray_local, tmp_path, frame):
+    """Counts are checked as soon as the texts are read: no tokenizer training for a dataset
+    that cannot be used."""
+    path = _write(frame.head(3), tmp_path, "jsonl")
+    lines: list[str] = []
+    with pytest.raises(SpecError, match="split empty"):
+        prepare_data(parse_spec(tiny_spec("gpt", path=path)), tmp_path / "run", lines.append)
+    assert not any("tokenizer" in line for line in lines), lines
+    assert not (tmp_path / "run" / "tokenizer").exists()
+
+
+def test_no_full_block(ray_local, tmp_path, frame):
+    path = _write(frame, tmp_path, "jsonl")
+    _rejects(tiny_spec("gpt", path=path, data={"block_size": 20000}), tmp_path / "run",
+             "no full block of data.block_size = 20000")
+
+
+def test_unreadable_jsonl(ray_local, tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"text": "a fine line"}\n{"text": "a broken\n')
+    _rejects(tiny_spec("gpt", path=path), tmp_path / "run", "cannot read it as jsonl")
