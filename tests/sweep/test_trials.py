@@ -4,6 +4,7 @@ checkpoint and ends where the untouched trial, with the same settings, ends."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -13,35 +14,40 @@ import time
 from pathlib import Path
 
 import pytest
-import ray
 from conftest import tiny_spec
-from ray.util.state import list_actors
 
 from orchestrator.spec import parse_spec
 from orchestrator.sweep.tuner import run_sweep, trains_in_trial
 
 INTERVAL = 20
-TRIAL_ACTOR = "ImplicitFunc"  # Tune's actor class for a function trainable
+
+
+def _checkpointed_trial_pid(sweep_dir: Path) -> int | None:
+    """The actor pid of a trial that has a persisted checkpoint and reported it (its result.json
+    line carries the pid)."""
+    for trial_dir in sweep_dir.glob("tune/*/"):
+        results = trial_dir / "result.json"
+        if (trial_dir / "checkpoint_000000").is_dir() and results.is_file():
+            lines = results.read_text().splitlines()
+            if lines:
+                return json.loads(lines[-1])["pid"]
+    return None
 
 
 def _kill_a_trial_mid_run(sweep_dir: Path, killed: list[int], timeout_s: float = 300) -> None:
     """Once a trial has a persisted checkpoint, wait for a trial to start staging a later one
-    and SIGKILL one trial actor there."""
+    and SIGKILL the checkpointed trial's actor there."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and not any(sweep_dir.glob("tune/*/checkpoint_000000")):
+    while time.monotonic() < deadline and (pid := _checkpointed_trial_pid(sweep_dir)) is None:
         time.sleep(0.05)
     staging = Path(tempfile.gettempdir())
-    while time.monotonic() < deadline:
+    while pid is not None and time.monotonic() < deadline:
         steps = [int(m.group(1)) for path in staging.glob("orchestrator-ckpt-step*")
                  if (m := re.match(r"orchestrator-ckpt-step(\d+)-", path.name))]
         if any(step > INTERVAL for step in steps):
-            actors = list_actors(address=ray.get_runtime_context().gcs_address,
-                                 filters=[("state", "=", "ALIVE"),
-                                          ("class_name", "=", TRIAL_ACTOR)])
-            if actors:
-                os.kill(actors[0].pid, signal.SIGKILL)
-                killed.append(actors[0].pid)
-                return
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+            return
         time.sleep(0.005)
 
 
