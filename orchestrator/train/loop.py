@@ -123,8 +123,9 @@ def train_loop(config: dict[str, Any], session: Session) -> None:
     no_sync = getattr(model, "no_sync", None)  # DDP: no all-reduce on accumulation steps
 
     step, resumed_from, position, restarts = 0, -1, DataPosition(), 0
-    # After a worker failure Ray Train hands back this run's latest checkpoint; a new run may
-    # start from another run's (Train V2 deprecated resume_from_checkpoint for this).
+    # After a worker failure the host (Ray Train, or Tune) hands back this run's latest
+    # checkpoint; a new run may start from another run's (Train V2 deprecated
+    # resume_from_checkpoint for this).
     failed_over = session.restored()
     checkpoint = failed_over or (
         config.get("resume_from") and ray.train.Checkpoint(config["resume_from"]))

@@ -88,6 +88,7 @@ class TrialSession:
         return tune.get_checkpoint()
 
     def train_source(self, shuffle_buffer: int, seed: int) -> EpochSource:
+        """The whole split, each epoch fully permuted: no buffer needed (shuffle_buffer unused)."""
         return InMemorySplit(read_split_tensors(self.run_dir, "train"), self.device, seed)
 
     def val_batches(self, batch_size: int, count: int) -> list[dict[str, torch.Tensor]]:
