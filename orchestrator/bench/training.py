@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 import ray
 import torch
 
@@ -22,6 +21,7 @@ from orchestrator.spec import JobSpec, parse_spec
 from orchestrator.sweep import run_sweep
 from orchestrator.train.metrics import lm_loss
 from orchestrator.train.optim import build_optimizer, build_scheduler
+from orchestrator.train.session import read_split_tensors
 from orchestrator.train.trainer import build_trainer
 
 SAMPLE = Path(__file__).resolve().parents[2] / "jobs" / "data" / "stdlib_docs.jsonl"
@@ -63,8 +63,7 @@ class Prepared:
 
     def train_ids(self) -> torch.Tensor:
         """The tokenized training split, as the workers read it, in one tensor."""
-        table = pq.read_table(self.run_dir / "data" / "split=train")
-        return torch.tensor(table.column("ids").to_pylist(), dtype=torch.long)
+        return read_split_tensors(self.run_dir, "train")["ids"].long()
 
 
 def prepare(spec: JobSpec, _cache: dict[str, Prepared] = {}) -> Prepared:  # noqa: B006

@@ -7,6 +7,14 @@ Output in the run directory:
 """
 
 from orchestrator.data.sources import read_source
-from orchestrator.data.stage import DataInfo, load_data_info, prepare_data, read_split, read_splits
+from orchestrator.data.stage import (
+    DataInfo,
+    load_data_info,
+    prepare_data,
+    read_split,
+    read_splits,
+    split_dir,
+)
 
-__all__ = ["DataInfo", "load_data_info", "prepare_data", "read_source", "read_split", "read_splits"]
+__all__ = ["DataInfo", "load_data_info", "prepare_data", "read_source", "read_split", "read_splits",
+           "split_dir"]

@@ -104,17 +104,21 @@ def quiet_progress() -> None:
     context.enable_operator_progress_bars = False
 
 
+def split_dir(run_dir: str | Path, split: str) -> Path:
+    """Where the data stage writes one split's tokenized parquet files."""
+    return Path(run_dir) / "data" / f"split={split}"
+
+
 def read_split(run_dir: str | Path, split: str) -> ray.data.Dataset:
     """The tokenized rows of one split, as written by the data stage."""
     quiet_progress()
-    return ray.data.read_parquet(str(Path(run_dir) / "data" / f"split={split}"),
-                                 partitioning=None)
+    return ray.data.read_parquet(str(split_dir(run_dir, split)), partitioning=None)
 
 
 def read_splits(run_dir: str | Path, splits: tuple[str, ...]) -> ray.data.Dataset:
     """Rows of several splits, each with its `split` column (from the directory name)."""
     quiet_progress()
-    return ray.data.read_parquet([str(Path(run_dir) / "data" / f"split={s}") for s in splits])
+    return ray.data.read_parquet([str(split_dir(run_dir, s)) for s in splits])
 
 
 def load_data_info(run_dir: str | Path) -> DataInfo:
@@ -177,7 +181,7 @@ def prepare_data(spec: JobSpec, run_dir: str | Path,
     del texts, blocks  # the texts leave the object store
 
     progress("counting the rows written")
-    rows = {split: _rows_on_disk(out / f"split={split}") for split in SPLITS}
+    rows = {split: _rows_on_disk(split_dir(run_dir, split)) for split in SPLITS}
     for split, count in rows.items():
         if count == 0:
             raise SpecError(

@@ -26,6 +26,7 @@ import ray.train.torch
 import torch
 from ray import tune
 
+from orchestrator.data import split_dir
 from orchestrator.spec import JobSpec
 from orchestrator.train.batches import EpochSource
 
@@ -135,7 +136,7 @@ class InMemorySplit:
 def read_split_tensors(run_dir: str | Path, split: str) -> dict[str, torch.Tensor]:
     """A split the data stage wrote, as tensors: `ids` (rows × tokens) and, for the
     classifier, `label`."""
-    table = pq.read_table(Path(run_dir, "data", f"split={split}"), partitioning=None)
+    table = pq.read_table(split_dir(run_dir, split), partitioning=None)
     ids = table.column("ids").combine_chunks()
     if isinstance(ids, pa.ExtensionArray):  # Ray Data's tensor type over a list of values
         ids = ids.storage
