@@ -188,7 +188,8 @@ def _stopped_line(received: signal.Signals, progress: Progress, log: Path | None
 def _run(args: argparse.Namespace) -> int:
     import ray
 
-    from orchestrator.pipeline import RESULT_MARKER, Progress, summary
+    from orchestrator.pipeline import RESULT_MARKER, Progress
+    from orchestrator.report import summary
     from orchestrator.runner import connect, run_pipeline
 
     spec = load_spec(args.spec, args.overrides)

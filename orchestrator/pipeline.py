@@ -13,7 +13,6 @@ Run directory layout (each stage writes its part; later stages only read earlier
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -22,13 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import requests
 
 from orchestrator import serve as service
 from orchestrator.bundle import WINNER_DIR, save_bundle, write_metrics
 from orchestrator.data import prepare_data
 from orchestrator.evaluate import evaluate_bundle
 from orchestrator.plots import plots_markdown, write_report_plots
+from orchestrator.report import json_safe, render_markdown
+from orchestrator.serve.samples import send_sample_requests
 from orchestrator.spec import JobSpec, spec_to_yaml
 from orchestrator.sweep import run_sweep
 from orchestrator.sweep.space import apply_trial_config
@@ -81,37 +81,6 @@ def new_run_dir(spec: JobSpec) -> Path:
     return path.resolve()
 
 
-def send_sample_requests(spec: JobSpec, url: str, family: str) -> list[dict[str, Any]]:
-    """The requests the quickstart sends to show the service answering."""
-    keys = service.load_keys(spec.serve)
-    headers = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
-    if family == "classifier":
-        calls = [("/v1/classify", {"model": spec.name, "input": spec.serve.sample_requests})]
-    else:
-        calls = [("/v1/completions", {
-            "model": spec.name, "prompt": prompt, "max_tokens": min(24, spec.serve.max_new_tokens),
-            "temperature": 0.8, "top_k": 40, "seed": 0}) for prompt in spec.serve.sample_requests]
-    answers = []
-    for route, body in calls:
-        response = requests.post(f"{url}{route}", json=body, headers=headers, timeout=60)
-        answers.append({"request": body, "status": response.status_code,
-                        "response": response.json()})
-    return answers
-
-
-def _clean(value: Any) -> Any:
-    """JSON-safe: NaN becomes None, numpy scalars become Python numbers."""
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def run_pipeline(spec: JobSpec, say: Callable[[str], None] | Progress = print) -> dict[str, Any]:
     """Run every stage on the connected Ray cluster; return the report (also in report.json).
 
@@ -162,7 +131,7 @@ def run_pipeline(spec: JobSpec, say: Callable[[str], None] | Progress = print) -
         samples = send_sample_requests(spec, endpoint, info.family)
         if not spec.serve.keep_running:
             service.shutdown(winner_spec)
-    report = _clean({
+    report = json_safe({
         "name": spec.name, "run_dir": str(run_dir), "family": info.family,
         "started": started.isoformat(), "finished": datetime.now(timezone.utc).isoformat(),
         "stage_seconds": progress.finish(), "metric": spec.metric,
@@ -184,61 +153,3 @@ def run_pipeline(spec: JobSpec, say: Callable[[str], None] | Progress = print) -
                                info.labels)
     (run_dir / "report.md").write_text(render_markdown(report) + plots_markdown(plots))
     return report
-
-
-def _format(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "" if value is None else str(value)
-
-
-def _metrics_table(evaluation: dict[str, Any]) -> list[str]:
-    lines = ["| split | metric | winner | baseline |", "|---|---|---|---|"]
-    for split, result in evaluation.items():
-        baseline = result["baseline"]
-        for name, value in result["model"].items():
-            if name in baseline:
-                lines.append(f"| {split} | {name} | {_format(value)} | "
-                             f"{_format(baseline[name])} ({baseline['name']}) |")
-    return lines
-
-
-def render_markdown(report: dict[str, Any]) -> str:
-    trials = report["trials"]
-    columns = [c for c in trials[0] if c != "error"] if trials else []
-    lines = [
-        f"# Run report: {report['name']}", "",
-        f"- run directory: `{report['run_dir']}`",
-        f"- model family: {report['family']}; sweep metric: {report['metric']}",
-        (f"- data: {report['data']['texts']} texts, {report['data']['rows']} rows, "
-         f"vocabulary {report['data']['vocab_size']}"),
-        f"- winner: trial `{report['winner']['trial_id']}` with {report['winner']['config']}",
-        f"- bundle: `{report['winner']['bundle']}`",
-        f"- endpoint: {report['endpoint'] or 'not kept running'}",
-        f"- stage seconds: {report['stage_seconds']}", "",
-        "## Winner against the trivial baseline", "", *_metrics_table(report["evaluation"]), "",
-        "## Trials", "",
-        "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
-        *("| " + " | ".join(_format(t.get(c)) for c in columns) + " |" for t in trials), "",
-    ]
-    if report["sample_responses"]:
-        lines += ["## Sample requests to the service", ""]
-        lines += [f"- `{json.dumps(s['request'])}` -> {s['status']} `{json.dumps(s['response'])}`"
-                  for s in report["sample_responses"]]
-    return "\n".join(lines) + "\n"
-
-
-def summary(report: dict[str, Any]) -> str:
-    """The lines the CLI prints at the end of a run."""
-    lines = [f"winner: trial {report['winner']['trial_id']} {report['winner']['config']}"]
-    for split, result in report["evaluation"].items():
-        baseline = result["baseline"]
-        shown = ", ".join(f"{k} {_format(v)} (baseline {_format(baseline[k])})"
-                          for k, v in result["model"].items() if k in baseline)
-        lines.append(f"{split}: {shown}  [{baseline['name']}]")
-    for sample in report["sample_responses"]:
-        lines.append(f"request {json.dumps(sample['request'])} -> {sample['status']} "
-                     f"{json.dumps(sample['response'])[:300]}")
-    lines.append(f"endpoint: {report['endpoint'] or '(stopped after the sample requests)'}")
-    lines.append(f"run directory: {report['run_dir']} (report.md, report.json)")
-    return "\n".join(lines)
