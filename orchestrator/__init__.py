@@ -2,6 +2,7 @@
 
     spec = orchestrator.load_spec("jobs/quickstart.yaml")
     report = orchestrator.run(spec)                     # embedded local Ray, or RAY_ADDRESS
+    report = orchestrator.resume("runs/quickstart-...")  # continue a run whose driver died
     job = orchestrator.submit(spec, "http://127.0.0.1:8265")
     job.wait(); job.results()                           # one row per sweep trial
 
@@ -17,14 +18,14 @@ import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from orchestrator.runner import run
+    from orchestrator.runner import resume, run
     from orchestrator.spec import JobSpec, SpecError, load_spec, parse_spec
     from orchestrator.submit import Job, submit
 
 _SOURCES = {"Job": "submit", "JobSpec": "spec", "SpecError": "spec", "load_spec": "spec",
-            "parse_spec": "spec", "run": "runner", "submit": "submit"}
+            "parse_spec": "spec", "resume": "runner", "run": "runner", "submit": "submit"}
 
-__all__ = ["Job", "JobSpec", "SpecError", "load_spec", "parse_spec", "run", "submit"]
+__all__ = ["Job", "JobSpec", "SpecError", "load_spec", "parse_spec", "resume", "run", "submit"]
 
 
 def __getattr__(name: str) -> Any:

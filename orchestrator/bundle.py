@@ -1,4 +1,5 @@
-"""The winner's model bundle: everything the service and batch inference need, in one folder.
+"""The winner's model bundle: everything the service and batch inference need, in one folder
+(local, or a prefix in object storage).
 
   winner/model.pt          model weights (state dict)
   winner/tokenizer.json    the run's tokenizer
@@ -10,6 +11,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import shutil
@@ -29,10 +31,11 @@ from torch import nn
 from orchestrator.data import DataInfo
 from orchestrator.data.tokenizer import EOS, PAD, TOKENIZER_FILE, save_tokenizer, train_tokenizer
 from orchestrator.models import build_model
+from orchestrator.rundir import RunDir
 from orchestrator.spec import JobSpec, parse_spec, spec_to_yaml
+from orchestrator.storage import Location, resolve
 from orchestrator.train.checkpoint import load_model_weights
 
-WINNER_DIR = "winner"
 MODEL_FILE, SPEC_FILE, INFO_FILE = "model.pt", "spec.yaml", "data_info.json"
 METRICS_FILE, PROVENANCE_FILE = "metrics.json", "provenance.json"
 
@@ -44,6 +47,7 @@ class Bundle:
     model: nn.Module
     tokenizer: Tokenizer
     metrics: dict[str, Any]
+    version: str = ""  # the first 12 hex digits of model.pt's SHA-256: which weights answer
 
 
 def git_commit(cwd: str | Path = ".") -> str | None:
@@ -55,32 +59,34 @@ def git_commit(cwd: str | Path = ".") -> str | None:
     return out.stdout.strip() or None
 
 
-def write_bundle(directory: str | Path, spec: JobSpec, info: DataInfo,
-                 state_dict: dict[str, torch.Tensor], tokenizer_dir: str | Path,
-                 metrics: dict[str, Any], provenance: dict[str, Any]) -> Path:
-    """Write a bundle folder from weights in memory; see the module docstring for its files."""
-    directory = Path(directory)
-    shutil.rmtree(directory, ignore_errors=True)
-    directory.mkdir(parents=True)
-    torch.save(state_dict, directory / MODEL_FILE)
-    shutil.copy(Path(tokenizer_dir) / TOKENIZER_FILE, directory / TOKENIZER_FILE)
-    (directory / SPEC_FILE).write_text(spec_to_yaml(spec))
-    (directory / INFO_FILE).write_text(json.dumps(asdict(info), indent=2))
-    write_metrics(directory, metrics)
-    provenance = {**provenance, "ray_version": ray.__version__,
-                  "torch_version": torch.__version__,
-                  "python_version": platform.python_version(), "git_commit": git_commit()}
-    (directory / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
-    return directory
+def write_bundle(directory: str | Path | Location, spec: JobSpec, info: DataInfo,
+                 state_dict: dict[str, torch.Tensor], tokenizer_file: str | Path,
+                 metrics: dict[str, Any], provenance: dict[str, Any]) -> str:
+    """Write a bundle folder (local or in object storage) from weights in memory; see the
+    module docstring for its files. Returns its path or URI."""
+    target = resolve(directory)
+    with target.local_folder() as folder:
+        torch.save(state_dict, folder / MODEL_FILE)
+        shutil.copy(tokenizer_file, folder / TOKENIZER_FILE)
+        (folder / SPEC_FILE).write_text(spec_to_yaml(spec))
+        (folder / INFO_FILE).write_text(json.dumps(asdict(info), indent=2))
+        (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=2, default=float))
+        provenance = {**provenance, "ray_version": ray.__version__,
+                      "torch_version": torch.__version__,
+                      "python_version": platform.python_version(), "git_commit": git_commit()}
+        (folder / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
+    return target.uri
 
 
-def save_bundle(directory: str | Path, spec: JobSpec, info: DataInfo, checkpoint_path: str,
-                tokenizer_dir: str | Path, metrics: dict[str, Any], trial_id: str) -> Path:
-    """The winner's bundle, from the checkpoint of its best validation step."""
+def save_bundle(directory: str | Location, spec: JobSpec, info: DataInfo, checkpoint: str,
+                tokenizer_dir: str | Location, metrics: dict[str, Any], trial_id: str) -> str:
+    """The winner's bundle, from the checkpoint (path or URI) of its best validation step."""
     model = build_model(spec.model, info.vocab_size, info.seq_len, info.pad_id, info.num_classes)
-    load_model_weights(checkpoint_path, model)
-    return write_bundle(directory, spec, info, model.state_dict(), tokenizer_dir, metrics,
-                        {"trial_id": trial_id, "checkpoint": checkpoint_path})
+    with resolve(checkpoint).local_copy() as local_checkpoint:
+        load_model_weights(local_checkpoint, model)
+    with resolve(tokenizer_dir).local_copy() as tokenizer:
+        return write_bundle(directory, spec, info, model.state_dict(), tokenizer / TOKENIZER_FILE,
+                            metrics, {"trial_id": trial_id, "checkpoint": checkpoint})
 
 
 def initial_bundle(directory: str | Path, spec: JobSpec, rows: list[dict[str, str]]) -> Path:
@@ -99,42 +105,46 @@ def initial_bundle(directory: str | Path, spec: JobSpec, rows: list[dict[str, st
                         label_counts={"train": dict(counts)})
     model = build_model(spec.model, info.vocab_size, info.seq_len, info.pad_id, info.num_classes)
     with tempfile.TemporaryDirectory() as scratch:
-        tokenizer_dir = save_tokenizer(tokenizer, scratch).parent
-        return write_bundle(directory, spec, info, model.state_dict(), tokenizer_dir, {},
-                            {"trial_id": None, "note": "initial weights, not trained"})
+        write_bundle(directory, spec, info, model.state_dict(), save_tokenizer(tokenizer, scratch),
+                     {}, {"trial_id": None, "note": "initial weights, not trained"})
+    return Path(directory).absolute()
 
 
-def write_metrics(directory: str | Path, metrics: dict[str, Any]) -> None:
-    (Path(directory) / METRICS_FILE).write_text(json.dumps(metrics, indent=2, default=float))
+def write_metrics(directory: str | Location, metrics: dict[str, Any]) -> None:
+    resolve(directory).join(METRICS_FILE).write_text(json.dumps(metrics, indent=2, default=float))
 
 
-def find_bundle(path: str | Path) -> Path:
-    """The bundle of a run directory (its winner/) or a bundle directory itself."""
-    path = Path(path)
-    for candidate in (path / WINNER_DIR, path):
-        if (candidate / MODEL_FILE).is_file():
-            return candidate.resolve()
-    raise FileNotFoundError(f"{path} is neither a run directory with {WINNER_DIR}/ nor a model "
-                            f"bundle ({MODEL_FILE} is missing)")
+def find_bundle(location: str | Path) -> str:
+    """The bundle of a run directory (its winner/) or a bundle itself, local or in object
+    storage; its path or URI."""
+    run_dir = RunDir.at(location)
+    for candidate in (run_dir.winner, run_dir.root):
+        if candidate.join(MODEL_FILE).is_file():
+            return candidate.uri
+    raise FileNotFoundError(f"{run_dir.uri} is neither a run directory with "
+                            f"{run_dir.winner.name}/ nor a model bundle ({MODEL_FILE} is missing)")
 
 
-def read_spec_and_info(directory: str | Path) -> tuple[JobSpec, DataInfo]:
+def read_spec_and_info(directory: str | Path | Location) -> tuple[JobSpec, DataInfo]:
     """A bundle's spec and data info, without loading its weights."""
-    directory = Path(directory)
-    if not (directory / MODEL_FILE).is_file():
-        raise FileNotFoundError(f"{directory} is not a model bundle: {MODEL_FILE} is missing")
-    spec = parse_spec(yaml.safe_load((directory / SPEC_FILE).read_text()))
-    return spec, DataInfo(**json.loads((directory / INFO_FILE).read_text()))
+    bundle = resolve(directory)
+    if not bundle.join(MODEL_FILE).is_file():
+        raise FileNotFoundError(f"{bundle.uri} is not a model bundle: {MODEL_FILE} is missing")
+    spec = parse_spec(yaml.safe_load(bundle.join(SPEC_FILE).read_text()))
+    return spec, DataInfo(**json.loads(bundle.join(INFO_FILE).read_text()))
 
 
-def load_bundle(directory: str | Path) -> Bundle:
-    """Load a bundle for inference (model in eval mode, on CPU)."""
-    directory = Path(directory)
+def load_bundle(directory: str | Path | Location) -> Bundle:
+    """Load a bundle (local or in object storage) for inference: model in eval mode, on CPU."""
     spec, info = read_spec_and_info(directory)
     model = build_model(spec.model, info.vocab_size, info.seq_len, info.pad_id, info.num_classes)
-    model.load_state_dict(torch.load(directory / MODEL_FILE, map_location="cpu",
-                                     weights_only=True))
+    with resolve(directory).local_copy() as folder:
+        model.load_state_dict(torch.load(folder / MODEL_FILE, map_location="cpu",
+                                         weights_only=True))
+        with open(folder / MODEL_FILE, "rb") as weights:
+            version = hashlib.file_digest(weights, "sha256").hexdigest()[:12]
+        tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
+        metrics = json.loads((folder / METRICS_FILE).read_text())
     model.eval()
-    return Bundle(spec=spec, info=info, model=model,
-                  tokenizer=Tokenizer.from_file(str(directory / TOKENIZER_FILE)),
-                  metrics=json.loads((directory / METRICS_FILE).read_text()))
+    return Bundle(spec=spec, info=info, model=model, tokenizer=tokenizer, metrics=metrics,
+                  version=version)

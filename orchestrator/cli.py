@@ -15,10 +15,19 @@ from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Self
 
 from orchestrator.bench import BENCHMARKS, BenchmarkUnavailable, render, run_benchmark
-from orchestrator.spec import JobSpec, SpecError, load_spec, spec_to_yaml
+from orchestrator.spec import (
+    JobSpec,
+    SpecError,
+    apply_overrides,
+    load_spec,
+    parse_spec,
+    spec_to_yaml,
+)
+from orchestrator.storage import is_uri
 
 if TYPE_CHECKING:
     from orchestrator.pipeline import Progress
+    from orchestrator.rundir import RunDir
 
 EXIT_SPEC_ERROR = 2
 RAY_LOG = Path("logs") / "ray.log"  # inside the run directory
@@ -42,6 +51,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or embedded)")
     run.add_argument("--verbose", action="store_true",
                      help=f"print Ray's and Tune's own output here, not in RUN_DIR/{RAY_LOG}")
+    run.add_argument("--resume", action="store_true",
+                     help="continue this job's latest run if it did not finish (else start one)")
+    resume = commands.add_parser("resume", help="continue a run whose driver died: completed "
+                                                "stages are kept, an interrupted sweep resumes")
+    resume.add_argument("run_dir", help="the run directory (local path or URI)")
+    resume.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        dest="overrides", help="override a value of the run's spec that no "
+                                               "completed stage used, e.g. serve.port=8001")
+    resume.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or embedded)")
+    resume.add_argument("--verbose", action="store_true",
+                        help=f"print Ray's and Tune's own output here, not in RUN_DIR/{RAY_LOG}")
     submit = with_spec("submit", "submit the job to a cluster's Jobs API and follow it")
     submit.add_argument("--address", required=True, help="Jobs API, e.g. http://127.0.0.1:8265")
     submit.add_argument("--working-dir", default=".", help="directory uploaded with the job")
@@ -103,13 +123,15 @@ class Console:
     It holds descriptor numbers, not file objects: Tune pickles its callbacks, and `say` with them.
     """
 
-    def __init__(self, runs_dir: Path, verbose: bool) -> None:
+    def __init__(self, runs_dir: str, verbose: bool) -> None:
         self.log: Path | None = None
         self.out = 1
         self._saved: list[int] = []
         if verbose:
             return
-        runs_dir.mkdir(parents=True, exist_ok=True)
+        if is_uri(runs_dir):
+            runs_dir = tempfile.gettempdir()
+        Path(runs_dir).mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=".ray-", suffix=".log", dir=runs_dir)
         self.log = Path(name)
         sys.stdout.flush()
@@ -126,9 +148,11 @@ class Console:
         while data:
             data = data[os.write(self.out, data):]
 
-    def move_log(self, run_dir: Path) -> None:
-        if self.log:
-            target = run_dir / RAY_LOG
+    def move_log(self, run_dir: RunDir) -> None:
+        if self.log and run_dir.root.is_local:
+            target = Path(run_dir.ray_log.path)
+            if target.exists():  # a resumed run keeps the log of its first driver
+                target = target.with_name(f"ray-resumed-{int(time.time())}.log")
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(self.log, target)  # the same file system: the open descriptors follow
             self.log = target
@@ -180,33 +204,55 @@ def _stopped_line(received: signal.Signals, progress: Progress, log: Path | None
     stage = progress.current or ("start-up" if progress.run_dir is None else "final report")
     line = f"stopped by {STOP_SIGNALS[received]} in the {stage} stage"
     if progress.run_dir is not None:
-        line += (f"; {progress.run_dir} is incomplete and runs cannot be resumed yet: "
-                 f"remove it with `rm -r {progress.run_dir}`")
+        line += (f"; continue it with `orchestrator resume {progress.run_dir}` "
+                 "(completed stages are kept)")
     return line + (f"; Ray's output: {log}" if log else "")
 
 
 def _run(args: argparse.Namespace) -> int:
+    from orchestrator.runner import run
+
+    spec = load_spec(args.spec, args.overrides)
+    return _drive(spec.run_dir, args, lambda progress: run(spec, args.address, progress,
+                                                           resume=args.resume))
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from orchestrator.resume import resume_spec
+    from orchestrator.rundir import RunDir
+    from orchestrator.runner import resume
+
+    run_dir = RunDir.open(args.run_dir)
+    resume_spec(run_dir, args.overrides)  # a bad override fails here, before Ray starts
+    parent = run_dir.uri.rsplit("/", 1)[0]
+    return _drive(parent, args, lambda progress: resume(run_dir, args.address, args.overrides,
+                                                        progress))
+
+
+def _drive(runs_dir: str, args: argparse.Namespace,
+           pipeline: Callable[[Progress], dict]) -> int:
+    """Run a job's stages with calm output, Ctrl-C and SIGTERM handling, and the summary."""
     import ray
 
     from orchestrator.pipeline import RESULT_MARKER, Progress
     from orchestrator.report import summary
-    from orchestrator.runner import connect, run_pipeline
+    from orchestrator.runner import connect
 
-    spec = load_spec(args.spec, args.overrides)
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # else Tune takes Ctrl-C to end the sweep
-    with Console(Path(spec.run_dir), args.verbose) as console:
+    with Console(runs_dir, args.verbose) as console:
         progress = Progress(console.say, on_run_dir=console.move_log)
         stop, stopped = StopSignals(), False
         try:
             stop.install()
             embedded = connect(args.address)
             stop.install()  # ray.init installs a SIGTERM handler of its own
-            report = run_pipeline(spec, progress)
+            report = pipeline(progress)
+            serving = report["endpoint"] is not None
             console.say(summary(report))
             if console.log:
                 console.say(f"Ray's and Tune's own output: {console.log}")
             console.say(RESULT_MARKER + json.dumps(report))
-            if spec.serve.enabled and spec.serve.keep_running and embedded:
+            if serving and embedded:
                 console.say(f"serving at {report['endpoint']}")
                 _wait_for_interrupt(console.say)
         except KeyboardInterrupt:
@@ -244,11 +290,13 @@ def _submit(args: argparse.Namespace) -> int:
     return 0 if status == "SUCCEEDED" else 1
 
 
-def _bundle_and_spec(args: argparse.Namespace) -> tuple[Path, JobSpec]:
-    from orchestrator.bundle import SPEC_FILE, find_bundle
+def _bundle_and_spec(args: argparse.Namespace) -> tuple[str, JobSpec]:
+    """The bundle (local path or URI) and its spec with the command's overrides."""
+    from orchestrator.bundle import find_bundle, read_spec_and_info
 
     bundle_dir = find_bundle(args.run_dir)
-    return bundle_dir, load_spec(bundle_dir / SPEC_FILE, args.overrides)
+    spec, _ = read_spec_and_info(bundle_dir)
+    return bundle_dir, parse_spec(apply_overrides(spec.model_dump(mode="json"), args.overrides))
 
 
 def _deploy(args: argparse.Namespace) -> int:
@@ -311,8 +359,9 @@ def _wait_for_interrupt(say: Callable[[str], None] = print) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"validate": _validate, "run": _run, "submit": _submit, "deploy": _deploy,
-                "serve-config": _serve_config, "predict": _predict, "bench": _bench}
+    handlers = {"validate": _validate, "run": _run, "resume": _resume, "submit": _submit,
+                "deploy": _deploy, "serve-config": _serve_config, "predict": _predict,
+                "bench": _bench}
     try:
         return handlers[args.command](args)
     except SpecError as error:

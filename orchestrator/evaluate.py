@@ -23,6 +23,7 @@ from orchestrator.cluster import cluster_capacity
 from orchestrator.data import DataInfo, read_source, read_split, read_splits
 from orchestrator.data.sources import TEXT
 from orchestrator.predictor import Predictor, SamplingParams
+from orchestrator.rundir import RunDir
 from orchestrator.spec import DataSpec
 from orchestrator.train.metrics import classification_metrics
 
@@ -114,7 +115,7 @@ def predict(bundle_dir: str | Path, input_path: str, output_path: str,
     return ray.data.read_parquet(output_path).count()
 
 
-def _unigram_counts(run_dir: Path, vocab_size: int) -> np.ndarray:
+def _unigram_counts(run_dir: RunDir, vocab_size: int) -> np.ndarray:
     def count(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = np.stack(batch["ids"])[:, 1:].ravel()  # targets, as the LM is scored on them
         return {"counts": np.bincount(ids, minlength=vocab_size)[None, :]}
@@ -130,7 +131,7 @@ def unigram_log_probs(train_counts: np.ndarray) -> np.ndarray:
     return np.log((train_counts + 1) / (train_counts.sum() + len(train_counts)))
 
 
-def evaluate_bundle(run_dir: str | Path, bundle_dir: str | Path, info: DataInfo,
+def evaluate_bundle(run_dir: RunDir | str, bundle_dir: str, info: DataInfo,
                     splits: tuple[str, ...] = ("val", "test"),
                     replicas: int = 1) -> dict[str, dict[str, Any]]:
     """For each split: {'model': the bundle's metrics, 'baseline': the trivial baseline's}, and
@@ -138,7 +139,7 @@ def evaluate_bundle(run_dir: str | Path, bundle_dir: str | Path, info: DataInfo,
 
     All splits are scored in one Ray Data pass; rows carry their split from the directory name.
     """
-    run_dir = Path(run_dir)
+    run_dir = RunDir.at(run_dir)
     log_probs = (unigram_log_probs(_unigram_counts(run_dir, info.vocab_size))
                  if info.family == "gpt" else None)
     scored = read_splits(run_dir, splits).map_batches(

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.plots import PLOTS_DIR, plots_markdown, write_report_plots
+
+if TYPE_CHECKING:
+    from orchestrator.data import DataInfo
+    from orchestrator.rundir import RunDir
+    from orchestrator.spec import JobSpec
+    from orchestrator.sweep.tuner import SweepResult
 
 
 def json_safe(value: Any) -> Any:
@@ -76,3 +86,16 @@ def summary(report: dict[str, Any]) -> str:
     lines.append(f"endpoint: {report['endpoint'] or '(stopped after the sample requests)'}")
     lines.append(f"run directory: {report['run_dir']} (report.md, report.json)")
     return "\n".join(lines)
+
+
+def write_report(run_dir: RunDir, report: dict[str, Any], spec: JobSpec, sweep: SweepResult,
+                 evaluation: dict[str, Any], info: DataInfo) -> None:
+    """report.json, then the plots (drawn locally, then copied to the run directory) and
+    report.md that embeds them."""
+    run_dir.report_json.write_text(json.dumps(report, indent=2))
+    with tempfile.TemporaryDirectory(prefix="orchestrator-plots-") as scratch:
+        plots = write_report_plots(scratch, info.family, spec.metric, spec.metric_mode,
+                                   sweep.winner["trial_id"], sweep.trials, sweep.history,
+                                   evaluation, info.labels)
+        run_dir.plots.upload(Path(scratch) / PLOTS_DIR)
+    run_dir.report_md.write_text(render_markdown(report) + plots_markdown(plots))

@@ -9,7 +9,9 @@ from typing import Any
 
 import ray
 
-from orchestrator.pipeline import run_pipeline
+from orchestrator.pipeline import Progress, run_pipeline
+from orchestrator.resume import resume_spec
+from orchestrator.rundir import RunDir
 from orchestrator.spec import JobSpec
 
 
@@ -25,8 +27,24 @@ def connect(address: str | None = None) -> bool:
     return embedded
 
 
-def run(spec: JobSpec, address: str | None = None,
-        say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the whole job on the cluster at `address` (default: embedded) and return its report."""
+def run(spec: JobSpec, address: str | None = None, say: Callable[[str], None] | Progress = print,
+        resume: bool = False) -> dict[str, Any]:
+    """Run the whole job on the cluster at `address` (default: embedded) and return its report.
+
+    With `resume`, the job's latest run directory (under spec.run_dir) continues when it has not
+    finished; otherwise a new run starts."""
+    latest = RunDir.latest(spec.run_dir, spec.name) if resume else None
+    unfinished = latest if latest and "report" not in latest.completed() else None
     connect(address)
-    return run_pipeline(spec, say)
+    return run_pipeline(spec, say, resume=unfinished)
+
+
+def resume(run_dir: str | RunDir, address: str | None = None, overrides: list[str] | None = None,
+           say: Callable[[str], None] | Progress = print) -> dict[str, Any]:
+    """Continue a run whose driver died, with the spec it was started with (and `overrides`):
+    completed stages are not run again; an interrupted sweep keeps its finished trials and
+    resumes the others from their latest checkpoints."""
+    run_dir = RunDir.open(run_dir)
+    spec = resume_spec(run_dir, overrides)
+    connect(address)
+    return run_pipeline(spec, say, resume=run_dir)

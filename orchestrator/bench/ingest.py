@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from orchestrator.bench import BenchResult
 from orchestrator.bench.training import bench_spec, prepare
-from orchestrator.data import split_dir
 from orchestrator.models import build_model
+from orchestrator.rundir import RunDir
 from orchestrator.train.batches import BatchStream
 from orchestrator.train.metrics import lm_loss
 from orchestrator.train.session import InMemorySplit, RayDataShard
@@ -47,7 +47,7 @@ def run(quick: bool) -> BenchResult:
     batch_size, buffer = spec.train.batch_size, spec.train.shuffle_buffer
     # The sample corpus repeated, so that an epoch holds as many rows as a real dataset's
     # shard rather than a few hundred batches: per-epoch start-up would dominate otherwise.
-    split = pq.read_table(split_dir(prepared.run_dir, "train"))
+    split = pq.read_table(RunDir.at(prepared.run_dir).split("train").path)
     repeated = prepared.run_dir / "ingest.parquet"
     pq.write_table(pa.concat_tables([split] * (4 if quick else 40)), repeated)
     ids = torch.tensor(pq.read_table(repeated).column("ids").to_pylist())

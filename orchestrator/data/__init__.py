@@ -13,8 +13,6 @@ from orchestrator.data.stage import (
     prepare_data,
     read_split,
     read_splits,
-    split_dir,
 )
 
-__all__ = ["DataInfo", "load_data_info", "prepare_data", "read_source", "read_split", "read_splits",
-           "split_dir"]
+__all__ = ["DataInfo", "load_data_info", "prepare_data", "read_source", "read_split", "read_splits"]

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -18,9 +16,10 @@ import ray.data
 from orchestrator.data.datasets import SPLITS, TokenizeBatch, assign_splits
 from orchestrator.data.sources import read_source
 from orchestrator.data.tokenizer import EOS, PAD, save_tokenizer, train_tokenizer
+from orchestrator.rundir import RunDir
 from orchestrator.spec import JobSpec, SpecError
+from orchestrator.storage import Location
 
-META_FILE = "meta.json"
 # Texts per tokenizer call. 4096 was no faster on the 8 MB bench corpus (Ray Data's cost per batch
 # is small beside the encoding), and a batch's Encoding objects grow with it (long documents).
 TOKENIZE_BATCH_ROWS = 1024
@@ -104,35 +103,33 @@ def quiet_progress() -> None:
     context.enable_operator_progress_bars = False
 
 
-def split_dir(run_dir: str | Path, split: str) -> Path:
-    """Where the data stage writes one split's tokenized parquet files."""
-    return Path(run_dir) / "data" / f"split={split}"
-
-
-def read_split(run_dir: str | Path, split: str) -> ray.data.Dataset:
+def read_split(run_dir: RunDir | str, split: str) -> ray.data.Dataset:
     """The tokenized rows of one split, as written by the data stage."""
     quiet_progress()
-    return ray.data.read_parquet(str(split_dir(run_dir, split)), partitioning=None)
+    location = RunDir.at(run_dir).split(split)
+    return ray.data.read_parquet(location.path, filesystem=location.fs, partitioning=None)
 
 
-def read_splits(run_dir: str | Path, splits: tuple[str, ...]) -> ray.data.Dataset:
+def read_splits(run_dir: RunDir | str, splits: tuple[str, ...]) -> ray.data.Dataset:
     """Rows of several splits, each with its `split` column (from the directory name)."""
     quiet_progress()
-    return ray.data.read_parquet([str(split_dir(run_dir, s)) for s in splits])
+    run_dir = RunDir.at(run_dir)
+    return ray.data.read_parquet([run_dir.split(s).path for s in splits],
+                                 filesystem=run_dir.root.fs)
 
 
-def load_data_info(run_dir: str | Path) -> DataInfo:
-    return DataInfo(**json.loads((Path(run_dir) / "data" / META_FILE).read_text()))
+def load_data_info(run_dir: RunDir | str) -> DataInfo:
+    return DataInfo(**json.loads(RunDir.at(run_dir).data_info.read_text()))
 
 
-def _rows_on_disk(directory: Path) -> int:
+def _rows_written(location: Location) -> int:
     """Rows in a written split, from the parquet footers alone (no data is read)."""
-    if not directory.exists():
+    if not location.exists():
         return 0
-    return pa_dataset.dataset(str(directory), format="parquet").count_rows()
+    return pa_dataset.dataset(location.path, filesystem=location.fs, format="parquet").count_rows()
 
 
-def prepare_data(spec: JobSpec, run_dir: str | Path,
+def prepare_data(spec: JobSpec, run_dir: RunDir | str,
                  progress: Callable[[str], None] = lambda _: None) -> DataInfo:
     """Validate, split, train the tokenizer, tokenize and write the splits; return DataInfo.
 
@@ -142,7 +139,7 @@ def prepare_data(spec: JobSpec, run_dir: str | Path,
     (by topic, date, label), and validation on the first few batches of a sorted split measures
     one corner of the data.
     """
-    run_dir = Path(run_dir)
+    run_dir = RunDir.at(run_dir)
     data = spec.data
     quiet_progress()
     progress("reading, splitting and shuffling the texts")
@@ -163,12 +160,12 @@ def prepare_data(spec: JobSpec, run_dir: str | Path,
     _check_scan(spec, scan)
     progress("training the tokenizer on the training split")
     tokenizer = train_tokenizer(_training_texts(blocks), data.vocab_size)
-    save_tokenizer(tokenizer, run_dir / "tokenizer")
+    with run_dir.tokenizer.local_folder() as folder:
+        save_tokenizer(tokenizer, folder)
 
     labels = sorted(scan.labels["train"]) if spec.model.family == "classifier" else []
     seq_len = data.block_size + 1 if spec.model.family == "gpt" else data.max_length
-    out = run_dir / "data"
-    shutil.rmtree(out, ignore_errors=True)
+    run_dir.data.remove()
     progress("tokenizing and writing the splits")
     texts.map_batches(
         TokenizeBatch, batch_format="numpy", batch_size=TOKENIZE_BATCH_ROWS,
@@ -177,11 +174,11 @@ def prepare_data(spec: JobSpec, run_dir: str | Path,
                                "family": spec.model.family, "block_size": data.block_size,
                                "max_length": data.max_length, "labels": labels,
                                "seed": data.split_seed},
-    ).write_parquet(str(out), partition_cols=["split"])
+    ).write_parquet(run_dir.data.path, filesystem=run_dir.root.fs, partition_cols=["split"])
     del texts, blocks  # the texts leave the object store
 
     progress("counting the rows written")
-    rows = {split: _rows_on_disk(split_dir(run_dir, split)) for split in SPLITS}
+    rows = {split: _rows_written(run_dir.split(split)) for split in SPLITS}
     for split, count in rows.items():
         if count == 0:
             raise SpecError(
@@ -195,5 +192,5 @@ def prepare_data(spec: JobSpec, run_dir: str | Path,
         labels=labels, texts=dict(scan.texts), rows=rows,
         label_counts={s: dict(c) for s, c in scan.labels.items() if c},
     )
-    (out / META_FILE).write_text(json.dumps(asdict(info), indent=2))
+    run_dir.data_info.write_text(json.dumps(asdict(info), indent=2))
     return info

@@ -13,14 +13,12 @@ serving after any bad request.
 
 # No `from __future__ import annotations`: FastAPI must see the request models as classes.
 import asyncio
-import hashlib
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,7 +30,7 @@ from ray import serve
 from starlette.exceptions import HTTPException
 
 from orchestrator import metrics
-from orchestrator.bundle import MODEL_FILE, load_bundle
+from orchestrator.bundle import load_bundle
 from orchestrator.predictor import ChoiceUpdate, Predictor, SamplingParams
 from orchestrator.serve.auth import authorized
 from orchestrator.spec import ServeSpec
@@ -142,8 +140,7 @@ class ModelServer:
         self.family = bundle.info.family
         self.model_name = bundle.spec.name
         self.app_name = app_name or self.model_name  # the `app` tag of this server's metrics
-        with open(Path(bundle_dir) / MODEL_FILE, "rb") as weights:  # which weights answer
-            self.version = hashlib.file_digest(weights, "sha256").hexdigest()[:12]
+        self.version = bundle.version  # which weights answer
         self.created = int(time.time())
         self.limits = limits
         self.key_digests = key_digests

@@ -22,6 +22,7 @@ from orchestrator.bundle import load_bundle, read_spec_and_info
 from orchestrator.serve.api import ModelServer, create_api
 from orchestrator.serve.auth import load_key_digests
 from orchestrator.spec import JobSpec, ServeSpec
+from orchestrator.storage import resolve
 
 APP_NAME_SUFFIX = "-service"
 BUILDER_IMPORT_PATH = "orchestrator.serve.app:build_app"
@@ -71,7 +72,7 @@ def deployment_options(limits: ServeSpec) -> dict[str, Any]:
 def build_app(args: dict[str, Any]) -> Application:
     """The application for a bundle: args `bundle_dir` and optionally `serve` (the spec's serve
     section; default: the bundle's own). API keys are read here, where the app is built."""
-    bundle_dir = str(Path(args["bundle_dir"]).expanduser().resolve())
+    bundle_dir = resolve(args["bundle_dir"]).uri  # a local path made absolute, or a URI
     limits = ServeSpec.model_validate(args.get("serve")
                                       or read_spec_and_info(bundle_dir)[0].serve.model_dump())
     deployment = ModelService.options(**deployment_options(limits))
@@ -93,7 +94,7 @@ def deploy(spec: JobSpec, bundle_dir: str | Path, timeout_s: float = 180.0) -> s
     and keeps the old ones serving until new ones are healthy. A bundle that cannot load fails
     here, before Serve is touched.
     """
-    bundle_dir = Path(bundle_dir).resolve()
+    bundle_dir = resolve(bundle_dir).uri
     try:
         load_bundle(bundle_dir)
     except Exception as error:
@@ -135,7 +136,7 @@ def serve_config(spec: JobSpec, bundle_dir: str | Path) -> dict[str, Any]:
             "name": app_name(spec),
             "route_prefix": "/",
             "import_path": BUILDER_IMPORT_PATH,
-            "args": {"bundle_dir": str(Path(bundle_dir).resolve()),
+            "args": {"bundle_dir": resolve(bundle_dir).uri,
                      "serve": spec.serve.model_dump(mode="json")},
             "deployments": [{"name": DEPLOYMENT_NAME, **options}],
         }],

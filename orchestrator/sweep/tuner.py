@@ -7,7 +7,6 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -18,7 +17,9 @@ from ray.util.placement_group import placement_group_table
 
 from orchestrator.cluster import cluster_capacity
 from orchestrator.data import DataInfo
+from orchestrator.rundir import TUNE_EXPERIMENT, RunDir
 from orchestrator.spec import Grid, JobSpec
+from orchestrator.storage import Location, resolve
 from orchestrator.sweep.progress import TrialProgress
 from orchestrator.sweep.space import apply_trial_config, search_space
 from orchestrator.train.loop import train_in_trial
@@ -36,8 +37,6 @@ from orchestrator.train.trainer import (
 # 0.01 CPU (our first design) left 0.99 CPU beside integer-CPU workers, which no 1-CPU Ray Data
 # task fits: the trial hung. Tune refuses an all-zero bundle, hence the memory.
 DRIVER_RESOURCES = {"cpu": 0, "memory": 64 * 1024**2}
-TRIALS_FILE = "trials.parquet"
-HISTORY_FILE = "history.parquet"
 
 
 @dataclass
@@ -130,32 +129,37 @@ def _evaluations_per_trial(spec: JobSpec) -> int:
 
 
 def _best_kept(ranked: pd.DataFrame) -> pd.Series:
-    """The best report whose checkpoint is still on disk (train.checkpoint_keep 'latest' deletes
-    older ones, the best among them too); the best report when none is."""
+    """The best report whose checkpoint is still in storage (train.checkpoint_keep 'latest'
+    deletes older ones, the best among them too); the best report when none is."""
     for _, row in ranked.iterrows():
-        if Path(str(row.get("checkpoint_path"))).exists():
+        if isinstance(row.get("checkpoint_path"), str) and resolve(row["checkpoint_path"]).exists():
             return row
     return ranked.iloc[0]
 
 
-def _with_checkpoint_paths(history: pd.DataFrame, trial_path: str) -> pd.DataFrame:
-    """Each report's checkpoint directory: Ray Train's path (TuneReportCallback adds it), or
-    the one Tune persisted under the trial's directory."""
-    if "checkpoint_path" in history or "checkpoint_dir_name" not in history:
+def _with_checkpoint_uris(history: pd.DataFrame, trial: Location) -> pd.DataFrame:
+    """Each report's checkpoint as a URI (or local path): Ray Train's path (TuneReportCallback
+    adds it), or the one Tune persisted under the trial's folder."""
+    if "checkpoint_path" in history:
+        paths = [trial.of(p).uri if isinstance(p, str) else None
+                 for p in history["checkpoint_path"]]
+    elif "checkpoint_dir_name" in history:
+        paths = [trial.join(name).uri if isinstance(name, str) else None
+                 for name in history["checkpoint_dir_name"]]
+    else:
         return history
-    return history.assign(checkpoint_path=[
-        str(Path(trial_path) / name) if isinstance(name, str) else None
-        for name in history["checkpoint_dir_name"]])
+    return history.assign(checkpoint_path=paths)
 
 
-def _tables(results: tune.ResultGrid, spec: JobSpec) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _tables(results: tune.ResultGrid, spec: JobSpec,
+            run_dir: RunDir) -> tuple[pd.DataFrame, pd.DataFrame]:
     metric, ascending = spec.metric, spec.metric_mode == "min"
     rows, histories = [], []
     for result in results:
         trial_id = result.metrics.get("trial_id") if result.metrics else None
         history = result.metrics_dataframe
         if history is not None:
-            history = _with_checkpoint_paths(history, result.path)
+            history = _with_checkpoint_uris(history, run_dir.root.of(result.path))
         row: dict[str, Any] = {"trial_id": trial_id,
                                "status": "error" if result.error else "done",
                                "error": str(result.error) if result.error else None}
@@ -186,25 +190,65 @@ def _wait_for_trial_resources(timeout_s: float = 60.0) -> None:
         time.sleep(0.5)
 
 
-def run_sweep(spec: JobSpec, run_dir: str | Path, info: DataInfo,
-              progress: Callable[[str], None] = lambda _: None) -> SweepResult:
-    """Run every trial, write sweep/trials.parquet and sweep/history.parquet, pick the winner."""
+def run_sweep(spec: JobSpec, run_dir: RunDir | str, info: DataInfo,
+              progress: Callable[[str], None] = lambda _: None,
+              restore: bool = False) -> SweepResult:
+    """Run every trial, write sweep/trials.parquet and sweep/history.parquet, pick the winner.
+
+    With `restore`, a sweep whose driver died continues: finished trials are kept, unfinished
+    ones resume from their latest checkpoints (Tune's for one-worker trials; Train V2 picks up a
+    several-worker trial's latest one from its run's storage)."""
     check_cluster_fits(spec)
     spec = spec.model_copy(update={"resources": spec.resources.model_copy(
         update={"use_gpu": wants_gpu(spec)})})  # decided once, here: trials may run elsewhere
-    run_dir = Path(run_dir).resolve()
+    run_dir = RunDir.at(run_dir)
     metric, mode = spec.metric, spec.metric_mode
-    in_trial = trains_in_trial(spec)
     concurrency = min(max_concurrent_trials(spec), spec.sweep.num_samples * _grid_points(spec))
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, spec=spec, run_dir=str(run_dir), info=info),
+        tune.with_parameters(run_trial, spec=spec, run_dir=run_dir.uri, info=info),
         trial_actor_resources(spec),
     )
-    tuner = tune.Tuner(
+    callbacks = [TrialProgress(progress, spec.name, metric, mode, spec.train.max_steps)]
+    experiment = run_dir.tune_experiment
+    if restore and tune.Tuner.can_restore(experiment.path, storage_filesystem=experiment.fs):
+        tuner = tune.Tuner.restore(experiment.path, trainable, resume_unfinished=True,
+                                   resume_errored=True, storage_filesystem=experiment.fs)
+        # The run config is restored from the dead driver's pickle, progress callback included:
+        # this driver's progress lines go where this driver prints. Tuner has no public setter.
+        tuner._local_tuner.get_run_config().callbacks = callbacks
+    else:
+        tuner = _new_tuner(spec, run_dir, trainable, concurrency, callbacks)
+    started = time.monotonic()
+    results = tuner.fit()
+    wall_s = time.monotonic() - started
+    _wait_for_trial_resources()
+    trials, history = _tables(results, spec, run_dir)
+    trials.to_parquet(run_dir.trials.path, filesystem=run_dir.trials.fs)
+    history.to_parquet(run_dir.history.path, filesystem=run_dir.history.fs)
+    timing = sweep_timing(history, spec.train.eval_interval, wall_s, concurrency)
+    return SweepResult(trials=trials, history=history, winner=pick_winner(trials, spec),
+                       timing=timing)
+
+
+def pick_winner(trials: pd.DataFrame, spec: JobSpec) -> dict[str, Any]:
+    """The trial with the best value of the sweep metric; an error naming every trial's error
+    when none reported it."""
+    best_column = f"best_{spec.metric}"
+    finished = trials.dropna(subset=[best_column]) if best_column in trials else trials.iloc[0:0]
+    if finished.empty:
+        errors = "; ".join(str(e) for e in trials.get("error", pd.Series()).dropna().unique())
+        raise RuntimeError(f"no sweep trial reported {spec.metric}: {errors or 'no trial ran'}")
+    return finished.sort_values(best_column, ascending=spec.metric_mode == "min").iloc[0].to_dict()
+
+
+def _new_tuner(spec: JobSpec, run_dir: RunDir, trainable: Any, concurrency: int,
+               callbacks: list[tune.Callback]) -> tune.Tuner:
+    in_trial = trains_in_trial(spec)
+    return tune.Tuner(
         trainable,
         param_space=search_space(spec),
         tune_config=tune.TuneConfig(
-            metric=metric, mode=mode, num_samples=spec.sweep.num_samples,
+            metric=spec.metric, mode=spec.metric_mode, num_samples=spec.sweep.num_samples,
             max_concurrent_trials=concurrency,
             # One past the last evaluation: ASHA stopping a trial at max_t kills its driver while
             # trainer.fit() is still returning, and Train's placement groups (its CPUs) leaked,
@@ -216,29 +260,13 @@ def run_sweep(spec: JobSpec, run_dir: str | Path, info: DataInfo,
             reuse_actors=in_trial,
         ),
         run_config=tune.RunConfig(
-            name="tune", storage_path=str(run_dir / "sweep"), verbose=0,
+            name=TUNE_EXPERIMENT, storage_path=run_dir.sweep.path,
+            storage_filesystem=run_dir.sweep.fs, verbose=0,
             # Trials that train in their actor keep checkpoints and recover from its death
             # through Tune, as Ray Train runs do through Train.
             checkpoint_config=tune.CheckpointConfig(**checkpoint_retention(spec))
             if in_trial else None,
             failure_config=tune.FailureConfig(max_failures=spec.train.max_failures)
             if in_trial else None,
-            callbacks=[TrialProgress(progress, spec.name, metric, mode, spec.train.max_steps)]),
+            callbacks=callbacks),
     )
-    started = time.monotonic()
-    results = tuner.fit()
-    wall_s = time.monotonic() - started
-    _wait_for_trial_resources()
-    trials, history = _tables(results, spec)
-    out = run_dir / "sweep"
-    out.mkdir(parents=True, exist_ok=True)
-    trials.to_parquet(out / TRIALS_FILE)
-    history.to_parquet(out / HISTORY_FILE)
-    best_column = f"best_{metric}"
-    finished = trials.dropna(subset=[best_column]) if best_column in trials else trials.iloc[0:0]
-    if finished.empty:
-        errors = "; ".join(str(e) for e in trials.get("error", pd.Series()).dropna().unique())
-        raise RuntimeError(f"no sweep trial reported {metric}: {errors or 'no trial ran'}")
-    winner = finished.sort_values(best_column, ascending=mode == "min").iloc[0]
-    timing = sweep_timing(history, spec.train.eval_interval, wall_s, concurrency)
-    return SweepResult(trials=trials, history=history, winner=winner.to_dict(), timing=timing)

@@ -16,7 +16,6 @@ checkpoint to start from, its batches, and where its reports go.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, Protocol
 
 import pyarrow as pa
@@ -26,7 +25,7 @@ import ray.train.torch
 import torch
 from ray import tune
 
-from orchestrator.data import split_dir
+from orchestrator.rundir import RunDir
 from orchestrator.spec import JobSpec
 from orchestrator.train.batches import EpochSource
 
@@ -80,10 +79,10 @@ class TrialSession:
 
     world_size, rank = 1, 0
 
-    def __init__(self, spec: JobSpec, run_dir: str | Path) -> None:
+    def __init__(self, spec: JobSpec, run_dir: RunDir | str) -> None:
         self.device = torch.device("cuda" if spec.resources.use_gpu is True else "cpu")
         self.name = f"trial-{tune.get_context().get_trial_id()}"
-        self.run_dir = Path(run_dir)
+        self.run_dir = RunDir.at(run_dir)
 
     def restored(self) -> ray.train.Checkpoint | None:
         return tune.get_checkpoint()
@@ -133,10 +132,11 @@ class InMemorySplit:
                    for name, column in self.columns.items()}
 
 
-def read_split_tensors(run_dir: str | Path, split: str) -> dict[str, torch.Tensor]:
+def read_split_tensors(run_dir: RunDir | str, split: str) -> dict[str, torch.Tensor]:
     """A split the data stage wrote, as tensors: `ids` (rows × tokens) and, for the
     classifier, `label`."""
-    table = pq.read_table(split_dir(run_dir, split), partitioning=None)
+    location = RunDir.at(run_dir).split(split)
+    table = pq.read_table(location.path, filesystem=location.fs, partitioning=None)
     ids = table.column("ids").combine_chunks()
     if isinstance(ids, pa.ExtensionArray):  # Ray Data's tensor type over a list of values
         ids = ids.storage

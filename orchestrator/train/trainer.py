@@ -14,6 +14,7 @@ from ray.train.torch import TorchTrainer
 
 from orchestrator.cluster import cluster_capacity
 from orchestrator.data import DataInfo, read_split
+from orchestrator.rundir import RunDir
 from orchestrator.spec import JobSpec, SpecError
 from orchestrator.train.loop import train_loop_per_worker
 
@@ -84,13 +85,14 @@ def check_training_options(spec: JobSpec, use_gpu: bool) -> JobSpec:
     return spec
 
 
-def build_trainer(spec: JobSpec, run_dir: str | Path, info: DataInfo, name: str,
+def build_trainer(spec: JobSpec, run_dir: RunDir | str, info: DataInfo, name: str,
                   callbacks: list | None = None,
                   resume_from: str | Path | None = None) -> TorchTrainer:
     """A TorchTrainer for one run; `resume_from` (a checkpoint directory) starts it from a
     checkpoint of another run, which may have had a different number of workers."""
     use_gpu = wants_gpu(spec)
     spec = check_training_options(spec, use_gpu)
+    run_dir = RunDir.at(run_dir)
     datasets = {split: read_split(run_dir, split) for split in ("train", "val")}
     if spec.data.cache:
         datasets = {split: ds.materialize() for split, ds in datasets.items()}
@@ -112,7 +114,9 @@ def build_trainer(spec: JobSpec, run_dir: str | Path, info: DataInfo, name: str,
             execution_options={"train": ordered_ingest_options()}),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=str(Path(run_dir, "train").resolve()),
+            # Restarted with the same name and storage (a resumed sweep), Train V2 continues
+            # from the run's latest checkpoint.
+            storage_path=run_dir.train.path, storage_filesystem=run_dir.train.fs,
             failure_config=ray.train.FailureConfig(max_failures=spec.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(**checkpoint_retention(spec)),
             callbacks=callbacks or [],

@@ -1,0 +1,63 @@
+"""Continuing a run whose driver died: which spec it continues with, and which edits it refuses.
+
+A completed stage's outputs were made from some fields of the spec; a stage that has started
+(the sweep, whose trials and checkpoints are in the run directory) too. Editing those fields
+and continuing would mix two jobs in one run, so it is refused, naming the fields. Fields that
+only later stages read (serve.*, for instance) may change.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from orchestrator.rundir import RunDir
+from orchestrator.spec import JobSpec, SpecError, apply_overrides, parse_spec
+
+# The spec fields (dotted prefixes) each stage's outputs depend on.
+STAGE_INPUTS = {
+    "data": ("data", "model.family"),
+    "sweep": ("data", "model", "train", "sweep", "resources"),
+}
+
+
+def resume_spec(run_dir: RunDir, overrides: list[str] | None = None) -> JobSpec:
+    """The spec the run was started with (its spec.yaml), with `overrides` applied."""
+    raw = yaml.safe_load(run_dir.spec_file.read_text())
+    return parse_spec(apply_overrides(raw, overrides or []))
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def frozen_fields(run_dir: RunDir) -> tuple[str, ...]:
+    """Prefixes of the fields that completed or started stages were made from."""
+    started = set(run_dir.completed())
+    if run_dir.tune_experiment.exists():
+        started.add("sweep")
+    return tuple(p for stage in sorted(started) for p in STAGE_INPUTS.get(stage, ()))
+
+
+def check_resumable(run_dir: RunDir, spec: JobSpec) -> None:
+    """Refuse, before anything runs, a spec whose edits change what completed stages made."""
+    if "report" in run_dir.completed():
+        raise SpecError(f"{run_dir.uri} has finished (its report is written); nothing to resume")
+    stored = _flatten(resume_spec(run_dir).model_dump(mode="json"))
+    given = _flatten(spec.model_dump(mode="json"))
+    frozen = frozen_fields(run_dir)
+    edits = [key for key in sorted({*stored, *given}) if stored.get(key) != given.get(key)
+             and any(key == p or key.startswith(f"{p}.") for p in frozen)]
+    if edits:
+        changes = "; ".join(f"{key} = {given.get(key)!r} (the run has {stored.get(key)!r})"
+                            for key in edits)
+        raise SpecError(f"cannot resume {run_dir.uri} with this spec: {changes}. Stages that "
+                        "already ran were made with the run's values; start a new run to change "
+                        "them")

@@ -1,0 +1,163 @@
+"""The run directory's layout: the one place that spells its paths.
+
+A run directory is a local folder or an object-storage prefix (see storage.py). Each stage
+writes its part; later stages, `orchestrator resume`, `deploy` and `predict` only read them:
+
+  spec.yaml                     the validated spec with every default filled in
+  stages.json                   the stages completed so far and what they handed on (written
+                                last by each stage, whole or not at all: what resume trusts)
+  tokenizer/tokenizer.json      the data stage's tokenizer
+  data/split=<name>/*.parquet   the data stage's tokenized splits; data/meta.json its DataInfo
+  sweep/tune/                   Tune's experiment: its state, one folder per trial, and the
+                                checkpoints of one-worker trials (trained in their trial actor)
+  train/trial-<id>/             several-worker trials' Ray Train runs and their checkpoints
+  sweep/trials.parquet          one row per trial; sweep/history.parquet every report
+  winner/                       the select stage's bundle (bundle.py), test metrics after evaluate
+  report.json, report.md        the summary
+  plots/                        the report's figures
+  logs/ray.log                  what Ray and Tune printed (a local run directory only)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from orchestrator.storage import Location, StorageError, check_writable, resolve
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Location
+
+    @classmethod
+    def create(cls, base: str | os.PathLike, name: str) -> RunDir:
+        """A new, empty run directory `<base>/<name>-<UTC time>`; fails at once, naming the URI,
+        when the base cannot be written."""
+        base_location = resolve(base)
+        check_writable(base_location)
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        root = base_location.join(f"{name}-{stamp}")
+        if root.exists():
+            raise StorageError(f"{root.uri} exists already; start the run again in a second")
+        return cls(root)
+
+    @classmethod
+    def at(cls, location: RunDir | str | os.PathLike | Location) -> RunDir:
+        """The run directory at a path or URI (or the one given), whatever it holds yet."""
+        return location if isinstance(location, RunDir) else cls(resolve(location))
+
+    @classmethod
+    def open(cls, location: str | os.PathLike | Location) -> RunDir:
+        """An existing run directory; StorageError when the location is not one of ours."""
+        run_dir = cls(resolve(location))
+        if not run_dir.spec_file.is_file():
+            raise StorageError(f"{run_dir.uri} is not a run directory of orchestrator "
+                               f"(no {run_dir.spec_file.name} in it)")
+        return run_dir
+
+    @classmethod
+    def latest(cls, base: str | os.PathLike, name: str) -> RunDir | None:
+        """The most recent run directory of the job `name` under `base`, if any."""
+        base_location = resolve(base)
+        if not base_location.exists():
+            return None
+        from pyarrow.fs import FileSelector, FileType
+
+        infos = base_location.fs.get_file_info(FileSelector(base_location.path))
+        runs = sorted(info.base_name for info in infos if info.type == FileType.Directory
+                      and info.base_name.startswith(f"{name}-"))
+        return cls(base_location.join(runs[-1])) if runs else None
+
+    @property
+    def uri(self) -> str:
+        return self.root.uri
+
+    def __str__(self) -> str:
+        return self.uri
+
+    # The layout
+    @property
+    def spec_file(self) -> Location:
+        return self.root.join("spec.yaml")
+
+    @property
+    def stages_file(self) -> Location:
+        return self.root.join("stages.json")
+
+    @property
+    def tokenizer(self) -> Location:
+        return self.root.join("tokenizer")
+
+    @property
+    def data(self) -> Location:
+        return self.root.join("data")
+
+    def split(self, name: str) -> Location:
+        return self.data.join(f"split={name}")
+
+    @property
+    def data_info(self) -> Location:
+        return self.data.join("meta.json")
+
+    @property
+    def sweep(self) -> Location:
+        """Tune's storage path; the experiment is its `tune/` folder."""
+        return self.root.join("sweep")
+
+    @property
+    def tune_experiment(self) -> Location:
+        return self.sweep.join(TUNE_EXPERIMENT)
+
+    @property
+    def train(self) -> Location:
+        """Ray Train's storage path for several-worker trials."""
+        return self.root.join("train")
+
+    @property
+    def trials(self) -> Location:
+        return self.sweep.join("trials.parquet")
+
+    @property
+    def history(self) -> Location:
+        return self.sweep.join("history.parquet")
+
+    @property
+    def winner(self) -> Location:
+        return self.root.join("winner")
+
+    @property
+    def report_json(self) -> Location:
+        return self.root.join("report.json")
+
+    @property
+    def report_md(self) -> Location:
+        return self.root.join("report.md")
+
+    @property
+    def plots(self) -> Location:
+        return self.root.join("plots")
+
+    @property
+    def ray_log(self) -> Location:
+        return self.root.join("logs", "ray.log")
+
+    # Completed stages
+    def completed(self) -> dict[str, Any]:
+        """What each completed stage handed on, by stage name ({} for a new run)."""
+        if not self.stages_file.exists():
+            return {}
+        return json.loads(self.stages_file.read_text())
+
+    def mark_completed(self, stage: str, handed_on: dict[str, Any]) -> None:
+        """Record a stage as done, after everything it wrote (one atomic write)."""
+        stages = {**self.completed(), stage: handed_on}
+        self.stages_file.write_text(json.dumps(stages, indent=2, default=str))
+
+
+TUNE_EXPERIMENT = "tune"
