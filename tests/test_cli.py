@@ -120,7 +120,8 @@ def test_a_stopped_run_says_where_and_leaves_nothing_running(tmp_path: Path,
     run_dir = next((tmp_path / "runs").glob("test-gpt-*"))
     stopped = [line for line in lines if line.startswith("stopped by")]
     assert len(stopped) == 1 and lines[-1] == stopped[0], lines
-    assert "in the sweep stage" in stopped[0] and f"rm -r {run_dir}" in stopped[0], stopped
+    assert "in the sweep stage" in stopped[0], stopped
+    assert f"orchestrator resume {run_dir}" in stopped[0], stopped
     assert f"Ray's output: {run_dir / 'logs' / 'ray.log'}" in stopped[0], stopped
     assert all(line.startswith(("run directory:", "[1/5 data]", "[2/5 sweep]", "stopped by"))
                for line in lines), lines

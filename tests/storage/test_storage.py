@@ -1,0 +1,130 @@
+"""Run directories on local disk and on a real S3-compatible server (moto's, on 127.0.0.1): the
+same layout object reads and writes both, and a location that cannot work fails at once with
+an error naming it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import tiny_spec
+from s3 import S3Server, s3_server
+
+from orchestrator.resume import check_resumable
+from orchestrator.rundir import RunDir
+from orchestrator.spec import SpecError, parse_spec, spec_to_yaml
+from orchestrator.storage import StorageError, resolve
+
+
+@pytest.fixture(scope="module")
+def s3() -> S3Server:
+    with s3_server() as server:
+        server.create_bucket("runs")
+        yield server
+
+
+@pytest.fixture
+def s3_env(s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
+    for name, value in s3.env().items():
+        monkeypatch.setenv(name, value)
+    return s3
+
+
+@pytest.fixture(params=["local", "s3"])
+def base(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "local":
+        return str(tmp_path / "runs")
+    request.getfixturevalue("s3_env")
+    return f"s3://runs/{tmp_path.name}"
+
+
+def test_a_run_directory_round_trips_files_and_folders(base: str, tmp_path: Path) -> None:
+    run_dir = RunDir.create(base, "job")
+    assert run_dir.uri.startswith(base.rstrip("/") + "/job-")
+    run_dir.spec_file.write_text("name: job\n")
+    assert RunDir.open(run_dir.uri).spec_file.read_text() == "name: job\n"
+
+    with run_dir.tokenizer.local_folder() as folder:
+        (folder / "tokenizer.json").write_text("{}")
+        (folder / "nested").mkdir()
+        (folder / "nested" / "x.bin").write_bytes(b"\x00\x01")
+    with run_dir.tokenizer.local_copy() as copy:
+        assert (copy / "tokenizer.json").read_text() == "{}"
+        assert (copy / "nested" / "x.bin").read_bytes() == b"\x00\x01"
+
+    assert run_dir.completed() == {}
+    run_dir.mark_completed("data", {"rows": 3})
+    run_dir.mark_completed("sweep", {"trials": 4})
+    assert RunDir.open(run_dir.uri).completed() == {"data": {"rows": 3}, "sweep": {"trials": 4}}
+
+    run_dir.tokenizer.remove()
+    assert not run_dir.tokenizer.exists() and run_dir.spec_file.exists()
+    assert RunDir.latest(base, "job") == run_dir
+
+
+def test_an_s3_run_directory_writes_only_to_the_bucket(s3_env: S3Server, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    run_dir = RunDir.create("s3://runs/only-bucket", "job")
+    run_dir.data_info.write_text(json.dumps({"vocab_size": 5}))
+    assert any(key.endswith("/data/meta.json") for key in s3_env.keys("runs", "only-bucket/"))
+    assert list(tmp_path.iterdir()) == []  # no local `s3:/runs/...` folder
+
+
+def test_a_missing_bucket_is_named_before_anything_runs(s3_env: S3Server) -> None:
+    with pytest.raises(StorageError, match=r"cannot write to s3://no-such-bucket/runs.*bucket"):
+        RunDir.create("s3://no-such-bucket/runs", "job")
+
+
+def test_an_unreachable_store_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    with pytest.raises(StorageError, match=r"s3://runs/x"):
+        RunDir.create("s3://runs/x", "job")
+
+
+def test_an_unknown_scheme_is_named() -> None:
+    with pytest.raises(StorageError, match=r"nosuchfs://bucket/runs.*'nosuchfs'"):
+        resolve("nosuchfs://bucket/runs")
+
+
+def test_a_folder_that_is_not_a_run_directory_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "photos").mkdir()
+    with pytest.raises(StorageError, match=r"photos is not a run directory of orchestrator"):
+        RunDir.open(tmp_path / "photos")
+
+
+def _run_dir_with(tmp_path: Path, spec_raw: dict, completed: list[str]) -> RunDir:
+    run_dir = RunDir.create(tmp_path, "test-gpt")
+    run_dir.spec_file.write_text(spec_to_yaml(parse_spec(spec_raw)))
+    for stage in completed:
+        run_dir.mark_completed(stage, {})
+    return run_dir
+
+
+def test_resume_refuses_edits_to_what_completed_stages_used(tmp_path: Path) -> None:
+    raw = tiny_spec("gpt")
+    run_dir = _run_dir_with(tmp_path, raw, ["data"])
+    edited = parse_spec({**raw, "data": {**raw["data"], "vocab_size": 999}})
+    with pytest.raises(SpecError, match=r"data.vocab_size = 999 \(the run has \d+\)"):
+        check_resumable(run_dir, edited)
+    # The sweep has not started: its settings may still change, and so may serving's.
+    check_resumable(run_dir, parse_spec({**raw, "train": {**raw["train"], "lr": 0.5},
+                                         "serve": {"port": 8123}}))
+
+
+def test_resume_refuses_sweep_edits_once_the_sweep_started(tmp_path: Path) -> None:
+    raw = tiny_spec("gpt")
+    run_dir = _run_dir_with(tmp_path, raw, ["data"])
+    run_dir.tune_experiment.join("experiment_state.json").write_text("{}")
+    with pytest.raises(SpecError, match=r"train.lr = 0.5"):
+        check_resumable(run_dir, parse_spec({**raw, "train": {**raw["train"], "lr": 0.5}}))
+
+
+def test_a_finished_run_is_not_resumed(tmp_path: Path) -> None:
+    run_dir = _run_dir_with(tmp_path, tiny_spec("gpt"), ["data", "sweep", "report"])
+    with pytest.raises(SpecError, match=r"has finished"):
+        check_resumable(run_dir, parse_spec(tiny_spec("gpt")))
