@@ -257,6 +257,16 @@ class JobSpec(_Section):
         return self
 
     @model_validator(mode="after")
+    def _grace_period_fits(self) -> JobSpec:
+        evaluations = -(-self.train.max_steps // self.train.eval_interval)
+        if self.sweep.grace_period > evaluations:
+            raise ValueError(
+                f"sweep.grace_period = {self.sweep.grace_period} is more than the {evaluations} "
+                f"evaluations a trial makes (train.max_steps {self.train.max_steps} / "
+                f"train.eval_interval {self.train.eval_interval}); use at most {evaluations}")
+        return self
+
+    @model_validator(mode="after")
     def _global_batch_divides(self) -> JobSpec:
         train, workers = self.train, self.resources.num_workers
         if not train.global_batch_size:

@@ -50,7 +50,8 @@ def test_a_run_whose_driver_was_killed_mid_sweep_resumes_to_its_end(tmp_path: Pa
     spec = tmp_path / "job.yaml"
     spec.write_text(yaml.safe_dump({
         **tiny_spec("gpt", train={"max_steps": STEPS, "eval_interval": INTERVAL},
-                    sweep={"num_samples": 2, "grace_period": 100}, serve={"enabled": False}),
+                    sweep={"num_samples": 2, "grace_period": STEPS // INTERVAL},
+                    serve={"enabled": False}),
         "run_dir": str(tmp_path / "runs")}))
     driver = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", str(spec)],
                               env=base_env(), cwd=REPO, stdout=subprocess.PIPE,
@@ -64,10 +65,11 @@ def test_a_run_whose_driver_was_killed_mid_sweep_resumes_to_its_end(tmp_path: Pa
             lines.append(line.rstrip("\n"))
             if f"step {2 * INTERVAL}/{STEPS}" in line:  # a trial has checkpointed twice
                 reported.set()
+        reported.set()  # the driver ended (it should not have): fail below, with its output
 
     threading.Thread(target=read, daemon=True).start()
     try:
-        assert reported.wait(timeout=JOB_TIMEOUT_S), "\n".join(lines)
+        assert reported.wait(timeout=JOB_TIMEOUT_S) and driver.poll() is None, "\n".join(lines)
         children = _ray_processes_of(driver.pid)
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=60)
