@@ -84,11 +84,32 @@ def cluster() -> Iterator[Cluster]:
             subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", hide],
                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             _wait_for_cpus(address, env, 2)
+            _check_the_worker_cannot_see(root, address, env)
             yield Cluster(address, env, root, s3)
         finally:
             leftover = stop_marked(MARKER, marker, root)
             shutil.rmtree(root, ignore_errors=True)
             assert not leftover, f"processes of the test cluster survived: {leftover}"
+
+
+def _check_the_worker_cannot_see(root: Path, address: str, env: dict[str, str]) -> None:
+    """A task (it can only run on the worker: the head has no CPUs) looks for files the head
+    side writes now, in /tmp and in runs/ (Ray makes a folder of the same name as the head's
+    temporary directory on the worker, in the worker's own /tmp)."""
+    probes = [root / f".probe-{uuid.uuid4().hex}", REPO / "runs" / f".probe-{uuid.uuid4().hex}"]
+    for probe in probes:
+        probe.write_text("the head's disk")
+    try:
+        paths = [str(probe) for probe in probes]
+        code = (f"import os, ray; ray.init(address={address!r}); "
+                f"print(ray.get(ray.remote(lambda: [os.path.exists(p) for p in {paths!r}])"
+                ".remote()))")
+        seen = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, timeout=300, check=True).stdout.strip().splitlines()[-1]
+    finally:
+        for probe in probes:
+            probe.unlink()
+    assert seen == "[False, False]", seen
 
 
 def _orchestrator(*args: str, cluster: Cluster, cwd: Path,
@@ -111,7 +132,8 @@ def test_a_run_in_a_bucket_trains_on_a_node_without_the_heads_disk_and_serves_fr
                         cwd=workdir, timeout=JOB_TIMEOUT_S)
     assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
 
-    keys = cluster.s3.keys("runs", "runs/")
+    # Keys of objects (pyarrow also leaves empty "folder/" markers).
+    keys = [key for key in cluster.s3.keys("runs", "runs/") if key.count("/") >= 2]
     run_names = {key.split("/")[1] for key in keys}
     assert len(run_names) == 1, run_names
     run_uri = f"s3://runs/runs/{run_names.pop()}"
@@ -135,6 +157,7 @@ def test_a_run_in_a_bucket_trains_on_a_node_without_the_heads_disk_and_serves_fr
     assert deployed.returncode == 0, deployed.stderr[-3000:]
     assert f"from {run_uri}/winner" in deployed.stdout
     answer = requests.post(f"http://127.0.0.1:{port}/v1/completions", timeout=120,
-                           json={"prompt": "The", "max_tokens": 4, "temperature": 0})
+                           json={"model": "test-gpt", "prompt": "The", "max_tokens": 4,
+                                 "temperature": 0})
     assert answer.status_code == 200, answer.text
     assert answer.json()["usage"]["completion_tokens"] >= 1
