@@ -1,4 +1,5 @@
-"""What the connected Ray cluster can grow to, which is what a job is sized against.
+"""What the connected Ray cluster can grow to, and what a job gets from it (ClusterPlan): the
+device, one trial's resources, how many trials run at once, and the inference actors' GPUs.
 
 `ray.cluster_resources()` counts only the nodes that are up; on an autoscaling cluster (cluster.yaml:
 a 0-CPU head, workers from 0) that is nothing a trial could run on. Ray 2.60 has no API for the
@@ -8,11 +9,18 @@ job drivers run (Ray Tune checks the same file to know the cluster autoscales).
 
 from __future__ import annotations
 
+import logging
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
 import yaml
+
+from orchestrator.spec import Grid, JobSpec, SpecError
+
+log = logging.getLogger("orchestrator.cluster")
 
 BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")
 
@@ -36,3 +44,82 @@ def cluster_capacity() -> dict[str, float]:
         return now
     launcher = launcher_capacity(yaml.safe_load(path.read_text()))
     return {key: max(now.get(key, 0), launcher.get(key, 0)) for key in {*now, *launcher}}
+
+
+@dataclass(frozen=True)
+class ClusterPlan:
+    """What a job gets from the cluster, decided once, by the driver, before any stage runs:
+    trial drivers and actors on other nodes see other nodes, and must not decide again."""
+
+    use_gpu: bool
+    trial_resources: dict[str, float]  # one trial's workers together ("CPU", "GPU")
+    data_cpus: float                   # kept free for Ray Data while trials stream
+    concurrent_trials: int             # trials that fit at once (at the cluster's largest)
+    inference_gpus: int                # per batch-inference actor (evaluate, predict)
+
+
+def plan_for(spec: JobSpec, capacity: dict[str, float]) -> ClusterPlan:
+    """The plan for `spec` on a cluster that can hold `capacity`; a SpecError when one trial
+    needs more than the whole cluster, instead of waiting forever for it."""
+    resources = spec.resources
+    use_gpu = (capacity.get("GPU", 0) > 0 if resources.use_gpu == "auto"
+               else bool(resources.use_gpu))
+    needs = {"CPU": resources.num_workers * resources.cpus_per_worker}
+    if use_gpu:
+        needs["GPU"] = resources.num_workers * resources.gpus_per_worker
+    data_cpus = 0.0 if spec.data.cache else resources.data_cpus
+    for resource, amount in {**needs, "CPU": needs["CPU"] + data_cpus}.items():
+        if amount > capacity.get(resource, 0):
+            raise SpecError(
+                f"resources: one trial needs {amount:g} {resource} "
+                f"(num_workers = {resources.num_workers}, "
+                f"cpus_per_worker = {resources.cpus_per_worker:g}, "
+                f"gpus_per_worker = {resources.gpus_per_worker:g}, "
+                f"data_cpus = {data_cpus:g}) but the cluster has "
+                f"{capacity.get(resource, 0):g}; lower resources.num_workers or add nodes")
+    fits = math.floor((capacity.get("CPU", 0) - data_cpus) / needs["CPU"])
+    if needs.get("GPU", 0) > 0:
+        fits = min(fits, math.floor(capacity.get("GPU", 0) / needs["GPU"]))
+    concurrent = spec.sweep.max_concurrent_trials or max(1, fits)
+    return ClusterPlan(use_gpu=use_gpu, trial_resources=needs, data_cpus=data_cpus,
+                       concurrent_trials=min(concurrent, trial_count(spec)),
+                       inference_gpus=inference_gpus(capacity))
+
+
+def plan_cluster(spec: JobSpec) -> ClusterPlan:
+    """The plan on the connected cluster, at the size it can grow to."""
+    return plan_for(spec, cluster_capacity())
+
+
+def inference_gpus(capacity: dict[str, float]) -> int:
+    """GPUs per batch-inference actor: one when the cluster has (or can get) a GPU."""
+    return 1 if capacity.get("GPU", 0) >= 1 else 0
+
+
+def trial_count(spec: JobSpec) -> int:
+    """Trials the sweep runs: num_samples for every point of the grid."""
+    grid = math.prod(len(d.grid) for d in spec.sweep.space.values() if isinstance(d, Grid))
+    return spec.sweep.num_samples * grid
+
+
+def with_device(spec: JobSpec, plan: ClusterPlan) -> JobSpec:
+    """The spec with resources.use_gpu decided (no 'auto' left for a trial to re-decide)."""
+    return spec.model_copy(update={"resources": spec.resources.model_copy(
+        update={"use_gpu": plan.use_gpu})})
+
+
+def check_training_options(spec: JobSpec, use_gpu: bool) -> JobSpec:
+    """Refuse training options this cluster cannot honour before any worker starts; return the
+    spec to train with (FSDP over one worker falls back to plain training, with a warning)."""
+    train = spec.train
+    if train.precision == "fp16" and not use_gpu:
+        raise SpecError("train.precision = 'fp16': fp16 training needs a GPU (on CPU use 'bf16' "
+                        "or 'fp32'), and this job trains on CPU")
+    if train.precision == "fp16" and train.strategy == "fsdp":
+        raise SpecError("train.precision = 'fp16' with train.strategy = 'fsdp' is not supported "
+                        "(the grad scaler does not handle sharded gradients); use 'bf16' or ddp")
+    if train.strategy == "fsdp" and spec.resources.num_workers == 1:
+        log.warning("train.strategy fsdp with resources.num_workers 1 has nothing to shard "
+                    "over; training the whole model on the one worker")
+        spec = spec.model_copy(update={"train": train.model_copy(update={"strategy": "ddp"})})
+    return spec

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from orchestrator.bundle import Bundle, load_bundle, read_spec_and_info
-from orchestrator.cluster import cluster_capacity
+from orchestrator.cluster import cluster_capacity, inference_gpus
 from orchestrator.data import DataInfo, read_source, read_split, read_splits
 from orchestrator.data.sources import TEXT
 from orchestrator.predictor import Predictor, SamplingParams
@@ -90,9 +90,8 @@ def load_on_device(bundle_dir: str) -> Bundle:
     return bundle
 
 
-def on_actor_pool(replicas: int, cpus: float = 1.0) -> dict[str, Any]:
-    """map_batches options for batch inference: a pool of actors, one GPU each if there are GPUs."""
-    gpus = 1 if cluster_capacity().get("GPU", 0) >= 1 else 0
+def on_actor_pool(replicas: int, cpus: float = 1.0, gpus: int = 0) -> dict[str, Any]:
+    """map_batches options for batch inference: a pool of actors, with `gpus` each."""
     return {"batch_size": INFERENCE_BATCH, "num_gpus": gpus, "num_cpus": cpus,
             "compute": ray.data.ActorPoolStrategy(size=replicas)}
 
@@ -108,7 +107,8 @@ def predict(bundle_dir: str | Path, input_path: str, output_path: str,
                          f"context of {info.seq_len - 1} tokens, not {max_tokens}")
     source = DataSpec(path=input_path, text_column=text_column or spec.data.text_column)
     predicted = read_source(source, keep_other_columns=True).map_batches(
-        PredictBatch, batch_format="pandas", **on_actor_pool(replicas, cpus),
+        PredictBatch, batch_format="pandas",
+        **on_actor_pool(replicas, cpus, inference_gpus(cluster_capacity())),
         fn_constructor_kwargs={"bundle_dir": str(bundle_dir), "max_tokens": max_tokens,
                                "temperature": temperature, "seed": seed})
     predicted.write_parquet(output_path)
@@ -132,8 +132,8 @@ def unigram_log_probs(train_counts: np.ndarray) -> np.ndarray:
 
 
 def evaluate_bundle(run_dir: RunDir | str, bundle_dir: str, info: DataInfo,
-                    splits: tuple[str, ...] = ("val", "test"),
-                    replicas: int = 1) -> dict[str, dict[str, Any]]:
+                    splits: tuple[str, ...] = ("val", "test"), replicas: int = 1,
+                    gpus: int = 0) -> dict[str, dict[str, Any]]:
     """For each split: {'model': the bundle's metrics, 'baseline': the trivial baseline's}, and
     for a classifier 'confusion_matrix' (counts[true][predicted], for the report's plot).
 
@@ -145,7 +145,7 @@ def evaluate_bundle(run_dir: RunDir | str, bundle_dir: str, info: DataInfo,
     scored = read_splits(run_dir, splits).map_batches(
         ScoreBatch, fn_constructor_kwargs={"bundle_dir": str(bundle_dir),
                                            "unigram_log_probs": log_probs},
-        **on_actor_pool(replicas),
+        **on_actor_pool(replicas, gpus=gpus),
     ).to_pandas()
     return {split: _split_metrics(scored[scored["split"] == split], info) for split in splits}
 

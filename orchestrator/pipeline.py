@@ -14,6 +14,7 @@ import ray
 
 from orchestrator import serve as service
 from orchestrator.bundle import save_bundle, write_metrics
+from orchestrator.cluster import ClusterPlan, check_training_options, plan_cluster, with_device
 from orchestrator.data import DataInfo, prepare_data
 from orchestrator.evaluate import evaluate_bundle
 from orchestrator.report import json_safe, write_report
@@ -24,7 +25,6 @@ from orchestrator.spec import JobSpec, spec_to_yaml
 from orchestrator.sweep import run_sweep
 from orchestrator.sweep.space import apply_trial_config
 from orchestrator.sweep.tuner import SweepResult, SweepTiming, pick_winner
-from orchestrator.train.trainer import check_cluster_fits, check_training_options, wants_gpu
 
 STAGES = ("data", "sweep", "select", "evaluate", "deploy")
 RESULT_MARKER = "orchestrator-result: "
@@ -76,11 +76,11 @@ def run_pipeline(spec: JobSpec, say: Callable[[str], None] | Progress = print,
     `say` receives the progress lines; pass a Progress to follow the stage and the run directory
     from outside (the CLI does, to report an interrupted run). With `resume`, the stages that
     run directory records as completed are not run again, and an interrupted sweep continues."""
-    # use_gpu 'auto' is decided here, once: trial drivers on other nodes may see other nodes.
-    spec = spec.model_copy(update={"resources": spec.resources.model_copy(
-        update={"use_gpu": wants_gpu(spec)})})
-    check_cluster_fits(spec)  # a job that cannot train fails at once, before any stage runs
-    check_training_options(spec, spec.resources.use_gpu)
+    # What the cluster gives this job is decided here, once (trial drivers on other nodes see
+    # other nodes); a job that cannot train fails at once, before any stage runs.
+    plan = plan_cluster(spec)
+    spec = with_device(spec, plan)
+    check_training_options(spec, plan.use_gpu)
     if resume is None:
         run_dir = RunDir.create(spec.run_dir, spec.name)
     else:
@@ -93,12 +93,11 @@ def run_pipeline(spec: JobSpec, say: Callable[[str], None] | Progress = print,
     done = run_dir.completed()
 
     info = _data_stage(spec, run_dir, done, progress)
-    sweep = _sweep_stage(spec, run_dir, info, done, progress)
-    config = {k.removeprefix("config/"): v for k, v in sweep.winner.items()
-              if k.startswith("config/")}
-    winner_spec = apply_trial_config(spec, config)
+    sweep = _sweep_stage(spec, run_dir, info, plan, done, progress)
+    winner = sweep.winner
+    winner_spec = apply_trial_config(spec, winner.config)
     bundle = _select_stage(spec, winner_spec, run_dir, info, sweep, done, progress)
-    evaluation = _evaluate_stage(run_dir, bundle, info, done, progress)
+    evaluation = _evaluate_stage(run_dir, bundle, info, plan, done, progress)
 
     endpoint, samples = None, []
     if spec.serve.enabled:
@@ -108,7 +107,6 @@ def run_pipeline(spec: JobSpec, say: Callable[[str], None] | Progress = print,
         samples = send_sample_requests(spec, endpoint, info.family)
         if not spec.serve.keep_running:
             service.shutdown(winner_spec)
-    winner = sweep.winner
     report = json_safe({
         "name": spec.name, "run_dir": run_dir.uri, "family": info.family,
         "started": started.isoformat(), "finished": datetime.now(timezone.utc).isoformat(),
@@ -116,8 +114,8 @@ def run_pipeline(spec: JobSpec, say: Callable[[str], None] | Progress = print,
         "sweep_timing": {**asdict(sweep.timing), "overhead": sweep.timing.overhead},
         "data": {"texts": info.texts, "rows": info.rows, "vocab_size": info.vocab_size,
                  "labels": info.labels},
-        "winner": {"trial_id": winner["trial_id"], "config": config, "bundle": bundle,
-                   "best_step": winner["best_step"]},
+        "winner": {"trial_id": winner.trial_id, "config": winner.config, "bundle": bundle,
+                   "best_step": winner.best_step},
         "evaluation": evaluation,
         "endpoint": endpoint if spec.serve.keep_running else None,
         "sample_responses": samples,
@@ -144,8 +142,8 @@ def _data_stage(spec: JobSpec, run_dir: RunDir, done: dict[str, Any],
     return info
 
 
-def _sweep_stage(spec: JobSpec, run_dir: RunDir, info: DataInfo, done: dict[str, Any],
-                 progress: Progress) -> SweepResult:
+def _sweep_stage(spec: JobSpec, run_dir: RunDir, info: DataInfo, plan: ClusterPlan,
+                 done: dict[str, Any], progress: Progress) -> SweepResult:
     if "sweep" in done:
         trials = pd.read_parquet(run_dir.trials.path, filesystem=run_dir.trials.fs)
         history = pd.read_parquet(run_dir.history.path, filesystem=run_dir.history.fs)
@@ -153,7 +151,8 @@ def _sweep_stage(spec: JobSpec, run_dir: RunDir, info: DataInfo, done: dict[str,
         return SweepResult(trials, history, pick_winner(trials, spec),
                            SweepTiming(**done["sweep"]["timing"]))
     progress.stage("sweep")
-    sweep = run_sweep(spec, run_dir, info, progress.note, restore=run_dir.tune_experiment.exists())
+    sweep = run_sweep(spec, run_dir, info, plan, progress.note,
+                      restore=run_dir.tune_experiment.exists())
     timing = sweep.timing
     progress.note(f"{len(sweep.trials)} trials in {timing.wall_s:.0f} s: {timing.training_s:.0f} s "
                   f"of training steps, {timing.concurrent_trials} at a time "
@@ -166,26 +165,23 @@ def _select_stage(spec: JobSpec, winner_spec: JobSpec, run_dir: RunDir, info: Da
                   sweep: SweepResult, done: dict[str, Any], progress: Progress) -> str:
     winner = sweep.winner
     if "select" in done:
-        progress.done_earlier("select", f"winner {winner['trial_id']}")
+        progress.done_earlier("select", f"winner {winner.trial_id}")
         return done["select"]["bundle"]
     progress.stage("select")
-    val_metrics = {k.removeprefix("best/"): v for k, v in winner.items() if k.startswith("best/")}
-    bundle = save_bundle(run_dir.winner, winner_spec, info, winner["checkpoint_path"],
-                         run_dir.tokenizer, {"val": val_metrics}, winner["trial_id"])
-    config = {k.removeprefix("config/"): v for k, v in winner.items() if k.startswith("config/")}
-    progress.note(f"winner {winner['trial_id']} {config} {spec.metric} "
-                  f"{winner[f'best_{spec.metric}']:.4f}")
+    bundle = save_bundle(run_dir.winner, winner_spec, info, winner.checkpoint,
+                         run_dir.tokenizer, {"val": winner.val_metrics}, winner.trial_id)
+    progress.note(f"winner {winner.trial_id} {winner.config} {spec.metric} {winner.metric:.4f}")
     run_dir.mark_completed("select", {"bundle": bundle})
     return bundle
 
 
-def _evaluate_stage(run_dir: RunDir, bundle: str, info: DataInfo, done: dict[str, Any],
-                    progress: Progress) -> dict[str, Any]:
+def _evaluate_stage(run_dir: RunDir, bundle: str, info: DataInfo, plan: ClusterPlan,
+                    done: dict[str, Any], progress: Progress) -> dict[str, Any]:
     if "evaluate" in done:
         progress.done_earlier("evaluate", "test metrics in the bundle")
         return done["evaluate"]["evaluation"]
     progress.stage("evaluate")
-    evaluation = json_safe(evaluate_bundle(run_dir, bundle, info))
+    evaluation = json_safe(evaluate_bundle(run_dir, bundle, info, gpus=plan.inference_gpus))
     write_metrics(bundle, {split: e["model"] for split, e in evaluation.items()})
     run_dir.mark_completed("evaluate", {"evaluation": evaluation})
     return evaluation

@@ -95,7 +95,7 @@ def write_report(run_dir: RunDir, report: dict[str, Any], spec: JobSpec, sweep: 
     run_dir.report_json.write_text(json.dumps(report, indent=2))
     with tempfile.TemporaryDirectory(prefix="orchestrator-plots-") as scratch:
         plots = write_report_plots(scratch, info.family, spec.metric, spec.metric_mode,
-                                   sweep.winner["trial_id"], sweep.trials, sweep.history,
+                                   sweep.winner.trial_id, sweep.trials, sweep.history,
                                    evaluation, info.labels)
         run_dir.plots.upload(Path(scratch) / PLOTS_DIR)
     run_dir.report_md.write_text(render_markdown(report) + plots_markdown(plots))

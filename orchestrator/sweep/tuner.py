@@ -15,23 +15,15 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.util.placement_group import placement_group_table
 
-from orchestrator.cluster import cluster_capacity
+from orchestrator.cluster import ClusterPlan, check_training_options
 from orchestrator.data import DataInfo
 from orchestrator.rundir import TUNE_EXPERIMENT, RunDir
-from orchestrator.spec import Grid, JobSpec
+from orchestrator.spec import JobSpec
 from orchestrator.storage import Location, resolve
 from orchestrator.sweep.progress import TrialProgress
 from orchestrator.sweep.space import apply_trial_config, search_space
 from orchestrator.train.loop import train_in_trial
-from orchestrator.train.trainer import (
-    build_trainer,
-    check_cluster_fits,
-    check_training_options,
-    checkpoint_retention,
-    data_cpus,
-    trial_resources,
-    wants_gpu,
-)
+from orchestrator.train.trainer import build_trainer, checkpoint_retention
 
 # The trial driver only waits on its TorchTrainer, so it reserves memory and no CPU. A share of
 # 0.01 CPU (our first design) left 0.99 CPU beside integer-CPU workers, which no 1-CPU Ray Data
@@ -56,11 +48,23 @@ class SweepTiming:
         return self.wall_s / ideal if ideal else math.nan
 
 
+@dataclass(frozen=True)
+class Winner:
+    """The trial with the best validation metric, and what the select stage needs of it."""
+
+    trial_id: str
+    config: dict[str, Any]        # the swept values, by dotted spec key
+    metric: float                 # its best value of the sweep metric
+    best_step: int
+    val_metrics: dict[str, float]  # every val_* metric at that step
+    checkpoint: str               # path or URI of that step's checkpoint
+
+
 @dataclass
 class SweepResult:
     trials: pd.DataFrame      # one row per trial: config/<key>, status, best_<metric>, ...
     history: pd.DataFrame     # every report of every trial (learning curves)
-    winner: dict[str, Any]    # the winning trial's row, with its best checkpoint_path
+    winner: Winner
     timing: SweepTiming
 
 
@@ -104,24 +108,6 @@ def trial_actor_resources(spec: JobSpec) -> dict[str, float]:
     if spec.resources.use_gpu:
         needs["gpu"] = spec.resources.gpus_per_worker
     return needs
-
-
-def max_concurrent_trials(spec: JobSpec) -> int:
-    """How many trials fit the cluster (at its largest, when it autoscales) at once, leaving CPUs
-    for Ray Data when it streams."""
-    if spec.sweep.max_concurrent_trials:
-        return spec.sweep.max_concurrent_trials
-    cluster = cluster_capacity()
-    needs = trial_resources(spec)
-    fits = math.floor((cluster.get("CPU", 0) - data_cpus(spec))
-                      / needs["CPU"])
-    if "GPU" in needs and needs["GPU"] > 0:
-        fits = min(fits, math.floor(cluster.get("GPU", 0) / needs["GPU"]))
-    return max(1, fits)
-
-
-def _grid_points(spec: JobSpec) -> int:
-    return math.prod(len(d.grid) for d in spec.sweep.space.values() if isinstance(d, Grid))
 
 
 def _evaluations_per_trial(spec: JobSpec) -> int:
@@ -190,20 +176,18 @@ def _wait_for_trial_resources(timeout_s: float = 60.0) -> None:
         time.sleep(0.5)
 
 
-def run_sweep(spec: JobSpec, run_dir: RunDir | str, info: DataInfo,
+def run_sweep(spec: JobSpec, run_dir: RunDir | str, info: DataInfo, plan: ClusterPlan,
               progress: Callable[[str], None] = lambda _: None,
               restore: bool = False) -> SweepResult:
     """Run every trial, write sweep/trials.parquet and sweep/history.parquet, pick the winner.
+    `spec` has resources.use_gpu decided by the `plan` (cluster.with_device).
 
     With `restore`, a sweep whose driver died continues: finished trials are kept, unfinished
     ones resume from their latest checkpoints (Tune's for one-worker trials; Train V2 picks up a
     several-worker trial's latest one from its run's storage)."""
-    check_cluster_fits(spec)
-    spec = spec.model_copy(update={"resources": spec.resources.model_copy(
-        update={"use_gpu": wants_gpu(spec)})})  # decided once, here: trials may run elsewhere
     run_dir = RunDir.at(run_dir)
     metric, mode = spec.metric, spec.metric_mode
-    concurrency = min(max_concurrent_trials(spec), spec.sweep.num_samples * _grid_points(spec))
+    concurrency = plan.concurrent_trials
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, spec=spec, run_dir=run_dir.uri, info=info),
         trial_actor_resources(spec),
@@ -230,7 +214,7 @@ def run_sweep(spec: JobSpec, run_dir: RunDir | str, info: DataInfo,
                        timing=timing)
 
 
-def pick_winner(trials: pd.DataFrame, spec: JobSpec) -> dict[str, Any]:
+def pick_winner(trials: pd.DataFrame, spec: JobSpec) -> Winner:
     """The trial with the best value of the sweep metric; an error naming every trial's error
     when none reported it."""
     best_column = f"best_{spec.metric}"
@@ -238,7 +222,20 @@ def pick_winner(trials: pd.DataFrame, spec: JobSpec) -> dict[str, Any]:
     if finished.empty:
         errors = "; ".join(str(e) for e in trials.get("error", pd.Series()).dropna().unique())
         raise RuntimeError(f"no sweep trial reported {spec.metric}: {errors or 'no trial ran'}")
-    return finished.sort_values(best_column, ascending=spec.metric_mode == "min").iloc[0].to_dict()
+    row = finished.sort_values(best_column, ascending=spec.metric_mode == "min").iloc[0]
+    return Winner(
+        trial_id=str(row["trial_id"]),
+        config={k.removeprefix("config/"): _plain(v) for k, v in row.items()
+                if k.startswith("config/")},
+        metric=float(row[best_column]), best_step=int(row["best_step"]),
+        val_metrics={k.removeprefix("best/"): float(v) for k, v in row.items()
+                     if k.startswith("best/")},
+        checkpoint=str(row["checkpoint_path"]))
+
+
+def _plain(value: Any) -> Any:
+    """A Python number or string for a numpy scalar from the trials table."""
+    return value.item() if hasattr(value, "item") else value
 
 
 def _new_tuner(spec: JobSpec, run_dir: RunDir, trainable: Any, concurrency: int,

@@ -12,53 +12,13 @@ import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from orchestrator.cluster import cluster_capacity
+from orchestrator.cluster import check_training_options, plan_cluster
 from orchestrator.data import DataInfo, read_split
 from orchestrator.rundir import RunDir
-from orchestrator.spec import JobSpec, SpecError
+from orchestrator.spec import JobSpec
 from orchestrator.train.loop import train_loop_per_worker
 
 log = logging.getLogger("orchestrator.train")
-
-
-def wants_gpu(spec: JobSpec) -> bool:
-    """use_gpu 'auto' means: on GPU when the cluster has or can get one (the pipeline resolves
-    it once, in the driver, so trials on other nodes agree)."""
-    if spec.resources.use_gpu == "auto":
-        return cluster_capacity().get("GPU", 0) > 0
-    return bool(spec.resources.use_gpu)
-
-
-def trial_resources(spec: JobSpec) -> dict[str, float]:
-    """What one trial's workers need, all together."""
-    workers = spec.resources.num_workers
-    needs = {"CPU": workers * spec.resources.cpus_per_worker}
-    if wants_gpu(spec):
-        needs["GPU"] = workers * spec.resources.gpus_per_worker
-    return needs
-
-
-def data_cpus(spec: JobSpec) -> float:
-    """CPUs Ray Data needs while trials train: none when the splits are cached in memory."""
-    return 0.0 if spec.data.cache else spec.resources.data_cpus
-
-
-def check_cluster_fits(spec: JobSpec) -> None:
-    """Fail fast when one trial needs more than the whole cluster has or can get, instead of
-    waiting."""
-    cluster = cluster_capacity()
-    needs = trial_resources(spec)
-    needs["CPU"] += data_cpus(spec)
-    for resource, amount in needs.items():
-        if amount > cluster.get(resource, 0):
-            raise SpecError(
-                f"resources: one trial needs {amount:g} {resource} "
-                f"(num_workers = {spec.resources.num_workers}, "
-                f"cpus_per_worker = {spec.resources.cpus_per_worker:g}, "
-                f"gpus_per_worker = {spec.resources.gpus_per_worker:g}, "
-                f"data_cpus = {data_cpus(spec):g}) but the cluster has "
-                f"{cluster.get(resource, 0):g}; lower resources.num_workers or add nodes"
-            )
 
 
 def ordered_ingest_options() -> ray.data.ExecutionOptions:
@@ -68,29 +28,15 @@ def ordered_ingest_options() -> ray.data.ExecutionOptions:
     return options
 
 
-def check_training_options(spec: JobSpec, use_gpu: bool) -> JobSpec:
-    """Refuse options that cannot work on this cluster before any worker starts; return the
-    spec to train with (FSDP over one worker falls back to plain training, with a warning)."""
-    train = spec.train
-    if train.precision == "fp16" and not use_gpu:
-        raise SpecError("train.precision = 'fp16': fp16 training needs a GPU (on CPU use 'bf16' "
-                        "or 'fp32'), and this job trains on CPU")
-    if train.precision == "fp16" and train.strategy == "fsdp":
-        raise SpecError("train.precision = 'fp16' with train.strategy = 'fsdp' is not supported "
-                        "(the grad scaler does not handle sharded gradients); use 'bf16' or ddp")
-    if train.strategy == "fsdp" and spec.resources.num_workers == 1:
-        log.warning("train.strategy fsdp with resources.num_workers 1 has nothing to shard "
-                    "over; training the whole model on the one worker")
-        spec = spec.model_copy(update={"train": train.model_copy(update={"strategy": "ddp"})})
-    return spec
-
-
 def build_trainer(spec: JobSpec, run_dir: RunDir | str, info: DataInfo, name: str,
                   callbacks: list | None = None,
                   resume_from: str | Path | None = None) -> TorchTrainer:
     """A TorchTrainer for one run; `resume_from` (a checkpoint directory) starts it from a
-    checkpoint of another run, which may have had a different number of workers."""
-    use_gpu = wants_gpu(spec)
+    checkpoint of another run, which may have had a different number of workers. The pipeline
+    passes a spec whose resources.use_gpu is decided; 'auto' is decided here."""
+    use_gpu = spec.resources.use_gpu
+    if use_gpu == "auto":
+        use_gpu = plan_cluster(spec).use_gpu
     spec = check_training_options(spec, use_gpu)
     run_dir = RunDir.at(run_dir)
     datasets = {split: read_split(run_dir, split) for split in ("train", "val")}

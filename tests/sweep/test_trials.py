@@ -84,5 +84,5 @@ def test_a_killed_trial_resumes_beside_a_healthy_one_and_ends_like_it(prepared_g
     for metric in ("train_loss", "val_loss"):
         assert resumed[metric].iloc[0] == pytest.approx(untouched[metric].iloc[0], rel=0.02)
     # The winner's checkpoint is one Tune persisted under the sweep directory.
-    assert Path(result.winner["checkpoint_path"]).is_relative_to(run_dir / "sweep")
-    assert Path(result.winner["checkpoint_path"], "trainer_state.json").is_file()
+    assert Path(result.winner.checkpoint).is_relative_to(run_dir / "sweep")
+    assert Path(result.winner.checkpoint, "trainer_state.json").is_file()
