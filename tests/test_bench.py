@@ -96,3 +96,12 @@ def test_data_bench_times_every_phase_of_the_stage(ray_local) -> None:
     assert any("tokenizer" in row["phase"] for row in phases)
     assert result.notes["mb_per_s_per_core"] > 0 and result.ratio > 0
     assert all(count > 0 for count in result.notes["rows_written"].values())
+
+
+@pytest.mark.ray
+def test_storage_bench_runs_the_quickstart_on_both_kinds_of_storage() -> None:
+    """A moto S3 server of the bench's own; the shrunk quickstart once on each."""
+    result = run_benchmark("storage", quick=True)
+    assert [row["storage"] for row in result.rows] == ["local disk", "object store"]
+    assert all(row["wall_s"] > row["sweep_s"] > 0 for row in result.rows)
+    assert result.ratio == pytest.approx(result.rows[0]["wall_s"] / result.rows[1]["wall_s"])

@@ -20,6 +20,7 @@ BENCHMARKS = {
     "scaling": "1 against N training workers on one global batch: speedup, efficiency, bytes",
     "metrics": "what recording Prometheus metrics costs a training step (with and without)",
     "data": "MB/s per core of raw text through the data stage against the tokenizer alone",
+    "storage": "the quickstart with run_dir in an S3-compatible store against local disk",
     "mfu": "GPU only: GPT-2 small (124M) in bf16 with compile: tokens/s and MFU",
 }
 
