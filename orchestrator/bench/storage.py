@@ -40,8 +40,11 @@ def object_store() -> Iterator[tuple[dict[str, str], str]]:
     if os.environ.get("AWS_ENDPOINT_URL") and os.environ.get("ORCHESTRATOR_BENCH_BUCKET"):
         yield {}, os.environ["ORCHESTRATOR_BENCH_BUCKET"]
         return
-    server = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
-    if not Path(server).exists():
+    # This environment's own first: another Python's moto on PATH may be older (pyenv's shim
+    # ran one whose CompleteMultipartUpload fails every pyarrow upload).
+    beside = Path(sys.executable).parent / "moto_server"
+    server = str(beside) if beside.exists() else shutil.which("moto_server")
+    if server is None:
         raise BenchmarkUnavailable("no S3-compatible store: set AWS_ENDPOINT_URL and "
                                    "ORCHESTRATOR_BENCH_BUCKET, or pip install 'moto[server]'")
     with socket.socket() as sock:
@@ -61,16 +64,17 @@ def object_store() -> Iterator[tuple[dict[str, str], str]]:
 
 
 def _create_bucket(env: dict[str, str], bucket: str, timeout_s: float = 60) -> None:
-    import pyarrow.fs as pafs
+    import boto3  # moto's own dependency
+    from botocore.exceptions import EndpointConnectionError
 
-    fs = pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], access_key="bench",
-                           secret_key="bench", region="us-east-1", allow_bucket_creation=True)
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                          aws_access_key_id="bench", aws_secret_access_key="bench")
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            fs.create_dir(bucket)
+            client.create_bucket(Bucket=bucket)
             return
-        except OSError:
+        except EndpointConnectionError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.3)
