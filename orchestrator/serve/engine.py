@@ -525,7 +525,10 @@ class AsyncEngine:
 
     @property
     def full(self) -> bool:
-        return self.engine.num_waiting >= self.max_waiting
+        """Whether max_waiting requests already wait beyond the batch's free slots (a burst
+        waits in the queue until the next step admits it)."""
+        free = max(0, self.engine.max_batch_size - self.engine.num_running)
+        return self.engine.num_waiting >= self.max_waiting + free
 
     async def generate(self, prompts: list[list[int]],
                        params: list[SamplingParams]) -> AsyncIterator[RequestOutput]:
