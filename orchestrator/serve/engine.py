@@ -19,9 +19,9 @@ Isolation: anything that belongs to one request (non-finite logits, probabilitie
 sampled, a detokenization error) fails that request alone, with an `EngineError`; the other rows
 keep decoding. A failure of the shared forward itself fails the rows in it and the engine goes on.
 
-`AsyncEngine` drives an Engine from asyncio: one task steps it on a dedicated thread while there is
-work, and hands each request its outputs through its own queue; a bounded waiting queue refuses
-new requests (`QueueFull`) instead of growing without end.
+`AsyncEngine` drives an Engine from asyncio: a thread of its own steps it while there is work and
+hands each request its outputs through the request's queue on the event loop; a bounded waiting
+queue refuses new requests (`QueueFull`) instead of growing without end.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import threading
 from collections import deque
-from collections.abc import AsyncIterator, Hashable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass, field
 
 import torch
@@ -190,6 +190,7 @@ class Engine:
         self._cache: KVCache | None = None
         self._logits: torch.Tensor | None = None  # (running rows, vocab): their next token
         self._token_strs: dict[int, str] = {}
+        self.last_batch_size = 0  # rows decoded by the latest step (for metrics)
 
     # ---- what callers use (add and abort may be called from another thread than step) ---------
 
@@ -383,6 +384,7 @@ class Engine:
 
     def _decode(self, outputs: dict[Hashable, RequestOutput]) -> None:
         rows, logits = self._running, self._logits
+        self.last_batch_size = len(rows)
         params = [row.params for row in rows]
         finite = torch.isfinite(logits).all(dim=-1).tolist()
         work = apply_penalties(logits, [row.ids for row in rows], params)
@@ -511,17 +513,22 @@ class Engine:
 
 
 class AsyncEngine:
-    """An Engine driven from asyncio: `generate` yields one request's outputs step by step."""
+    """An Engine driven from asyncio: `generate` yields one request's outputs step by step.
 
-    def __init__(self, engine: Engine, max_waiting: int):
+    The engine steps on a thread of its own for as long as it has work, so consecutive steps
+    need no round trip through the event loop; each step's outputs reach the loop in one
+    call_soon_threadsafe, and each request's generator reads them from its own queue."""
+
+    def __init__(self, engine: Engine, max_waiting: int,
+                 on_step: Callable[[int], None] | None = None):
         self.engine = engine
         self.max_waiting = max_waiting
+        self.on_step = on_step  # called on the event loop with each decode step's row count
         self._queues: dict[int, asyncio.Queue[RequestOutput]] = {}
         self._ids = itertools.count()
-        self._wake: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
-        # One thread runs every step, so torch always runs on the same thread.
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="engine")
+        self._work = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def full(self) -> bool:
@@ -539,9 +546,13 @@ class AsyncEngine:
         self._start()
         request_id = next(self._ids)
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self.engine.add(request_id, prompts, params)
         self._queues[request_id] = queue
-        self._wake.set()
+        try:
+            self.engine.add(request_id, prompts, params)
+        except BaseException:
+            del self._queues[request_id]
+            raise
+        self._wake()
         finished = False
         try:
             while not finished:
@@ -552,22 +563,38 @@ class AsyncEngine:
             self._queues.pop(request_id, None)
             if not finished:
                 self.engine.abort(request_id)
-                self._wake.set()
+                self._wake()
 
     def _start(self) -> None:
-        if self._task is None or self._task.done():
-            self._wake = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            self._wake.clear()
-            if not self.engine.has_work:
-                await self._wake.wait()
-                continue
-            outputs = await loop.run_in_executor(self._thread, self.engine.step)
-            for output in outputs:
-                queue = self._queues.get(output.request_id)
-                if queue is not None:
-                    queue.put_nowait(output)
+        if self._thread is None or not self._thread.is_alive() or self._loop is not loop:
+            self._loop = loop
+            self._thread = threading.Thread(target=self._run, args=(loop,), daemon=True,
+                                            name="engine")
+            self._thread.start()
+
+    def _wake(self) -> None:
+        with self._work:
+            self._work.notify()
+
+    def _run(self, loop: asyncio.AbstractEventLoop) -> None:
+        while self._loop is loop and not loop.is_closed():
+            with self._work:
+                while not self.engine.has_work:
+                    self._work.wait(timeout=1.0)  # wakes now and then to notice a closed loop
+                    if loop.is_closed():
+                        return
+            outputs = self.engine.step()  # never raises: failures end requests, not the loop
+            if outputs:
+                try:
+                    loop.call_soon_threadsafe(self._deliver, outputs, self.engine.last_batch_size)
+                except RuntimeError:  # the loop closed under us
+                    return
+
+    def _deliver(self, outputs: list[RequestOutput], batch_size: int) -> None:
+        if self.on_step is not None and batch_size:
+            self.on_step(batch_size)
+        for output in outputs:
+            queue = self._queues.get(output.request_id)
+            if queue is not None:
+                queue.put_nowait(output)

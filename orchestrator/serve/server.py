@@ -36,6 +36,9 @@ from orchestrator.serve.sampling import SamplingParams
 from orchestrator.spec import ServeSpec
 
 
+INLINE_TOKENIZE_CHARS = 1024
+
+
 @dataclass
 class CompletionJob:
     """One completion request, checked and tokenized: its rows (prompt x n) and what to answer."""
@@ -91,10 +94,13 @@ class ModelServer:
         if self.family == "gpt":
             engine = Engine(bundle.model, bundle.tokenizer, bundle.info.eos_id,
                             limits.max_batch_size if batching else 1)
-            self.engine = AsyncEngine(engine, limits.max_queued_requests)
+            self.engine = AsyncEngine(engine, limits.max_queued_requests, self.record_batch)
         elif batching:
             self.classify_batch.set_max_batch_size(limits.max_batch_size)
             self.classify_batch.set_batch_wait_timeout_s(limits.batch_wait_timeout_s)
+
+    def record_batch(self, rows: int) -> None:
+        metrics.record("serve_batch_size", rows, app=self.app_name, route="/v1/completions")
 
     @property
     def context_length(self) -> int:
@@ -141,8 +147,13 @@ class ModelServer:
                            "prompt", "prompt_too_long")
 
     async def tokenize(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of each text, computed off the event loop."""
-        encodings = await asyncio.to_thread(self.tokenizer.encode_batch, texts)
+        """Token ids of each text, computed off the event loop (texts already passed the cheap
+        length check); a few short texts are tokenized inline, where a thread hop would cost
+        more than the tokenizing (tens of microseconds)."""
+        if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:
+            encodings = self.tokenizer.encode_batch(texts)
+        else:
+            encodings = await asyncio.to_thread(self.tokenizer.encode_batch, texts)
         return [encoding.ids for encoding in encodings]
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
