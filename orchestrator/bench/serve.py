@@ -157,6 +157,9 @@ def summarize(rows: list[dict[str, Any]], opened: list[dict[str, Any]], seconds:
             round(cell("serve batched", 1, "p50_ms") - cell("plain uvicorn", 1, "p50_ms"), 2),
         "open loop (serve batched, streamed, Poisson arrivals)": opened,
         "request": json.dumps(request), "seconds per cell": seconds,
+        # Ray Serve's own switch (user code on the replica's main loop, direct ingress, ...),
+        # read by Ray from the environment it starts in; reported so figures say how they ran.
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED", "0"),
     }
     return BenchResult("serve", rows, ratio,
                        f"batched (continuous-batching engine) over plain uvicorn requests/s at "
