@@ -281,7 +281,8 @@ class Engine:
         if not gone:
             return
         cancelled = EngineError("the request was cancelled", "cancelled")
-        for request in [r for r in self._waiting if r.id in gone]:
+        # A snapshot: add() may append from the event loop's thread meanwhile.
+        for request in [r for r in list(self._waiting) if r.id in gone]:
             self._waiting.remove(request)
             self._fail(request, cancelled, outputs)
         for row in self._running:
