@@ -206,8 +206,14 @@ class ServeSpec(_Section):
         None, description="Scale replicas with load instead of a fixed num_replicas.")
     replica_cpus: float = Field(0.5, gt=0, description="CPUs reserved by each replica.")
     replica_gpus: float = Field(0.0, ge=0, description="GPUs per replica; the model runs on GPU.")
-    max_batch_size: int = Field(8, ge=1, description="Most requests decoded together.")
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    max_batch_size: int = Field(8, ge=1, description="Most rows (prompts x n) decoded together.")
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0, description="Classifier: how long a batch waits to fill (completions never "
+                                "wait: the engine admits requests into the running batch).")
+    max_queued_requests: int = Field(
+        32, ge=1, description="Completion requests waiting per replica beyond a full batch; "
+                              "more get 503 with Retry-After.")
+    max_request_bytes: int = Field(1_000_000, ge=1024, description="Larger bodies get 413.")
     max_inputs: int = Field(16, ge=1, description="Most prompts (times n) or texts per request.")
     max_prompt_tokens: int = Field(256, ge=1)
     max_new_tokens: int = Field(128, ge=1, description="Cap on a completion's max_tokens.")

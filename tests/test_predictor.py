@@ -183,7 +183,9 @@ def test_too_long_prompts_and_bad_params_are_refused(predictor: Predictor):
     with pytest.raises(ValueError, match="30 tokens \\+ max_tokens 3 = 33 exceeds the context length 32"):
         predictor.start([[5] * 4, [5] * 30], [SamplingParams(20), SamplingParams(3)])
     assert predictor.complete([[5] * 30], [SamplingParams(2, 0.0)])[0].completion_tokens <= 2
-    for bad in ({"max_tokens": 0}, {"max_tokens": 4, "top_p": 0.0}, {"max_tokens": 4, "temperature": -1},
+    for bad in ({"max_tokens": -1}, {"max_tokens": 4, "top_p": 0.0},
+                {"max_tokens": 4, "temperature": float("nan")}, {"max_tokens": 4, "logprobs": 6},
+                {"max_tokens": 4, "presence_penalty": float("inf")}, {"max_tokens": 4, "temperature": -1},
                 {"max_tokens": 4, "top_k": -1}, {"max_tokens": 4, "stop": ("",)}):
         with pytest.raises(ValueError):
             SamplingParams(**bad)

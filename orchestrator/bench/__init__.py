@@ -14,7 +14,8 @@ from typing import Any
 
 BENCHMARKS = {
     "decode": "tokens/s of KV-cache decoding against cache-less decoding",
-    "serve": "requests/s and latency of the service: batched, unbatched, plain uvicorn",
+    "serve": "requests/s and latency of the service: batched, unbatched, plain uvicorn; "
+             "open-loop TTFT and inter-token latency",
     "train-overhead": "tokens/s and start-up of our training paths (1 worker) against a plain loop",
     "ingest": "rows/s of our Ray Data stream against a DataLoader and in-memory batches",
     "scaling": "1 against N training workers on one global batch: speedup, efficiency, bytes",
@@ -70,5 +71,7 @@ def render(result: BenchResult, as_json: bool) -> str:
     if result.ratio is not None:
         text += f"\nratio = {result.ratio:.3g}  ({result.ratio_means})"
     for key, value in result.notes.items():
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            value = "\n" + format_table(value)  # a table of its own (e.g. the open loop)
         text += f"\n{key}: {value}"
     return text

@@ -11,7 +11,8 @@ import sys
 import uvicorn
 
 from orchestrator.bundle import SPEC_FILE
-from orchestrator.serve.api import ModelServer, create_api
+from orchestrator.serve.routes import create_api
+from orchestrator.serve.server import ModelServer
 from orchestrator.spec import load_spec
 
 

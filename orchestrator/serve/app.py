@@ -19,14 +19,16 @@ from ray.serve.schema import ApplicationStatus
 
 from orchestrator import metrics
 from orchestrator.bundle import load_bundle, read_spec_and_info
-from orchestrator.serve.api import ModelServer, create_api
 from orchestrator.serve.auth import load_key_digests
+from orchestrator.serve.routes import create_api
+from orchestrator.serve.server import ModelServer
 from orchestrator.spec import JobSpec, ServeSpec
 from orchestrator.storage import resolve
 
 APP_NAME_SUFFIX = "-service"
 BUILDER_IMPORT_PATH = "orchestrator.serve.app:build_app"
 DEPLOYMENT_NAME = "ModelService"
+CHEAP_REQUEST_ROOM = 8  # ongoing requests beyond batch and queue: /v1/models, /tokenize, ...
 
 
 class DeployError(RuntimeError):
@@ -53,10 +55,12 @@ class ModelService:
 
 
 def deployment_options(limits: ServeSpec) -> dict[str, Any]:
-    """Serve's deployment options from the spec: replicas or autoscaling, resources, and room
-    for a full batch to queue on each replica (Serve's default of 5 caps batches)."""
+    """Serve's deployment options from the spec: replicas or autoscaling, resources, and room on
+    each replica for a full batch, its bounded waiting queue (the replica answers 503 beyond it)
+    and a few cheap requests (models, tokenize, health); Serve's default of 5 caps batches."""
     options: dict[str, Any] = {
-        "max_ongoing_requests": max(5, 2 * limits.max_batch_size),
+        "max_ongoing_requests": limits.max_batch_size + limits.max_queued_requests
+        + CHEAP_REQUEST_ROOM,
         "ray_actor_options": {"num_cpus": limits.replica_cpus, "num_gpus": limits.replica_gpus},
         "health_check_period_s": 10.0,
         # A replica being replaced finishes what it is serving first.

@@ -32,7 +32,11 @@ def load_keys(limits: ServeSpec, environ: dict[str, str] | None = None) -> list[
         if not environ.get(limits.api_keys_env, "").strip():
             raise KeySourceError(f"serve.api_keys_env names {limits.api_keys_env}, which is not set "
                                  "or empty in this environment")
-        keys += [key.strip() for key in environ[limits.api_keys_env].split(",") if key.strip()]
+        from_env = [key.strip() for key in environ[limits.api_keys_env].split(",") if key.strip()]
+        if not from_env:  # "$K1,$K2" with both unset: only commas
+            raise KeySourceError(f"serve.api_keys_env names {limits.api_keys_env}, which holds "
+                                 "no keys (only separators)")
+        keys += from_env
     if limits.api_keys_file:
         path = Path(limits.api_keys_file).expanduser()
         if not path.is_file():
@@ -49,14 +53,19 @@ def load_key_digests(limits: ServeSpec) -> list[str]:
     return [digest(key) for key in load_keys(limits)]
 
 
-def authorized(header: str | None, digests: list[str]) -> bool:
-    """True when auth is off or the header carries a configured key.
+def authorized(header: str | None, digests: list[str], required: bool | None = None) -> bool:
+    """True when auth is off or the header carries a configured key. Fails closed: when keys are
+    required (a key source is configured) but there are none, nobody passes.
 
     Every digest is compared (no early exit), each with hmac.compare_digest, so the time taken
     says nothing about which key or how much of one matched.
     """
-    if not digests:
+    if required is None:
+        required = bool(digests)
+    if not required:
         return True
+    if not digests:
+        return False
     if not header or not header.lower().startswith(BEARER):
         return False
     presented = digest(header[len(BEARER):].strip())

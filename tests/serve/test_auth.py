@@ -26,6 +26,7 @@ def test_keys_from_an_environment_variable_and_a_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("limits", "environ", "message"), [
     (ServeSpec(api_keys_env="SERVICE_KEYS"), {}, "SERVICE_KEYS, which is not set"),
     (ServeSpec(api_keys_env="SERVICE_KEYS"), {"SERVICE_KEYS": " "}, "not set or empty"),
+    (ServeSpec(api_keys_env="SERVICE_KEYS"), {"SERVICE_KEYS": ", ,"}, "holds no keys"),
     (ServeSpec(api_keys_file="/no/such/keys"), {}, "does not exist"),
 ])
 def test_a_key_source_without_keys_is_an_error(limits: ServeSpec, environ: dict,
@@ -51,3 +52,11 @@ def test_only_a_configured_key_as_bearer_passes() -> None:
 
 def test_digests_not_keys_are_kept() -> None:
     assert digest("alpha-key") != "alpha-key" and len(digest("alpha-key")) == 64
+
+
+def test_required_keys_with_none_configured_let_nobody_in() -> None:
+    """Fail closed: a replica told keys are required but holding none refuses every header."""
+    for header in (None, "", "Bearer ", "Bearer anything"):
+        assert not authorized(header, [], required=True)
+    assert authorized(None, [], required=False)
+    assert not authorized(None, [digest("k")])  # keys present: required by default

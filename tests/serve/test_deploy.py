@@ -140,16 +140,22 @@ def test_a_request_over_the_timeout_gets_408_and_the_next_succeeds(serving, port
     with requests.post(f"{url}/v1/completions", json={"model": NAME, **slow, "stream": True},
                        stream=True, timeout=TIMEOUT_S) as streamed:
         events = [line for line in streamed.iter_lines(decode_unicode=True) if line]
-    assert json.loads(events[-1][len("data: "):])["error"]["code"] == "request_timeout"
+    # A stream that fails ends with an error event, then [DONE], as OpenAI's streams end.
+    assert json.loads(events[-2][len("data: "):])["error"]["code"] == "request_timeout"
+    assert events[-1] == "data: [DONE]"
     assert complete(url, prompt="a", max_tokens=2).status_code == 200
 
 
 # --- replicas: failure and autoscaling -----------------------------------------------------------
 
 def replica_pids() -> list[int]:
+    import ray
     from ray.util.state import list_actors
 
-    return [actor.pid for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+    # This session's cluster by its GCS address: another Ray on the machine makes "auto" fail.
+    address = ray.get_runtime_context().gcs_address
+    return [actor.pid for actor in list_actors(address=address, limit=1000,
+                                               filters=[("state", "=", "ALIVE")])
             if "ModelService" in (actor.class_name or "")]
 
 

@@ -32,7 +32,7 @@ GPT_NAME, CLASSIFIER_NAME = "test-gpt", "test-classifier"
 def _spec(family: str, port: int, **serve: Any) -> JobSpec:
     return parse_spec(tiny_spec(family, serve={
         "port": port, "max_inputs": MAX_INPUTS, "max_prompt_tokens": MAX_PROMPT_TOKENS,
-        "max_new_tokens": MAX_NEW_TOKENS, "max_batch_size": 8,
+        "max_new_tokens": MAX_NEW_TOKENS, "max_batch_size": 8, "max_queued_requests": 4,
         # Long enough that requests sent together land in one batch.
         "batch_wait_timeout_s": 0.05, **serve}))
 
@@ -65,6 +65,26 @@ class Services:
         self.current = family
         assert requests.get(f"{url}/healthz", timeout=TIMEOUT_S).json()["family"] == family
         return url
+
+    def closed_url(self) -> str:
+        """The language model on a replica told to require keys but given none (as when a
+        configured source yields no key): it must let nobody in."""
+        from ray import serve
+
+        from orchestrator.serve.app import ModelService, app_name, deployment_options
+        from orchestrator.serve.app import wait_until_running
+
+        spec, bundle_dir = self.bundles["gpt"]
+        if self.current is not None:
+            shutdown(self.bundles[self.current][0])
+        limits = spec.serve.model_copy(update={"api_keys_env": "ORCH_TEST_NO_KEYS",
+                                               "api_keys_file": None})
+        app = ModelService.options(**deployment_options(limits)).bind(
+            str(bundle_dir), limits.model_dump(mode="json"), [])
+        serve._run(app, name=app_name(spec), route_prefix="/", _blocking=False)
+        wait_until_running(app_name(spec), 120)
+        self.current = "gpt"
+        return f"http://{spec.serve.host}:{spec.serve.port}"
 
     def close(self) -> None:
         from ray import serve
@@ -269,7 +289,21 @@ LONG_PROMPT = " ".join(["event"] * (MAX_PROMPT_TOKENS + 5))
     pytest.param({"json": {**GOOD, "stop": ["a", "b", "c", "d", "e"]}}, 400, "stop",
                  id="five-stop-strings"),
     pytest.param({"json": {**GOOD, "seed": 2**64}}, 400, "seed", id="seed-too-large"),
-    pytest.param({"json": {**GOOD, "logprobs": 3}}, 400, "logprobs", id="unsupported-param"),
+    pytest.param({"json": {**GOOD, "logit_bias": {"5": 1}}}, 400, "logit_bias",
+                 id="unsupported-param"),
+    pytest.param({"json": {**GOOD, "logprobs": 6}}, 400, "logprobs", id="logprobs-over-five"),
+    pytest.param({"json": {**GOOD, "echo": "yes"}}, 400, "echo", id="echo-not-bool"),
+    pytest.param({"json": {**GOOD, "presence_penalty": 2.5}}, 400, "presence_penalty",
+                 id="presence-penalty-over-two"),
+    pytest.param({"json": {**GOOD, "frequency_penalty": -3.0}}, 400, "frequency_penalty",
+                 id="frequency-penalty-under-minus-two"),
+    pytest.param({"json": {**GOOD, "stop": "x" * 65}}, 400, "stop", id="stop-string-too-long"),
+    pytest.param({"json": {**GOOD, "prompt": [1, 2, 10**6]}}, 400, "prompt",
+                 id="token-id-outside-vocab"),
+    pytest.param({"json": {**GOOD, "prompt": [[1, 2], []]}}, 400, "prompt",
+                 id="empty-token-id-prompt"),
+    pytest.param({"json": {**GOOD, "prompt": "word " * 5000}}, 400, "prompt",
+                 id="prompt-far-over-cap"),
     pytest.param({"json": ["a", "b"]}, 400, ..., id="body-not-an-object"),
 ])
 def test_bad_completion_request(gpt_url: str, request_kwargs: dict, status: int,
@@ -318,6 +352,174 @@ def test_client_disconnecting_mid_stream_leaves_the_service_serving(gpt_url: str
     assert complete(gpt_url, **GOOD)["choices"][0]["finish_reason"] in ("length", "stop")
 
 
+@pytest.mark.parametrize("bad", [
+    pytest.param({"temperature": 1e-46}, id="temperature-underflows"),
+    pytest.param({"temperature": 5e-324}, id="temperature-subnormal"),
+    pytest.param({"top_k": 9223372036854775808}, id="top-k-past-int64"),
+    pytest.param({"top_k": 2**70, "temperature": 1e-30, "top_p": 1e-300}, id="all-at-once"),
+    pytest.param({"presence_penalty": -2.0, "frequency_penalty": -2.0, "temperature": 2.0},
+                 id="penalties-at-the-edge"),
+    pytest.param({"stop": ["\ufffd", "x" * 64, "", "a"]}, id="refused-stop"),
+    pytest.param({"max_tokens": 0}, id="max-tokens-zero-without-echo"),
+    pytest.param({"prompt": [10**9]}, id="token-id-outside-vocab"),
+])
+def test_a_bad_request_among_concurrent_good_ones_fails_no_good_one(gpt_url: str,
+                                                                    bad: dict) -> None:
+    """1 bad request among 10 good ones in flight: 0 good requests fail, and the bad one gets
+    an answer (sampled safely) or its own JSON error."""
+    good = [{**GOOD, "prompt": f"Return {i}", "max_tokens": MAX_NEW_TOKENS, "temperature": 0.9,
+             "seed": i} for i in range(10)]
+    alone = [complete(gpt_url, **body)["choices"] for body in good]
+    bodies = good[:5] + [{**GOOD, "max_tokens": MAX_NEW_TOKENS, **bad}] + good[5:]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(lambda body: post(gpt_url, "/v1/completions", body), bodies))
+    outcome = responses.pop(5)
+    assert [r.status_code for r in responses] == [200] * 10, [r.text for r in responses]
+    assert [r.json()["choices"] for r in responses] == alone  # seeded: untouched by the bad one
+    if outcome.status_code != 200:
+        assert_error(outcome, 400)
+
+
+def test_a_cancelled_caller_in_a_shared_batch_leaves_the_others_whole(gpt_url: str) -> None:
+    """Callers that disconnect mid-stream while sharing the batch with good requests."""
+    good = [{**GOOD, "prompt": f"Create {i}", "max_tokens": MAX_NEW_TOKENS, "temperature": 0.9,
+             "seed": 20 + i} for i in range(6)]
+    alone = [complete(gpt_url, **body)["choices"] for body in good]
+
+    def leave_early(_: int) -> None:
+        body = {**GOOD, "max_tokens": MAX_NEW_TOKENS, "temperature": 1.0, "stream": True}
+        with post(gpt_url, "/v1/completions", body, stream=True) as response:
+            next(line for line in response.iter_lines() if line)
+
+    with ThreadPoolExecutor(10) as pool:
+        leaving = [pool.submit(leave_early, i) for i in range(4)]
+        together = list(pool.map(lambda body: complete(gpt_url, **body)["choices"], good))
+        for future in leaving:
+            future.result()
+    assert together == alone
+
+
+def test_logprobs_and_echo_through_the_openai_client(client: openai.OpenAI) -> None:
+    result = client.completions.create(model=GPT_NAME, prompt="The event loop", max_tokens=6,
+                                       temperature=0, logprobs=3, echo=True)
+    [choice] = result.choices
+    assert choice.text.startswith("The event loop")
+    logprobs = choice.logprobs
+    n = len(logprobs.tokens)
+    assert n == result.usage.prompt_tokens + result.usage.completion_tokens
+    assert len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == len(logprobs.text_offset) == n
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert all(len(top) <= 3 for top in logprobs.top_logprobs[1:])
+    assert logprobs.text_offset == sorted(logprobs.text_offset) and logprobs.text_offset[0] == 0
+    # Greedy: each generated token is its position's most likely one.
+    for lp, top in zip(logprobs.token_logprobs[-6:], logprobs.top_logprobs[-6:]):
+        assert lp == pytest.approx(max(top.values()))
+
+
+def test_prompt_scoring_equals_the_evaluate_stage_loss(client: openai.OpenAI, gpt_url: str,
+                                                      bundles) -> None:
+    """echo + logprobs + max_tokens 0, as evaluation harnesses score a text; text and token-id
+    prompts alike, against the loss the evaluate stage computes offline for the same tokens."""
+    import numpy as np
+
+    from orchestrator.evaluate import ScoreBatch
+
+    texts = ["Return the number of items in the list.", "Create a new event loop."]
+    ids = [post(gpt_url, "/tokenize", {"prompt": text}).json()["tokens"] for text in texts]
+    scored_text = client.completions.create(model=GPT_NAME, prompt=texts, max_tokens=0, echo=True,
+                                            logprobs=1)
+    scored_ids = client.completions.create(model=GPT_NAME, prompt=ids, max_tokens=0, echo=True,
+                                           logprobs=0)
+    _, bundle_dir = bundles["gpt"]
+    scorer = ScoreBatch(str(bundle_dir), np.zeros(512))
+    for index, (text, token_ids) in enumerate(zip(texts, ids)):
+        by_text = next(c for c in scored_text.choices if c.index == index)
+        by_ids = next(c for c in scored_ids.choices if c.index == index)
+        assert by_text.text == text and by_ids.text == text
+        assert by_text.finish_reason == "length"
+        nll = float(scorer({"ids": np.array([token_ids]), "split": np.array(["x"])})["nll"][0])
+        for choice in (by_text, by_ids):
+            assert len(choice.logprobs.tokens) == len(token_ids)
+            assert -sum(choice.logprobs.token_logprobs[1:]) == pytest.approx(nll, abs=1e-4)
+    assert scored_text.usage.completion_tokens == 0
+
+
+def test_token_id_prompts_equal_text_prompts(client: openai.OpenAI, gpt_url: str) -> None:
+    ids = post(gpt_url, "/tokenize", {"prompt": "The event loop"}).json()["tokens"]
+    by_text = client.completions.create(model=GPT_NAME, prompt="The event loop", max_tokens=6,
+                                        temperature=0)
+    by_ids = client.completions.create(model=GPT_NAME, prompt=ids, max_tokens=6, temperature=0)
+    by_lists = client.completions.create(model=GPT_NAME, prompt=[ids, ids], max_tokens=6,
+                                         temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    assert [c.text for c in by_lists.choices] == [by_text.choices[0].text] * 2
+
+
+def test_penalties_are_accepted_and_change_greedy_text(client: openai.OpenAI) -> None:
+    args = {"model": GPT_NAME, "prompt": "The", "max_tokens": MAX_NEW_TOKENS, "temperature": 0}
+    free = client.completions.create(**args).choices[0].text
+    penalized = client.completions.create(**args, presence_penalty=2.0,
+                                          frequency_penalty=2.0).choices[0].text
+    assert isinstance(free, str) and isinstance(penalized, str)
+
+
+def test_tokenizer_endpoints(gpt_url: str) -> None:
+    tokens = post(gpt_url, "/tokenize", {"prompt": "Return the number"}).json()
+    assert tokens["count"] == len(tokens["tokens"]) and tokens["max_model_len"] == CONTEXT
+    text = post(gpt_url, "/detokenize", {"tokens": tokens["tokens"]}).json()["prompt"]
+    assert text == "Return the number"
+    info = requests.get(f"{gpt_url}/tokenizer_info", headers=AUTH, timeout=TIMEOUT_S).json()
+    assert info["eos_token"] == "<|endoftext|>" and info["vocab_size"] == 512
+    assert_error(post(gpt_url, "/detokenize", {"tokens": [10**9]}), 400, "tokens")
+    assert_error(post(gpt_url, "/tokenize", {"prompt": "a"}, headers=None), 401)
+
+
+def test_readme_curl_bodies_are_json_whatever_the_content_type(gpt_url: str) -> None:
+    """curl -d sends application/x-www-form-urlencoded: the body is JSON all the same."""
+    body = json.dumps({"model": GPT_NAME, "prompt": "Return the", "max_tokens": 3})
+    for content_type in ("application/x-www-form-urlencoded", "text/plain", None):
+        headers = {**AUTH, **({"content-type": content_type} if content_type else {})}
+        response = requests.post(f"{gpt_url}/v1/completions", data=body, headers=headers,
+                                 timeout=TIMEOUT_S)
+        assert response.status_code == 200, response.text
+
+
+def test_a_body_over_the_limit_gets_413_and_the_next_succeeds(gpt_url: str) -> None:
+    big = {**GOOD, "prompt": "a" * 1_100_000}
+    assert_error(post(gpt_url, "/v1/completions", big), 413)
+    chunked = requests.post(f"{gpt_url}/v1/completions", headers=AUTH, timeout=TIMEOUT_S,
+                            data=(b"x" * 65536 for _ in range(20)))  # no Content-Length
+    assert_error(chunked, 413)
+    assert complete(gpt_url, **GOOD)["choices"]
+
+
+def test_a_full_queue_answers_503_with_retry_after(gpt_url: str) -> None:
+    """max_batch_size 8 + max_queued_requests 4 per replica: a burst beyond them is refused at
+    once with Retry-After, never queued without end; every admitted request succeeds."""
+    body = {**GOOD, "max_tokens": MAX_NEW_TOKENS, "temperature": 1.0}
+    refused = []
+    for _ in range(5):  # bursts until one overflows the queue (no timing is assumed)
+        with ThreadPoolExecutor(48) as pool:
+            responses = list(pool.map(lambda _: post(gpt_url, "/v1/completions", body), range(48)))
+        assert {r.status_code for r in responses} <= {200, 503}, {r.text for r in responses}
+        refused = [r for r in responses if r.status_code == 503]
+        if refused:
+            break
+    assert refused, "no burst filled the queue"
+    for response in refused:
+        assert assert_error(response, 503)["code"] == "overloaded"
+        assert int(response.headers["retry-after"]) >= 1
+    assert complete(gpt_url, **GOOD)["choices"]
+
+
+def test_schema_and_docs_need_the_key(gpt_url: str) -> None:
+    for route in ("/openapi.json", "/docs"):
+        assert_error(requests.get(f"{gpt_url}{route}", timeout=TIMEOUT_S), 401)
+        assert requests.get(f"{gpt_url}{route}", headers=AUTH, timeout=TIMEOUT_S).status_code == 200
+    assert "/v1/completions" in requests.get(f"{gpt_url}/openapi.json", headers=AUTH,
+                                             timeout=TIMEOUT_S).json()["paths"]
+
+
 def test_classify_on_the_language_model_is_404(gpt_url: str) -> None:
     error = assert_error(post(gpt_url, "/v1/classify", {"input": ["a"]}), 404)
     assert "/v1/completions" in error["message"]
@@ -350,6 +552,25 @@ def test_openai_client_with_a_wrong_key_is_refused(gpt_url: str) -> None:
     wrong = openai.OpenAI(base_url=f"{gpt_url}/v1", api_key="nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         wrong.completions.create(model=GPT_NAME, prompt="a", max_tokens=2)
+
+
+def test_keys_fail_closed(services: Services, bundles, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key source that yields no key refuses to deploy; a replica that requires keys but has
+    none answers 401 to every keyed route, whatever key is sent. (Runs last among the language
+    model's tests: it replaces the app.)"""
+    from orchestrator.serve.auth import KeySourceError
+
+    spec, bundle_dir = bundles["gpt"]
+    closed = spec.model_copy(update={"serve": spec.serve.model_copy(
+        update={"api_keys_env": "ORCH_TEST_NO_KEYS", "api_keys_file": None})})
+    monkeypatch.setenv("ORCH_TEST_NO_KEYS", " , ,")  # "$K1,$K2" with both unset
+    with pytest.raises(KeySourceError, match="no keys"):
+        deploy(closed, bundle_dir)
+    url = services.closed_url()
+    assert requests.get(f"{url}/healthz", timeout=TIMEOUT_S).status_code == 200
+    for headers in (None, AUTH, {"Authorization": "Bearer "}, {"Authorization": "Bearer x"}):
+        assert_error(post(url, "/v1/completions", GOOD, headers=headers), 401)
+        assert_error(requests.get(f"{url}/openapi.json", headers=headers, timeout=TIMEOUT_S), 401)
 
 
 # --- classifier (no keys configured: open) ----------------------------------------------------

@@ -1,0 +1,397 @@
+"""The model service's HTTP routes, OpenAI-compatible, independent of how they are hosted.
+
+  GET  /healthz              liveness, no key needed (for load balancers)
+  GET  /v1/models            the one model served; GET /v1/models/{id} for one
+  POST /v1/completions       language model: OpenAI's completions (logprobs, echo, scoring with
+                             max_tokens 0, token-id prompts, penalties), server-sent events
+  POST /v1/classify          classifier: {"input": [texts]} -> label, score, class probabilities
+  POST /tokenize             vLLM's: text -> token ids; POST /detokenize: ids -> text
+  GET  /tokenizer_info       vLLM's: the tokenizer's special tokens and sizes
+  GET  /openapi.json, /docs  the schema, behind the key like every route but /healthz
+
+Two ASGI middlewares wrap the app: `Guard` reads a body up to serve.max_request_bytes (413
+beyond), parses it as JSON whatever its Content-Type says (curl -d sends a form type), and turns
+any unexpected exception into a JSON 500; `RequestMetrics` records each request.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see the request models as classes.
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from orchestrator import metrics
+from orchestrator.serve.auth import authorized
+from orchestrator.serve.engine import TokenLogprob
+from orchestrator.serve.protocol import (
+    ERROR_TYPES,
+    APIError,
+    ClassifyBody,
+    CompletionBody,
+    DetokenizeBody,
+    TokenizeBody,
+    api_error,
+    error_body,
+    error_response,
+    http_error,
+    invalid_request,
+)
+from orchestrator.serve.server import (
+    Choice,
+    CompletionJob,
+    ModelServer,
+    engine_error,
+    gather,
+    timeout_as_408,
+    timeout_message,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def server_of(request: Request) -> ModelServer:
+    return request.app.state.server
+
+
+async def require_key(request: Request) -> None:
+    server = server_of(request)
+    if not authorized(request.headers.get("authorization"), server.key_digests,
+                      server.auth_required):
+        raise APIError(401, "a valid API key is required: Authorization: Bearer KEY",
+                       code="invalid_api_key")
+
+
+def require_family(server: ModelServer, family: str, route: str) -> None:
+    if server.family != family:
+        other = "/v1/completions" if server.family == "gpt" else "/v1/classify"
+        raise APIError(404, f"{route} is not served by this {server.family} model; use {other}",
+                       code="unsupported_route")
+
+
+def require_model(server: ModelServer, name: str | None) -> None:
+    if name is not None and name != server.model_name:
+        raise APIError(404, f"model {name!r} does not exist; this service serves "
+                            f"{server.model_name!r}", "model", "model_not_found")
+
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
+tokens_router = APIRouter(dependencies=[Depends(require_key)])
+
+
+# ---- /v1/models ---------------------------------------------------------------------------------
+
+@router.get("/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    return {"object": "list", "data": [model_card(server_of(request))]}
+
+
+@router.get("/models/{model_id}")
+async def get_model(model_id: str, request: Request) -> dict[str, Any]:
+    server = server_of(request)
+    require_model(server, model_id)
+    return model_card(server)
+
+
+def model_card(server: ModelServer) -> dict[str, Any]:
+    return {"id": server.model_name, "object": "model", "created": server.created,
+            "owned_by": "orchestrator", "family": server.family,
+            "max_model_len": server.context_length}
+
+
+# ---- /v1/classify ------------------------------------------------------------------------------
+
+@router.post("/classify")
+async def classify(body: ClassifyBody, request: Request) -> dict[str, Any]:
+    server = server_of(request)
+    require_family(server, "classifier", "/v1/classify")
+    require_model(server, body.model)
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    if not texts:
+        raise APIError(400, "input must not be an empty list", "input")
+    if len(texts) > server.limits.max_inputs:
+        raise APIError(400, f"{len(texts)} inputs exceed the limit of {server.limits.max_inputs}",
+                       "input")
+    if any(not text.strip() for text in texts):
+        raise APIError(400, "input must not contain empty strings", "input")
+    async with timeout_as_408(server):
+        predictions = await server.classify(texts)
+    return {"object": "list", "model": server.model_name,
+            "data": [{"index": i, **p} for i, p in enumerate(predictions)]}
+
+
+# ---- /v1/completions ---------------------------------------------------------------------------
+
+@router.post("/completions", response_model=None)
+async def completions(body: CompletionBody, request: Request) -> dict[str, Any] | StreamingResponse:
+    started = time.perf_counter()
+    server = server_of(request)
+    require_family(server, "gpt", "/v1/completions")
+    require_model(server, body.model)
+    job = await server.completion_job(body)
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+            "created": int(time.time()), "model": server.model_name}
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(stream_events(server, job, head, include_usage, started),
+                                 media_type="text/event-stream")
+    async with timeout_as_408(server):
+        choices = await server.complete(job)
+    tokens = sum(choice.completion_tokens for choice in choices)
+    metrics.record("serve_generated_tokens", tokens, app=server.app_name)
+    return {**head, "choices": [choice_json(job, row, choice) for row, choice in enumerate(choices)],
+            "usage": usage(job.prompt_tokens, tokens)}
+
+
+def choice_json(job: CompletionJob, row: int, choice: Choice, first: bool = True) -> dict[str, Any]:
+    """One choice as OpenAI writes it; `first`: whether this chunk opens the row (echo)."""
+    echo = job.echo[row] if job.echo is not None else ""
+    logprobs = None
+    if job.logprobs:
+        entries = [*choice.prompt_logprobs,
+                   *(TokenLogprob(e.token, e.logprob, e.top, e.offset + len(echo))
+                     for e in choice.logprobs)]
+        logprobs = {"tokens": [e.token for e in entries],
+                    "token_logprobs": [e.logprob for e in entries],
+                    "top_logprobs": [e.top for e in entries],
+                    "text_offset": [e.offset for e in entries]}
+    return {"text": (echo if first else "") + choice.text, "index": row, "logprobs": logprobs,
+            "finish_reason": choice.finish_reason}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+async def stream_events(server: ModelServer, job: CompletionJob, head: dict[str, Any],
+                        include_usage: bool, started: float) -> AsyncIterator[str]:
+    """Server-sent events as OpenAI sends them: a chunk per new text, then `data: [DONE]`.
+    Once the stream has started its status cannot change: a failure (timeout, an error of this
+    request, anything unexpected) sends an error event, then `data: [DONE]`."""
+    tokens = [0] * len(job.prompts)
+    opened = [False] * len(job.prompts)
+    first_token = True
+    try:
+        async with asyncio.timeout(server.limits.request_timeout_s), aclosing(server.outputs(job)) as outputs:
+            async for output in outputs:
+                if output.error is not None:
+                    raise engine_error(output.error)
+                for row, update in output.updates:
+                    tokens[row] = update.completion_tokens
+                    if first_token and update.completion_tokens:
+                        first_token = False
+                        metrics.record("serve_time_to_first_token_seconds",
+                                       time.perf_counter() - started, app=server.app_name)
+                    if update.text or update.finish_reason or update.logprobs or not opened[row]:
+                        choice = Choice()
+                        gather(choice, update)
+                        yield sse({**head, "choices": [choice_json(job, row, choice,
+                                                                   not opened[row])]})
+                        opened[row] = True
+        if include_usage:
+            yield sse({**head, "choices": [], "usage": usage(job.prompt_tokens, sum(tokens))})
+    except TimeoutError:
+        yield sse({"error": error_body(408, timeout_message(server), code="request_timeout")})
+    except APIError as error:
+        yield sse({"error": error_body(error.status, error.message, error.param, error.code)})
+    except Exception as error:  # the stream ends in the protocol's shape
+        logger.exception("completion stream failed")
+        yield sse({"error": error_body(500, f"internal error: {type(error).__name__}",
+                                       code="internal_error")})
+    finally:
+        metrics.record("serve_generated_tokens", sum(tokens), app=server.app_name)
+    yield "data: [DONE]\n\n"
+
+
+def sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+# ---- vLLM's tokenizer endpoints --------------------------------------------------------------
+
+@tokens_router.post("/tokenize")
+async def tokenize(body: TokenizeBody, request: Request) -> dict[str, Any]:
+    server = server_of(request)
+    require_model(server, body.model)
+    server.check_prompt_bytes(body.prompt, server.limits.max_prompt_tokens)
+    [ids] = await server.tokenize([body.prompt])
+    out: dict[str, Any] = {"count": len(ids), "max_model_len": server.context_length,
+                           "tokens": ids}
+    if body.return_token_strs:
+        out["token_strs"] = [server.tokenizer.id_to_token(i) for i in ids]
+    return out
+
+
+@tokens_router.post("/detokenize")
+async def detokenize(body: DetokenizeBody, request: Request) -> dict[str, Any]:
+    server = server_of(request)
+    require_model(server, body.model)
+    if len(body.tokens) > server.context_length:
+        raise APIError(400, f"at most {server.context_length} tokens", "tokens")
+    server.check_token_ids(body.tokens, "tokens")
+    return {"prompt": server.tokenizer.decode(body.tokens)}
+
+
+@tokens_router.get("/tokenizer_info")
+async def tokenizer_info(request: Request) -> dict[str, Any]:
+    server = server_of(request)
+    info, tokenizer = server.info, server.tokenizer
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "model": server.model_name,
+            "vocab_size": info.vocab_size, "model_max_length": server.context_length,
+            "eos_token": tokenizer.id_to_token(info.eos_id), "eos_token_id": info.eos_id,
+            "pad_token": tokenizer.id_to_token(info.pad_id), "pad_token_id": info.pad_id}
+
+
+# ---- middleware ---------------------------------------------------------------------------------
+
+class Guard:
+    """Body size limit, JSON whatever the Content-Type, JSON 500 for unexpected exceptions.
+
+    The body is read here (up to the limit; a larger Content-Length is refused unread), then
+    replayed to the app; later receive() calls reach the client, so disconnects still show."""
+
+    def __init__(self, app: Any, max_request_bytes: int):
+        self.app, self.limit = app, max_request_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_and_track(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            if scope["method"] in ("POST", "PUT", "PATCH"):
+                body = await self.read_body(scope, receive)
+                if body is None:
+                    await error_response(413, f"the request body exceeds {self.limit} bytes",
+                                         code="request_too_large")(scope, receive, send_and_track)
+                    return
+                scope = self.as_json(scope)
+                receive = self.replay(body, receive)
+            await self.app(scope, receive, send_and_track)
+        except Exception:
+            logger.exception("unexpected error serving %s", scope.get("path"))
+            if not started:
+                await error_response(500, "internal error", code="internal_error")(
+                    scope, receive, send_and_track)
+
+    async def read_body(self, scope: dict[str, Any], receive: Any) -> bytes | None:
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return None
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return None
+            if not message.get("more_body"):
+                break
+        return b"".join(chunks)
+
+    @staticmethod
+    def as_json(scope: dict[str, Any]) -> dict[str, Any]:
+        headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+        return {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+
+    @staticmethod
+    def replay(body: bytes, receive: Any) -> Any:
+        sent = False
+
+        async def replayed() -> dict[str, Any]:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return replayed
+
+
+class RequestMetrics:
+    """ASGI middleware recording each request's route, status code and latency. Latency runs to
+    the response's last byte, so a stream counts whole; a request whose client left early counts
+    when the app lets go of it."""
+
+    def __init__(self, app: Any, app_name: str):
+        self.app, self.app_name = app, app_name
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, status, done = time.perf_counter(), 500, False
+
+        def finish() -> None:
+            nonlocal done
+            done = True
+            # The matched route's template (FastAPI sets it while routing), not the raw path.
+            route = getattr(scope.get("route"), "path", "unmatched")
+            metrics.record("serve_requests", 1, app=self.app_name, route=route,
+                           status=str(status))
+            metrics.record("serve_latency_seconds", time.perf_counter() - started,
+                           app=self.app_name, route=route)
+
+        async def send_and_measure(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                finish()
+
+        try:
+            await self.app(scope, receive, send_and_measure)
+        finally:
+            if not done:
+                finish()
+
+
+def create_api(server: ModelServer) -> FastAPI:
+    """The FastAPI app around one ModelServer (Serve builds it on each replica)."""
+    api = FastAPI(title="orchestrator model service", openapi_url=None, docs_url=None,
+                  redoc_url=None)
+    api.state.server = server
+    api.add_middleware(Guard, max_request_bytes=server.limits.max_request_bytes)
+    api.add_middleware(RequestMetrics, app_name=server.app_name)  # outermost: sees 413 and 500
+    api.add_exception_handler(APIError, api_error)
+    api.add_exception_handler(RequestValidationError, invalid_request)
+    api.add_exception_handler(HTTPException, http_error)
+
+    @api.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "family": server.family, "model": server.model_name,
+                "version": server.version}
+
+    @api.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_key)])
+    async def openapi() -> dict[str, Any]:
+        return api.openapi()
+
+    @api.get("/docs", include_in_schema=False, dependencies=[Depends(require_key)])
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=api.title)
+
+    api.include_router(router)
+    api.include_router(tokens_router)
+    return api
+
+
+__all__ = ["ERROR_TYPES", "create_api"]

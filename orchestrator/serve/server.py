@@ -1,0 +1,252 @@
+"""What one replica (or one plain uvicorn process) holds: the loaded bundle, its engine, and the
+work between an HTTP body and the engine: checking a request against the limits, tokenizing off
+the event loop after a cheap length check, and gathering the engine's outputs.
+
+On Ray Serve the engine batches continuously up to `serve.max_batch_size` rows; `batching=False`
+(plain uvicorn, the serve benchmark's baseline) gives it batches of one, so requests take turns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass, field
+
+import torch
+from ray import serve
+
+from orchestrator import metrics
+from orchestrator.bundle import load_bundle
+from orchestrator.predictor import Predictor
+from orchestrator.serve.engine import (
+    AsyncEngine,
+    ChoiceUpdate,
+    Engine,
+    EngineError,
+    QueueFull,
+    RequestOutput,
+    TokenLogprob,
+)
+from orchestrator.serve.protocol import DEFAULT_MAX_TOKENS, APIError, CompletionBody, overloaded
+from orchestrator.serve.sampling import SamplingParams
+from orchestrator.spec import ServeSpec
+
+INLINE_TOKENIZE_CHARS = 1024
+
+
+@dataclass
+class CompletionJob:
+    """One completion request, checked and tokenized: its rows (prompt x n) and what to answer."""
+
+    prompts: list[list[int]]
+    params: list[SamplingParams]
+    echo: list[str] | None  # per row, the prompt text to put before the completion
+    logprobs: bool
+    prompt_tokens: int
+
+
+@dataclass
+class Choice:
+    """One row's answer gathered from the engine's updates."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # offsets in the completion
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # offsets in the prompt
+
+
+class ModelServer:
+    """A loaded bundle and the engine around it; one per replica (or per uvicorn process)."""
+
+    def __init__(self, bundle_dir: str, limits: ServeSpec, key_digests: list[str],
+                 batching: bool = True, app_name: str | None = None,
+                 auth_required: bool | None = None):
+        bundle = load_bundle(bundle_dir)
+        if limits.replica_gpus > 0 and torch.cuda.is_available():
+            bundle.model.to("cuda")
+        self.predictor = Predictor(bundle)
+        self.tokenizer = bundle.tokenizer
+        self.info = bundle.info
+        self.family = bundle.info.family
+        self.model_name = bundle.spec.name
+        self.app_name = app_name or self.model_name  # the `app` tag of this server's metrics
+        self.version = bundle.version  # which weights answer
+        self.created = int(time.time())
+        self.limits = limits
+        self.key_digests = key_digests
+        # Keys fail closed: a configured source that yielded no key lets nobody in.
+        self.auth_required = (bool(limits.api_keys_env or limits.api_keys_file)
+                              if auth_required is None else auth_required) or bool(key_digests)
+        # Bytes one token can cover at most: a prompt of more bytes than max_prompt_tokens of
+        # these is too long without tokenizing it.
+        vocab = self.tokenizer.get_vocab()
+        self.max_token_bytes = max(len(token.encode()) for token in vocab) if vocab else 1
+        self.batching = batching
+        self.model_lock = asyncio.Lock()
+        self.engine: AsyncEngine | None = None
+        if self.family == "gpt":
+            engine = Engine(bundle.model, bundle.tokenizer, bundle.info.eos_id,
+                            limits.max_batch_size if batching else 1)
+            self.engine = AsyncEngine(engine, limits.max_queued_requests, self.record_batch)
+        elif batching:
+            self.classify_batch.set_max_batch_size(limits.max_batch_size)
+            self.classify_batch.set_batch_wait_timeout_s(limits.batch_wait_timeout_s)
+
+    def record_batch(self, rows: int) -> None:
+        metrics.record("serve_batch_size", rows, app=self.app_name, route="/v1/completions")
+
+    @property
+    def context_length(self) -> int:
+        return self.predictor.context_length
+
+    async def check_health(self) -> None:
+        """Raises when the model cannot answer; Serve then replaces the replica. It decodes on
+        an engine of its own, so a full queue does not make a busy replica look sick."""
+        if self.family == "gpt":
+            ids = [self.predictor.encode("a")]
+            await asyncio.to_thread(self.predictor.complete, ids, [SamplingParams(1, 0.0)])
+        else:
+            await asyncio.to_thread(self.predictor.classify, ["a"])
+
+    # ---- classification ------------------------------------------------------------------
+
+    async def classify(self, texts: list[str]) -> list[dict]:
+        if self.batching:
+            return await self.classify_batch(texts)
+        async with self.model_lock:
+            return (await self.classify_lists([texts]))[0]
+
+    @serve.batch
+    async def classify_batch(self, texts_per_request: list[list[str]]) -> list[list[dict]]:
+        metrics.record("serve_batch_size", len(texts_per_request), app=self.app_name,
+                       route="/v1/classify")
+        return await self.classify_lists(texts_per_request)
+
+    async def classify_lists(self, texts_per_request: list[list[str]]) -> list[list[dict]]:
+        flat = [text for texts in texts_per_request for text in texts]
+        predictions = await asyncio.to_thread(self.predictor.classify, flat)
+        out, start = [], 0
+        for texts in texts_per_request:
+            out.append(predictions[start: start + len(texts)])
+            start += len(texts)
+        return out
+
+    # ---- tokens ----------------------------------------------------------------------------
+
+    def check_prompt_bytes(self, text: str, limit: int) -> None:
+        """The cheap length check, before any tokenizing."""
+        if len(text) > limit * self.max_token_bytes or len(text.encode()) > limit * self.max_token_bytes:
+            raise APIError(400, f"a prompt this long exceeds the limit of {limit} tokens",
+                           "prompt", "prompt_too_long")
+
+    async def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, computed off the event loop (texts already passed the cheap
+        length check); a few short texts are tokenized inline, where a thread hop would cost
+        more than the tokenizing (tens of microseconds)."""
+        if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:
+            encodings = self.tokenizer.encode_batch(texts)
+        else:
+            encodings = await asyncio.to_thread(self.tokenizer.encode_batch, texts)
+        return [encoding.ids for encoding in encodings]
+
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        if not all(0 <= token < self.info.vocab_size for token in ids):
+            raise APIError(400, f"token ids must be in 0..{self.info.vocab_size - 1}", param,
+                           "invalid_token_id")
+
+    # ---- completions ----------------------------------------------------------------------
+
+    async def completion_job(self, body: CompletionBody) -> CompletionJob:
+        """Check a completion request against the limits and tokenize it."""
+        limits = self.limits
+        prompts = body.prompts()
+        if not prompts:
+            raise APIError(400, "prompt must not be an empty list", "prompt")
+        if len(prompts) * body.n > limits.max_inputs:
+            raise APIError(400, f"{len(prompts)} prompts x n={body.n} exceed the limit of "
+                                f"{limits.max_inputs} completions per request", "n")
+        max_tokens = (body.max_tokens if body.max_tokens is not None
+                      else min(DEFAULT_MAX_TOKENS, limits.max_new_tokens))
+        if max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens 0 needs echo: true (scoring a prompt)", "max_tokens")
+        if max_tokens > limits.max_new_tokens:
+            raise APIError(400, f"max_tokens {max_tokens} exceeds the limit of "
+                                f"{limits.max_new_tokens}", "max_tokens")
+        body.stop_strings()
+        if self.engine.full:
+            raise overloaded(self.engine.engine.num_waiting)
+        if isinstance(prompts[0], str):
+            for text in prompts:
+                self.check_prompt_bytes(text, limits.max_prompt_tokens)
+            encoded = [ids or [self.info.eos_id] for ids in await self.tokenize(prompts)]
+            echo_texts = list(prompts)
+        else:
+            for ids in prompts:
+                if not ids:
+                    raise APIError(400, "a prompt of token ids must not be empty", "prompt")
+                self.check_token_ids(ids, "prompt")
+            encoded = prompts
+            echo_texts = [self.tokenizer.decode(ids) for ids in prompts] if body.echo else []
+        for ids in encoded:
+            if len(ids) > limits.max_prompt_tokens:
+                raise APIError(400, f"a prompt of {len(ids)} tokens exceeds the limit of "
+                                    f"{limits.max_prompt_tokens}", "prompt", "prompt_too_long")
+            if len(ids) + max_tokens > self.context_length:
+                raise APIError(400, f"this model's context is {self.context_length} tokens; "
+                                    f"the prompt has {len(ids)} and max_tokens is {max_tokens}",
+                               "max_tokens", "context_length_exceeded")
+        rows = [ids for ids in encoded for _ in range(body.n)]
+        params = [body.to_sampling_params(max_tokens, i) for i in range(len(rows))]
+        echo = [text for text in echo_texts for _ in range(body.n)] if body.echo else None
+        return CompletionJob(rows, params, echo, body.logprobs is not None,
+                             sum(len(ids) for ids in encoded))
+
+    async def outputs(self, job: CompletionJob) -> AsyncIterator[RequestOutput]:
+        """The engine's outputs for this job; closing early aborts it. A full queue is 503."""
+        try:
+            async with aclosing(self.engine.generate(job.prompts, job.params)) as outputs:
+                async for output in outputs:
+                    yield output
+        except QueueFull:
+            raise overloaded(self.engine.engine.num_waiting) from None
+
+    async def complete(self, job: CompletionJob) -> list[Choice]:
+        """Every row decoded to its end (non-streaming)."""
+        choices = [Choice() for _ in job.prompts]
+        async with aclosing(self.outputs(job)) as outputs:
+            async for output in outputs:
+                if output.error is not None:
+                    raise engine_error(output.error)
+                for row, update in output.updates:
+                    gather(choices[row], update)
+        return choices
+
+
+def gather(choice: Choice, update: ChoiceUpdate) -> None:
+    choice.text += update.text
+    choice.completion_tokens = update.completion_tokens
+    choice.finish_reason = update.finish_reason or choice.finish_reason
+    if update.prompt_logprobs is not None:
+        choice.prompt_logprobs = update.prompt_logprobs
+    choice.logprobs += update.logprobs
+
+
+def engine_error(error: EngineError) -> APIError:
+    return APIError(500, error.message, code=error.code)
+
+
+@asynccontextmanager
+async def timeout_as_408(server: ModelServer) -> AsyncIterator[None]:
+    """serve.request_timeout_s for a whole request; past it the client gets a 408."""
+    try:
+        async with asyncio.timeout(server.limits.request_timeout_s):
+            yield
+    except TimeoutError:
+        raise APIError(408, timeout_message(server), code="request_timeout") from None
+
+
+def timeout_message(server: ModelServer) -> str:
+    return f"the request took longer than {server.limits.request_timeout_s:g} s"

@@ -1,0 +1,260 @@
+"""The continuous-batching engine without Ray or HTTP: admission into a running batch,
+retirement, cancellation mid-decode, a poisoned row among good rows, seeds, logprobs and prompt
+scoring (against the evaluate stage's own loss), penalties, and the async driver's bounded queue.
+
+The model is freshly initialised (no training): the tests check the contract, not the text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import SAMPLE, tiny_spec
+
+from orchestrator.bundle import Bundle, initial_bundle, load_bundle
+from orchestrator.evaluate import ScoreBatch
+from orchestrator.serve.engine import AsyncEngine, Engine, QueueFull, RequestOutput
+from orchestrator.serve.sampling import SamplingParams
+from orchestrator.spec import parse_spec
+
+PROMPTS = ["Return the", "A", "Return a new list of", "Create a new"]
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()[:300]]
+    torch.manual_seed(0)
+    return initial_bundle(tmp_path_factory.mktemp("engine") / "bundle",
+                          parse_spec(tiny_spec("gpt")), rows)
+
+
+@pytest.fixture(scope="module")
+def bundle(bundle_dir: Path) -> Bundle:
+    return load_bundle(bundle_dir)
+
+
+def engine_of(bundle: Bundle, max_batch_size: int = 8, model: torch.nn.Module | None = None) -> Engine:
+    return Engine(model or bundle.model, bundle.tokenizer, bundle.info.eos_id, max_batch_size)
+
+
+def encode(bundle: Bundle, text: str) -> list[int]:
+    return bundle.tokenizer.encode(text).ids
+
+
+class Collector:
+    """Steps an engine and gathers each request's text, finish, error and logprobs."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.text: dict = {}
+        self.finish: dict = {}
+        self.errors: dict = {}
+        self.logprobs: dict = {}
+        self.prompt_logprobs: dict = {}
+        self.steps = 0
+
+    def add(self, rid, text_or_ids, params: SamplingParams, bundle: Bundle) -> None:
+        ids = encode(bundle, text_or_ids) if isinstance(text_or_ids, str) else text_or_ids
+        self.engine.add(rid, [ids], [params])
+        self.text[rid] = ""
+
+    def step(self) -> list[RequestOutput]:
+        outputs = self.engine.step()
+        self.steps += 1
+        for out in outputs:
+            for _, update in out.updates:
+                self.text[out.request_id] += update.text
+                self.logprobs.setdefault(out.request_id, []).extend(update.logprobs)
+                if update.prompt_logprobs is not None:
+                    self.prompt_logprobs[out.request_id] = update.prompt_logprobs
+                if update.finish_reason:
+                    self.finish[out.request_id] = update.finish_reason
+            if out.error is not None:
+                self.errors[out.request_id] = out.error
+        return outputs
+
+    def run(self, limit: int = 200) -> None:
+        while self.engine.has_work and limit:
+            self.step()
+            limit -= 1
+
+
+def alone(bundle: Bundle, prompt: str, params: SamplingParams) -> str:
+    collector = Collector(engine_of(bundle))
+    collector.add(0, prompt, params, bundle)
+    collector.run()
+    return collector.text[0]
+
+
+def test_a_request_joins_a_running_batch_and_both_match_their_solo_runs(bundle: Bundle) -> None:
+    engine = engine_of(bundle, max_batch_size=4)
+    collector = Collector(engine)
+    first, second = SamplingParams(14, 0.0), SamplingParams(10, 1.0, seed=3)
+    collector.add("first", PROMPTS[0], first, bundle)
+    for _ in range(3):
+        collector.step()
+    assert engine.num_running == 1 and "first" not in collector.finish
+    # A longer prompt than the columns so far: the cache grows to the left to take it.
+    collector.add("second", PROMPTS[2] + " items in the", second, bundle)
+    outputs = collector.step()
+    assert {out.request_id for out in outputs} == {"first", "second"}
+    assert engine.num_running == 2
+    collector.run()
+    assert collector.text["first"] == alone(bundle, PROMPTS[0], first)
+    assert collector.text["second"] == alone(bundle, PROMPTS[2] + " items in the", second)
+    assert not collector.errors and not engine.has_work
+
+
+def test_finished_rows_retire_and_waiting_requests_take_their_slots(bundle: Bundle) -> None:
+    engine = engine_of(bundle, max_batch_size=2)
+    collector = Collector(engine)
+    limits = {"a": 2, "b": 9, "c": 5}
+    for rid, limit in limits.items():
+        collector.add(rid, PROMPTS[0], SamplingParams(limit, 0.0), bundle)
+    collector.step()
+    assert (engine.num_running, engine.num_waiting) == (2, 1)  # c waits for a slot
+    collector.step()  # a takes its 2nd and last token and retires
+    assert collector.finish == {"a": "length"} and engine.num_running == 1
+    collector.step()  # c is admitted into the running batch
+    assert (engine.num_running, engine.num_waiting) == (2, 0)
+    collector.run()
+    assert collector.finish == {"a": "length", "b": "length", "c": "length"}
+    for rid, limit in limits.items():
+        assert collector.text[rid] == alone(bundle, PROMPTS[0], SamplingParams(limit, 0.0))
+
+
+def test_cancelling_a_row_mid_decode_leaves_the_others_untouched(bundle: Bundle) -> None:
+    engine = engine_of(bundle)
+    collector = Collector(engine)
+    params = SamplingParams(12, 0.0)
+    for rid, prompt in enumerate(PROMPTS[:3]):
+        collector.add(rid, prompt, params, bundle)
+    collector.step()
+    collector.step()
+    engine.abort(1)
+    outputs = collector.step()
+    [cancelled] = [out for out in outputs if out.request_id == 1]
+    assert cancelled.finished and cancelled.error.code == "cancelled"
+    assert engine.num_running == 2
+    collector.run()
+    for rid in (0, 2):
+        assert collector.finish[rid] == "length"
+        assert collector.text[rid] == alone(bundle, PROMPTS[rid], params)
+    # A request cancelled before it was admitted leaves the queue.
+    engine.add("late", [encode(bundle, "x")], [params])
+    engine.abort("late")
+    assert [out.error.code for out in engine.step()] == ["cancelled"] and not engine.has_work
+
+
+def test_a_poisoned_row_fails_alone(bundle: Bundle) -> None:
+    """Non-finite logits for one row (a NaN positional embedding that only a long prompt
+    reaches), and hostile sampling values, among good rows: only the poisoned request fails."""
+    poisoned_position = 12
+    model = copy.deepcopy(bundle.model)
+    with torch.no_grad():
+        model.wpe.weight[poisoned_position] = float("nan")
+    engine = engine_of(bundle, model=model)
+    collector = Collector(engine)
+    good = {"greedy": SamplingParams(6, 0.0), "sampled": SamplingParams(6, 0.9, seed=1),
+            "tiny-temperature": SamplingParams(6, 1e-46, seed=2),
+            "huge-top-k": SamplingParams(6, 1.0, top_k=2**63, seed=3)}
+    for rid, params in good.items():
+        collector.add(rid, "A", params, bundle)
+    long_prompt = encode(bundle, " ".join(["event"] * 20))[:poisoned_position + 2]
+    collector.add("poisoned", long_prompt, SamplingParams(4, 1.0, seed=4), bundle)
+    collector.run()
+    assert set(collector.errors) == {"poisoned"}
+    assert collector.errors["poisoned"].code == "invalid_logits"
+    for rid, params in good.items():
+        assert collector.finish[rid] in ("length", "stop")
+        assert collector.text[rid] == alone(bundle, "A", params)
+    assert collector.text["tiny-temperature"] == alone(bundle, "A", SamplingParams(6, 0.0))
+
+
+def test_seeded_rows_give_the_same_text_whatever_shares_the_batch(bundle: Bundle) -> None:
+    mine = SamplingParams(12, 1.0, seed=7)
+    solo = alone(bundle, PROMPTS[1], mine)
+    engine = engine_of(bundle, max_batch_size=3)
+    collector = Collector(engine)
+    collector.add("other-1", PROMPTS[2], SamplingParams(9, 0.7, top_p=0.9, seed=8), bundle)
+    collector.step()
+    collector.add("mine", PROMPTS[1], mine, bundle)
+    collector.add("other-2", PROMPTS[3], SamplingParams(3, 1.3, top_k=4), bundle)
+    collector.add("other-3", PROMPTS[0], SamplingParams(5, 0.0), bundle)  # waits for a slot
+    collector.run()
+    assert collector.text["mine"] == solo
+    assert alone(bundle, PROMPTS[1], SamplingParams(12, 1.0, seed=8)) != solo
+
+
+def test_prompt_scoring_equals_the_evaluate_stage_loss(bundle: Bundle, bundle_dir: Path) -> None:
+    text = "Return the number of items in the list."
+    ids = encode(bundle, text)
+    collector = Collector(engine_of(bundle))
+    collector.add("score", ids, SamplingParams(0, prompt_logprobs=2), bundle)
+    collector.add("beside", PROMPTS[0], SamplingParams(8, 0.0), bundle)  # sharing the prefill
+    collector.run()
+    entries = collector.prompt_logprobs["score"]
+    assert collector.finish["score"] == "length" and collector.text["score"] == ""
+    assert [e.token for e in entries] == [bundle.tokenizer.decode([i]) for i in ids]
+    assert entries[0].logprob is None and entries[0].top is None
+    assert all(len(e.top) <= 2 and e.logprob <= max(e.top.values()) + 1e-6 for e in entries[1:])
+    assert [e.offset for e in entries] == [len(bundle.tokenizer.decode(ids[:j]))
+                                           for j in range(len(ids))]
+    scored = ScoreBatch(str(bundle_dir), np.zeros(bundle.info.vocab_size))(
+        {"ids": np.array([ids]), "split": np.array(["test"])})
+    assert -sum(e.logprob for e in entries[1:]) == pytest.approx(float(scored["nll"][0]), abs=1e-4)
+
+
+def test_logprobs_of_generated_tokens(bundle: Bundle) -> None:
+    collector = Collector(engine_of(bundle))
+    collector.add(0, PROMPTS[0], SamplingParams(8, 0.0, logprobs=3), bundle)
+    collector.run()
+    entries = collector.logprobs[0]
+    assert len(entries) == 8 and "".join(e.token for e in entries) == collector.text[0]
+    for entry in entries:
+        assert len(entry.top) == 3
+        assert entry.logprob == pytest.approx(max(entry.top.values()))  # greedy takes the top
+        assert all(math.isfinite(v) and v <= 0 for v in entry.top.values())
+    assert [e.offset for e in entries] == [len("".join(x.token for x in entries[:k]))
+                                           for k in range(len(entries))]
+
+
+def test_presence_penalty_stops_repeats(bundle: Bundle) -> None:
+    collector = Collector(engine_of(bundle))
+    collector.add("free", PROMPTS[0], SamplingParams(20, 0.0), bundle)
+    collector.add("penalized", PROMPTS[0], SamplingParams(20, 0.0, presence_penalty=1e4), bundle)
+    collector.run()
+    free = bundle.tokenizer.encode(collector.text["free"]).ids
+    assert len(set(free)) < len(free), "the untrained model should repeat itself greedily"
+    # Each generated token is a new one (the text re-encodes to the same ids here or fewer).
+    assert collector.text["penalized"] != collector.text["free"]
+
+
+def test_async_engine_bounded_queue_and_abort_on_close(bundle: Bundle) -> None:
+    async def scenario() -> None:
+        driver = AsyncEngine(engine_of(bundle, max_batch_size=1), max_waiting=1)
+        params = [SamplingParams(6, 0.0)]
+        first = driver.generate([encode(bundle, "A")], params)
+        assert (await anext(first)).updates  # running
+        second = driver.generate([encode(bundle, "B")], params)
+        waiting = asyncio.ensure_future(anext(second))  # queued behind the first
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull):
+            await anext(driver.generate([encode(bundle, "C")], params))
+        await first.aclose()  # the caller leaves: its row is aborted
+        out = await waiting
+        assert out.request_id is not None and not out.error
+        texts = [u.text for _, u in out.updates]
+        async for output in second:
+            texts += [u.text for _, u in output.updates]
+        assert "".join(texts) == alone(bundle, "B", params[0])
+        assert not driver.engine.has_work
+
+    asyncio.run(scenario())
