@@ -71,8 +71,7 @@ class Services:
         configured source yields no key): it must let nobody in."""
         from ray import serve
 
-        from orchestrator.serve.app import ModelService, app_name, deployment_options
-        from orchestrator.serve.app import wait_until_running
+        from orchestrator.serve.app import ModelService, app_name, deployment_options, wait_until_running
 
         spec, bundle_dir = self.bundles["gpt"]
         if self.current is not None:
