@@ -77,7 +77,7 @@ def write_bundle(directory: str | Path, spec: JobSpec, info: DataInfo,
 def save_bundle(directory: str | Path, spec: JobSpec, info: DataInfo, checkpoint_path: str,
                 tokenizer_dir: str | Path, metrics: dict[str, Any], trial_id: str) -> Path:
     """The winner's bundle, from the checkpoint of its best validation step."""
-    model = build_model(spec.model, info.vocab_size, info.seq_len, info.pad_id, info.num_classes)
+    model = build_model(spec, info)
     load_model_weights(checkpoint_path, model)
     return write_bundle(directory, spec, info, model.state_dict(), tokenizer_dir, metrics,
                         {"trial_id": trial_id, "checkpoint": checkpoint_path})
@@ -90,14 +90,13 @@ def initial_bundle(directory: str | Path, spec: JobSpec, rows: list[dict[str, st
     tokenizer = train_tokenizer((row["text"] for row in rows), spec.data.vocab_size)
     eos_id, pad_id = tokenizer.token_to_id(EOS), tokenizer.token_to_id(PAD)
     if spec.model.family == "gpt":
-        info = DataInfo("gpt", tokenizer.get_vocab_size(), eos_id, pad_id,
-                        spec.data.block_size + 1)
+        info = DataInfo("gpt", tokenizer.get_vocab_size(), eos_id, pad_id, spec.data.block_size)
     else:
         counts = Counter(row["label"] for row in rows)
         info = DataInfo("classifier", tokenizer.get_vocab_size(), eos_id, pad_id,
                         spec.data.max_length, labels=sorted(counts),
                         label_counts={"train": dict(counts)})
-    model = build_model(spec.model, info.vocab_size, info.seq_len, info.pad_id, info.num_classes)
+    model = build_model(spec, info)
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer_dir = save_tokenizer(tokenizer, scratch).parent
         return write_bundle(directory, spec, info, model.state_dict(), tokenizer_dir, {},
@@ -124,14 +123,14 @@ def read_spec_and_info(directory: str | Path) -> tuple[JobSpec, DataInfo]:
     if not (directory / MODEL_FILE).is_file():
         raise FileNotFoundError(f"{directory} is not a model bundle: {MODEL_FILE} is missing")
     spec = parse_spec(yaml.safe_load((directory / SPEC_FILE).read_text()))
-    return spec, DataInfo(**json.loads((directory / INFO_FILE).read_text()))
+    return spec, DataInfo.from_dict(json.loads((directory / INFO_FILE).read_text()))
 
 
 def load_bundle(directory: str | Path) -> Bundle:
     """Load a bundle for inference (model in eval mode, on CPU)."""
     directory = Path(directory)
     spec, info = read_spec_and_info(directory)
-    model = build_model(spec.model, info.vocab_size, info.seq_len, info.pad_id, info.num_classes)
+    model = build_model(spec, info)
     model.load_state_dict(torch.load(directory / MODEL_FILE, map_location="cpu",
                                      weights_only=True))
     model.eval()

@@ -102,9 +102,9 @@ def predict(bundle_dir: str | Path, input_path: str, output_path: str,
     """Run the bundle over every row of `input_path` and write parquet to `output_path`; the
     input's other columns are kept. Returns the number of rows written."""
     spec, info = read_spec_and_info(bundle_dir)
-    if info.family == "gpt" and not 1 <= max_tokens < info.seq_len - 1:
-        raise ValueError(f"max_tokens must be in [1, {info.seq_len - 2}] for this model's "
-                         f"context of {info.seq_len - 1} tokens, not {max_tokens}")
+    if info.family == "gpt" and not 1 <= max_tokens < info.context_length:
+        raise ValueError(f"max_tokens must be in [1, {info.context_length - 1}] for this model's "
+                         f"context of {info.context_length} tokens, not {max_tokens}")
     source = DataSpec(path=input_path, text_column=text_column or spec.data.text_column)
     predicted = read_source(source, keep_other_columns=True).map_batches(
         PredictBatch, batch_format="pandas", **on_actor_pool(replicas, cpus),

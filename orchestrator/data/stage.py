@@ -34,7 +34,7 @@ class DataInfo:
     vocab_size: int
     eos_id: int
     pad_id: int
-    seq_len: int
+    context_length: int  # tokens a model sees at once: data.block_size (LM), data.max_length
     labels: list[str] = field(default_factory=list)
     texts: dict[str, int] = field(default_factory=dict)
     rows: dict[str, int] = field(default_factory=dict)
@@ -43,6 +43,22 @@ class DataInfo:
     @property
     def num_classes(self) -> int:
         return len(self.labels)
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens per stored row: a language model's rows hold one more token than its context
+        (the last position's target)."""
+        return self.context_length + 1 if self.family == "gpt" else self.context_length
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> DataInfo:
+        """From meta.json or a bundle's data_info.json, also those written before
+        context_length replaced seq_len."""
+        raw = dict(raw)
+        if "seq_len" in raw:
+            seq_len = raw.pop("seq_len")
+            raw.setdefault("context_length", seq_len - 1 if raw["family"] == "gpt" else seq_len)
+        return cls(**raw)
 
 
 @dataclass
@@ -109,6 +125,17 @@ def split_dir(run_dir: str | Path, split: str) -> Path:
     return Path(run_dir) / "data" / f"split={split}"
 
 
+def text_dir(run_dir: str | Path, split: str) -> Path:
+    """Where the data stage writes one split's texts (and labels), untokenized: what the
+    classical references of the evaluate stage train and score on."""
+    return Path(run_dir) / "texts" / f"split={split}"
+
+
+def read_split_texts(run_dir: str | Path, split: str) -> pa.Table:
+    """One split's `text` (and `label`) columns, as the data stage wrote them."""
+    return pa_dataset.dataset(str(text_dir(run_dir, split)), format="parquet").to_table()
+
+
 def read_split(run_dir: str | Path, split: str) -> ray.data.Dataset:
     """The tokenized rows of one split, as written by the data stage."""
     quiet_progress()
@@ -122,7 +149,7 @@ def read_splits(run_dir: str | Path, splits: tuple[str, ...]) -> ray.data.Datase
 
 
 def load_data_info(run_dir: str | Path) -> DataInfo:
-    return DataInfo(**json.loads((Path(run_dir) / "data" / META_FILE).read_text()))
+    return DataInfo.from_dict(json.loads((Path(run_dir) / "data" / META_FILE).read_text()))
 
 
 def _rows_on_disk(directory: Path) -> int:
@@ -166,9 +193,13 @@ def prepare_data(spec: JobSpec, run_dir: str | Path,
     save_tokenizer(tokenizer, run_dir / "tokenizer")
 
     labels = sorted(scan.labels["train"]) if spec.model.family == "classifier" else []
-    seq_len = data.block_size + 1 if spec.model.family == "gpt" else data.max_length
+    context_length = data.block_size if spec.model.family == "gpt" else data.max_length
     out = run_dir / "data"
     shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(run_dir / "texts", ignore_errors=True)
+    progress("writing the split texts (for the classical references)")
+    texts.select_columns(["text", "label", "split"] if labels else ["text", "split"]) \
+        .write_parquet(str(run_dir / "texts"), partition_cols=["split"])
     progress("tokenizing and writing the splits")
     texts.map_batches(
         TokenizeBatch, batch_format="numpy", batch_size=TOKENIZE_BATCH_ROWS,
@@ -191,7 +222,8 @@ def prepare_data(spec: JobSpec, run_dir: str | Path,
             )
     info = DataInfo(
         family=spec.model.family, vocab_size=tokenizer.get_vocab_size(),
-        eos_id=tokenizer.token_to_id(EOS), pad_id=tokenizer.token_to_id(PAD), seq_len=seq_len,
+        eos_id=tokenizer.token_to_id(EOS), pad_id=tokenizer.token_to_id(PAD),
+        context_length=context_length,
         labels=labels, texts=dict(scan.texts), rows=rows,
         label_counts={s: dict(c) for s, c in scan.labels.items() if c},
     )
