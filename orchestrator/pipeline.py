@@ -27,7 +27,7 @@ from orchestrator.bundle import WINNER_DIR, save_bundle, write_metrics
 from orchestrator.data import prepare_data
 from orchestrator.evaluate import evaluate_bundle
 from orchestrator.plots import plots_markdown, write_report_plots
-from orchestrator.report import json_safe, render_markdown
+from orchestrator.report import json_safe, reference_verdict, render_markdown
 from orchestrator.serve.samples import send_sample_requests
 from orchestrator.spec import JobSpec, spec_to_yaml
 from orchestrator.sweep import run_sweep
@@ -138,9 +138,11 @@ def run_pipeline(spec: JobSpec, say: Callable[[str], None] | Progress = print) -
         "sweep_timing": {**asdict(timing), "overhead": timing.overhead},
         "data": {"texts": info.texts, "rows": info.rows, "vocab_size": info.vocab_size,
                  "labels": info.labels},
-        "winner": {"trial_id": winner["trial_id"], "config": config, "bundle": str(bundle_dir),
+        "winner": {"trial_id": winner["trial_id"], "arch": winner_spec.model.arch, "config": config,
+                   "bundle": str(bundle_dir),
                    "best_step": winner["best_step"]},
         "evaluation": evaluation,
+        "verdict": reference_verdict(evaluation, info.family),
         "endpoint": endpoint if spec.serve.keep_running else None,
         "sample_responses": samples,
         "trials": sweep.trials.drop(columns=["checkpoint_path"], errors="ignore")
