@@ -75,7 +75,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- model family: {report['family']}; sweep metric: {report['metric']}",
         (f"- data: {report['data']['texts']} texts, {report['data']['rows']} rows, "
          f"vocabulary {report['data']['vocab_size']}"),
-        f"- winner: trial `{report['winner']['trial_id']}` with {report['winner']['config']}",
+        (f"- winner: trial `{report['winner']['trial_id']}`"
+         + (f" ({report['winner']['arch']})" if report["winner"].get("arch") else "")
+         + f" with {report['winner']['config']}"),
         f"- bundle: `{report['winner']['bundle']}`",
         f"- endpoint: {report['endpoint'] or 'not kept running'}",
         f"- stage seconds: {report['stage_seconds']}", "",
@@ -95,7 +97,9 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def summary(report: dict[str, Any]) -> str:
     """The lines the CLI prints at the end of a run."""
-    lines = [f"winner: trial {report['winner']['trial_id']} {report['winner']['config']}"]
+    arch = report["winner"].get("arch")
+    lines = [f"winner: trial {report['winner']['trial_id']}" + (f" ({arch})" if arch else "")
+             + f" {report['winner']['config']}"]
     for split, result in report["evaluation"].items():
         baseline, reference = result["baseline"], result.get("reference", {})
         shown = ", ".join(
