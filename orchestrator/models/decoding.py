@@ -1,8 +1,13 @@
 """What incremental decoding (predictor.py, the service, `predict`) asks of a language model.
 
 A model that decodes keeps a cache of what it has read: GPT its keys and values (gpt.KVCache),
-the LSTM its recurrent state (lstm.RecurrentState). The engine never looks inside the cache; it
-only creates it, feeds the model new columns through it, and drops finished rows from it.
+the LSTM its recurrent state (lstm.RecurrentState). An engine that stays architecture-free never
+looks inside the cache: it creates it, feeds the model new columns through it, drops finished
+rows from it and, for continuous batching, joins freshly prefilled rows to it and asks it for
+room. `keep` is all that predictor.Decoding uses today; `join` and `make_room` are what a
+continuous-batching engine needs, so that the column bookkeeping of a KV cache (aligning a new
+row's last prompt token with the newest column, dropping columns that are padding in every row)
+lives with the KV cache, and a recurrent state, which has no columns, does nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +20,13 @@ import torch
 class DecodingCache(Protocol):
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only these rows (indices into the current batch)."""
+
+    def join(self, new: DecodingCache) -> None:
+        """Append the rows of `new` (prefilled by the same model) after this cache's rows, each
+        row's next column read after its own last one."""
+
+    def make_room(self, columns: int) -> None:
+        """Make sure `columns` more columns can be read."""
 
 
 class Decoder(Protocol):

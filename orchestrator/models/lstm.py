@@ -35,6 +35,19 @@ class RecurrentState:
         if self.state is not None:
             self.state = tuple(s.index_select(1, rows) for s in self.state)
 
+    def join(self, new: RecurrentState) -> None:
+        """Append the rows of another (prefilled) state after these: a recurrent state has no
+        columns to align, each row's state is all it keeps of its past."""
+        if self.state is None or new.state is None:
+            raise ValueError("join needs two states that have read their prompts")
+        self.state = tuple(torch.cat([mine, theirs], dim=1)
+                           for mine, theirs in zip(self.state, new.state))
+        self.pad = torch.cat([self.pad, new.pad.to(self.pad.device)])
+        self.length = max(self.length, new.length)
+
+    def make_room(self, columns: int) -> None:
+        """Nothing to do: the state does not grow with the columns read."""
+
 
 def _shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Row i moved shift[i] columns to the left (negative: to the right), clamped at the edges."""

@@ -91,6 +91,31 @@ def test_lstm_left_padded_batch_decodes_each_row_as_alone():
     assert len({tuple(a) for a in alone}) == 3
 
 
+@torch.no_grad()
+def test_lstm_state_joins_rows_prefilled_apart():
+    """A continuous-batching engine prefills new prompts apart and joins them to the running
+    rows: every row then decodes as it would alone."""
+    model = _random_lstm_lm()
+    first, second = [5, 9, 3, 7], [11, 2]
+    running = model.new_cache(1, 16, torch.zeros(1, dtype=torch.long))
+    logits = model(torch.tensor([first]), running)[:, -1]
+    step = logits.argmax(-1, keepdim=True)
+    logits = model(step, running)[:, -1]  # the running row is one token ahead
+    fresh = model.new_cache(1, 16, torch.zeros(1, dtype=torch.long))
+    fresh_logits = model(torch.tensor([second]), fresh)[:, -1]
+    running.join(fresh)
+    running.make_room(8)
+    tokens = torch.cat([logits, fresh_logits]).argmax(-1, keepdim=True)
+    out = [[step.item(), tokens[0].item()], [tokens[1].item()]]
+    for _ in range(5):
+        tokens = model(tokens, running)[:, -1].argmax(-1, keepdim=True)
+        out[0].append(tokens[0].item())
+        out[1].append(tokens[1].item())
+    alone = [model.generate(torch.tensor([p]), max_new_tokens=n, temperature=0)[0, len(p):].tolist()
+             for p, n in ((first, 7), (second, 6))]
+    assert out == alone
+
+
 def test_lstm_lm_learns_a_repeating_sequence():
     torch.manual_seed(0)
     model = LSTMLanguageModel(vocab_size=10, block_size=9, n_layer=1, d_model=32, dropout=0.0)
