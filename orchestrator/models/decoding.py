@@ -21,12 +21,13 @@ class DecodingCache(Protocol):
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only these rows (indices into the current batch)."""
 
-    def join(self, new: DecodingCache) -> None:
+    def join(self, new: DecodingCache, spare: int) -> None:
         """Append the rows of `new` (prefilled by the same model) after this cache's rows, each
-        row's next column read after its own last one."""
+        row's next column read after its own last one, with `spare` columns free after."""
 
-    def make_room(self, columns: int) -> None:
-        """Make sure `columns` more columns can be read."""
+    def make_room(self, columns: int, spare: int) -> None:
+        """Make sure `columns` more columns can be read (growing by `spare` more when it must
+        grow)."""
 
 
 class Decoder(Protocol):

@@ -35,7 +35,7 @@ class RecurrentState:
         if self.state is not None:
             self.state = tuple(s.index_select(1, rows) for s in self.state)
 
-    def join(self, new: RecurrentState) -> None:
+    def join(self, new: RecurrentState, spare: int = 0) -> None:
         """Append the rows of another (prefilled) state after these: a recurrent state has no
         columns to align, each row's state is all it keeps of its past."""
         if self.state is None or new.state is None:
@@ -45,7 +45,7 @@ class RecurrentState:
         self.pad = torch.cat([self.pad, new.pad.to(self.pad.device)])
         self.length = max(self.length, new.length)
 
-    def make_room(self, columns: int) -> None:
+    def make_room(self, columns: int, spare: int = 0) -> None:
         """Nothing to do: the state does not grow with the columns read."""
 
 

@@ -103,8 +103,8 @@ def test_lstm_state_joins_rows_prefilled_apart():
     logits = model(step, running)[:, -1]  # the running row is one token ahead
     fresh = model.new_cache(1, 16, torch.zeros(1, dtype=torch.long))
     fresh_logits = model(torch.tensor([second]), fresh)[:, -1]
-    running.join(fresh)
-    running.make_room(8)
+    running.join(fresh, 8)
+    running.make_room(8, 8)
     tokens = torch.cat([logits, fresh_logits]).argmax(-1, keepdim=True)
     out = [[step.item(), tokens[0].item()], [tokens[1].item()]]
     for _ in range(5):
