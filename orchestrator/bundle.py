@@ -81,7 +81,7 @@ def write_bundle(directory: str | Path | Location, spec: JobSpec, info: DataInfo
 def save_bundle(directory: str | Location, spec: JobSpec, info: DataInfo, checkpoint: str,
                 tokenizer_dir: str | Location, metrics: dict[str, Any], trial_id: str) -> str:
     """The winner's bundle, from the checkpoint (path or URI) of its best validation step."""
-    model = build_model(spec.model, info.vocab_size, info.seq_len, info.pad_id, info.num_classes)
+    model = build_model(spec, info)
     with resolve(checkpoint).local_copy() as local_checkpoint:
         load_model_weights(local_checkpoint, model)
     with resolve(tokenizer_dir).local_copy() as tokenizer:
@@ -96,14 +96,13 @@ def initial_bundle(directory: str | Path, spec: JobSpec, rows: list[dict[str, st
     tokenizer = train_tokenizer((row["text"] for row in rows), spec.data.vocab_size)
     eos_id, pad_id = tokenizer.token_to_id(EOS), tokenizer.token_to_id(PAD)
     if spec.model.family == "gpt":
-        info = DataInfo("gpt", tokenizer.get_vocab_size(), eos_id, pad_id,
-                        spec.data.block_size + 1)
+        info = DataInfo("gpt", tokenizer.get_vocab_size(), eos_id, pad_id, spec.data.block_size)
     else:
         counts = Counter(row["label"] for row in rows)
         info = DataInfo("classifier", tokenizer.get_vocab_size(), eos_id, pad_id,
                         spec.data.max_length, labels=sorted(counts),
                         label_counts={"train": dict(counts)})
-    model = build_model(spec.model, info.vocab_size, info.seq_len, info.pad_id, info.num_classes)
+    model = build_model(spec, info)
     with tempfile.TemporaryDirectory() as scratch:
         write_bundle(directory, spec, info, model.state_dict(), save_tokenizer(tokenizer, scratch),
                      {}, {"trial_id": None, "note": "initial weights, not trained"})
@@ -131,13 +130,13 @@ def read_spec_and_info(directory: str | Path | Location) -> tuple[JobSpec, DataI
     if not bundle.join(MODEL_FILE).is_file():
         raise FileNotFoundError(f"{bundle.uri} is not a model bundle: {MODEL_FILE} is missing")
     spec = parse_spec(yaml.safe_load(bundle.join(SPEC_FILE).read_text()))
-    return spec, DataInfo(**json.loads(bundle.join(INFO_FILE).read_text()))
+    return spec, DataInfo.from_dict(json.loads(bundle.join(INFO_FILE).read_text()))
 
 
 def load_bundle(directory: str | Path | Location) -> Bundle:
     """Load a bundle (local or in object storage) for inference: model in eval mode, on CPU."""
     spec, info = read_spec_and_info(directory)
-    model = build_model(spec.model, info.vocab_size, info.seq_len, info.pad_id, info.num_classes)
+    model = build_model(spec, info)
     with resolve(directory).local_copy() as folder:
         model.load_state_dict(torch.load(folder / MODEL_FILE, map_location="cpu",
                                          weights_only=True))

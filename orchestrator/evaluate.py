@@ -1,9 +1,10 @@
 """Batch inference with Ray Data, and the evaluate stage built on it.
 
 `predict` runs a bundle over any dataset (`orchestrator predict`); `evaluate_bundle` scores the
-validation and test splits against the trivial baselines the winner must beat (majority class;
-unigram perplexity). Both map batches on a pool of actors that load the bundle once each, on GPU
-when the cluster has GPUs.
+validation and test splits against the trivial baselines (majority class; unigram model) and the
+classical references the winner must beat (TF-IDF + logistic regression; xz primed on the
+training text, in bits per byte: see reference.py). Both map batches on a pool of actors that
+load the bundle once each, on GPU when the cluster has GPUs.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from orchestrator.cluster import cluster_capacity, inference_gpus
 from orchestrator.data import DataInfo, read_source, read_split, read_splits
 from orchestrator.data.sources import TEXT
 from orchestrator.predictor import Predictor, SamplingParams
+from orchestrator.reference import bits_per_byte, run_references
 from orchestrator.rundir import RunDir
 from orchestrator.spec import DataSpec
 from orchestrator.train.metrics import classification_metrics
@@ -102,9 +104,9 @@ def predict(bundle_dir: str | Path, input_path: str, output_path: str,
     """Run the bundle over every row of `input_path` and write parquet to `output_path`; the
     input's other columns are kept. Returns the number of rows written."""
     spec, info = read_spec_and_info(bundle_dir)
-    if info.family == "gpt" and not 1 <= max_tokens < info.seq_len - 1:
-        raise ValueError(f"max_tokens must be in [1, {info.seq_len - 2}] for this model's "
-                         f"context of {info.seq_len - 1} tokens, not {max_tokens}")
+    if info.family == "gpt" and not 1 <= max_tokens < info.context_length:
+        raise ValueError(f"max_tokens must be in [1, {info.context_length - 1}] for this model's "
+                         f"context of {info.context_length} tokens, not {max_tokens}")
     source = DataSpec(path=input_path, text_column=text_column or spec.data.text_column)
     predicted = read_source(source, keep_other_columns=True).map_batches(
         PredictBatch, batch_format="pandas",
@@ -134,12 +136,16 @@ def unigram_log_probs(train_counts: np.ndarray) -> np.ndarray:
 def evaluate_bundle(run_dir: RunDir | str, bundle_dir: str, info: DataInfo,
                     splits: tuple[str, ...] = ("val", "test"), replicas: int = 1,
                     gpus: int = 0) -> dict[str, dict[str, Any]]:
-    """For each split: {'model': the bundle's metrics, 'baseline': the trivial baseline's}, and
-    for a classifier 'confusion_matrix' (counts[true][predicted], for the report's plot).
+    """For each split: {'model': the bundle's metrics, 'baseline': the trivial baseline's,
+    'reference': the classical reference's, 'text': the split's texts, bytes and tokens, 'rows':
+    the rows scored}, and for a classifier 'confusion_matrix' (counts[true][predicted], for the
+    report's plot). A language model's figures include bits per byte.
 
     All splits are scored in one Ray Data pass; rows carry their split from the directory name.
+    The references run beside it, as one Ray task, on the texts of the same splits.
     """
     run_dir = RunDir.at(run_dir)
+    references = ray.remote(num_cpus=1)(run_references).remote(run_dir.uri, info, splits)
     log_probs = (unigram_log_probs(_unigram_counts(run_dir, info.vocab_size))
                  if info.family == "gpt" else None)
     scored = read_splits(run_dir, splits).map_batches(
@@ -147,20 +153,27 @@ def evaluate_bundle(run_dir: RunDir | str, bundle_dir: str, info: DataInfo,
                                            "unigram_log_probs": log_probs},
         **on_actor_pool(replicas, gpus=gpus),
     ).to_pandas()
-    return {split: _split_metrics(scored[scored["split"] == split], info) for split in splits}
+    references = ray.get(references)
+    return {split: _split_metrics(scored[scored["split"] == split], info, references[split])
+            for split in splits}
 
 
-def _split_metrics(scored: pd.DataFrame, info: DataInfo) -> dict[str, Any]:
+def _split_metrics(scored: pd.DataFrame, info: DataInfo, reference: dict[str, Any]) -> dict[str, Any]:
+    common = {"reference": reference["reference"], "text": reference["text"],
+              "rows": len(scored)}
     if info.family == "gpt":
         tokens = scored["tokens"].sum()
         loss = float(scored["nll"].sum() / tokens)
-        baseline = float(math.exp(scored["unigram_nll"].sum() / tokens))
-        return {"model": {"loss": loss, "perplexity": math.exp(loss)},
-                "baseline": {"name": "unigram", "perplexity": baseline}}
+        unigram = float(scored["unigram_nll"].sum() / tokens)
+        per_byte = reference["text"]["tokens_per_byte"]
+        return {"model": {"loss": loss, "perplexity": math.exp(loss),
+                          "bits_per_byte": bits_per_byte(loss, per_byte)},
+                "baseline": {"name": "unigram", "perplexity": math.exp(unigram),
+                             "bits_per_byte": bits_per_byte(unigram, per_byte)}, **common}
     predictions, labels = scored["prediction"].to_numpy(), scored["label"].to_numpy()
     test = classification_metrics(predictions, labels, info.num_classes)
     return {"model": test, "baseline": {"name": "majority class",
-                                       **majority_baseline(info, scored["label"])},
+                                       **majority_baseline(info, scored["label"])}, **common,
             "confusion_matrix": confusion_matrix(predictions, labels, info.num_classes).tolist()}
 
 

@@ -17,7 +17,7 @@ from orchestrator.bundle import save_bundle, write_metrics
 from orchestrator.cluster import ClusterPlan, check_training_options, plan_cluster, with_device
 from orchestrator.data import DataInfo, prepare_data
 from orchestrator.evaluate import evaluate_bundle
-from orchestrator.report import json_safe, write_report
+from orchestrator.report import json_safe, reference_verdict, write_report
 from orchestrator.resume import check_resumable
 from orchestrator.rundir import RunDir
 from orchestrator.serve.samples import send_sample_requests
@@ -114,9 +114,10 @@ def run_pipeline(spec: JobSpec, say: Callable[[str], None] | Progress = print,
         "sweep_timing": {**asdict(sweep.timing), "overhead": sweep.timing.overhead},
         "data": {"texts": info.texts, "rows": info.rows, "vocab_size": info.vocab_size,
                  "labels": info.labels},
-        "winner": {"trial_id": winner.trial_id, "config": winner.config, "bundle": bundle,
-                   "best_step": winner.best_step},
+        "winner": {"trial_id": winner.trial_id, "arch": winner_spec.model.arch,
+                   "config": winner.config, "bundle": bundle, "best_step": winner.best_step},
         "evaluation": evaluation,
+        "verdict": reference_verdict(evaluation, info.family),
         "endpoint": endpoint if spec.serve.keep_running else None,
         "sample_responses": samples,
         "trials": sweep.trials.drop(columns=["checkpoint_path"], errors="ignore")
@@ -131,7 +132,7 @@ def run_pipeline(spec: JobSpec, say: Callable[[str], None] | Progress = print,
 def _data_stage(spec: JobSpec, run_dir: RunDir, done: dict[str, Any],
                 progress: Progress) -> DataInfo:
     if "data" in done:
-        info = DataInfo(**done["data"]["info"])
+        info = DataInfo.from_dict(done["data"]["info"])
         progress.done_earlier("data", f"{info.rows} rows")
         return info
     progress.stage("data")

@@ -92,7 +92,7 @@ class Predictor:
     def classify(self, texts: list[str]) -> list[dict]:
         """Label and score for each text, plus every class's probability."""
         ids = pad_or_truncate([e.ids for e in self.tokenizer.encode_batch(texts)],
-                              self.info.pad_id, self.info.seq_len)
+                              self.info.pad_id, self.info.context_length)
         with torch.inference_mode():
             logits = self.model(torch.as_tensor(ids).long().to(next(self.model.parameters()).device))
             probs = F.softmax(logits.float(), dim=-1).cpu()

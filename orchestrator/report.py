@@ -36,19 +36,48 @@ def _format(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+# The figure the winner is judged on against the classical reference, and whether higher is
+# better: a classifier's accuracy against TF-IDF + LR, a language model's bits per byte against xz.
+VERDICT_METRIC = {"classifier": ("accuracy", True), "gpt": ("bits_per_byte", False)}
+
+
+def reference_verdict(evaluation: dict[str, Any], family: str,
+                      split: str = "test") -> dict[str, Any] | None:
+    """Whether the winner beats the classical reference on `split`, and by how much, in figures
+    and in one plain sentence (report.json's `verdict`, the CLI's summary, report.md)."""
+    result = evaluation.get(split)
+    if not result or "reference" not in result:
+        return None
+    metric, higher_is_better = VERDICT_METRIC[family]
+    winner, reference = result["model"][metric], result["reference"][metric]
+    better_by = (winner - reference) if higher_is_better else (reference - winner)
+    beats = better_by > 0
+    shown = metric.replace("_", " ")
+    text = (f"the winner {'beats' if beats else 'does NOT beat'} the reference "
+            f"({result['reference']['name']}) on {split} {shown}: {_format(winner)} against "
+            f"{_format(reference)}, {'better' if beats else 'worse'} by {abs(better_by):.4g}")
+    if not higher_is_better and reference > 0:
+        text += f" ({winner / reference:.2f} x the reference's {shown})"
+    return {"split": split, "metric": metric, "higher_is_better": higher_is_better,
+            "winner": winner, "reference": reference, "reference_name": result["reference"]["name"],
+            "beats_reference": beats, "better_by": better_by, "text": text}
+
+
 def _metrics_table(evaluation: dict[str, Any]) -> list[str]:
-    lines = ["| split | metric | winner | baseline |", "|---|---|---|---|"]
+    lines = ["| split | metric | winner | baseline | reference |", "|---|---|---|---|---|"]
     for split, result in evaluation.items():
-        baseline = result["baseline"]
+        baseline, reference = result["baseline"], result.get("reference", {})
         for name, value in result["model"].items():
-            if name in baseline:
-                lines.append(f"| {split} | {name} | {_format(value)} | "
-                             f"{_format(baseline[name])} ({baseline['name']}) |")
+            if name in baseline or name in reference:
+                cells = [f"{_format(other[name])} ({other['name']})" if name in other else ""
+                         for other in (baseline, reference)]
+                lines.append(f"| {split} | {name} | {_format(value)} | {cells[0]} | {cells[1]} |")
     return lines
 
 
 def render_markdown(report: dict[str, Any]) -> str:
     trials = report["trials"]
+    verdict = report.get("verdict")
     columns = [c for c in trials[0] if c != "error"] if trials else []
     lines = [
         f"# Run report: {report['name']}", "",
@@ -56,11 +85,15 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- model family: {report['family']}; sweep metric: {report['metric']}",
         (f"- data: {report['data']['texts']} texts, {report['data']['rows']} rows, "
          f"vocabulary {report['data']['vocab_size']}"),
-        f"- winner: trial `{report['winner']['trial_id']}` with {report['winner']['config']}",
+        (f"- winner: trial `{report['winner']['trial_id']}`"
+         + (f" ({report['winner']['arch']})" if report["winner"].get("arch") else "")
+         + f" with {report['winner']['config']}"),
         f"- bundle: `{report['winner']['bundle']}`",
         f"- endpoint: {report['endpoint'] or 'not kept running'}",
         f"- stage seconds: {report['stage_seconds']}", "",
-        "## Winner against the trivial baseline", "", *_metrics_table(report["evaluation"]), "",
+        "## Winner against the trivial baseline and the classical reference", "",
+        f"**Verdict: {verdict['text']}.**" if verdict else "(no reference was computed)", "",
+        *_metrics_table(report["evaluation"]), "",
         "## Trials", "",
         "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
         *("| " + " | ".join(_format(t.get(c)) for c in columns) + " |" for t in trials), "",
@@ -74,12 +107,21 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def summary(report: dict[str, Any]) -> str:
     """The lines the CLI prints at the end of a run."""
-    lines = [f"winner: trial {report['winner']['trial_id']} {report['winner']['config']}"]
+    arch = report["winner"].get("arch")
+    lines = [f"winner: trial {report['winner']['trial_id']}" + (f" ({arch})" if arch else "")
+             + f" {report['winner']['config']}"]
     for split, result in report["evaluation"].items():
-        baseline = result["baseline"]
-        shown = ", ".join(f"{k} {_format(v)} (baseline {_format(baseline[k])})"
-                          for k, v in result["model"].items() if k in baseline)
-        lines.append(f"{split}: {shown}  [{baseline['name']}]")
+        baseline, reference = result["baseline"], result.get("reference", {})
+        shown = ", ".join(
+            f"{k} {_format(v)} (" + "; ".join(f"{who} {_format(other[k])}" for who, other in
+                                              (("baseline", baseline), ("reference", reference))
+                                              if k in other) + ")"
+            for k, v in result["model"].items() if k in baseline or k in reference)
+        names = [baseline["name"]] + ([reference["name"]] if reference else [])
+        lines.append(f"{split}: {shown}  [baseline: {names[0]}"
+                     + (f"; reference: {names[1]}]" if reference else "]"))
+    if report.get("verdict"):
+        lines.append(f"verdict: {report['verdict']['text']}")
     for sample in report["sample_responses"]:
         lines.append(f"request {json.dumps(sample['request'])} -> {sample['status']} "
                      f"{json.dumps(sample['response'])[:300]}")

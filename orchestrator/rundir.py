@@ -8,6 +8,7 @@ writes its part; later stages, `orchestrator resume`, `deploy` and `predict` onl
                                 last by each stage, whole or not at all: what resume trusts)
   tokenizer/tokenizer.json      the data stage's tokenizer
   data/split=<name>/*.parquet   the data stage's tokenized splits; data/meta.json its DataInfo
+  texts/split=<name>/*.parquet  the splits' texts (and labels), for the classical references
   sweep/tune/                   Tune's experiment: its state, one folder per trial, and the
                                 checkpoints of one-worker trials (trained in their trial actor)
   train/trial-<id>/             several-worker trials' Ray Train runs and their checkpoints
@@ -100,6 +101,14 @@ class RunDir:
 
     def split(self, name: str) -> Location:
         return self.data.join(f"split={name}")
+
+    @property
+    def texts(self) -> Location:
+        return self.root.join("texts")
+
+    def split_texts(self, name: str) -> Location:
+        """One split's untokenized texts (and labels), for the classical references."""
+        return self.texts.join(f"split={name}")
 
     @property
     def data_info(self) -> Location:

@@ -66,12 +66,41 @@ class DataSpec(_Section):
         return FORMAT_BY_SUFFIX[suffix]
 
 
+# The architectures of each task (model.family) and which of them are built from repeated
+# transformer blocks, the unit that FSDP shards and compile / activation checkpointing wrap.
+ARCHS = {"gpt": ("transformer", "lstm"), "classifier": ("transformer", "lstm", "bow")}
+BLOCKWISE_ARCHS = ("transformer",)
+
+
+class LSTMSizes(_Section):
+    """model.arch 'lstm': the language model's LSTM, or the classifier's bidirectional one."""
+
+    n_layer: int = Field(1, ge=1, le=8)
+    d_model: int = Field(128, ge=8, le=8192, description="Embedding width and hidden units "
+                         "(per direction in the classifier).")
+
+
+class BowSizes(_Section):
+    """model.arch 'bow' (classifier): fastText-style averaged n-gram embeddings."""
+
+    d_model: int = Field(64, ge=8, le=4096, description="Embedding width.")
+    buckets: int = Field(65536, ge=64, le=2**24,
+                         description="Hash buckets of the token bigrams' embeddings.")
+
+
 class ModelSpec(_Section):
-    family: Literal["gpt", "classifier"] = "gpt"
+    family: Literal["gpt", "classifier"] = Field(
+        "gpt", description="The task: gpt (language model) or classifier.")
+    arch: Literal["transformer", "lstm", "bow"] = Field(
+        "transformer", description="The architecture: transformer or lstm for either task, "
+        "bow (classifier only). Sweepable (sweep.space model.arch).")
+    # The transformer's sizes (GPT decoder, or the classifier's encoder).
     n_layer: int = Field(2, ge=1, le=96)
     n_head: int = Field(4, ge=1, le=128)
     d_model: int = Field(128, ge=8, le=16384)
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Every architecture's dropout.")
+    lstm: LSTMSizes = Field(default_factory=LSTMSizes)
+    bow: BowSizes = Field(default_factory=BowSizes)
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelSpec:
@@ -153,7 +182,9 @@ class LogUniform(_Section):
 
 Distribution = Annotated[Union[Choice, Grid, Uniform, LogUniform], Field(union_mode="left_to_right")]
 SWEEPABLE = ("train.optimizer", "train.lr", "train.momentum", "train.weight_decay", "train.l1",
-             "train.batch_size", "train.warmup_steps", "model.dropout")
+             "train.batch_size", "train.warmup_steps", "model.dropout", "model.arch",
+             "model.n_layer", "model.d_model", "model.lstm.n_layer", "model.lstm.d_model",
+             "model.bow.d_model", "model.bow.buckets")
 
 
 class SweepSpec(_Section):
@@ -170,6 +201,8 @@ class SweepSpec(_Section):
         for key, dist in space.items():
             if key not in SWEEPABLE:
                 raise ValueError(f"cannot sweep {key!r}; sweepable settings: {', '.join(SWEEPABLE)}")
+            if key == "model.arch" and not isinstance(dist, (Choice, Grid)):
+                raise ValueError("model.arch: sweep it with {choice: [...]} or {grid: [...]}")
             bounds = getattr(dist, "uniform", None) or getattr(dist, "loguniform", None)
             if bounds is not None and not bounds[0] < bounds[1]:
                 raise ValueError(f"{key}: lower bound {bounds[0]} must be below {bounds[1]}")
@@ -260,6 +293,39 @@ class JobSpec(_Section):
             raise ValueError("model.family 'classifier' needs data.label_column")
         if self.model.family == "gpt" and self.sweep.metric in ("val_accuracy", "val_f1"):
             raise ValueError(f"sweep.metric {self.sweep.metric!r} needs model.family 'classifier'")
+        return self
+
+    @property
+    def archs(self) -> tuple[str, ...]:
+        """Every architecture this job may train: model.arch, or the values its sweep draws."""
+        dist = self.sweep.space.get("model.arch")
+        return tuple(dict.fromkeys(getattr(dist, "choice", None) or getattr(dist, "grid", None)
+                                   or [self.model.arch]))
+
+    @model_validator(mode="after")
+    def _archs_fit(self) -> JobSpec:
+        """An architecture the task lacks, or a per-block option for an architecture without
+        transformer blocks, fails here, naming the field (also for archs only the sweep draws)."""
+        family, allowed = self.model.family, ARCHS[self.model.family]
+        field = "sweep.space.model.arch" if "model.arch" in self.sweep.space else "model.arch"
+        for arch in self.archs:
+            if arch not in allowed:
+                raise ValueError(f"{field}: {arch!r} is not an architecture of model.family "
+                                 f"{family!r}; choose from {', '.join(allowed)}")
+        blockless = [a for a in self.archs if a not in BLOCKWISE_ARCHS]
+        if blockless:
+            for name, value, why in (
+                    ("train.strategy", self.train.strategy == "fsdp", "shards per transformer "
+                     "block"),
+                    ("train.compile", self.train.compile, "compiles each transformer block"),
+                    ("train.activation_checkpointing", self.train.activation_checkpointing,
+                     "recomputes each transformer block")):
+                if value:
+                    shown = getattr(self.train, name.split(".")[1])
+                    raise ValueError(
+                        f"{name} = {shown!r} {why}, and model.arch {blockless[0]!r} has none: "
+                        f"use it with model.arch 'transformer' only (strategy ddp works for "
+                        f"every architecture)")
         return self
 
     @model_validator(mode="after")

@@ -40,11 +40,11 @@ def tokenizer() -> Tokenizer:
 def _bundle(family: str, tokenizer: Tokenizer) -> Bundle:
     spec = parse_spec(tiny_spec(family))
     labels = sorted(Counter(row["label"] for row in ROWS)) if family == "classifier" else []
-    seq_len = spec.data.block_size + 1 if family == "gpt" else spec.data.max_length
+    context_length = spec.data.block_size if family == "gpt" else spec.data.max_length
     info = DataInfo(family, tokenizer.get_vocab_size(), tokenizer.token_to_id(EOS),
-                    tokenizer.token_to_id(PAD), seq_len, labels=labels)
+                    tokenizer.token_to_id(PAD), context_length, labels=labels)
     torch.manual_seed(0)
-    model = build_model(spec.model, info.vocab_size, info.seq_len, info.pad_id, info.num_classes)
+    model = build_model(spec, info)
     return Bundle(spec, info, model.eval(), tokenizer, {})
 
 

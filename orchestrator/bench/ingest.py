@@ -67,8 +67,7 @@ def run(quick: bool) -> BenchResult:
             for i in range(0, len(ids) - batch_size + 1, batch_size))),
     }
     torch.set_num_threads(int(spec.resources.cpus_per_worker))
-    model = build_model(spec.model, prepared.info.vocab_size, prepared.info.seq_len,
-                        prepared.info.pad_id)
+    model = build_model(spec, prepared.info)
 
     def train_step(batch: torch.Tensor) -> None:
         lm_loss(model, batch.long()).backward()

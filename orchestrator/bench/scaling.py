@@ -14,7 +14,7 @@ from orchestrator.models import build_model
 
 def gradient_bytes(spec, info) -> int:
     """Bytes of one full fp32 gradient: what DDP all-reduces once per optimizer step."""
-    model = build_model(spec.model, info.vocab_size, info.seq_len, info.pad_id)
+    model = build_model(spec, info)
     return sum(p.numel() for p in model.parameters()) * torch.finfo(torch.float32).bits // 8
 
 

@@ -112,7 +112,7 @@ def plain_loop_tokens_per_s(spec: JobSpec, prepared: Prepared,
     torch.manual_seed(spec.train.seed)
     info, train = prepared.info, spec.train
     ids = prepared.train_ids()
-    model = build_model(spec.model, info.vocab_size, info.seq_len, info.pad_id)
+    model = build_model(spec, info)
     optimizer = build_optimizer(model, train)
     scheduler = build_scheduler(optimizer, train)
     order = torch.randperm(len(ids))

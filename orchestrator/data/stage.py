@@ -33,7 +33,7 @@ class DataInfo:
     vocab_size: int
     eos_id: int
     pad_id: int
-    seq_len: int
+    context_length: int  # tokens a model sees at once: data.block_size (LM), data.max_length
     labels: list[str] = field(default_factory=list)
     texts: dict[str, int] = field(default_factory=dict)
     rows: dict[str, int] = field(default_factory=dict)
@@ -42,6 +42,22 @@ class DataInfo:
     @property
     def num_classes(self) -> int:
         return len(self.labels)
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens per stored row: a language model's rows hold one more token than its context
+        (the last position's target)."""
+        return self.context_length + 1 if self.family == "gpt" else self.context_length
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> DataInfo:
+        """From meta.json or a bundle's data_info.json, also those written before
+        context_length replaced seq_len."""
+        raw = dict(raw)
+        if "seq_len" in raw:
+            seq_len = raw.pop("seq_len")
+            raw.setdefault("context_length", seq_len - 1 if raw["family"] == "gpt" else seq_len)
+        return cls(**raw)
 
 
 @dataclass
@@ -103,6 +119,13 @@ def quiet_progress() -> None:
     context.enable_operator_progress_bars = False
 
 
+def read_split_texts(run_dir: RunDir | str, split: str) -> pa.Table:
+    """One split's `text` (and `label`) columns, as the data stage wrote them: what the classical
+    references of the evaluate stage train and score on."""
+    location = RunDir.at(run_dir).split_texts(split)
+    return pa_dataset.dataset(location.path, filesystem=location.fs, format="parquet").to_table()
+
+
 def read_split(run_dir: RunDir | str, split: str) -> ray.data.Dataset:
     """The tokenized rows of one split, as written by the data stage."""
     quiet_progress()
@@ -119,7 +142,7 @@ def read_splits(run_dir: RunDir | str, splits: tuple[str, ...]) -> ray.data.Data
 
 
 def load_data_info(run_dir: RunDir | str) -> DataInfo:
-    return DataInfo(**json.loads(RunDir.at(run_dir).data_info.read_text()))
+    return DataInfo.from_dict(json.loads(RunDir.at(run_dir).data_info.read_text()))
 
 
 def _rows_written(location: Location) -> int:
@@ -164,8 +187,12 @@ def prepare_data(spec: JobSpec, run_dir: RunDir | str,
         save_tokenizer(tokenizer, folder)
 
     labels = sorted(scan.labels["train"]) if spec.model.family == "classifier" else []
-    seq_len = data.block_size + 1 if spec.model.family == "gpt" else data.max_length
+    context_length = data.block_size if spec.model.family == "gpt" else data.max_length
     run_dir.data.remove()
+    run_dir.texts.remove()
+    progress("writing the split texts (for the classical references)")
+    texts.select_columns(["text", "label", "split"] if labels else ["text", "split"]) \
+        .write_parquet(run_dir.texts.path, filesystem=run_dir.root.fs, partition_cols=["split"])
     progress("tokenizing and writing the splits")
     texts.map_batches(
         TokenizeBatch, batch_format="numpy", batch_size=TOKENIZE_BATCH_ROWS,
@@ -188,7 +215,8 @@ def prepare_data(spec: JobSpec, run_dir: RunDir | str,
             )
     info = DataInfo(
         family=spec.model.family, vocab_size=tokenizer.get_vocab_size(),
-        eos_id=tokenizer.token_to_id(EOS), pad_id=tokenizer.token_to_id(PAD), seq_len=seq_len,
+        eos_id=tokenizer.token_to_id(EOS), pad_id=tokenizer.token_to_id(PAD),
+        context_length=context_length,
         labels=labels, texts=dict(scan.texts), rows=rows,
         label_counts={s: dict(c) for s, c in scan.labels.items() if c},
     )

@@ -1,23 +1,62 @@
-"""Model families and the one function that builds them from the spec."""
+"""Model families and the registry that builds them from the spec and the data info.
+
+A family is a task (`model.family`: gpt, the language model, or classifier) and an architecture
+(`model.arch`); each architecture lives in one file and takes plain sizes. Every model of a task
+takes the same input (packed blocks of ids for the LM, right-padded ids for the classifier) and
+returns logits, so training, evaluation and serving need no case per architecture. Language
+models also follow models/decoding.py's small protocol, which is what serving uses.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 from torch import nn
 
+from orchestrator.models.bow import BagOfNgrams
 from orchestrator.models.classifier import TextClassifier
+from orchestrator.models.decoding import Decoder, DecodingCache
 from orchestrator.models.gpt import GPT
+from orchestrator.models.lstm import LSTMClassifier, LSTMLanguageModel
 from orchestrator.spec import ModelSpec
 
+if TYPE_CHECKING:
+    from orchestrator.data import DataInfo
+    from orchestrator.spec import JobSpec
 
-def build_model(model: ModelSpec, vocab_size: int, seq_len: int, pad_id: int,
-                num_classes: int = 0) -> nn.Module:
-    """The model for `model.family`; seq_len is the LM's block_size + 1 or the classifier's
-    max_length, as the data stage wrote them."""
-    if model.family == "gpt":
-        return GPT(vocab_size, seq_len - 1, model.n_layer, model.n_head, model.d_model,
-                   model.dropout)
-    return TextClassifier(vocab_size, num_classes, seq_len, pad_id, model.n_layer,
-                          model.n_head, model.d_model, model.dropout)
+Builder = Callable[[ModelSpec, "DataInfo"], nn.Module]
+
+REGISTRY: dict[tuple[str, str], Builder] = {
+    ("gpt", "transformer"): lambda m, info: GPT(
+        info.vocab_size, info.context_length, m.n_layer, m.n_head, m.d_model, m.dropout),
+    ("gpt", "lstm"): lambda m, info: LSTMLanguageModel(
+        info.vocab_size, info.context_length, m.lstm.n_layer, m.lstm.d_model, m.dropout),
+    ("classifier", "transformer"): lambda m, info: TextClassifier(
+        info.vocab_size, info.num_classes, info.context_length, info.pad_id, m.n_layer,
+        m.n_head, m.d_model, m.dropout),
+    ("classifier", "lstm"): lambda m, info: LSTMClassifier(
+        info.vocab_size, info.num_classes, info.context_length, info.pad_id, m.lstm.n_layer,
+        m.lstm.d_model, m.dropout),
+    ("classifier", "bow"): lambda m, info: BagOfNgrams(
+        info.vocab_size, info.num_classes, info.context_length, info.pad_id, m.bow.d_model,
+        m.bow.buckets, m.dropout),
+}
 
 
-__all__ = ["GPT", "TextClassifier", "build_model"]
+def build_model(spec: JobSpec, info: DataInfo) -> nn.Module:
+    """The model of the spec's task and architecture, sized by its model section, for the data
+    the data stage prepared (vocabulary, context length, padding id, classes)."""
+    model = spec.model
+    if info.family != model.family:
+        raise ValueError(f"the data was prepared for model.family {info.family!r}, the spec "
+                         f"asks for {model.family!r}")
+    try:
+        builder = REGISTRY[(model.family, model.arch)]
+    except KeyError:
+        raise ValueError(f"model.arch {model.arch!r} has no {model.family} model") from None
+    return builder(model, info)
+
+
+__all__ = ["GPT", "REGISTRY", "BagOfNgrams", "Decoder", "DecodingCache", "LSTMClassifier",
+           "LSTMLanguageModel", "TextClassifier", "build_model"]

@@ -67,6 +67,48 @@ class KVCache:
         self.pad = self.pad.index_select(0, rows)
         self.min_pad = int(self.pad.min())
 
+    def join(self, new: KVCache, spare: int) -> None:
+        """Put another cache's (freshly prefilled) rows beside these, each row's last column in
+        the newest column, with `spare` free columns after; columns that are padding for every
+        row here are dropped on the way. A row's keys and values depend only on its own tokens
+        and positions, so where it sits changes nothing it computes."""
+        start = self.min_pad  # this cache's oldest real column
+        old_width = self.length - start
+        length = max(old_width, new.length)
+        shift, offset = length - old_width, length - new.length
+        for layers in ("keys", "values"):
+            joined = []
+            for kept, fresh in zip(getattr(self, layers), getattr(new, layers)):
+                rows, heads, _, dim = kept.shape
+                out = kept.new_zeros(rows + fresh.shape[0], heads, length + spare, dim)
+                out[:rows, :, shift:length] = kept[:, :, start:self.length]
+                out[rows:, :, offset:length] = fresh[:, :, :new.length]
+                joined.append(out)
+            setattr(self, layers, joined)
+        self.pad = torch.cat([self.pad - start + shift, new.pad + offset])
+        self.min_pad = int(self.pad.min())
+        self.length, self.max_len = length, length + spare
+
+    def make_room(self, columns: int, spare: int) -> None:
+        """Make sure `columns` more columns fit; when they do not, drop the columns that are
+        padding for every row and make room for `columns + spare`."""
+        if self.length + columns <= self.max_len:
+            return
+        start = self.min_pad
+        max_len = self.length - start + columns + spare
+        for layers in ("keys", "values"):
+            resized = []
+            for tensor in getattr(self, layers):
+                rows, heads, _, dim = tensor.shape
+                out = tensor.new_zeros(rows, heads, max_len, dim)
+                out[:, :, :self.length - start] = tensor[:, :, start:self.length]
+                resized.append(out)
+            setattr(self, layers, resized)
+        self.pad = self.pad - start
+        self.min_pad -= start
+        self.length -= start
+        self.max_len = max_len
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, d_model: int, n_head: int, dropout: float):

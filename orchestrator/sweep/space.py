@@ -28,6 +28,9 @@ def apply_trial_config(spec: JobSpec, config: dict[str, Any]) -> JobSpec:
     """The spec a trial trains with: the base spec with the sampled values set and validated."""
     raw = spec.model_dump(mode="json")
     for key, value in config.items():
-        section, field = key.split(".")
-        raw[section][field] = value
+        *sections, field = key.split(".")  # model.lstm.d_model: a setting of a nested section
+        node = raw
+        for section in sections:
+            node = node[section]
+        node[field] = value
     return parse_spec(raw)

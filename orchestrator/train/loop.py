@@ -8,6 +8,7 @@ import shutil
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray.train
@@ -21,7 +22,7 @@ from orchestrator.spec import JobSpec
 from orchestrator.train.batches import BatchStream, DataPosition
 from orchestrator.train.checkpoint import load_checkpoint, save_checkpoint
 from orchestrator.train.flops import model_flops_per_token, peak_flops
-from orchestrator.train.metrics import classifier_loss, evaluate, lm_loss
+from orchestrator.train.metrics import Objective, evaluate, objective_for
 from orchestrator.train.optim import (
     add_l1_gradient,
     build_optimizer,
@@ -94,12 +95,67 @@ def train_in_trial(config: dict[str, Any], run_dir: str) -> None:
     train_loop(config, TrialSession(JobSpec.model_validate(config["spec"]), run_dir))
 
 
+@dataclass
+class Interval:
+    """What the steps since the last report add up to (this worker's figures)."""
+
+    loss_sum: torch.Tensor
+    tokens: int = 0
+    rows: int = 0
+    steps: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class TrainingRun:
+    """Everything one worker's training holds between steps: built (or restored) by set_up,
+    advanced by train_step, reported by end_interval."""
+
+    spec: JobSpec
+    info: DataInfo
+    session: Session
+    objective: Objective
+    device: torch.device
+    precision: Precision
+    model: torch.nn.Module  # wrapped for the strategy (DDP, FSDP) or the plain model
+    plain_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    batches: BatchStream
+    flops_per_token: float | None
+    peak: float | None
+    tags: dict[str, str] | None  # Prometheus labels on rank 0; None on the other ranks
+    l1_params: list[torch.nn.Parameter] = field(default_factory=list)
+    step: int = 0
+    resumed_from: int = -1
+    restarts: int = 0
+    interval: Interval | None = None
+    val_batches: list[dict[str, torch.Tensor]] | None = None
+
+    @property
+    def interval_ended(self) -> bool:
+        train = self.spec.train
+        return self.step % train.eval_interval == 0 or self.step == train.max_steps
+
+
 def train_loop(config: dict[str, Any], session: Session) -> None:
     """Train from the spec in `config` (or resume), validating, reporting and checkpointing every
-    eval_interval steps through the session's host."""
+    eval_interval steps through the session's host. After torchtitan's train(): set up, then
+    one step at a time, closing each interval with validation, a report and a checkpoint."""
+    run = set_up(config, session)
+    while run.step < run.spec.train.max_steps:
+        train_step(run)
+        if run.interval_ended:
+            end_interval(run)
+
+
+def set_up(config: dict[str, Any], session: Session) -> TrainingRun:
+    """Build the model, optimizer and schedule for this worker, and restore them (with the random
+    state's seed and the data position) from a checkpoint when there is one."""
     spec = JobSpec.model_validate(config["spec"])
-    info = DataInfo(**config["data_info"])
-    train, accum = spec.train, spec.grad_accum_steps
+    info = DataInfo.from_dict(config["data_info"])
+    train = spec.train
     torch.manual_seed(train.seed)
     device, world, rank = session.device, session.world_size, session.rank
     if device.type == "cpu":
@@ -111,18 +167,23 @@ def train_loop(config: dict[str, Any], session: Session) -> None:
     if warning and rank == 0:
         log.warning(warning)
 
-    model = build_model(spec.model, info.vocab_size, info.seq_len, info.pad_id, info.num_classes)
-    flops_per_token = model_flops_per_token(model, info.seq_len - 1)
+    model = build_model(spec, info)
+    flops_per_token = model_flops_per_token(model, info.context_length)
     peak = peak_flops(device, precision.dtype or torch.float32)
     model = parallelize(model, train, device, world, precision, compile_model)
-    plain_model = model.module if hasattr(model, "module") else model
     optimizer = build_optimizer(model, train, fused=device.type == "cuda")
-    scheduler = build_scheduler(optimizer, train)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision.scaler)
-    l1_params = split_decay_parameters(model)[0]
-    no_sync = getattr(model, "no_sync", None)  # DDP: no all-reduce on accumulation steps
+    run = TrainingRun(
+        spec=spec, info=info, session=session, objective=objective_for(info), device=device,
+        precision=precision, model=model,
+        plain_model=model.module if hasattr(model, "module") else model,
+        optimizer=optimizer, scheduler=build_scheduler(optimizer, train),
+        scaler=torch.amp.GradScaler(device.type, enabled=precision.scaler),
+        batches=None, flops_per_token=flops_per_token, peak=peak,
+        # Rank 0 speaks for the trial in Prometheus; the others record nothing.
+        tags={"run": spec.name, "trial": session.name} if rank == 0 else None,
+        l1_params=split_decay_parameters(model)[0])
 
-    step, resumed_from, position, restarts = 0, -1, DataPosition(), 0
+    position = DataPosition()
     # After a worker failure the host (Ray Train, or Tune) hands back this run's latest
     # checkpoint; a new run may start from another run's (Train V2 deprecated
     # resume_from_checkpoint for this).
@@ -132,72 +193,82 @@ def train_loop(config: dict[str, Any], session: Session) -> None:
     if checkpoint:
         with checkpoint.as_directory() as directory:
             state = load_checkpoint(directory, model, optimizer, rank)
-        scheduler.load_state_dict(state["scheduler"])
-        step = resumed_from = state["step"]
+        run.scheduler.load_state_dict(state["scheduler"])
+        run.step = run.resumed_from = state["step"]
         position = resumed_position(state["data"], world, train.batch_size)
-        restarts = state.get("restarts", 0) + bool(failed_over)
-    # Rank 0 speaks for the trial in Prometheus; the others record nothing.
-    tags = {"run": spec.name, "trial": session.name} if rank == 0 else None
-    if tags:
-        prometheus.record("train_restarts", restarts, **tags)
-    batches = BatchStream(session.train_source(train.shuffle_buffer, train.seed + rank),
-                          train.batch_size, position)
-    val_batches: list[dict] | None = None
+        run.restarts = state.get("restarts", 0) + bool(failed_over)
+    if run.tags:
+        prometheus.record("train_restarts", run.restarts, **run.tags)
+    run.batches = BatchStream(session.train_source(train.shuffle_buffer, train.seed + rank),
+                              train.batch_size, position)
+    run.model.train()
+    start_interval(run)
+    return run
 
-    def micro_step(batch: dict[str, torch.Tensor], sync: bool) -> torch.Tensor:
-        ids = batch["ids"].long()
-        with (nullcontext() if sync or no_sync is None else no_sync()), autocast(device, precision):
-            if info.family == "gpt":
-                loss = lm_loss(model, ids)
-            else:
-                loss = classifier_loss(model, ids, batch["label"].long())
-            scaler.scale(loss / accum).backward()
-        return loss.detach() / accum
 
-    model.train()
-    loss_sum = torch.zeros((), device=device)
-    tokens = rows = steps_in_interval = 0
-    batches.wait_s, started = 0.0, time.perf_counter()
-    while step < train.max_steps:
-        for micro in range(accum):
-            batch = next(batches)
-            loss_sum += micro_step(batch, sync=micro == accum - 1)
-            rows += len(batch["ids"])
-            tokens += batch["ids"][:, 1:].numel() if info.family == "gpt" else batch["ids"].numel()
-        scaler.unscale_(optimizer)
-        if train.l1:
-            add_l1_gradient(l1_params, train.l1)
-        if train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        step += 1
-        steps_in_interval += 1
-        if tags:
-            prometheus.record("train_steps", 1, **tags)
-        if step % train.eval_interval and step != train.max_steps:
-            continue
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - started
-        per_worker = gather([tokens, rows, seconds, batches.wait_s, float(loss_sum)], device, world)
-        metrics = {"step": step, "lr": scheduler.get_last_lr()[0], "resumed_from_step": resumed_from,
-                   "epoch": batches.position.epoch,
-                   **throughput(per_worker, steps_in_interval, flops_per_token, peak)}
-        if val_batches is None:  # the same validation batches every time, read once
-            val_batches = session.val_batches(train.batch_size, train.eval_batches)
-        val = evaluate(plain_model, val_batches, info.family, info.num_classes)
-        metrics.update({f"val_{name}": value for name, value in val.items()})
-        report_with_checkpoint(session, metrics, model, optimizer, tags, trainer_state={
-            "step": step, "scheduler": scheduler.state_dict(), "world_size": world,
-            "restarts": restarts,
-            "data": {"epoch": batches.position.epoch, "batches": batches.position.batches,
-                     "batch_size": train.batch_size, "world_size": world}})
-        loss_sum.zero_()
-        tokens = rows = steps_in_interval = 0
-        batches.wait_s, started = 0.0, time.perf_counter()
+def start_interval(run: TrainingRun) -> None:
+    run.interval = Interval(loss_sum=torch.zeros((), device=run.device))
+    run.batches.wait_s = 0.0
+
+
+def train_step(run: TrainingRun) -> None:
+    """One optimizer step: grad_accum micro-batches forward and backward (DDP all-reduces on the
+    last only), the L1 penalty, clipping, the (scaled) step and the schedule."""
+    accum, train, interval = run.spec.grad_accum_steps, run.spec.train, run.interval
+    no_sync = getattr(run.model, "no_sync", None)  # DDP: no all-reduce on accumulation steps
+    for micro in range(accum):
+        batch = next(run.batches)
+        last = micro == accum - 1
+        with (nullcontext() if last or no_sync is None else no_sync()), \
+                autocast(run.device, run.precision):
+            loss = run.objective.loss(run.model, batch)
+            run.scaler.scale(loss / accum).backward()
+        interval.loss_sum += loss.detach() / accum
+        interval.rows += len(batch["ids"])
+        interval.tokens += run.objective.tokens(batch)
+    run.scaler.unscale_(run.optimizer)
+    if train.l1:
+        add_l1_gradient(run.l1_params, train.l1)
+    if train.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), train.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    run.step += 1
+    interval.steps += 1
+    if run.tags:
+        prometheus.record("train_steps", 1, **run.tags)
+
+
+def end_interval(run: TrainingRun) -> None:
+    """Validate, then report the interval's figures with a checkpoint, and start the next one."""
+    if run.device.type == "cuda":
+        torch.cuda.synchronize()
+    interval, world = run.interval, run.session.world_size
+    seconds = time.perf_counter() - interval.started
+    per_worker = gather([interval.tokens, interval.rows, seconds, run.batches.wait_s,
+                         float(interval.loss_sum)], run.device, world)
+    metrics = {"step": run.step, "lr": run.scheduler.get_last_lr()[0],
+               "resumed_from_step": run.resumed_from, "epoch": run.batches.position.epoch,
+               **throughput(per_worker, interval.steps, run.flops_per_token, run.peak)}
+    metrics.update({f"val_{name}": value for name, value in validate(run).items()})
+    position, train = run.batches.position, run.spec.train
+    report_with_checkpoint(run.session, metrics, run.model, run.optimizer, run.tags,
+                           trainer_state={
+        "step": run.step, "scheduler": run.scheduler.state_dict(), "world_size": world,
+        "restarts": run.restarts,
+        "data": {"epoch": position.epoch, "batches": position.batches,
+                 "batch_size": train.batch_size, "world_size": world}})
+    start_interval(run)
+
+
+def validate(run: TrainingRun) -> dict[str, float]:
+    """Validation metrics on the same batches every time (read once, at the first interval)."""
+    if run.val_batches is None:
+        run.val_batches = run.session.val_batches(run.spec.train.batch_size,
+                                                  run.spec.train.eval_batches)
+    return evaluate(run.plain_model, run.val_batches, run.info.family, run.info.num_classes)
 
 
 def report_with_checkpoint(session: Session, metrics: dict[str, Any], model: torch.nn.Module,

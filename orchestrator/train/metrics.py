@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,6 +20,31 @@ def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 def classifier_loss(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(model(ids).float(), labels, ignore_index=-1)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What training minimises for a task, and how many tokens a batch holds (for tokens/s)."""
+
+    loss: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+    tokens: Callable[[dict[str, torch.Tensor]], int]
+
+
+OBJECTIVES = {
+    # Language model: packed blocks, every column but the first is a target.
+    "gpt": Objective(loss=lambda model, batch: lm_loss(model, batch["ids"].long()),
+                     tokens=lambda batch: batch["ids"][:, 1:].numel()),
+    # Classifier: padded texts and their labels.
+    "classifier": Objective(
+        loss=lambda model, batch: classifier_loss(model, batch["ids"].long(),
+                                                  batch["label"].long()),
+        tokens=lambda batch: batch["ids"].numel()),
+}
+
+
+def objective_for(info) -> Objective:
+    """The objective of the task the data was prepared for (DataInfo.family)."""
+    return OBJECTIVES[info.family]
 
 
 def macro_f1(predictions: np.ndarray, labels: np.ndarray, num_classes: int) -> float:

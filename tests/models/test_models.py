@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from orchestrator.models import GPT, TextClassifier, build_model
-from orchestrator.spec import ModelSpec
 
 
 def test_gpt_shapes_tying_and_causality():
@@ -121,8 +120,14 @@ def test_classifier_ignores_padding():
 
 
 def test_build_model_from_spec():
-    gpt = build_model(ModelSpec(family="gpt", n_layer=1, n_head=2, d_model=16), 40, 9, 1)
+    from orchestrator.data import DataInfo
+    from orchestrator.spec import parse_spec
+
+    raw = {"data": {"path": "x.jsonl", "label_column": "label"},
+           "model": {"family": "gpt", "n_layer": 1, "n_head": 2, "d_model": 16}}
+    gpt = build_model(parse_spec(raw), DataInfo("gpt", 40, 0, 1, context_length=8))
     assert isinstance(gpt, GPT) and gpt.block_size == 8
-    clf = build_model(ModelSpec(family="classifier", n_layer=1, n_head=2, d_model=16), 40, 20,
-                      1, num_classes=4)
-    assert isinstance(clf, TextClassifier) and clf.head.out_features == 4
+    raw["model"]["family"] = "classifier"
+    clf = build_model(parse_spec(raw), DataInfo("classifier", 40, 0, 1, context_length=20,
+                                                labels=["a", "b", "c", "d"]))
+    assert isinstance(clf, TextClassifier) and clf.head.out_features == 4 and clf.max_length == 20

@@ -51,7 +51,7 @@ def test_two_worker_fsdp_checkpoint_resumes_in_one_process(fsdp_run, prepared_gp
     """One worker resumes the two workers' shards: weights, optimizer state, trainer state."""
     _, info = prepared_gpt
     spec = _spec("fsdp", 2)
-    model = build_model(spec.model, info.vocab_size, info.seq_len, info.pad_id)
+    model = build_model(spec, info)
     optimizer = build_optimizer(model, spec.train)
     state = load_checkpoint(fsdp_run.checkpoint.path, model, optimizer, rank=0)
     assert state["step"] == STEPS and state["data"]["world_size"] == 2
@@ -66,7 +66,7 @@ def test_two_worker_fsdp_checkpoint_resumes_in_one_process(fsdp_run, prepared_gp
 def test_sharded_checkpoint_loads_into_a_plain_model(fsdp_run, prepared_gpt):
     _, info = prepared_gpt
     spec = _spec("fsdp", 2)
-    model = build_model(spec.model, info.vocab_size, info.seq_len, info.pad_id)
+    model = build_model(spec, info)
     untouched = model.wte.weight.detach().clone()
     state = load_model_weights(fsdp_run.checkpoint.path, model)
     assert state["step"] == STEPS and state["world_size"] == 2
