@@ -82,7 +82,8 @@ def tfidf_logistic_regression(train_texts: list[str], train_labels: np.ndarray,
     pick_on = "val" if "val" in encoded else next(iter(encoded))
     best = None
     for c in C_GRID:
-        model = LogisticRegression(C=c, solver="saga", max_iter=1000).fit(features, labels)
+        model = LogisticRegression(C=c, solver="saga", max_iter=1000,
+                                   random_state=0).fit(features, labels)
         x, y = encoded[pick_on]
         accuracy = float(np.mean(model.predict(x) == y)) if len(y) else 0.0
         if best is None or accuracy > best[0]:

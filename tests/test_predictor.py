@@ -37,20 +37,25 @@ def tokenizer() -> Tokenizer:
     return train_tokenizer((row["text"] for row in ROWS), 512)
 
 
-def _bundle(family: str, tokenizer: Tokenizer) -> Bundle:
-    spec = parse_spec(tiny_spec(family))
+def _bundle(family: str, tokenizer: Tokenizer, arch: str = "transformer") -> Bundle:
+    spec = parse_spec(tiny_spec(family, model={"arch": arch}))
     labels = sorted(Counter(row["label"] for row in ROWS)) if family == "classifier" else []
     context_length = spec.data.block_size if family == "gpt" else spec.data.max_length
     info = DataInfo(family, tokenizer.get_vocab_size(), tokenizer.token_to_id(EOS),
                     tokenizer.token_to_id(PAD), context_length, labels=labels)
     torch.manual_seed(0)
     model = build_model(spec, info)
+    if arch == "lstm":  # large random weights, so that its next token depends on the context
+        with torch.no_grad():
+            for param in model.parameters():
+                param.normal_(0.0, 0.3)
     return Bundle(spec, info, model.eval(), tokenizer, {})
 
 
-@pytest.fixture(scope="module")
-def predictor(tokenizer: Tokenizer) -> Predictor:
-    return Predictor(_bundle("gpt", tokenizer))
+@pytest.fixture(scope="module", params=["transformer", "lstm"])
+def predictor(tokenizer: Tokenizer, request) -> Predictor:
+    """Every language model architecture decodes through the same engine (models/decoding.py)."""
+    return Predictor(_bundle("gpt", tokenizer, request.param))
 
 
 def greedy_oracle(predictor: Predictor, prompt: list[int], max_tokens: int) -> str:

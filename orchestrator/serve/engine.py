@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from orchestrator.models.gpt import GPT, KVCache
+from orchestrator.models.decoding import Decoder, DecodingCache
 from orchestrator.serve.sampling import (
     SamplingParams,
     apply_penalties,
@@ -176,9 +176,9 @@ _UNICODE_TO_BYTE = _bytes_to_unicode()
 
 
 class Engine:
-    """Continuous batching over one GPT and its KV cache; see the module docstring."""
+    """Continuous batching over one language model and its cache; see the module docstring."""
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, eos_id: int, max_batch_size: int = 8):
+    def __init__(self, model: Decoder, tokenizer: Tokenizer, eos_id: int, max_batch_size: int = 8):
         self.model, self.tokenizer, self.eos_id = model, tokenizer, eos_id
         self.max_batch_size = max_batch_size
         self.vocab_size = model.wte.num_embeddings
@@ -187,7 +187,7 @@ class Engine:
         self._waiting: deque[_Request] = deque()  # appended from other threads: deque is safe
         self._aborts: deque[Hashable] = deque()
         self._running: list[_Row] = []  # in cache order
-        self._cache: KVCache | None = None
+        self._cache: DecodingCache | None = None
         self._logits: torch.Tensor | None = None  # (running rows, vocab): their next token
         self._token_strs: dict[int, str] = {}
         self.last_batch_size = 0  # rows decoded by the latest step (for metrics)
@@ -340,7 +340,7 @@ class Engine:
         self._running += [rows[i] for i in going]
         self._logits = last if self._logits is None else torch.cat([self._logits, last])
 
-    def _forward_prompts(self, prompts: list[list[int]]) -> tuple[KVCache, torch.Tensor]:
+    def _forward_prompts(self, prompts: list[list[int]]) -> tuple[DecodingCache, torch.Tensor]:
         width = max(map(len, prompts))
         ids = torch.tensor([[self.eos_id] * (width - len(p)) + p for p in prompts],
                            device=self._device)
@@ -464,53 +464,17 @@ class Engine:
 
     # ---- the shared cache ---------------------------------------------------------------------
 
-    def _join(self, new: KVCache) -> None:
-        """Put freshly prefilled rows beside the running ones, their last prompt token in the
-        newest column; columns that are padding for every running row are dropped on the way."""
-        room = self.context_length  # columns kept free for decoding before the next copy
-        old = self._cache
-        if old is None:
+    def _join(self, new: DecodingCache) -> None:
+        """Put freshly prefilled rows beside the running ones (the cache aligns them: see
+        models/decoding.py), with context_length columns kept free for decoding."""
+        if self._cache is None:
             self._cache = new
-            self._resize(new, 0, new.length + room)
-            return
-        start = old.min_pad  # the running rows' oldest real column
-        old_width = old.length - start
-        length = max(old_width, new.length)
-        shift, offset = length - old_width, length - new.length
-        for layers in ("keys", "values"):
-            joined = []
-            for kept, fresh in zip(getattr(old, layers), getattr(new, layers)):
-                rows, heads, _, dim = kept.shape
-                out = kept.new_zeros(rows + fresh.shape[0], heads, length + room, dim)
-                out[:rows, :, shift:length] = kept[:, :, start:old.length]
-                out[rows:, :, offset:length] = fresh[:, :, :new.length]
-                joined.append(out)
-            setattr(old, layers, joined)
-        old.pad = torch.cat([old.pad - start + shift, new.pad + offset])
-        old.min_pad = int(old.pad.min())
-        old.length, old.max_len = length, length + room
+            new.make_room(self.context_length, 0)
+        else:
+            self._cache.join(new, self.context_length)
 
     def _make_room(self, columns: int) -> None:
-        cache = self._cache
-        if cache.length + columns > cache.max_len:
-            self._resize(cache, cache.min_pad, cache.length - cache.min_pad + columns
-                         + self.context_length)
-
-    @staticmethod
-    def _resize(cache: KVCache, start: int, max_len: int) -> None:
-        """Drop the first `start` columns (padding in every row) and make max_len columns."""
-        for layers in ("keys", "values"):
-            resized = []
-            for tensor in getattr(cache, layers):
-                rows, heads, _, dim = tensor.shape
-                out = tensor.new_zeros(rows, heads, max_len, dim)
-                out[:, :, :cache.length - start] = tensor[:, :, start:cache.length]
-                resized.append(out)
-            setattr(cache, layers, resized)
-        cache.pad = cache.pad - start
-        cache.min_pad -= start
-        cache.length -= start
-        cache.max_len = max_len
+        self._cache.make_room(columns, self.context_length)
 
 
 class AsyncEngine:
