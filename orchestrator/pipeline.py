@@ -152,8 +152,8 @@ def _sweep_stage(spec: JobSpec, run_dir: RunDir, info: DataInfo, plan: ClusterPl
         return SweepResult(trials, history, pick_winner(trials, spec),
                            SweepTiming(**done["sweep"]["timing"]))
     progress.stage("sweep")
-    sweep = run_sweep(spec, run_dir, info, plan, progress.note,
-                      restore=run_dir.tune_experiment.exists())
+    sweep = run_sweep(spec, run_dir, info, progress.note,
+                      restore=run_dir.tune_experiment.exists(), plan=plan)
     timing = sweep.timing
     progress.note(f"{len(sweep.trials)} trials in {timing.wall_s:.0f} s: {timing.training_s:.0f} s "
                   f"of training steps, {timing.concurrent_trials} at a time "

@@ -309,8 +309,12 @@ class Guard:
 
     @staticmethod
     def as_json(scope: dict[str, Any]) -> dict[str, Any]:
+        """The same scope, changed in place: the router records the matched route in it, and
+        RequestMetrics, outside this middleware, reads the route from the scope it passed in
+        (a copy left every request's route "unmatched")."""
         headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
-        return {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        scope["headers"] = [*headers, (b"content-type", b"application/json")]
+        return scope
 
     @staticmethod
     def replay(body: bytes, receive: Any) -> Any:

@@ -15,7 +15,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.util.placement_group import placement_group_table
 
-from orchestrator.cluster import ClusterPlan, check_training_options
+from orchestrator.cluster import ClusterPlan, check_training_options, plan_cluster, with_device
 from orchestrator.data import DataInfo
 from orchestrator.rundir import TUNE_EXPERIMENT, RunDir
 from orchestrator.spec import JobSpec
@@ -176,15 +176,18 @@ def _wait_for_trial_resources(timeout_s: float = 60.0) -> None:
         time.sleep(0.5)
 
 
-def run_sweep(spec: JobSpec, run_dir: RunDir | str, info: DataInfo, plan: ClusterPlan,
-              progress: Callable[[str], None] = lambda _: None,
-              restore: bool = False) -> SweepResult:
+def run_sweep(spec: JobSpec, run_dir: RunDir | str, info: DataInfo,
+              progress: Callable[[str], None] = lambda _: None, restore: bool = False,
+              plan: ClusterPlan | None = None) -> SweepResult:
     """Run every trial, write sweep/trials.parquet and sweep/history.parquet, pick the winner.
-    `spec` has resources.use_gpu decided by the `plan` (cluster.with_device).
+    `plan` is what the cluster gives the job (the pipeline decides it once, before the data
+    stage); without one it is decided here.
 
     With `restore`, a sweep whose driver died continues: finished trials are kept, unfinished
     ones resume from their latest checkpoints (Tune's for one-worker trials; Train V2 picks up a
     several-worker trial's latest one from its run's storage)."""
+    plan = plan or plan_cluster(spec)
+    spec = with_device(spec, plan)  # trials on other nodes must not decide again
     run_dir = RunDir.at(run_dir)
     metric, mode = spec.metric, spec.metric_mode
     concurrency = plan.concurrent_trials
