@@ -199,10 +199,3 @@ def check_writable(location: Location) -> None:
             "AWS_SECRET_ACCESS_KEY, and AWS_ENDPOINT_URL for an S3-compatible store)"
         ) from error
 
-
-def copy_tree(source: Location, target: Location) -> None:
-    """Copy a folder between any two filesystems."""
-    target.fs.create_dir(target.path, recursive=True)
-    pafs.copy_files(source.path, target.path, source_filesystem=source.fs,
-                    destination_filesystem=target.fs)
-
