@@ -6,6 +6,7 @@ Ray Train worker calls (tests/train/test_parallel.py runs FSDP through Ray Train
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import pytest
 import torch
@@ -19,6 +20,9 @@ from orchestrator.train.metrics import classifier_loss, lm_loss
 from orchestrator.train.parallel import Precision, checkpoint_activations, parallelize
 
 BATCH, STEPS = 8, 6
+# A rank whose peer died waits for it this long (gloo's default is 30 minutes): once, in a full
+# suite run, one rank of the FSDP-vs-DDP curve test waited until pytest's 900 s limit.
+GLOO_TIMEOUT = timedelta(seconds=120)
 
 
 def _model(family: str) -> torch.nn.Module:
@@ -50,7 +54,7 @@ def _one_step(model, family: str, ids, labels) -> dict[str, torch.Tensor]:
 
 def _sharded_worker(rank: int, world: int, port: int, family: str, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=GLOO_TIMEOUT)
     try:
         train = TrainSpec(strategy="fsdp", activation_checkpointing=True)
         model = parallelize(_model(family), train, torch.device("cpu"), world, Precision(None),
@@ -68,7 +72,7 @@ def _curve_worker(rank: int, world: int, port: int, strategy: str, queue) -> Non
     """STEPS AdamW steps of the GPT, each worker on its half of every batch; rank 0 reports the
     loss averaged over the workers at every step."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=GLOO_TIMEOUT)
     try:
         model = _model("gpt")
         if strategy == "ddp":  # what Ray Train's prepare_model builds on CPU
