@@ -40,3 +40,27 @@ class Decoder(Protocol):
     def __call__(self, ids: torch.Tensor, cache: DecodingCache | None = None) -> torch.Tensor:
         """(batch, columns, vocab) next-token logits. With a cache: ids are the batch's next
         columns (the first call: the left-padded prompts), read after the cached ones."""
+
+
+def generate_cacheless(model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int,
+                       temperature: float, top_k: int | None, eos_id: int | None,
+                       generator: torch.Generator | None, window: int | None) -> torch.Tensor:
+    """The cache-less reference decoder every language model shares: reread the last `window`
+    tokens (all when None) each step; temperature 0 is greedy decoding."""
+    import torch.nn.functional as F
+
+    for _ in range(max_new_tokens):
+        logits = model(ids if window is None else ids[:, -window:])[:, -1, :]
+        if temperature == 0:
+            next_id = logits.argmax(dim=-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = F.softmax(logits.float(), dim=-1)
+            next_id = torch.multinomial(probs, num_samples=1, generator=generator)
+        ids = torch.cat([ids, next_id], dim=1)
+        if eos_id is not None and ids.shape[0] == 1 and next_id.item() == eos_id:
+            break
+    return ids

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from orchestrator.models.decoding import generate_cacheless
+
 
 class KVCache:
     """Every layer's keys and values for a batch of left-padded rows, filled column by column.
@@ -231,18 +233,5 @@ class GPT(nn.Module):
                  top_k: int | None = None, eos_id: int | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Sample up to max_new_tokens for each row; temperature 0 is greedy decoding."""
-        for _ in range(max_new_tokens):
-            logits = self(ids[:, -self.block_size:])[:, -1, :]
-            if temperature == 0:
-                next_id = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = F.softmax(logits.float(), dim=-1)
-                next_id = torch.multinomial(probs, num_samples=1, generator=generator)
-            ids = torch.cat([ids, next_id], dim=1)
-            if eos_id is not None and ids.shape[0] == 1 and next_id.item() == eos_id:
-                break
-        return ids
+        return generate_cacheless(self, ids, max_new_tokens, temperature, top_k, eos_id,
+                                  generator, window=self.block_size)
