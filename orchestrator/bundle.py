@@ -79,11 +79,17 @@ def write_bundle(directory: str | Path | Location, spec: JobSpec, info: DataInfo
 
 
 def save_bundle(directory: str | Location, spec: JobSpec, info: DataInfo, checkpoint: str,
-                tokenizer_dir: str | Location, metrics: dict[str, Any], trial_id: str) -> str:
-    """The winner's bundle, from the checkpoint (path or URI) of its best validation step."""
-    model = build_model(spec, info)
+                tokenizer_dir: str | Location, metrics: dict[str, Any], trial_id: str,
+                base: str | Location | None = None) -> str:
+    """The winner's bundle, from the checkpoint (path or URI) of its best validation step; a
+    fine-tuning's checkpoint holds only what trained, over the staged pretrained model at
+    `base`. LoRA adapters are merged: the bundle is a plain model."""
+    from orchestrator.train.finetune import merge_adapters, starting_model
+
+    model = starting_model(spec, info, base)
     with resolve(checkpoint).local_copy() as local_checkpoint:
         load_model_weights(local_checkpoint, model)
+    model = merge_adapters(model)
     with resolve(tokenizer_dir).local_copy() as tokenizer:
         return write_bundle(directory, spec, info, model.state_dict(), tokenizer / TOKENIZER_FILE,
                             metrics, {"trial_id": trial_id, "checkpoint": checkpoint})

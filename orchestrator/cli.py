@@ -94,6 +94,13 @@ def _parser() -> argparse.ArgumentParser:
                          help="CPUs per actor (leave room for reads beside a running service)")
     predict.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or embedded)")
 
+    export = commands.add_parser("export", help="write a run's winner as a Hugging Face model "
+                                                "directory (transformers, vLLM, the Hub)")
+    export.add_argument("run_dir", help="a run directory (its winner/ is used) or a bundle")
+    export.add_argument("--format", choices=["hf"], default="hf", help="hf: config.json, "
+                        "model.safetensors and the tokenizer's files")
+    export.add_argument("-o", "--output", required=True, help="directory (or URI) to write")
+
     bench = commands.add_parser("bench", help="run a benchmark and print its figures")
     bench.add_argument("name", choices=sorted(BENCHMARKS), help="; ".join(
         f"{name}: {what}" for name, what in BENCHMARKS.items()))
@@ -104,6 +111,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _validate(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec, args.overrides)
+    if spec.model.pretrained is not None:
+        from orchestrator.pretrained import inspect_base
+
+        inspect_base(spec)
     if not args.quiet:
         print(spec_to_yaml(spec), end="")
         print(f"# {args.spec}: valid")
@@ -338,6 +349,16 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from orchestrator.export import export_hf
+
+    export = export_hf(args.run_dir, args.output)
+    print(f"wrote {export.uri}: transformers' from_pretrained({export.uri!r}) loads it")
+    print(f"round trip: max |logit difference| {export.max_logit_difference:.2e} against our "
+          f"model on {export.texts_checked} texts (serve.sample_requests)")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     try:
         result = run_benchmark(args.name, quick=args.quick)
@@ -361,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {"validate": _validate, "run": _run, "resume": _resume, "submit": _submit,
                 "deploy": _deploy, "serve-config": _serve_config, "predict": _predict,
-                "bench": _bench}
+                "export": _export, "bench": _bench}
     try:
         return handlers[args.command](args)
     except SpecError as error:

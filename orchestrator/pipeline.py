@@ -170,7 +170,8 @@ def _select_stage(spec: JobSpec, winner_spec: JobSpec, run_dir: RunDir, info: Da
         return done["select"]["bundle"]
     progress.stage("select")
     bundle = save_bundle(run_dir.winner, winner_spec, info, winner.checkpoint,
-                         run_dir.tokenizer, {"val": winner.val_metrics}, winner.trial_id)
+                         run_dir.tokenizer, {"val": winner.val_metrics}, winner.trial_id,
+                         base=run_dir.base)
     progress.note(f"winner {winner.trial_id} {winner.config} {spec.metric} {winner.metric:.4f}")
     run_dir.mark_completed("select", {"bundle": bundle})
     return bundle

@@ -7,6 +7,8 @@ writes its part; later stages, `orchestrator resume`, `deploy` and `predict` onl
   stages.json                   the stages completed so far and what they handed on (written
                                 last by each stage, whole or not at all: what resume trusts)
   tokenizer/tokenizer.json      the data stage's tokenizer
+  base/                         with model.pretrained: the checkpoint the job starts from, as a
+                                Hugging Face model directory (config, weights, tokenizer files)
   data/split=<name>/*.parquet   the data stage's tokenized splits; data/meta.json its DataInfo
   texts/split=<name>/*.parquet  the splits' texts (and labels), for the classical references
   sweep/tune/                   Tune's experiment: its state, one folder per trial, and the
@@ -94,6 +96,10 @@ class RunDir:
     @property
     def tokenizer(self) -> Location:
         return self.root.join("tokenizer")
+
+    @property
+    def base(self) -> Location:
+        return self.root.join("base")
 
     @property
     def data(self) -> Location:

@@ -88,9 +88,18 @@ class BowSizes(_Section):
                          description="Hash buckets of the token bigrams' embeddings.")
 
 
+# What a pretrained checkpoint fixes: set next to model.pretrained (or swept), they are refused.
+SIZED_BY_CHECKPOINT = ("arch", "n_layer", "n_head", "d_model", "lstm", "bow")
+
+
 class ModelSpec(_Section):
     family: Literal["gpt", "classifier"] = Field(
         "gpt", description="The task: gpt (language model) or classifier.")
+    pretrained: str | None = Field(
+        None, description="Start from a Hugging Face checkpoint: a local directory, a Hub id or "
+        "a storage URI (s3://...) of a GPT-2-architecture causal LM (gpt) or a BERT, RoBERTa or "
+        "DistilBERT encoder (classifier); or from an earlier run of ours (its run directory or "
+        "bundle). Its tokenizer replaces the data stage's and its config the model sizes.")
     arch: Literal["transformer", "lstm", "bow"] = Field(
         "transformer", description="The architecture: transformer or lstm for either task, "
         "bow (classifier only). Sweepable (sweep.space model.arch).")
@@ -103,13 +112,49 @@ class ModelSpec(_Section):
     bow: BowSizes = Field(default_factory=BowSizes)
 
     @model_validator(mode="after")
+    def _sizes_from_one_place(self) -> ModelSpec:
+        if self.pretrained is not None:
+            if not self.pretrained.strip():
+                raise ValueError("model.pretrained: must name a directory, Hub id or URI")
+            # Compared with the defaults, not model_fields_set: a dumped spec (spec.yaml, a
+            # trial's) holds every field.
+            fixed = [name for name in SIZED_BY_CHECKPOINT
+                     if getattr(self, name) != type(self).model_fields[name].get_default(
+                         call_default_factory=True)]
+            if fixed:
+                raise ValueError(
+                    f"model.{fixed[0]} = {getattr(self, fixed[0])!r} is fixed by model.pretrained "
+                    f"= {self.pretrained!r} (its config sets the architecture and sizes); "
+                    "remove it")
+        return self
+
+    @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelSpec:
         if self.d_model % self.n_head:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
         return self
 
 
+class LoraSpec(_Section):
+    """train.finetune 'lora': low-rank adapters (peft) on the pretrained model's linear layers."""
+
+    r: int = Field(8, ge=1, le=1024, description="Adapter rank. Sweepable.")
+    alpha: float = Field(16.0, gt=0, description="Scale: updates are multiplied by alpha / r. "
+                         "Sweepable.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = Field(
+        None, min_length=1, description="Names (or name suffixes) of the linear layers to adapt; "
+        "default: the attention projections (qkv for GPT, query/value or q_lin/v_lin for "
+        "encoders).")
+
+
 class TrainSpec(_Section):
+    finetune: Literal["full", "lora"] = Field(
+        "full", description="With model.pretrained: full trains every weight, lora only "
+        "low-rank adapters (and a classifier's head); the winner bundle holds merged weights.")
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    freeze_embeddings: bool = Field(
+        False, description="Keep the token and position embeddings as they are.")
     optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
     lr: float = Field(3e-3, gt=0, le=10)
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
@@ -184,7 +229,8 @@ Distribution = Annotated[Union[Choice, Grid, Uniform, LogUniform], Field(union_m
 SWEEPABLE = ("train.optimizer", "train.lr", "train.momentum", "train.weight_decay", "train.l1",
              "train.batch_size", "train.warmup_steps", "model.dropout", "model.arch",
              "model.n_layer", "model.d_model", "model.lstm.n_layer", "model.lstm.d_model",
-             "model.bow.d_model", "model.bow.buckets")
+             "model.bow.d_model", "model.bow.buckets", "train.lora.r", "train.lora.alpha",
+             "train.lora.dropout")
 
 
 class SweepSpec(_Section):
@@ -295,6 +341,20 @@ class JobSpec(_Section):
             raise ValueError(f"sweep.metric {self.sweep.metric!r} needs model.family 'classifier'")
         return self
 
+    @model_validator(mode="after")
+    def _finetune_needs_a_checkpoint(self) -> JobSpec:
+        if self.model.pretrained is not None:
+            swept = [key for key in self.sweep.space
+                     if key.startswith("model.") and key.split(".")[1] in SIZED_BY_CHECKPOINT]
+            if swept:
+                raise ValueError(f"sweep.space.{swept[0]}: model.pretrained = "
+                                 f"{self.model.pretrained!r} fixes the architecture; remove it "
+                                 "from the sweep")
+        elif self.train.finetune == "lora":
+            raise ValueError("train.finetune = 'lora' adapts a pretrained model: set "
+                             "model.pretrained, or use finetune 'full' (training from scratch)")
+        return self
+
     @property
     def archs(self) -> tuple[str, ...]:
         """Every architecture this job may train: model.arch, or the values its sweep draws."""
@@ -385,7 +445,8 @@ def _format_error(error: ValidationError) -> str:
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key"
-        lines.append(f"  {path or '(top level)'} = {shown}: {message}")
+        # A check across sections names its fields itself; the whole spec would only hide it.
+        lines.append(f"  {path} = {shown}: {message}" if path else f"  {message}")
     return "invalid job spec:\n" + "\n".join(dict.fromkeys(lines))
 
 

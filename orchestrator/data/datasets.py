@@ -78,10 +78,12 @@ class TokenizeBatch:
     """
 
     def __init__(self, tokenizer_json: str, family: str, block_size: int, max_length: int,
-                 labels: list[str] | None = None, seed: int | None = None):
+                 labels: list[str] | None = None, seed: int | None = None,
+                 eos_id: int | None = None, pad_id: int | None = None):
+        """eos_id / pad_id: a pretrained tokenizer's (ours: the ids of EOS and PAD)."""
         self.tokenizer = Tokenizer.from_str(tokenizer_json)
-        self.eos_id = self.tokenizer.token_to_id(EOS)
-        self.pad_id = self.tokenizer.token_to_id(PAD)
+        self.eos_id = self.tokenizer.token_to_id(EOS) if eos_id is None else eos_id
+        self.pad_id = self.tokenizer.token_to_id(PAD) if pad_id is None else pad_id
         self.family = family
         self.block_size = block_size
         self.max_length = max_length

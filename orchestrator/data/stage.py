@@ -6,16 +6,19 @@ import json
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pa_dataset
 import ray
 import ray.data
+from tokenizers import Tokenizer
 
 from orchestrator.data.datasets import SPLITS, TokenizeBatch, assign_splits
 from orchestrator.data.sources import read_source
 from orchestrator.data.tokenizer import EOS, PAD, save_tokenizer, train_tokenizer
+from orchestrator.pretrained import Base, stage_base
 from orchestrator.rundir import RunDir
 from orchestrator.spec import JobSpec, SpecError
 from orchestrator.storage import Location
@@ -38,6 +41,12 @@ class DataInfo:
     texts: dict[str, int] = field(default_factory=dict)
     rows: dict[str, int] = field(default_factory=dict)
     label_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    # The tokenizer's special tokens by role (eos_token, pad_token, cls_token...): what an
+    # exported tokenizer declares.
+    special_tokens: dict[str, str] = field(default_factory=dict)
+    # With model.pretrained: the checkpoint's Hugging Face config, which build_model builds
+    # instead of the spec's sizes (models/hf.py).
+    architecture: dict[str, Any] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -152,6 +161,34 @@ def _rows_written(location: Location) -> int:
     return pa_dataset.dataset(location.path, filesystem=location.fs, format="parquet").count_rows()
 
 
+@dataclass
+class _Vocabulary:
+    """The tokenizer the run uses and what DataInfo records of it."""
+
+    tokenizer: Tokenizer
+    size: int  # the model's embedding rows
+    eos_id: int
+    pad_id: int
+    special_tokens: dict[str, str]
+    architecture: dict[str, Any] | None = None
+
+
+def _vocabulary(spec: JobSpec, base: Base | None, blocks: list[ray.ObjectRef],
+                progress: Callable[[str], None]) -> _Vocabulary:
+    """A BPE tokenizer trained on the training split, or the pretrained checkpoint's own."""
+    if base is None:
+        progress("training the tokenizer on the training split")
+        tokenizer = train_tokenizer(_training_texts(blocks), spec.data.vocab_size)
+        return _Vocabulary(tokenizer, tokenizer.get_vocab_size(), tokenizer.token_to_id(EOS),
+                           tokenizer.token_to_id(PAD), {"eos_token": EOS, "bos_token": EOS,
+                                                        "pad_token": PAD})
+    tokenizer = base.tokenizer.backend_tokenizer
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return _Vocabulary(tokenizer, base.config["vocab_size"], base.eos_id, base.pad_id,
+                       base.special_tokens, base.config)
+
+
 def prepare_data(spec: JobSpec, run_dir: RunDir | str,
                  progress: Callable[[str], None] = lambda _: None) -> DataInfo:
     """Validate, split, train the tokenizer, tokenize and write the splits; return DataInfo.
@@ -165,6 +202,10 @@ def prepare_data(spec: JobSpec, run_dir: RunDir | str,
     run_dir = RunDir.at(run_dir)
     data = spec.data
     quiet_progress()
+    base = None
+    if spec.model.pretrained is not None:  # checked before any data is read
+        progress(f"checking {spec.model.pretrained} and copying it into the run directory")
+        base = stage_base(spec, run_dir.base)
     progress("reading, splitting and shuffling the texts")
     try:
         # One execution reads, splits and shuffles: no read of its own to learn the columns.
@@ -181,8 +222,8 @@ def prepare_data(spec: JobSpec, run_dir: RunDir | str,
     blocks = texts.to_arrow_refs()
     scan = _scan(blocks)
     _check_scan(spec, scan)
-    progress("training the tokenizer on the training split")
-    tokenizer = train_tokenizer(_training_texts(blocks), data.vocab_size)
+    vocab = _vocabulary(spec, base, blocks, progress)
+    tokenizer = vocab.tokenizer
     with run_dir.tokenizer.local_folder() as folder:
         save_tokenizer(tokenizer, folder)
 
@@ -200,7 +241,8 @@ def prepare_data(spec: JobSpec, run_dir: RunDir | str,
         fn_constructor_kwargs={"tokenizer_json": tokenizer.to_str(),
                                "family": spec.model.family, "block_size": data.block_size,
                                "max_length": data.max_length, "labels": labels,
-                               "seed": data.split_seed},
+                               "seed": data.split_seed, "eos_id": vocab.eos_id,
+                               "pad_id": vocab.pad_id},
     ).write_parquet(run_dir.data.path, filesystem=run_dir.root.fs, partition_cols=["split"])
     del texts, blocks  # the texts leave the object store
 
@@ -214,11 +256,11 @@ def prepare_data(spec: JobSpec, run_dir: RunDir | str,
                 "add data or lower data.block_size"
             )
     info = DataInfo(
-        family=spec.model.family, vocab_size=tokenizer.get_vocab_size(),
-        eos_id=tokenizer.token_to_id(EOS), pad_id=tokenizer.token_to_id(PAD),
-        context_length=context_length,
+        family=spec.model.family, vocab_size=vocab.size, eos_id=vocab.eos_id,
+        pad_id=vocab.pad_id, context_length=context_length,
         labels=labels, texts=dict(scan.texts), rows=rows,
         label_counts={s: dict(c) for s, c in scan.labels.items() if c},
+        special_tokens=vocab.special_tokens, architecture=vocab.architecture,
     )
     run_dir.data_info.write_text(json.dumps(asdict(info), indent=2))
     return info

@@ -18,6 +18,7 @@ from orchestrator.models.bow import BagOfNgrams
 from orchestrator.models.classifier import TextClassifier
 from orchestrator.models.decoding import Decoder, DecodingCache
 from orchestrator.models.gpt import GPT
+from orchestrator.models.hf import EncoderClassifier, gpt_from_config
 from orchestrator.models.lstm import LSTMClassifier, LSTMLanguageModel
 from orchestrator.spec import ModelSpec
 
@@ -45,12 +46,18 @@ REGISTRY: dict[tuple[str, str], Builder] = {
 
 
 def build_model(spec: JobSpec, info: DataInfo) -> nn.Module:
-    """The model of the spec's task and architecture, sized by its model section, for the data
-    the data stage prepared (vocabulary, context length, padding id, classes)."""
+    """The model of the spec's task and architecture, sized by its model section (or, with
+    model.pretrained, by the checkpoint's config), for the data the data stage prepared
+    (vocabulary, context length, padding id, classes). Its weights are fresh: training loads a
+    checkpoint's (models/pretrained.py), inference a bundle's."""
     model = spec.model
     if info.family != model.family:
         raise ValueError(f"the data was prepared for model.family {info.family!r}, the spec "
                          f"asks for {model.family!r}")
+    if info.architecture is not None:
+        if model.family == "gpt":
+            return gpt_from_config(info.architecture, model.dropout)
+        return EncoderClassifier(info.architecture, info.labels, info.pad_id, info.context_length)
     try:
         builder = REGISTRY[(model.family, model.arch)]
     except KeyError:
@@ -58,5 +65,5 @@ def build_model(spec: JobSpec, info: DataInfo) -> nn.Module:
     return builder(model, info)
 
 
-__all__ = ["GPT", "REGISTRY", "BagOfNgrams", "Decoder", "DecodingCache", "LSTMClassifier",
-           "LSTMLanguageModel", "TextClassifier", "build_model"]
+__all__ = ["GPT", "REGISTRY", "BagOfNgrams", "Decoder", "DecodingCache", "EncoderClassifier",
+           "LSTMClassifier", "LSTMLanguageModel", "TextClassifier", "build_model"]

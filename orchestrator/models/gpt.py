@@ -138,23 +138,25 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, d_model: int, dropout: float):
+    def __init__(self, d_model: int, dropout: float, gelu: str = "none"):
         super().__init__()
         self.fc = nn.Linear(d_model, 4 * d_model)
         self.proj = nn.Linear(4 * d_model, d_model)
         self.dropout = nn.Dropout(dropout)
+        self.gelu = gelu  # F.gelu's `approximate`: "none" (erf) or "tanh" (GPT-2's gelu_new)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x))))
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate=self.gelu)))
 
 
 class Block(nn.Module):
-    def __init__(self, d_model: int, n_head: int, dropout: float):
+    def __init__(self, d_model: int, n_head: int, dropout: float, gelu: str = "none",
+                 eps: float = 1e-5):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(d_model)
+        self.ln_1 = nn.LayerNorm(d_model, eps=eps)
         self.attn = CausalSelfAttention(d_model, n_head, dropout)
-        self.ln_2 = nn.LayerNorm(d_model)
-        self.mlp = MLP(d_model, dropout)
+        self.ln_2 = nn.LayerNorm(d_model, eps=eps)
+        self.mlp = MLP(d_model, dropout, gelu)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -163,17 +165,21 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """Decoder-only language model; `forward(ids)` returns next-token logits."""
+    """Decoder-only language model; `forward(ids)` returns next-token logits.
+
+    With gelu "tanh" it is GPT-2's architecture exactly (models/hf.py converts the weights both
+    ways); from scratch it uses the exact GELU."""
 
     def __init__(self, vocab_size: int, block_size: int, n_layer: int, n_head: int,
-                 d_model: int, dropout: float):
+                 d_model: int, dropout: float, gelu: str = "none", eps: float = 1e-5):
         super().__init__()
         self.block_size = block_size
         self.wte = nn.Embedding(vocab_size, d_model)
         self.wpe = nn.Embedding(block_size, d_model)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(d_model, n_head, dropout) for _ in range(n_layer))
-        self.ln_f = nn.LayerNorm(d_model)
+        self.blocks = nn.ModuleList(Block(d_model, n_head, dropout, gelu, eps)
+                                    for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(d_model, eps=eps)
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying
         self.apply(self._init_weights)

@@ -90,8 +90,8 @@ def run_trial(config: dict[str, Any], spec: JobSpec, run_dir: str, info: DataInf
     through TuneReportCallback."""
     trial_spec = check_training_options(apply_trial_config(spec, config), spec.resources.use_gpu)
     if trains_in_trial(trial_spec):
-        train_in_trial({"spec": trial_spec.model_dump(mode="json"), "data_info": asdict(info)},
-                       run_dir)
+        train_in_trial({"spec": trial_spec.model_dump(mode="json"), "data_info": asdict(info),
+                        "base": RunDir.at(run_dir).base.uri}, run_dir)
         return
     trial_id = tune.get_context().get_trial_id()
     trainer = build_trainer(trial_spec, run_dir, info, name=f"trial-{trial_id}",

@@ -25,12 +25,25 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_state_dict,
 )
 
 TRAINER_STATE_FILE = "trainer_state.json"
+# Only what trains is saved and restored: frozen weights (a pretrained model's, under LoRA or
+# frozen embeddings) are the staged checkpoint's, which every worker loads before this.
+TRAINED_ONLY = StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+def _without_frozen(model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """The state without every name of a frozen parameter: DCP's ignore_frozen_params keeps a
+    tied copy's second name (GPT's lm_head.weight, which is its frozen embedding)."""
+    frozen = {name.removeprefix("module.")  # DDP's prefix, which the state does not have
+              for name, param in model.named_parameters(remove_duplicate=False)
+              if not param.requires_grad}
+    return {key: value for key, value in state.items() if key not in frozen}
 
 
 class CheckpointError(ValueError):
@@ -52,7 +65,8 @@ def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
                     trainer_state: dict[str, Any], rank: int) -> None:
     """Collective: every worker calls it with its own (local) directory."""
     directory = Path(directory)
-    model_state, optimizer_state = get_state_dict(model, optimizer)
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=TRAINED_ONLY)
+    model_state = _without_frozen(model, model_state)
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=directory)
     torch.save(_rng_state(), directory / _rng_file(rank))
     if rank == 0:  # dcp.save returned on rank 0, the coordinator: every shard is written
@@ -98,12 +112,13 @@ def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
     worker's RNG state; return the trainer state."""
     directory = Path(directory)
     check_complete(directory)
-    model_state, optimizer_state = get_state_dict(model, optimizer)
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=TRAINED_ONLY)
+    model_state = _without_frozen(model, model_state)
     check_compatible(directory, model_state)
     state = {"model": model_state, "optimizer": optimizer_state}
     dcp.load(state, checkpoint_id=directory)
     set_state_dict(model, optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optimizer"])
+                   optim_state_dict=state["optimizer"], options=TRAINED_ONLY)
     rng_file = directory / _rng_file(rank)
     if not rng_file.is_file():  # resumed with more workers than saved
         rng_file = directory / _rng_file(0)
@@ -119,8 +134,8 @@ def load_model_weights(directory: str | Path, model: nn.Module) -> dict[str, Any
     write the winner's bundle; return the trainer state."""
     directory = Path(directory)
     check_complete(directory)
-    model_state = get_model_state_dict(model)
-    check_compatible(directory, model_state)
+    model_state = _without_frozen(model, get_model_state_dict(model, options=TRAINED_ONLY))
+    check_compatible(directory, model_state)  # the same keys: strict=False hides nothing
     dcp.load({"model": model_state}, checkpoint_id=directory)
-    model.load_state_dict(model_state)
+    model.load_state_dict(model_state, strict=False)
     return json.loads((directory / TRAINER_STATE_FILE).read_text())

@@ -17,10 +17,10 @@ import torch.distributed as dist
 
 from orchestrator import metrics as prometheus
 from orchestrator.data import DataInfo
-from orchestrator.models import build_model
 from orchestrator.spec import JobSpec
 from orchestrator.train.batches import BatchStream, DataPosition
 from orchestrator.train.checkpoint import load_checkpoint, save_checkpoint
+from orchestrator.train.finetune import starting_model
 from orchestrator.train.flops import model_flops_per_token, peak_flops
 from orchestrator.train.metrics import Objective, evaluate, objective_for
 from orchestrator.train.optim import (
@@ -167,7 +167,7 @@ def set_up(config: dict[str, Any], session: Session) -> TrainingRun:
     if warning and rank == 0:
         log.warning(warning)
 
-    model = build_model(spec, info)
+    model = starting_model(spec, info, config.get("base"))
     flops_per_token = model_flops_per_token(model, info.context_length)
     peak = peak_flops(device, precision.dtype or torch.float32)
     model = parallelize(model, train, device, world, precision, compile_model)

@@ -48,6 +48,7 @@ def build_trainer(spec: JobSpec, run_dir: RunDir | str, info: DataInfo, name: st
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec.model_dump(mode="json"), "data_info": asdict(info),
+                           "base": run_dir.base.uri,
                            "resume_from": str(resume_from) if resume_from else None},
         scaling_config=ray.train.ScalingConfig(
             num_workers=spec.resources.num_workers, use_gpu=use_gpu,

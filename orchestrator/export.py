@@ -1,0 +1,98 @@
+"""A winner as a Hugging Face model directory (`orchestrator export RUN_DIR --format hf -o DIR`):
+config.json, model.safetensors and the tokenizer's files, which transformers' Auto classes,
+vLLM and the Hub load unchanged.
+
+GPT winners (from scratch or fine-tuned) become GPT2LMHeadModel, whose architecture ours is
+(models/hf.py); classifiers fine-tuned from a BERT-family checkpoint are transformers modules
+already. Other architectures (LSTM, bag of n-grams, our own transformer classifier) have no
+Hugging Face form and are refused, naming the one found.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestrator.bundle import Bundle, find_bundle, load_bundle
+from orchestrator.data.tokenizer import EOS, PAD
+from orchestrator.models import GPT, EncoderClassifier
+from orchestrator.models.hf import gpt2_config, gpt_state_to_hf, quiet_transformers
+from orchestrator.spec import SpecError
+from orchestrator.storage import resolve
+
+FORMATS = ("hf",)
+
+
+def _special_tokens(bundle: Bundle) -> dict[str, str]:
+    """The tokenizer's special tokens by role (runs from before DataInfo kept them: ours)."""
+    if bundle.info.special_tokens:
+        return bundle.info.special_tokens
+    return {"eos_token": EOS, "bos_token": EOS, "pad_token": PAD}
+
+
+@dataclass
+class Export:
+    uri: str  # where the model directory was written
+    max_logit_difference: float  # transformers' logits against ours on the checked texts
+    texts_checked: int
+
+
+def round_trip_error(bundle: Bundle, folder: str | Path, texts: list[str]) -> float:
+    """The largest |logit difference| between transformers' Auto class loading the exported
+    folder and our model, each encoding `texts` with its own tokenizer (which must agree)."""
+    import torch
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    auto = AutoModelForCausalLM if isinstance(bundle.model, GPT) else AutoModelForSequenceClassification
+    hf_model = auto.from_pretrained(folder).eval()
+    worst = 0.0
+    for text in texts:
+        ours, theirs = bundle.tokenizer.encode(text).ids, tokenizer(text)["input_ids"]
+        if ours != theirs:
+            raise ValueError(f"the exported tokenizer encodes {text!r} as {theirs}, ours as {ours}")
+        ids = torch.tensor([ours[: bundle.info.context_length]])
+        with torch.inference_mode():
+            difference = (hf_model(input_ids=ids).logits - bundle.model(ids)).abs().max()
+        worst = max(worst, float(difference))
+    return worst
+
+
+def export_hf(location: str | Path, out: str | Path, field: str = "RUN_DIR",
+              check_texts: list[str] | None = None) -> Export:
+    """Write the bundle of a run directory (or a bundle) as a Hugging Face model directory,
+    local or in object storage, and check that transformers loads it to our logits on
+    `check_texts` (default: the spec's serve.sample_requests)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    quiet_transformers()
+    try:
+        bundle = load_bundle(find_bundle(location))
+    except FileNotFoundError as error:
+        raise SpecError(f"{field} = {str(location)!r}: {error}") from None
+    model = bundle.model
+    if isinstance(model, GPT):
+        hf_model = GPT2LMHeadModel(GPT2Config(**gpt2_config(model, bundle.info.eos_id)))
+        hf_model.load_state_dict(gpt_state_to_hf(model.state_dict()))
+        max_length = model.block_size
+    elif isinstance(model, EncoderClassifier):
+        hf_model, max_length = model.hf, model.max_length
+    else:
+        spec = bundle.spec
+        raise SpecError(f"{field} = {str(location)!r}: its winner is a {spec.model.family} of "
+                        f"model.arch {spec.model.arch!r} ({type(model).__name__}), which has no "
+                        "Hugging Face form; export writes GPT transformers and classifiers "
+                        "fine-tuned from a Hugging Face checkpoint (model.pretrained)")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bundle.tokenizer,
+                                        model_max_length=max_length, **_special_tokens(bundle))
+    texts = check_texts if check_texts is not None else bundle.spec.serve.sample_requests
+    target = resolve(out)
+    with target.local_folder() as folder:
+        hf_model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        error = round_trip_error(bundle, folder, texts)
+    return Export(target.uri, error, len(texts))
