@@ -120,9 +120,9 @@ def write_metrics(directory: str | Location, metrics: dict[str, Any]) -> None:
 
 
 def find_bundle(location: str | Path) -> str:
-    """The bundle of a run directory (its winner/) or a bundle itself, local or in object
-    storage; its path or URI."""
-    run_dir = RunDir.at(location)
+    """The bundle of a run directory (its winner/), of `<base>/<job name>` (that job's latest
+    run) or a bundle itself, local or in object storage; its path or URI."""
+    run_dir = RunDir.of_job(location) or RunDir.at(location)
     for candidate in (run_dir.winner, run_dir.root):
         if candidate.join(MODEL_FILE).is_file():
             return candidate.uri

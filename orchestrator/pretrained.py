@@ -3,7 +3,8 @@ into the run directory, and loaded by every worker.
 
 `model.pretrained` names a Hugging Face model directory (local or in object storage), a Hub id
 (the ordinary `from_pretrained` path, for machines that reach the Hub), or an earlier run of ours
-(its run directory or bundle), which export.py writes as a Hugging Face directory first. The data
+(its run directory, `runs/<job name>` for that job's latest run, or a bundle), which export.py
+writes as a Hugging Face directory first. The data
 stage checks it before anything else runs and copies it into the run directory's base/ (config,
 safetensors weights, tokenizer files): every worker on every node, the bundle and a resumed run
 then read that copy, whatever happens to the original.
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from orchestrator.models.hf import MODEL_TYPES, gpt2_problems, gpt_state_from_hf, quiet_transformers
+from orchestrator.rundir import RunDir
 from orchestrator.spec import JobSpec, SpecError
 from orchestrator.storage import Location, is_uri, resolve
 
@@ -59,7 +61,6 @@ class Base:
 
 def _is_ours(location: Location) -> bool:
     from orchestrator.bundle import MODEL_FILE
-    from orchestrator.rundir import RunDir
 
     run_dir = RunDir.at(location)
     return any(where.join(MODEL_FILE).is_file() for where in (run_dir.winner, run_dir.root))
@@ -70,10 +71,13 @@ def checkpoint_source(reference: str) -> Iterator[str]:
     """A local directory (or a Hub id) that transformers' from_pretrained reads."""
     local = not is_uri(reference)
     if local and not Path(reference).exists():
-        if not HUB_ID.fullmatch(reference):
+        latest = RunDir.of_job(reference)  # runs/<job name>
+        if latest is None and not HUB_ID.fullmatch(reference):
             raise SpecError(f"{FIELD} = {reference!r} does not exist")
-        yield reference  # a Hub id: from_pretrained downloads it, or says why not
-        return
+        if latest is None:
+            yield reference  # a Hub id: from_pretrained downloads it, or says why not
+            return
+        reference = latest.uri
     location = resolve(reference)
     if not location.exists():
         raise SpecError(f"{FIELD} = {reference!r} does not exist")

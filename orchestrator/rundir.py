@@ -77,6 +77,15 @@ class RunDir:
                       and info.base_name.startswith(f"{name}-"))
         return cls(base_location.join(runs[-1])) if runs else None
 
+    @classmethod
+    def of_job(cls, location: str | os.PathLike) -> RunDir | None:
+        """`<base>/<job name>` (no run directory there): that job's latest run, if any."""
+        target = resolve(location)
+        if target.exists():
+            return None
+        base, _, name = target.uri.rstrip("/").rpartition("/")
+        return cls.latest(base, name) if base and name else None
+
     @property
     def uri(self) -> str:
         return self.root.uri

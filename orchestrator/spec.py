@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -98,8 +98,9 @@ class ModelSpec(_Section):
     pretrained: str | None = Field(
         None, description="Start from a Hugging Face checkpoint: a local directory, a Hub id or "
         "a storage URI (s3://...) of a GPT-2-architecture causal LM (gpt) or a BERT, RoBERTa or "
-        "DistilBERT encoder (classifier); or from an earlier run of ours (its run directory or "
-        "bundle). Its tokenizer replaces the data stage's and its config the model sizes.")
+        "DistilBERT encoder (classifier); or from an earlier run of ours (its run directory, "
+        "runs/<job name> for the job's latest run, or a bundle). Its tokenizer replaces the data "
+        "stage's and its config the model sizes.")
     arch: Literal["transformer", "lstm", "bow"] = Field(
         "transformer", description="The architecture: transformer or lstm for either task, "
         "bow (classifier only). Sweepable (sweep.space model.arch).")
@@ -225,7 +226,7 @@ class LogUniform(_Section):
     loguniform: tuple[float, float]
 
 
-Distribution = Annotated[Union[Choice, Grid, Uniform, LogUniform], Field(union_mode="left_to_right")]
+Distribution = Annotated[Choice | Grid | Uniform | LogUniform, Field(union_mode="left_to_right")]
 SWEEPABLE = ("train.optimizer", "train.lr", "train.momentum", "train.weight_decay", "train.l1",
              "train.batch_size", "train.warmup_steps", "model.dropout", "model.arch",
              "model.n_layer", "model.d_model", "model.lstm.n_layer", "model.lstm.d_model",

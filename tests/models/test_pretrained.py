@@ -212,11 +212,14 @@ def test_export_refuses_an_architecture_without_a_hugging_face_form(tmp_path):
 
 
 def test_an_earlier_run_of_ours_is_a_starting_point_with_its_weights(tmp_path):
-    """model.pretrained = a bundle (or run directory) of ours: the new job starts from exactly
-    the earlier winner's model and tokenizer."""
+    """model.pretrained = runs/<job name>: the new job starts from exactly the job's latest
+    winner's model and tokenizer."""
     spec = parse_spec(tiny_spec("gpt"))
-    earlier = load_bundle(initial_bundle(tmp_path / "winner", spec, _rows()[:200]))
-    follow_up = _spec("gpt", tmp_path / "winner")
+    runs = tmp_path / "runs"
+    initial_bundle(runs / "pretrain-20261130-080000" / "winner", spec, _rows()[:100])
+    latest = runs / "pretrain-20261130-090000" / "winner"
+    earlier = load_bundle(initial_bundle(latest, spec, _rows()[:200]))
+    follow_up = _spec("gpt", runs / "pretrain")
     info, base = _staged(follow_up, tmp_path)
     model = starting_model(follow_up, info, base).eval()
     ids = torch.tensor([earlier.tokenizer.encode(TEXTS[0]).ids])

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
+
 from orchestrator.models import GPT, TextClassifier
 from orchestrator.spec import TrainSpec
 from orchestrator.train.metrics import classifier_loss, lm_loss
