@@ -105,3 +105,13 @@ def test_storage_bench_runs_the_quickstart_on_both_kinds_of_storage() -> None:
     assert [row["storage"] for row in result.rows] == ["local disk", "object store"]
     assert all(row["wall_s"] > row["sweep_s"] > 0 for row in result.rows)
     assert result.ratio == pytest.approx(result.rows[0]["wall_s"] / result.rows[1]["wall_s"])
+
+
+def test_finetune_bench_counts_what_lora_trains_and_keeps() -> None:
+    result = run_benchmark("finetune", quick=True)
+    full, lora, small = result.rows
+    assert (full["finetune"], lora["finetune"]) == ("full", "lora")
+    assert full["trained_share"] == 1 and 0 < lora["trained_share"] < 0.05
+    assert 0 < small["trained_share"] < lora["trained_share"]  # the wider the model, the less
+    assert result.ratio == full["checkpoint_bytes"] / lora["checkpoint_bytes"] > 1
+    assert "finetune" in render(result, as_json=False)

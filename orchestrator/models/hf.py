@@ -37,10 +37,12 @@ _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c
 def quiet_transformers() -> None:
     """transformers prints progress bars and load reports (a fresh task head's MISSING keys)
     for every from_pretrained: in a job's log, noise beside our own lines."""
+    from huggingface_hub.utils import disable_progress_bars
     from transformers.utils import logging
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+    disable_progress_bars()
 
 
 def gpt2_problems(config: Mapping[str, Any]) -> list[str]:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import tiny_encoder, tiny_gpt2
 from conftest import SAMPLE, tiny_spec
 
+from orchestrator.bench.checkpoints import tiny_encoder, tiny_gpt2
 from orchestrator.bundle import initial_bundle, load_bundle, write_bundle
 from orchestrator.data import DataInfo
 from orchestrator.export import export_hf

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from checkpoints import tiny_encoder, tiny_gpt2
 from conftest import TIMING, free_port, stage_times, tiny_spec
 
+from orchestrator.bench.checkpoints import tiny_encoder, tiny_gpt2
 from orchestrator.bundle import load_bundle
 from orchestrator.export import export_hf
 from orchestrator.models import GPT, EncoderClassifier

@@ -208,7 +208,7 @@ def _lora_worker(rank: int, world: int, rendezvous: str, base: str, result: str)
 
 
 def test_lora_trains_under_fsdp_and_checkpoints_only_the_adapters(tmp_path):
-    from checkpoints import tiny_gpt2
+    from orchestrator.bench.checkpoints import tiny_gpt2
 
     reported = _spawn(_lora_worker, str(tiny_gpt2(tmp_path / "gpt2")))
     assert all(math.isfinite(loss) for loss in reported["losses"])

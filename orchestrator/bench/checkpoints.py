@@ -1,9 +1,9 @@
 """Tiny Hugging Face checkpoints made locally (nothing is downloaded): a GPT-2 and a BERT-family
 encoder with random weights, saved with save_pretrained exactly as the Hub's are, with fast
-tokenizers trained on the quickstart sample. The tests start from them; so can you, to try
-model.pretrained without network access:
+tokenizers trained on the quickstart sample. `orchestrator bench finetune` and the tests start
+from them; so can you, to try model.pretrained without network access:
 
-    python scripts/tiny_checkpoints.py runs/checkpoints   # runs/checkpoints/{gpt2,bert}
+    python -m orchestrator.bench.checkpoints runs/checkpoints   # runs/checkpoints/{gpt2,bert}
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-SAMPLE = Path(__file__).resolve().parents[1] / "jobs" / "data" / "stdlib_docs.jsonl"
+from orchestrator.models.hf import quiet_transformers
+
+SAMPLE = Path(__file__).resolve().parents[2] / "jobs" / "data" / "stdlib_docs.jsonl"
 
 
 def _texts() -> list[str]:
@@ -22,10 +24,11 @@ def _texts() -> list[str]:
 
 
 def tiny_gpt2(directory: Path, n_positions: int = 128, seed: int = 0) -> Path:
-    """A 2-layer GPT-2 (random weights) and a byte-level BPE tokenizer, as `gpt2` is laid out."""
+    """A 2-layer, 64-wide GPT-2 (random weights) and a byte-level BPE tokenizer, as `gpt2` is laid out."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
+    quiet_transformers()
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -37,7 +40,7 @@ def tiny_gpt2(directory: Path, n_positions: int = 128, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     eos = tokenizer.eos_token_id
     model = GPT2LMHeadModel(GPT2Config(
-        vocab_size=len(tokenizer), n_positions=n_positions, n_embd=32, n_layer=2, n_head=2,
+        vocab_size=len(tokenizer), n_positions=n_positions, n_embd=64, n_layer=2, n_head=4,
         bos_token_id=eos, eos_token_id=eos))
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -50,6 +53,7 @@ def tiny_encoder(directory: Path, model_type: str = "bert", seed: int = 0) -> Pa
     import torch
     from transformers import AutoConfig, AutoModel, PreTrainedTokenizerFast
 
+    quiet_transformers()
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     wordpiece = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     wordpiece.normalizer = normalizers.BertNormalizer(lowercase=True)
