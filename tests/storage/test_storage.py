@@ -128,3 +128,26 @@ def test_a_finished_run_is_not_resumed(tmp_path: Path) -> None:
     run_dir = _run_dir_with(tmp_path, tiny_spec("gpt"), ["data", "sweep", "report"])
     with pytest.raises(SpecError, match=r"has finished"):
         check_resumable(run_dir, parse_spec(tiny_spec("gpt")))
+
+
+def test_a_pretrained_checkpoint_in_a_bucket_is_staged_into_a_bucket_run(
+        s3_env: S3Server, tmp_path: Path) -> None:
+    """model.pretrained = s3://...: read from the bucket, staged into the run's base/ there, and
+    loaded from it, as a worker on a node without the head's disk does."""
+    from orchestrator.bench.checkpoints import tiny_gpt2
+    from orchestrator.data import DataInfo
+    from orchestrator.pretrained import stage_base
+    from orchestrator.spec import parse_spec
+    from orchestrator.train.finetune import starting_model
+
+    resolve("s3://runs/checkpoints/gpt2").upload(tiny_gpt2(tmp_path / "gpt2"))
+    spec = parse_spec({"data": {"path": "unused.jsonl", "block_size": 32},
+                       "model": {"pretrained": "s3://runs/checkpoints/gpt2"}})
+    run_dir = RunDir.create("s3://runs/pretrained", "job")
+    base = stage_base(spec, run_dir.base)
+    assert run_dir.base.join("model.safetensors").is_file()
+    assert run_dir.base.join("tokenizer.json").is_file()
+    info = DataInfo("gpt", base.config["vocab_size"], base.eos_id, base.pad_id, 32,
+                    architecture=base.config)
+    model = starting_model(spec, info, run_dir.base.uri)
+    assert model.block_size == base.config["n_positions"]
