@@ -37,6 +37,27 @@ def test_validate_prints_the_spec() -> None:
     assert done.stdout.rstrip().endswith("jobs/quickstart.yaml: valid")
 
 
+def test_validate_checks_a_pretrained_checkpoint_before_anything_runs(tmp_path: Path) -> None:
+    """The shipped fine-tuning job against a checkpoint that is not there (no run was made):
+    exit 2, naming the field; then against the tiny GPT-2 with a block_size past its positions."""
+    job = str(REPO / "jobs" / "finetune_gpt2.yaml")
+    missing = subprocess.run([sys.executable, "-m", "orchestrator", "validate", job, "--set",
+                              f"model.pretrained={tmp_path}/gpt2"], env=base_env(), cwd=REPO,
+                             capture_output=True, text=True, check=False)
+    assert missing.returncode == 2
+    assert f"model.pretrained = '{tmp_path}/gpt2' does not exist" in missing.stderr
+
+    from orchestrator.bench.checkpoints import tiny_gpt2
+
+    tiny_gpt2(tmp_path / "gpt2")
+    too_long = subprocess.run([sys.executable, "-m", "orchestrator", "validate", job, "--set",
+                               f"model.pretrained={tmp_path}/gpt2", "--set",
+                               "data.block_size=512"], env=base_env(), cwd=REPO,
+                              capture_output=True, text=True, check=False)
+    assert too_long.returncode == 2
+    assert "data.block_size = 512 is past the 128 positions" in too_long.stderr
+
+
 def test_submit_stays_the_function_when_its_module_is_imported_first() -> None:
     """Importing orchestrator.submit binds the submodule to the package's `submit`; the lazy
     package keeps the SDK function under that name."""
