@@ -94,5 +94,5 @@ def export_hf(location: str | Path, out: str | Path, field: str = "RUN_DIR",
     with target.local_folder() as folder:
         hf_model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
-        error = round_trip_error(bundle, folder, texts)
+        error = round_trip_error(bundle, folder, texts) if texts else 0.0
     return Export(target.uri, error, len(texts))
