@@ -7,6 +7,8 @@
   winner/data_info.json    vocabulary size, special ids, labels, sequence length
   winner/metrics.json      validation (and, after evaluate, test) metrics
   winner/provenance.json   trial id, checkpoint, Ray / torch / Python versions, git commit
+  compression.json         a compressed variant only (compress/): how it was made; int8
+                           weights are quantized modules' state, rebuilt by quantizing first
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from orchestrator.train.checkpoint import load_model_weights
 
 MODEL_FILE, SPEC_FILE, INFO_FILE = "model.pt", "spec.yaml", "data_info.json"
 METRICS_FILE, PROVENANCE_FILE = "metrics.json", "provenance.json"
+COMPRESSION_FILE = "compression.json"
 
 
 @dataclass
@@ -48,6 +51,7 @@ class Bundle:
     tokenizer: Tokenizer
     metrics: dict[str, Any]
     version: str = ""  # the first 12 hex digits of model.pt's SHA-256: which weights answer
+    compression: dict[str, Any] | None = None  # compression.json of a compressed variant
 
 
 def git_commit(cwd: str | Path = ".") -> str | None:
@@ -61,7 +65,8 @@ def git_commit(cwd: str | Path = ".") -> str | None:
 
 def write_bundle(directory: str | Path | Location, spec: JobSpec, info: DataInfo,
                  state_dict: dict[str, torch.Tensor], tokenizer_file: str | Path,
-                 metrics: dict[str, Any], provenance: dict[str, Any]) -> str:
+                 metrics: dict[str, Any], provenance: dict[str, Any],
+                 compression: dict[str, Any] | None = None) -> str:
     """Write a bundle folder (local or in object storage) from weights in memory; see the
     module docstring for its files. Returns its path or URI."""
     target = resolve(directory)
@@ -75,6 +80,8 @@ def write_bundle(directory: str | Path | Location, spec: JobSpec, info: DataInfo
                       "torch_version": torch.__version__,
                       "python_version": platform.python_version(), "git_commit": git_commit()}
         (folder / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
+        if compression is not None:
+            (folder / COMPRESSION_FILE).write_text(json.dumps(compression, indent=2))
     return target.uri
 
 
@@ -120,9 +127,12 @@ def write_metrics(directory: str | Location, metrics: dict[str, Any]) -> None:
 
 
 def find_bundle(location: str | Path) -> str:
-    """The bundle of a run directory (its winner/), of `<base>/<job name>` (that job's latest
-    run) or a bundle itself, local or in object storage; its path or URI."""
+    """The bundle of a run directory (the variant its compress stage chose, or its winner/), of
+    `<base>/<job name>` (that job's latest run) or a bundle itself, local or in object storage;
+    its path or URI."""
     run_dir = RunDir.of_job(location) or RunDir.at(location)
+    if run_dir.compression_selection.is_file():  # the compress stage chose what to serve
+        return json.loads(run_dir.compression_selection.read_text())["bundle"]
     for candidate in (run_dir.winner, run_dir.root):
         if candidate.join(MODEL_FILE).is_file():
             return candidate.uri
@@ -144,12 +154,20 @@ def load_bundle(directory: str | Path | Location) -> Bundle:
     spec, info = read_spec_and_info(directory)
     model = build_model(spec, info)
     with resolve(directory).local_copy() as folder:
+        compression = None
+        if (folder / COMPRESSION_FILE).is_file():
+            compression = json.loads((folder / COMPRESSION_FILE).read_text())
+        if compression and compression["variant"] == "int8":
+            from orchestrator.compress.int8 import quantize_int8
+
+            model = quantize_int8(model)  # the quantized modules the weights belong to
         model.load_state_dict(torch.load(folder / MODEL_FILE, map_location="cpu",
-                                         weights_only=True))
+                                         weights_only=compression is None or
+                                         compression["variant"] != "int8"))
         with open(folder / MODEL_FILE, "rb") as weights:
             version = hashlib.file_digest(weights, "sha256").hexdigest()[:12]
         tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
         metrics = json.loads((folder / METRICS_FILE).read_text())
     model.eval()
     return Bundle(spec=spec, info=info, model=model, tokenizer=tokenizer, metrics=metrics,
-                  version=version)
+                  version=version, compression=compression)

@@ -94,6 +94,15 @@ def _parser() -> argparse.ArgumentParser:
                          help="CPUs per actor (leave room for reads beside a running service)")
     predict.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or embedded)")
 
+    compress = commands.add_parser("compress", help="build, evaluate and measure compressed "
+                                                    "variants of a finished run's winner")
+    compress.add_argument("run_dir", help="a finished run directory (local path or URI)")
+    compress.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                          dest="overrides", help="compress settings, e.g. "
+                                                 "'compress.variants=[int8, prune]'")
+    compress.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or "
+                                            "embedded)")
+
     export = commands.add_parser("export", help="write a run's winner as a Hugging Face model "
                                                 "directory (transformers, vLLM, the Hub)")
     export.add_argument("run_dir", help="a run directory (its winner/ is used) or a bundle")
@@ -349,6 +358,17 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compress(args: argparse.Namespace) -> int:
+    from orchestrator.compress.stage import compress_finished_run
+    from orchestrator.report import summary
+    from orchestrator.runner import connect
+
+    connect(args.address)
+    report = compress_finished_run(args.run_dir, args.overrides, say=print)
+    print(summary(report))
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from orchestrator.export import export_hf
 
@@ -382,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {"validate": _validate, "run": _run, "resume": _resume, "submit": _submit,
                 "deploy": _deploy, "serve-config": _serve_config, "predict": _predict,
-                "export": _export, "bench": _bench}
+                "compress": _compress, "export": _export, "bench": _bench}
     try:
         return handlers[args.command](args)
     except SpecError as error:

@@ -75,6 +75,10 @@ def export_hf(location: str | Path, out: str | Path, field: str = "RUN_DIR",
     except FileNotFoundError as error:
         raise SpecError(f"{field} = {str(location)!r}: {error}") from None
     model = bundle.model
+    if bundle.compression and bundle.compression["variant"] == "int8":
+        raise SpecError(f"{field} = {str(location)!r}: its bundle is the int8 variant (torch "
+                        "dynamic quantization), which has no Hugging Face form; export the "
+                        "winner (RUN_DIR/winner) or a pruned or distilled variant")
     if isinstance(model, GPT):
         hf_model = GPT2LMHeadModel(GPT2Config(**gpt2_config(model, bundle.info.eos_id)))
         hf_model.load_state_dict(gpt_state_to_hf(model.state_dict()))

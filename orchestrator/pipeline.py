@@ -15,6 +15,7 @@ import ray
 from orchestrator import serve as service
 from orchestrator.bundle import save_bundle, write_metrics
 from orchestrator.cluster import ClusterPlan, check_training_options, plan_cluster, with_device
+from orchestrator.compress.stage import Compression, compress_winner, measure_latency
 from orchestrator.data import DataInfo, prepare_data
 from orchestrator.evaluate import evaluate_bundle
 from orchestrator.report import json_safe, reference_verdict, write_report
@@ -26,7 +27,12 @@ from orchestrator.sweep import run_sweep
 from orchestrator.sweep.space import apply_trial_config
 from orchestrator.sweep.tuner import SweepResult, SweepTiming, pick_winner
 
-STAGES = ("data", "sweep", "select", "evaluate", "deploy")
+STAGES = ("data", "sweep", "select", "evaluate", "compress", "deploy")
+
+
+def stages_of(spec: JobSpec) -> tuple[str, ...]:
+    """The stages this job runs: compress only with compress.variants."""
+    return tuple(s for s in STAGES if s != "compress" or spec.compress.variants)
 RESULT_MARKER = "orchestrator-result: "
 
 
@@ -38,6 +44,7 @@ class Progress:
     say: Callable[[str], None] = print
     on_run_dir: Callable[[RunDir], None] = lambda _: None  # the CLI moves its log file there
     run_dir: RunDir | None = None
+    stages: tuple[str, ...] = tuple(s for s in STAGES if s != "compress")
     current: str = ""
     started: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -51,13 +58,16 @@ class Progress:
         self._close()
         self.current = name
         self.started[name] = time.monotonic()
-        self.say(f"[{STAGES.index(name) + 1}/{len(STAGES)} {name}] started")
+        self.say(f"[{self._number(name)} {name}] started")
 
     def done_earlier(self, name: str, what: str) -> None:
-        self.say(f"[{STAGES.index(name) + 1}/{len(STAGES)} {name}] done before: {what}")
+        self.say(f"[{self._number(name)} {name}] done before: {what}")
 
     def note(self, message: str) -> None:
-        self.say(f"[{STAGES.index(self.current) + 1}/{len(STAGES)} {self.current}] {message}")
+        self.say(f"[{self._number(self.current)} {self.current}] {message}")
+
+    def _number(self, name: str) -> str:
+        return f"{self.stages.index(name) + 1}/{len(self.stages)}"
 
     def _close(self) -> None:
         if self.current:
@@ -88,6 +98,7 @@ def run_pipeline(spec: JobSpec, say: Callable[[str], None] | Progress = print,
         check_resumable(run_dir, spec)
     run_dir.spec_file.write_text(spec_to_yaml(spec))
     progress = say if isinstance(say, Progress) else Progress(say)
+    progress.stages = stages_of(spec)
     progress.begin(run_dir)
     started = datetime.now(timezone.utc)
     done = run_dir.completed()
@@ -98,11 +109,15 @@ def run_pipeline(spec: JobSpec, say: Callable[[str], None] | Progress = print,
     winner_spec = apply_trial_config(spec, winner.config)
     bundle = _select_stage(spec, winner_spec, run_dir, info, sweep, done, progress)
     evaluation = _evaluate_stage(run_dir, bundle, info, plan, done, progress)
+    compression = None
+    if spec.compress.variants:
+        compression = _compress_stage(winner_spec, run_dir, info, bundle, evaluation, plan,
+                                      done, progress)
 
     endpoint, samples = None, []
     if spec.serve.enabled:
         progress.stage("deploy")
-        endpoint = service.deploy(winner_spec, bundle)
+        endpoint = service.deploy(winner_spec, compression.bundle if compression else bundle)
         progress.note(f"serving at {endpoint}")
         samples = send_sample_requests(spec, endpoint, info.family)
         if not spec.serve.keep_running:
@@ -118,6 +133,7 @@ def run_pipeline(spec: JobSpec, say: Callable[[str], None] | Progress = print,
                    "config": winner.config, "bundle": bundle, "best_step": winner.best_step},
         "evaluation": evaluation,
         "verdict": reference_verdict(evaluation, info.family),
+        "compression": compression.to_json() if compression else None,
         "endpoint": endpoint if spec.serve.keep_running else None,
         "sample_responses": samples,
         "trials": sweep.trials.drop(columns=["checkpoint_path"], errors="ignore")
@@ -175,6 +191,24 @@ def _select_stage(spec: JobSpec, winner_spec: JobSpec, run_dir: RunDir, info: Da
     progress.note(f"winner {winner.trial_id} {winner.config} {spec.metric} {winner.metric:.4f}")
     run_dir.mark_completed("select", {"bundle": bundle})
     return bundle
+
+
+def _compress_stage(winner_spec: JobSpec, run_dir: RunDir, info: DataInfo, bundle: str,
+                    evaluation: dict[str, Any], plan: ClusterPlan, done: dict[str, Any],
+                    progress: Progress) -> Compression:
+    if "compress" in done:
+        compression = Compression.from_json(done["compress"]["compression"])
+        progress.done_earlier("compress", f"serving {compression.selected}")
+        return compression
+    progress.stage("compress")
+    compression = compress_winner(winner_spec, run_dir, info, bundle, evaluation["test"]["model"],
+                                  gpus=plan.inference_gpus, note=progress.note)
+    if winner_spec.serve.enabled and winner_spec.compress.latency_requests:
+        progress.note("p50 latency of each variant through the service")
+        measure_latency(winner_spec, compression, info.family, service.deploy)
+    progress.note(f"serving {compression.selected}: {compression.rule}")
+    run_dir.mark_completed("compress", {"compression": json_safe(compression.to_json())})
+    return compression
 
 
 def _evaluate_stage(run_dir: RunDir, bundle: str, info: DataInfo, plan: ClusterPlan,

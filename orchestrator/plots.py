@@ -65,7 +65,8 @@ def plots_markdown(plots: Sequence[Plot]) -> str:
 
 def write_report_plots(run_dir: str | Path, family: str, metric: str, mode: str, winner_id: str,
                        trials: pd.DataFrame, history: pd.DataFrame, evaluation: dict[str, Any],
-                       class_names: Sequence[str] = ()) -> list[Plot]:
+                       class_names: Sequence[str] = (),
+                       compression: dict[str, Any] | None = None) -> list[Plot]:
     """Every plot the data allows, in report order; a plot without data is left out."""
     out = Path(run_dir) / PLOTS_DIR
     out.mkdir(parents=True, exist_ok=True)
@@ -77,6 +78,8 @@ def write_report_plots(run_dir: str | Path, family: str, metric: str, mode: str,
     elif family == "gpt":
         baseline = evaluation.get("val", {}).get("baseline", {}).get("perplexity")
         plots.append(plot_winner_perplexity(out, history, winner_id, baseline))
+    if compression:
+        plots.append(plot_compression(out, compression, family))
     return [plot for plot in plots if plot is not None]
 
 
@@ -225,6 +228,32 @@ def plot_winner_perplexity(out_dir: Path, history: pd.DataFrame, winner_id: str,
     return Plot(file, "Winner's validation perplexity",
                 "The winner's validation perplexity at each evaluation (log scale when it spans "
                 "more than a decade), against the unigram baseline on the same split.")
+
+
+def plot_compression(out_dir: Path, compression: dict[str, Any], family: str) -> Plot:
+    """Each variant's test quality against its speed on the serving device, the served one
+    starred; the quality bound as a band."""
+    variants = compression["variants"]
+    key = "decode_tokens_per_s_batch1" if family == "gpt" else "texts_per_s"
+    quality = "test perplexity (lower is better)" if family == "gpt" else \
+        "test accuracy (higher is better)"
+    file = "compression.png"
+    with _figure(out_dir / file, WIDTH, 4.5) as fig:
+        ax = fig.subplots()
+        for index, variant in enumerate(variants):
+            x, y = variant["speed"][key], variant["quality"]
+            ax.scatter([x], [y], s=80, color=f"C{index}", zorder=3,
+                       label=f"{variant['name']}: {variant['size_bytes'] / 1e6:.2f} MB")
+            ax.annotate(variant["name"], (x, y), textcoords="offset points", xytext=(6, 6))
+            if variant["name"] == compression["selected"]:
+                ax.scatter([x], [y], **WINNER_STAR)
+        ax.set(title=f"Compressed variants: served {compression['selected']}",
+               xlabel=key.replace("_", " "), ylabel=quality)
+        ax.legend(loc="best")
+    return Plot(file, "Compressed variants",
+                f"Test quality against speed on the serving device for the winner and each "
+                f"compressed variant (legend: size of the weights); starred: the one served, "
+                f"{compression['rule']}.")
 
 
 def trial_labels(trials: pd.DataFrame) -> dict[str, str]:

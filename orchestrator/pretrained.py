@@ -84,8 +84,10 @@ def checkpoint_source(reference: str) -> Iterator[str]:
     if _is_ours(location):
         from orchestrator.export import export_hf
 
+        winner = RunDir.at(location).winner  # full precision, whatever variant a run serves
         with tempfile.TemporaryDirectory() as scratch:
-            export_hf(reference, scratch, field=FIELD, check_texts=[])
+            export_hf(winner.uri if winner.exists() else reference, scratch, field=FIELD,
+                      check_texts=[])
             yield scratch
         return
     if not location.join("config.json").is_file():

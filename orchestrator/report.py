@@ -75,6 +75,23 @@ def _metrics_table(evaluation: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _compression_table(compression: dict[str, Any], family: str) -> list[str]:
+    quality = "test perplexity" if family == "gpt" else "test accuracy"
+    speeds = list(compression["variants"][0]["speed"])
+    lines = ["## Compressed variants", "",
+             (f"Served: **{compression['selected']}** (`{compression['bundle']}`), "
+              f"{compression['rule']}."), "",
+             f"| variant | {quality} | against the winner | within bound | MB | "
+             + " | ".join(s.replace("_", " ") for s in speeds) + " | p50 latency s |",
+             "|---|---|---|---|---|" + "---|" * len(speeds) + "---|"]
+    for v in compression["variants"]:
+        lines.append(f"| {v['name']} | {_format(v['quality'])} | {v['quality_loss']:+.2%} | "
+                     f"{'yes' if v['within_bound'] else 'no'} | {v['size_bytes'] / 1e6:.3g} | "
+                     + " | ".join(_format(v["speed"].get(s)) for s in speeds)
+                     + f" | {_format(v['p50_latency_s'])} |")
+    return [*lines, ""]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     trials = report["trials"]
     verdict = report.get("verdict")
@@ -98,6 +115,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
         *("| " + " | ".join(_format(t.get(c)) for c in columns) + " |" for t in trials), "",
     ]
+    if report.get("compression"):
+        lines += _compression_table(report["compression"], report["family"])
     if report["sample_responses"]:
         lines += ["## Sample requests to the service", ""]
         lines += [f"- `{json.dumps(s['request'])}` -> {s['status']} `{json.dumps(s['response'])}`"
@@ -122,6 +141,13 @@ def summary(report: dict[str, Any]) -> str:
                      + (f"; reference: {names[1]}]" if reference else "]"))
     if report.get("verdict"):
         lines.append(f"verdict: {report['verdict']['text']}")
+    if report.get("compression"):
+        compression = report["compression"]
+        for v in compression["variants"]:
+            lines.append(f"compressed {v['name']}: quality {_format(v['quality'])} "
+                         f"({v['quality_loss']:+.1%}), {v['size_bytes'] / 1e6:.2f} MB, "
+                         + ", ".join(f"{k} {_format(x)}" for k, x in v["speed"].items()))
+        lines.append(f"served: {compression['selected']} ({compression['rule']})")
     for sample in report["sample_responses"]:
         lines.append(f"request {json.dumps(sample['request'])} -> {sample['status']} "
                      f"{json.dumps(sample['response'])[:300]}")
@@ -138,6 +164,6 @@ def write_report(run_dir: RunDir, report: dict[str, Any], spec: JobSpec, sweep: 
     with tempfile.TemporaryDirectory(prefix="orchestrator-plots-") as scratch:
         plots = write_report_plots(scratch, info.family, spec.metric, spec.metric_mode,
                                    sweep.winner.trial_id, sweep.trials, sweep.history,
-                                   evaluation, info.labels)
+                                   evaluation, info.labels, report.get("compression"))
         run_dir.plots.upload(Path(scratch) / PLOTS_DIR)
     run_dir.report_md.write_text(render_markdown(report) + plots_markdown(plots))

@@ -19,6 +19,7 @@ from orchestrator.spec import JobSpec, SpecError, apply_overrides, parse_spec
 STAGE_INPUTS = {
     "data": ("data", "model.family", "model.pretrained"),
     "sweep": ("data", "model", "train", "sweep", "resources"),
+    "compress": ("compress",),
 }
 
 

@@ -16,6 +16,8 @@ writes its part; later stages, `orchestrator resume`, `deploy` and `predict` onl
   train/trial-<id>/             several-worker trials' Ray Train runs and their checkpoints
   sweep/trials.parquet          one row per trial; sweep/history.parquet every report
   winner/                       the select stage's bundle (bundle.py), test metrics after evaluate
+  compressed/<variant>/         the compress stage's bundles; compressed/selection.json names
+                                the one served (compress/stage.py)
   report.json, report.md        the summary
   plots/                        the report's figures
   logs/ray.log                  what Ray and Tune printed (a local run directory only)
@@ -154,6 +156,13 @@ class RunDir:
     @property
     def winner(self) -> Location:
         return self.root.join("winner")
+
+    def compressed(self, variant: str) -> Location:
+        return self.root.join("compressed", variant)
+
+    @property
+    def compression_selection(self) -> Location:
+        return self.root.join("compressed", "selection.json")
 
     @property
     def report_json(self) -> Location:

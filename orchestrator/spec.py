@@ -315,6 +315,65 @@ class ServeSpec(_Section):
         return self
 
 
+COMPRESSIONS = ("int8", "prune", "distill")
+
+
+class Int8Spec(_Section):
+    """compress 'int8': dynamic int8 quantization of the linear layers (and weight-only int8
+    embeddings) for CPU serving."""
+
+    clip_percentile: float | None = Field(
+        None, gt=50, le=100, description="Clip each weight matrix at this percentile of its "
+        "absolute values before quantizing (outliers otherwise stretch the int8 scale); "
+        "none: no clipping.")
+
+
+class PruneSpec(_Section):
+    """compress 'prune': global magnitude pruning of the transformer blocks' linear weights,
+    then a recovery fine-tune (a Ray Train run) that keeps the pruned weights at zero."""
+
+    sparsity: float = Field(0.5, gt=0, lt=1, description="Share of the weights set to zero.")
+    recovery_steps: int = Field(100, ge=0, description="Fine-tuning steps after pruning.")
+    lr: float = Field(3e-4, gt=0, le=10, description="The recovery fine-tune's learning rate.")
+
+
+class DistillSpec(_Section):
+    """compress 'distill': a smaller student (fewer transformer blocks) trained as a Ray Train
+    run on the teacher's (the winner's) soft targets, mixed with the hard labels. It starts from
+    the teacher's embeddings and every other block."""
+
+    n_layer: int | None = Field(None, ge=1, description="Student blocks; none: half the "
+                                "teacher's (at least 1).")
+    temperature: float = Field(2.0, gt=0, description="Softens both distributions in the KL.")
+    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the soft (KL) loss; the rest "
+                         "is the hard-label loss.")
+    steps: int | None = Field(None, ge=1, description="Training steps; none: train.max_steps.")
+    lr: float | None = Field(None, gt=0, le=10, description="none: train.lr.")
+
+
+class CompressSpec(_Section):
+    variants: list[Literal["int8", "prune", "distill"]] = Field(
+        default_factory=list, description="Compressed variants of the winner to build, evaluate "
+        "and measure after the evaluate stage; empty (the default): no compress stage.")
+    max_quality_loss: float = Field(
+        0.02, ge=0, lt=1, description="Relative quality a served variant may lose on the test "
+        "split (perplexity up, or accuracy down, by at most this share); the fastest variant "
+        "within it is served, else the uncompressed winner.")
+    latency_requests: int = Field(
+        20, ge=0, description="Requests sent one at a time to each variant's real service for "
+        "its p50 latency; 0: not measured.")
+    int8: Int8Spec = Field(default_factory=Int8Spec)
+    prune: PruneSpec = Field(default_factory=PruneSpec)
+    distill: DistillSpec = Field(default_factory=DistillSpec)
+
+    @field_validator("variants")
+    @classmethod
+    def _each_once(cls, variants: list[str]) -> list[str]:
+        if len(set(variants)) != len(variants):
+            raise ValueError(f"each variant at most once, got {variants}")
+        return variants
+
+
 class ResourcesSpec(_Section):
     num_workers: int = Field(1, ge=1, description="Ray Train workers per trial.")
     use_gpu: Literal["auto", True, False] = "auto"
@@ -333,6 +392,7 @@ class JobSpec(_Section):
     sweep: SweepSpec = Field(default_factory=SweepSpec)
     serve: ServeSpec = Field(default_factory=ServeSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    compress: CompressSpec = Field(default_factory=CompressSpec)
 
     @model_validator(mode="after")
     def _family_needs(self) -> JobSpec:
@@ -354,6 +414,37 @@ class JobSpec(_Section):
         elif self.train.finetune == "lora":
             raise ValueError("train.finetune = 'lora' adapts a pretrained model: set "
                              "model.pretrained, or use finetune 'full' (training from scratch)")
+        return self
+
+    @model_validator(mode="after")
+    def _compressions_apply(self) -> JobSpec:
+        """A variant that cannot apply to every model the job may pick, or to the serving
+        device, fails here, naming the field."""
+        variants = self.compress.variants
+        if "int8" in variants and (self.serve.replica_gpus > 0 or self.resources.use_gpu is True):
+            where = ("serve.replica_gpus" if self.serve.replica_gpus > 0 else "resources.use_gpu")
+            raise ValueError(f"compress.variants 'int8' is dynamic quantization for CPU serving "
+                             f"and {where} puts the model on a GPU; drop 'int8' or serve on CPU")
+        for variant in ("prune", "distill"):
+            blockless = [arch for arch in self.archs if arch not in BLOCKWISE_ARCHS]
+            if variant in variants and blockless:
+                raise ValueError(
+                    f"compress.variants {variant!r} works on transformer blocks and model.arch "
+                    f"{blockless[0]!r} (which the job may pick) has none; use it with model.arch "
+                    "'transformer' only")
+        student = self.compress.distill.n_layer
+        if "distill" in variants and student is not None and self.model.pretrained is None \
+                and student >= self.model.n_layer:
+            raise ValueError(f"compress.distill.n_layer = {student} is not smaller than the "
+                             f"teacher's model.n_layer = {self.model.n_layer}; a student must "
+                             "have fewer blocks")
+        if "distill" in variants and student is None and self.model.pretrained is None \
+                and self.model.n_layer == 1 and "model.n_layer" not in self.sweep.space:
+            raise ValueError("compress.variants 'distill' needs a teacher of at least 2 blocks "
+                             "and model.n_layer = 1; a student must have fewer")
+        if "distill" in variants and "model.n_layer" in self.sweep.space and student is not None:
+            raise ValueError("compress.distill.n_layer is fixed while sweep.space draws "
+                             "model.n_layer; leave it unset (half the winner's)")
         return self
 
     @property

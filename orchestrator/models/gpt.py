@@ -201,8 +201,9 @@ class GPT(nn.Module):
         if pad.shape != (batch,):
             raise ValueError(f"pad has shape {tuple(pad.shape)}, expected ({batch},)")
         width, n_head = self.wte.embedding_dim, self.blocks[0].attn.n_head
+        norm = self.ln_f.weight  # float in every variant (the embedding may be int8)
         return KVCache(len(self.blocks), n_head, width // n_head, max_len,
-                       pad.to(self.wte.weight.device), self.wte.weight.dtype)
+                       pad.to(norm.device), norm.dtype)
 
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Logits for every column of ids. With a cache, ids are the batch's next columns: only
@@ -213,7 +214,7 @@ class GPT(nn.Module):
         if seq > self.block_size:
             raise ValueError(f"sequence of {seq} tokens exceeds block_size {self.block_size}")
         positions = torch.arange(seq, device=ids.device)
-        x = self.drop(self.wte(ids) + self.wpe(positions))
+        x = self.drop(self.wte(ids.contiguous()) + self.wpe(positions))
         for block in self.blocks:
             x = block(x)
         return self.lm_head(self.ln_f(x))
@@ -227,7 +228,7 @@ class GPT(nn.Module):
         if last >= self.block_size:
             raise ValueError(f"position {last} is past block_size {self.block_size}: the learned "
                              f"positional embeddings end there")
-        x = self.drop(self.wte(ids) + self.wpe(cache.positions(seq)))
+        x = self.drop(self.wte(ids.contiguous()) + self.wpe(cache.positions(seq)))
         mask = cache.mask(seq)
         for layer, block in enumerate(self.blocks):
             x = block(x, cache, layer, mask)

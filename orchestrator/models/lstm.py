@@ -78,10 +78,10 @@ class LSTMLanguageModel(nn.Module):
     def new_cache(self, batch: int, max_len: int, pad: torch.Tensor) -> RecurrentState:
         if pad.shape != (batch,):
             raise ValueError(f"pad has shape {tuple(pad.shape)}, expected ({batch},)")
-        return RecurrentState(pad.to(self.wte.weight.device), max_len)
+        return RecurrentState(pad.to(next(self.lstm.parameters()).device), max_len)
 
     def forward(self, ids: torch.Tensor, cache: RecurrentState | None = None) -> torch.Tensor:
-        x = self.drop(self.wte(ids))
+        x = self.drop(self.wte(ids.contiguous()))  # an int8 embedding needs contiguous ids
         if cache is None:
             out, _ = self.lstm(x)
         elif cache.state is None and bool(cache.pad.any()):

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
+from torch import nn
 
 from orchestrator.models.decoding import Decoder, DecodingCache
 from orchestrator.serve.sampling import (
@@ -175,6 +176,12 @@ def _bytes_to_unicode() -> dict[str, int]:
 _UNICODE_TO_BYTE = _bytes_to_unicode()
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model runs, from its first parameter (an int8 model's embedding has no plain
+    weight tensor to ask)."""
+    return next(model.parameters(), torch.empty(0)).device
+
+
 class Engine:
     """Continuous batching over one language model and its cache; see the module docstring."""
 
@@ -183,7 +190,7 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.vocab_size = model.wte.num_embeddings
         self.context_length = model.block_size
-        self._device = model.wte.weight.device
+        self._device = model_device(model)
         self._waiting: deque[_Request] = deque()  # appended from other threads: deque is safe
         self._aborts: deque[Hashable] = deque()
         self._running: list[_Row] = []  # in cache order

@@ -16,6 +16,9 @@ import torch
 import torch.distributed as dist
 
 from orchestrator import metrics as prometheus
+from orchestrator.bundle import load_bundle
+from orchestrator.compress.distill import distillation_objective, init_from_teacher
+from orchestrator.compress.prune import apply_masks, zero_masks
 from orchestrator.data import DataInfo
 from orchestrator.spec import JobSpec
 from orchestrator.train.batches import BatchStream, DataPosition
@@ -127,6 +130,7 @@ class TrainingRun:
     peak: float | None
     tags: dict[str, str] | None  # Prometheus labels on rank 0; None on the other ranks
     l1_params: list[torch.nn.Parameter] = field(default_factory=list)
+    masks: dict[str, torch.Tensor] | None = None
     step: int = 0
     resumed_from: int = -1
     restarts: int = 0
@@ -168,14 +172,25 @@ def set_up(config: dict[str, Any], session: Session) -> TrainingRun:
         log.warning(warning)
 
     model = starting_model(spec, info, config.get("base"))
+    objective = objective_for(info)
+    if config.get("start_from"):  # a compress stage's pruned winner, for its recovery
+        model.load_state_dict(load_bundle(config["start_from"]).model.state_dict())
+    if distill := config.get("distill"):  # a compress stage's student and its teacher
+        teacher = load_bundle(distill["teacher"]).model.to(device)
+        init_from_teacher(model, teacher)
+        objective = distillation_objective(info.family, teacher, distill["temperature"],
+                                           distill["alpha"])
     flops_per_token = model_flops_per_token(model, info.context_length)
     peak = peak_flops(device, precision.dtype or torch.float32)
     model = parallelize(model, train, device, world, precision, compile_model)
     optimizer = build_optimizer(model, train, fused=device.type == "cuda")
+    plain_model = model.module if hasattr(model, "module") else model
     run = TrainingRun(
-        spec=spec, info=info, session=session, objective=objective_for(info), device=device,
-        precision=precision, model=model,
-        plain_model=model.module if hasattr(model, "module") else model,
+        spec=spec, info=info, session=session, objective=objective, device=device,
+        precision=precision, model=model, plain_model=plain_model,
+        # Pruned weights stay zero through a recovery fine-tune: masks of the weights it
+        # starts from.
+        masks=zero_masks(plain_model) if config.get("keep_zeros") else None,
         optimizer=optimizer, scheduler=build_scheduler(optimizer, train),
         scaler=torch.amp.GradScaler(device.type, enabled=precision.scaler),
         batches=None, flops_per_token=flops_per_token, peak=peak,
@@ -233,6 +248,8 @@ def train_step(run: TrainingRun) -> None:
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), train.grad_clip)
     run.scaler.step(run.optimizer)
     run.scaler.update()
+    if run.masks:
+        apply_masks(run.plain_model, run.masks)
     run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
     run.step += 1

@@ -30,9 +30,12 @@ def ordered_ingest_options() -> ray.data.ExecutionOptions:
 
 def build_trainer(spec: JobSpec, run_dir: RunDir | str, info: DataInfo, name: str,
                   callbacks: list | None = None,
-                  resume_from: str | Path | None = None) -> TorchTrainer:
+                  resume_from: str | Path | None = None,
+                  start: dict[str, Any] | None = None) -> TorchTrainer:
     """A TorchTrainer for one run; `resume_from` (a checkpoint directory) starts it from a
-    checkpoint of another run, which may have had a different number of workers. The pipeline
+    checkpoint of another run, which may have had a different number of workers. `start` adds
+    what a compress stage's run starts from to the loop's config (train/loop.py's set_up:
+    `start_from`, `keep_zeros`, `distill`). The pipeline
     passes a spec whose resources.use_gpu is decided; 'auto' is decided here."""
     use_gpu = spec.resources.use_gpu
     if use_gpu == "auto":
@@ -49,7 +52,8 @@ def build_trainer(spec: JobSpec, run_dir: RunDir | str, info: DataInfo, name: st
         train_loop_per_worker,
         train_loop_config={"spec": spec.model_dump(mode="json"), "data_info": asdict(info),
                            "base": run_dir.base.uri,
-                           "resume_from": str(resume_from) if resume_from else None},
+                           "resume_from": str(resume_from) if resume_from else None,
+                           **(start or {})},
         scaling_config=ray.train.ScalingConfig(
             num_workers=spec.resources.num_workers, use_gpu=use_gpu,
             resources_per_worker=per_worker),

@@ -1,0 +1,81 @@
+"""What a bundle costs to serve: its size on disk, its speed on the serving device (decode
+tokens/s at batch 1 and 8 for a language model, texts/s for a classifier), and the p50 latency
+of its real service. Plain functions; the stage runs `speed` in a Ray task with a replica's
+resources, so it measures on the device the service would use."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+import torch
+
+from orchestrator.bundle import MODEL_FILE, load_bundle
+from orchestrator.predictor import Predictor
+from orchestrator.serve.sampling import SamplingParams
+from orchestrator.spec import JobSpec
+from orchestrator.storage import resolve
+
+DECODE_TOKENS = 32
+PROMPT = "The event loop"
+
+
+def size_bytes(bundle_dir: str | Path) -> int:
+    """The bundle's weights on disk."""
+    location = resolve(bundle_dir).join(MODEL_FILE)
+    return location.fs.get_file_info(location.path).size
+
+
+def _decode_tokens_per_s(predictor: Predictor, batch: int, rounds: int) -> float:
+    prompts = [predictor.encode(PROMPT)] * batch
+    params = [SamplingParams(max_tokens=DECODE_TOKENS, temperature=0.0)] * batch
+    predictor.complete(prompts, params)  # warm-up
+    started, tokens = time.perf_counter(), 0
+    for _ in range(rounds):
+        tokens += sum(c.completion_tokens for c in predictor.complete(prompts, params))
+    return tokens / (time.perf_counter() - started)
+
+
+def speed(bundle_dir: str, texts: list[str], rounds: int = 3) -> dict[str, float]:
+    """Decode tokens/s at batch 1 and 8 (greedy, DECODE_TOKENS each), or classified texts/s."""
+    torch.set_num_threads(1)  # a replica's share of the machine, as the service runs it
+    bundle = load_bundle(bundle_dir)
+    if torch.cuda.is_available() and bundle.compression is None:
+        bundle.model.to("cuda")
+    predictor = Predictor(bundle)
+    if bundle.info.family == "gpt":
+        return {"decode_tokens_per_s_batch1": _decode_tokens_per_s(predictor, 1, rounds),
+                "decode_tokens_per_s_batch8": _decode_tokens_per_s(predictor, 8, rounds)}
+    predictor.classify(texts[:8])
+    started = time.perf_counter()
+    for _ in range(rounds):
+        predictor.classify(texts)
+    return {"texts_per_s": rounds * len(texts) / (time.perf_counter() - started)}
+
+
+def service_p50_s(spec: JobSpec, url: str, family: str, count: int) -> float:
+    """p50 latency of `count` requests sent one at a time to a running service."""
+    if family == "gpt":
+        route, body = "/v1/completions", {"model": spec.name, "prompt": PROMPT,
+                                          "max_tokens": 16, "temperature": 0}
+    else:
+        route, body = "/v1/classify", {"model": spec.name, "input": spec.serve.sample_requests}
+    latencies: list[float] = []
+    for _ in range(count):
+        started = time.perf_counter()
+        response = requests.post(f"{url}{route}", json=body, timeout=60)
+        response.raise_for_status()
+        latencies.append(time.perf_counter() - started)
+    return statistics.median(latencies)
+
+
+def speed_key(family: str) -> str:
+    """The figure selection ranks variants by."""
+    return "decode_tokens_per_s_batch1" if family == "gpt" else "texts_per_s"
+
+
+def as_row(name: str, figures: dict[str, Any]) -> dict[str, Any]:
+    return {"variant": name, **figures}

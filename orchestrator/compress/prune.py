@@ -1,0 +1,57 @@
+"""Global magnitude pruning of the transformer blocks' linear weights, and the masks that keep
+pruned weights at zero through a recovery fine-tune.
+
+The threshold is global (one over all the blocks' matrices), so layers that matter less lose
+more. Embeddings, norms, biases and the output head are kept whole. Pruned weights are stored as
+exact zeros in an ordinary bundle: the recovery run finds them again from the weights it starts
+from (zero_masks), so no mask travels beside the weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from orchestrator.train.parallel import transformer_blocks
+
+
+def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The weight matrices of every Linear layer inside the transformer blocks, by name."""
+    blocks = transformer_blocks(model)
+    block_ids = {id(m) for block in blocks for m in block.modules()}
+    return {f"{name}.weight": module.weight for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and id(module) in block_ids}
+
+
+def prune_globally(model: nn.Module, sparsity: float) -> float:
+    """Zero the `sparsity` share of smallest-magnitude prunable weights (in place); return the
+    share of prunable weights that is zero afterwards."""
+    weights = list(prunable_weights(model).values())
+    magnitudes = torch.cat([w.detach().abs().flatten() for w in weights])
+    count = int(sparsity * magnitudes.numel())
+    if count == 0:
+        return 0.0
+    threshold = torch.kthvalue(magnitudes, count).values
+    with torch.no_grad():
+        for weight in weights:
+            weight.mul_(weight.abs() > threshold)
+    return sparsity_of(model)
+
+
+def sparsity_of(model: nn.Module) -> float:
+    weights = list(prunable_weights(model).values())
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    return zeros / sum(w.numel() for w in weights)
+
+
+def zero_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Where the prunable weights are non-zero: what apply_masks keeps."""
+    return {name: weight.detach() != 0 for name, weight in prunable_weights(model).items()}
+
+
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Put the pruned weights back to zero (after an optimizer step moved them)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, mask in masks.items():
+            params[name].mul_(mask)

@@ -1,0 +1,259 @@
+"""The compress stage: the winner's compressed variants built, evaluated on the test split by
+the same batch inference as the winner, measured (size, speed on the serving device, p50
+latency of the real service), and the one to serve chosen.
+
+  compressed/<variant>/         each variant's bundle (bundle.py), with compression.json
+  compressed/selection.json     the variant served (`find_bundle` on the run directory gives it)
+
+Selection: among the winner and every variant whose test quality is within
+compress.max_quality_loss of the winner's (perplexity up, or accuracy down, by at most that
+share), the fastest on the serving device (decode tokens/s at batch 1, or texts/s) is served.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from orchestrator.bundle import load_bundle, read_spec_and_info, save_bundle, write_bundle
+from orchestrator.compress.distill import parameter_count, student_spec_and_info, teacher_blocks
+from orchestrator.compress.int8 import quantize_int8
+from orchestrator.compress.measure import service_p50_s, size_bytes, speed, speed_key
+from orchestrator.compress.prune import prune_globally, sparsity_of
+from orchestrator.data import DataInfo
+from orchestrator.data.tokenizer import TOKENIZER_FILE
+from orchestrator.evaluate import evaluate_bundle
+from orchestrator.models import build_model
+from orchestrator.rundir import RunDir
+from orchestrator.spec import CompressSpec, JobSpec, SpecError, apply_overrides, parse_spec
+from orchestrator.storage import resolve
+from orchestrator.train.trainer import build_trainer
+
+WINNER = "winner"
+
+
+@dataclass
+class Variant:
+    name: str  # "winner" (uncompressed), "int8", "prune", "distill"
+    bundle: str
+    quality: float  # test perplexity (language model) or accuracy (classifier)
+    quality_loss: float  # relative to the winner's: > 0 is worse
+    size_bytes: int
+    speed: dict[str, float]
+    p50_latency_s: float | None = None
+    within_bound: bool = True
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Compression:
+    variants: list[Variant]
+    selected: str
+    bundle: str  # the selected variant's
+    rule: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Compression:
+        return cls(**{**raw, "variants": [Variant(**v) for v in raw["variants"]]})
+
+
+def quality_of(test_metrics: dict[str, Any], family: str) -> float:
+    return test_metrics["perplexity"] if family == "gpt" else test_metrics["accuracy"]
+
+
+def quality_loss(quality: float, reference: float, family: str) -> float:
+    """Relative loss against the winner: perplexity up, or accuracy down, as a share."""
+    if family == "gpt":
+        return quality / reference - 1
+    return 1 - quality / reference if reference else 0.0
+
+
+def choose(variants: list[Variant], family: str) -> Variant:
+    """The fastest variant within the quality bound (the winner always is), the smaller on a
+    tie."""
+    key = speed_key(family)
+    return max((v for v in variants if v.within_bound),
+               key=lambda v: (v.speed[key], -v.size_bytes))
+
+
+def check_compression(spec: JobSpec, info: DataInfo) -> None:
+    """What only the winner tells (its blocks, for a student), refused before any variant is
+    built, naming the field."""
+    variants = spec.compress.variants
+    if "distill" in variants:
+        teacher = teacher_blocks(spec, info)
+        layers = spec.compress.distill.n_layer or max(1, teacher // 2)
+        if layers >= teacher:
+            raise SpecError(f"compress.distill: the winner has {teacher} transformer block(s) and "
+                            f"the student would have {layers}; a student needs fewer (set "
+                            "compress.distill.n_layer below the winner's, or drop 'distill')")
+
+
+def _build_int8(spec: JobSpec, run_dir: RunDir, info: DataInfo,
+                winner: str) -> tuple[str, DataInfo, dict[str, Any]]:
+    bundle = load_bundle(winner)
+    clip = spec.compress.int8.clip_percentile
+    model = quantize_int8(bundle.model, clip)
+    details = {"variant": "int8", "clip_percentile": clip}
+    with resolve(winner).local_copy() as folder:
+        uri = write_bundle(run_dir.compressed("int8"), bundle.spec, bundle.info,
+                           model.state_dict(), folder / TOKENIZER_FILE, {},
+                           {"compressed_from": winner}, compression=details)
+    return uri, info, details
+
+
+def _trained_bundle(result: Any, run_dir: RunDir, name: str, spec: JobSpec, info: DataInfo,
+                    details: dict[str, Any]) -> str:
+    """The bundle of a compress run's last checkpoint."""
+    checkpoint = run_dir.root.of(result.checkpoint.path).uri
+    uri = save_bundle(run_dir.compressed(name), spec, info, checkpoint, run_dir.tokenizer,
+                      {"val": {k.removeprefix("val_"): v for k, v in result.metrics.items()
+                               if k.startswith("val_")}}, f"compress-{name}")
+    run_dir.compressed(name).join("compression.json").write_text(json.dumps(details, indent=2))
+    return uri
+
+
+def _recovery_spec(spec: JobSpec, steps: int, lr: float) -> JobSpec:
+    """The winner's spec for a short full fine-tune of a compressed model: these steps at this
+    lr, DDP (masks are kept on whole tensors), no pretrained base (the weights come whole)."""
+    train = spec.train.model_copy(update={
+        "max_steps": steps, "lr": lr, "warmup_steps": min(spec.train.warmup_steps, steps - 1),
+        "eval_interval": min(spec.train.eval_interval, steps), "finetune": "full",
+        "freeze_embeddings": False, "strategy": "ddp"})
+    model = spec.model.model_copy(update={"pretrained": None})
+    raw = spec.model_copy(update={"train": train, "model": model, "compress": CompressSpec()})
+    return JobSpec.model_validate(raw.model_dump(mode="json"))
+
+
+def _build_prune(spec: JobSpec, run_dir: RunDir, info: DataInfo,
+                 winner: str) -> tuple[str, DataInfo, dict[str, Any]]:
+    prune = spec.compress.prune
+    bundle = load_bundle(winner)
+    achieved = prune_globally(bundle.model, prune.sparsity)
+    details = {"variant": "prune", "sparsity": achieved, "recovery_steps": prune.recovery_steps}
+    with resolve(winner).local_copy() as folder:
+        pruned = write_bundle(run_dir.compressed("prune"), bundle.spec, bundle.info,
+                              bundle.model.state_dict(), folder / TOKENIZER_FILE, {},
+                              {"compressed_from": winner}, compression=details)
+    if prune.recovery_steps == 0:
+        return pruned, info, details
+    recovery = _recovery_spec(spec, prune.recovery_steps, prune.lr)
+    result = build_trainer(recovery, run_dir, info, name="compress-prune",
+                           start={"start_from": pruned, "keep_zeros": True}).fit()
+    uri = _trained_bundle(result, run_dir, "prune", recovery, info, details)
+    details["sparsity_after_recovery"] = sparsity_of(load_bundle(uri).model)
+    return uri, info, details
+
+
+def _build_distill(spec: JobSpec, run_dir: RunDir, info: DataInfo,
+                   winner: str) -> tuple[str, DataInfo, dict[str, Any]]:
+    distill = spec.compress.distill
+    student_spec, student_info = student_spec_and_info(spec, info)
+    teacher = load_bundle(winner).model
+    details = {"variant": "distill", "temperature": distill.temperature, "alpha": distill.alpha,
+               "student_blocks": student_spec.model.n_layer if student_info.architecture is None
+               else teacher_blocks(student_spec, student_info),
+               "teacher_params": parameter_count(teacher),
+               "student_params": parameter_count(build_model(student_spec, student_info)),
+               "steps": student_spec.train.max_steps}
+    result = build_trainer(student_spec, run_dir, student_info, name="compress-distill",
+                           start={"distill": {"teacher": winner, "temperature":
+                                              distill.temperature, "alpha": distill.alpha}}).fit()
+    return _trained_bundle(result, run_dir, "distill", student_spec, student_info,
+                           details), student_info, details
+
+
+def compress_winner(spec: JobSpec, run_dir: RunDir, info: DataInfo, winner: str,
+                    winner_test: dict[str, Any], gpus: int = 0,
+                    note: Callable[[str], None] = lambda _: None) -> Compression:
+    """Build, evaluate and measure every variant of spec.compress.variants (spec: the winner's
+    spec), and choose the one to serve; see the module docstring."""
+    check_compression(spec, info)
+    family, bound = info.family, spec.compress.max_quality_loss
+    reference = quality_of(winner_test, family)
+    texts = spec.serve.sample_requests * 8
+    measure = ray.remote(speed).options(num_cpus=spec.serve.replica_cpus,
+                                        num_gpus=spec.serve.replica_gpus)
+    variants = [Variant(WINNER, winner, reference, 0.0, size_bytes(winner),
+                        ray.get(measure.remote(winner, texts)))]
+    builders = {"int8": _build_int8, "prune": _build_prune, "distill": _build_distill}
+    for name in spec.compress.variants:
+        note(f"building {name}")
+        uri, variant_info, details = builders[name](spec, run_dir, info, winner)
+        test = evaluate_bundle(run_dir, uri, variant_info, splits=("test",), gpus=gpus)["test"]
+        quality = quality_of(test["model"], family)
+        loss = quality_loss(quality, reference, family)
+        variant = Variant(name, uri, quality, loss, size_bytes(uri),
+                          ray.get(measure.remote(uri, texts)), within_bound=loss <= bound,
+                          details={**details, "test": test["model"]})
+        variants.append(variant)
+        note(f"{name}: test {'perplexity' if family == 'gpt' else 'accuracy'} {quality:.4g} "
+             f"({loss:+.1%} against the winner), {variant.size_bytes / 1e6:.2f} MB, "
+             f"{variant.speed}")
+    chosen = choose(variants, family)
+    rule = (f"the fastest ({speed_key(family)}) of the winner and the variants within "
+            f"compress.max_quality_loss = {bound:.1%} of the winner's test "
+            f"{'perplexity' if family == 'gpt' else 'accuracy'}")
+    compression = Compression(variants, chosen.name, chosen.bundle, rule)
+    run_dir.compression_selection.write_text(json.dumps(
+        {"selected": chosen.name, "bundle": chosen.bundle}, indent=2))
+    return compression
+
+
+def measure_latency(spec: JobSpec, compression: Compression, family: str,
+                    deploy: Callable[[JobSpec, str], str]) -> None:
+    """p50 latency through the real service for every variant (deployed one after another in
+    place of each other), into compression.variants."""
+    for variant in compression.variants:
+        url = deploy(spec, variant.bundle)
+        variant.p50_latency_s = service_p50_s(spec, url, family, spec.compress.latency_requests)
+
+
+def compress_finished_run(location: str, overrides: list[str],
+                          say: Callable[[str], None] = print) -> dict[str, Any]:
+    """`orchestrator compress RUN_DIR`: the compress stage on a finished run, with its winner's
+    spec and `overrides` (compress.*, serve.*); report.json and report.md gain the variants."""
+    from orchestrator import serve as service
+    from orchestrator.cluster import cluster_capacity, inference_gpus
+    from orchestrator.plots import plot_compression, plots_markdown
+    from orchestrator.report import json_safe, render_markdown
+
+    run_dir = RunDir.open(location)
+    if not run_dir.report_json.is_file():
+        raise SpecError(f"RUN_DIR = {run_dir.uri!r} has no report.json: compress a finished run "
+                        f"(continue this one first: orchestrator resume {run_dir.uri})")
+    report = json.loads(run_dir.report_json.read_text())
+    winner_spec, info = read_spec_and_info(run_dir.winner)
+    spec = parse_spec(apply_overrides(winner_spec.model_dump(mode="json"), overrides))
+    if not spec.compress.variants:
+        raise SpecError("compress.variants is empty: name the variants to build, e.g. "
+                        "--set 'compress.variants=[int8, prune]'")
+    compression = compress_winner(spec, run_dir, info, run_dir.winner.uri,
+                                  report["evaluation"]["test"]["model"],
+                                  gpus=inference_gpus(cluster_capacity()),
+                                  note=lambda message: say(f"[compress] {message}"))
+    if spec.serve.enabled and spec.compress.latency_requests:
+        say("[compress] p50 latency of each variant through the service")
+        measure_latency(spec, compression, info.family, service.deploy)
+        service.shutdown(spec)
+    before = render_markdown(report)
+    report["compression"] = json_safe(compression.to_json())
+    run_dir.report_json.write_text(json.dumps(report, indent=2))
+    markdown = run_dir.report_md.read_text() if run_dir.report_md.is_file() else before
+    plots = markdown[len(before):] if markdown.startswith(before) else ""
+    with tempfile.TemporaryDirectory(prefix="orchestrator-plots-") as scratch:
+        plot = plot_compression(Path(scratch), report["compression"], info.family)
+        run_dir.plots.join(plot.file).write_bytes((Path(scratch) / plot.file).read_bytes())
+    run_dir.report_md.write_text(render_markdown(report) + plots + plots_markdown([plot]))
+    say(f"[compress] serving {compression.selected} from now on: orchestrator deploy "
+        f"{run_dir.uri}")
+    return report
