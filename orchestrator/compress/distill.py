@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from orchestrator.data import DataInfo
-from orchestrator.spec import CompressSpec, JobSpec
+from orchestrator.spec import CompressSpec, JobSpec, SweepSpec
 from orchestrator.train.metrics import Objective
 from orchestrator.train.parallel import transformer_blocks
 
@@ -45,8 +45,8 @@ def student_spec_and_info(spec: JobSpec, info: DataInfo) -> tuple[JobSpec, DataI
         key = LAYER_KEYS[info.architecture["model_type"]]
         info = replace(info, architecture={**info.architecture, key: layers})
         model = spec.model.model_copy(update={"pretrained": None})
-    student = spec.model_copy(update={"model": model, "train": train,
-                                      "compress": CompressSpec()})
+    student = spec.model_copy(update={"model": model, "train": train, "compress": CompressSpec(),
+                                      "sweep": SweepSpec(num_samples=1, grace_period=1)})
     return JobSpec.model_validate(student.model_dump(mode="json")), info
 
 

@@ -31,7 +31,14 @@ from orchestrator.data.tokenizer import TOKENIZER_FILE
 from orchestrator.evaluate import evaluate_bundle
 from orchestrator.models import build_model
 from orchestrator.rundir import RunDir
-from orchestrator.spec import CompressSpec, JobSpec, SpecError, apply_overrides, parse_spec
+from orchestrator.spec import (
+    CompressSpec,
+    JobSpec,
+    SpecError,
+    SweepSpec,
+    apply_overrides,
+    parse_spec,
+)
 from orchestrator.storage import resolve
 from orchestrator.train.trainer import build_trainer
 
@@ -130,7 +137,8 @@ def _recovery_spec(spec: JobSpec, steps: int, lr: float) -> JobSpec:
         "eval_interval": min(spec.train.eval_interval, steps), "finetune": "full",
         "freeze_embeddings": False, "strategy": "ddp"})
     model = spec.model.model_copy(update={"pretrained": None})
-    raw = spec.model_copy(update={"train": train, "model": model, "compress": CompressSpec()})
+    raw = spec.model_copy(update={"train": train, "model": model, "compress": CompressSpec(),
+                                  "sweep": SweepSpec(num_samples=1, grace_period=1)})
     return JobSpec.model_validate(raw.model_dump(mode="json"))
 
 

@@ -142,3 +142,22 @@ def test_a_one_block_teacher_has_no_smaller_student(gpt_bundle):
     winner = swept.model_copy(update={"model": swept.model.model_copy(update={"n_layer": 1})})
     with pytest.raises(SpecError, match="the winner has 1 transformer block"):
         check_compression(winner, load_bundle(gpt_bundle).info)
+
+
+@pytest.mark.parametrize(("family", "arch"), [("gpt", "transformer"), ("gpt", "lstm"),
+                                              ("classifier", "transformer"),
+                                              ("classifier", "lstm"), ("classifier", "bow")])
+def test_every_architecture_quantizes_to_int8_with_nearly_the_same_outputs(family, arch):
+    from orchestrator.data import DataInfo
+
+    spec = parse_spec(tiny_spec(family, model={"arch": arch, "lstm": {"d_model": 32},
+                                               "bow": {"d_model": 16, "buckets": 1024}}))
+    info = DataInfo(family, 200, 0, 1, 16, labels=["a", "b", "c"])
+    torch.manual_seed(0)
+    model = build_model(spec, info).eval()
+    ids = torch.randint(2, 200, (3, 16))
+    ids[0, 9:] = info.pad_id  # a padded row beside full ones
+    with torch.no_grad():
+        expected, got = model(ids), quantize_int8(model)(ids)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max() + 1e-3
