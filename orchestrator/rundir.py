@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -75,8 +76,10 @@ class RunDir:
         from pyarrow.fs import FileSelector, FileType
 
         infos = base_location.fs.get_file_info(FileSelector(base_location.path))
+        # <name>-<UTC time> exactly: job "quickstart" is not "quickstart-finetune"
+        stamped = re.compile(rf"{re.escape(name)}-\d{{8}}-\d{{6}}")
         runs = sorted(info.base_name for info in infos if info.type == FileType.Directory
-                      and info.base_name.startswith(f"{name}-"))
+                      and stamped.fullmatch(info.base_name))
         return cls(base_location.join(runs[-1])) if runs else None
 
     @classmethod

@@ -23,6 +23,8 @@ BENCHMARKS = {
     "data": "MB/s per core of raw text through the data stage against the tokenizer alone",
     "storage": "the quickstart with run_dir in an S3-compatible store against local disk",
     "mfu": "GPU only: GPT-2 small (124M) in bf16 with compile: tokens/s and MFU",
+    "compress": "the quickstart LM against its int8, pruned and distilled variants: test "
+                "perplexity, size, decode tokens/s at batch 1 and 8",
     "finetune": "LoRA against full fine-tuning: share of parameters trained, checkpoint bytes; "
                 "export round trip",
 }

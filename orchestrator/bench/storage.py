@@ -10,7 +10,6 @@ nothing; the target is at least 1 / 1.2).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -25,13 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from orchestrator.bench import BenchmarkUnavailable, BenchResult
-from orchestrator.pipeline import RESULT_MARKER
-
-REPO = Path(__file__).resolve().parents[2]
-QUICKSTART = REPO / "jobs" / "quickstart.yaml"
-QUICK = ["train.max_steps=20", "train.eval_interval=10", "train.warmup_steps=2",
-         "train.eval_batches=2", "sweep.num_samples=2", "data.vocab_size=512",
-         "serve.enabled=false"]
+from orchestrator.bench.jobs import QUICK, run_quickstart
 
 
 @contextmanager
@@ -80,20 +73,8 @@ def _create_bucket(env: dict[str, str], bucket: str, timeout_s: float = 60) -> N
             time.sleep(0.3)
 
 
-def run_quickstart(run_dir: str, env: dict[str, str], quick: bool) -> dict[str, float]:
-    overrides = [f"run_dir={run_dir}", *(QUICK if quick else [])]
-    command = [sys.executable, "-m", "orchestrator", "run", str(QUICKSTART)]
-    for override in overrides:
-        command += ["--set", override]
-    started = time.perf_counter()
-    done = subprocess.run(command, cwd=REPO, env={**os.environ, **env}, capture_output=True,
-                          text=True, check=False)
-    wall = time.perf_counter() - started
-    if done.returncode != 0:
-        raise RuntimeError(f"the quickstart failed with run_dir={run_dir}:\n{done.stdout[-3000:]}"
-                           f"\n{done.stderr[-3000:]}")
-    report = json.loads(next(line for line in done.stdout.splitlines()[::-1]
-                             if line.startswith(RESULT_MARKER)).removeprefix(RESULT_MARKER))
+def _timed_quickstart(run_dir: str, env: dict[str, str], quick: bool) -> dict[str, float]:
+    wall, report = run_quickstart([f"run_dir={run_dir}", *(QUICK if quick else [])], env)
     return {"wall_s": wall, **{f"{k}_s": v for k, v in report["stage_seconds"].items()}}
 
 
@@ -105,7 +86,7 @@ def run(quick: bool) -> BenchResult:
         for turn in range(pairs):
             for storage, run_dir in (("local disk", local), ("object store", prefix)):
                 rows.append({"storage": storage, "turn": turn + 1,
-                             **run_quickstart(run_dir, env, quick)})
+                             **_timed_quickstart(run_dir, env, quick)})
     wall = {kind: statistics.median(r["wall_s"] for r in rows if r["storage"] == kind)
             for kind in ("local disk", "object store")}
     return BenchResult(

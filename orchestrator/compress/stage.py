@@ -235,7 +235,7 @@ def compress_finished_run(location: str, overrides: list[str],
     from orchestrator.plots import plot_compression, plots_markdown
     from orchestrator.report import json_safe, render_markdown
 
-    run_dir = RunDir.open(location)
+    run_dir = RunDir.of_job(location) or RunDir.open(location)  # runs/<job>: its latest
     if not run_dir.report_json.is_file():
         raise SpecError(f"RUN_DIR = {run_dir.uri!r} has no report.json: compress a finished run "
                         f"(continue this one first: orchestrator resume {run_dir.uri})")

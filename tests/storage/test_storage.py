@@ -151,3 +151,17 @@ def test_a_pretrained_checkpoint_in_a_bucket_is_staged_into_a_bucket_run(
                     architecture=base.config)
     model = starting_model(spec, info, run_dir.base.uri)
     assert model.block_size == base.config["n_positions"]
+
+
+def test_the_latest_run_of_a_job_is_never_a_run_of_a_longer_named_job(tmp_path: Path) -> None:
+    """`runs/quickstart` once resolved to `quickstart-finetune-...` (it sorts after every
+    `quickstart-2026...`)."""
+    for name in ("quickstart-20261130-084049", "quickstart-20261130-090000",
+                 "quickstart-finetune-20261130-093744"):
+        (tmp_path / name).mkdir()
+    latest = tmp_path / "quickstart-20261130-090000"
+    assert RunDir.latest(tmp_path, "quickstart").uri == str(latest)
+    assert RunDir.of_job(tmp_path / "quickstart").uri == str(latest)
+    assert RunDir.of_job(tmp_path / "quickstart-finetune").root.name == \
+        "quickstart-finetune-20261130-093744"
+    assert RunDir.of_job(latest) is None  # a run directory itself is no job name
