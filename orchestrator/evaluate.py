@@ -85,9 +85,11 @@ class PredictBatch:
 
 
 def load_on_device(bundle_dir: str) -> Bundle:
-    """The bundle, with its model on the GPU when this actor has one."""
+    """The bundle, with its model on the GPU when this actor has one (an int8 model is for CPUs
+    and stays)."""
     bundle = load_bundle(bundle_dir)
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not (bundle.compression
+                                          and bundle.compression["variant"] == "int8"):
         bundle.model.to("cuda")
     return bundle
 

@@ -13,7 +13,8 @@ from typing import Any
 import requests
 import torch
 
-from orchestrator.bundle import MODEL_FILE, load_bundle
+from orchestrator.bundle import MODEL_FILE
+from orchestrator.evaluate import load_on_device
 from orchestrator.predictor import Predictor
 from orchestrator.serve.sampling import SamplingParams
 from orchestrator.spec import JobSpec
@@ -44,9 +45,7 @@ def speed(bundle_dir: str, texts: list[str], rounds: int = 3) -> dict[str, float
     """Decode tokens/s at batch 1 and 8 (greedy, up to DECODE_TOKENS each), or classified
     texts/s."""
     torch.set_num_threads(1)  # a replica's share of the machine, as the service runs it
-    bundle = load_bundle(bundle_dir)
-    if torch.cuda.is_available() and bundle.compression is None:
-        bundle.model.to("cuda")
+    bundle = load_on_device(bundle_dir)
     predictor = Predictor(bundle)
     if bundle.info.family == "gpt":
         return {"decode_tokens_per_s_batch1": _decode_tokens_per_s(predictor, 1, rounds),

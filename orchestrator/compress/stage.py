@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +22,13 @@ from typing import Any
 
 import ray
 
-from orchestrator.bundle import load_bundle, read_spec_and_info, save_bundle, write_bundle
+from orchestrator.bundle import (
+    COMPRESSION_FILE,
+    load_bundle,
+    read_spec_and_info,
+    save_bundle,
+    write_bundle,
+)
 from orchestrator.compress.distill import parameter_count, student_spec_and_info, teacher_blocks
 from orchestrator.compress.int8 import quantize_int8
 from orchestrator.compress.measure import service_p50_s, size_bytes, speed, speed_key
@@ -125,8 +132,15 @@ def _trained_bundle(result: Any, run_dir: RunDir, name: str, spec: JobSpec, info
     uri = save_bundle(run_dir.compressed(name), spec, info, checkpoint, run_dir.tokenizer,
                       {"val": {k.removeprefix("val_"): v for k, v in result.metrics.items()
                                if k.startswith("val_")}}, f"compress-{name}")
-    run_dir.compressed(name).join("compression.json").write_text(json.dumps(details, indent=2))
+    run_dir.compressed(name).join(COMPRESSION_FILE).write_text(json.dumps(details, indent=2))
     return uri
+
+
+def _run_name(variant: str) -> str:
+    """A Ray Train run name of its own: Train V2 continues a run of the same name from its last
+    checkpoint, and a second `orchestrator compress` must train afresh, not find that one
+    finished."""
+    return f"compress-{variant}-{uuid.uuid4().hex[:8]}"
 
 
 def _recovery_spec(spec: JobSpec, steps: int, lr: float) -> JobSpec:
@@ -155,7 +169,7 @@ def _build_prune(spec: JobSpec, run_dir: RunDir, info: DataInfo,
     if prune.recovery_steps == 0:
         return pruned, info, details
     recovery = _recovery_spec(spec, prune.recovery_steps, prune.lr)
-    result = build_trainer(recovery, run_dir, info, name="compress-prune",
+    result = build_trainer(recovery, run_dir, info, name=_run_name("prune"),
                            start={"start_from": pruned, "keep_zeros": True}).fit()
     uri = _trained_bundle(result, run_dir, "prune", recovery, info, details)
     details["sparsity_after_recovery"] = sparsity_of(load_bundle(uri).model)
@@ -173,7 +187,7 @@ def _build_distill(spec: JobSpec, run_dir: RunDir, info: DataInfo,
                "teacher_params": parameter_count(teacher),
                "student_params": parameter_count(build_model(student_spec, student_info)),
                "steps": student_spec.train.max_steps}
-    result = build_trainer(student_spec, run_dir, student_info, name="compress-distill",
+    result = build_trainer(student_spec, run_dir, student_info, name=_run_name("distill"),
                            start={"distill": {"teacher": winner, "temperature":
                                               distill.temperature, "alpha": distill.alpha}}).fit()
     return _trained_bundle(result, run_dir, "distill", student_spec, student_info,
