@@ -117,6 +117,7 @@ def test_finetune_bench_counts_what_lora_trains_and_keeps() -> None:
     assert "finetune" in render(result, as_json=False)
 
 
+@pytest.mark.ray
 def test_compress_bench_compares_every_variant_with_the_fp32_winner() -> None:
     result = run_benchmark("compress", quick=True)
     assert [row["variant"] for row in result.rows] == ["fp32 winner", "int8", "prune", "distill"]

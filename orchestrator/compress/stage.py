@@ -7,7 +7,8 @@ latency of the real service), and the one to serve chosen.
 
 Selection: among the winner and every variant whose test quality is within
 compress.max_quality_loss of the winner's (perplexity up, or accuracy down, by at most that
-share), the fastest on the serving device (decode tokens/s at batch 1, or texts/s) is served.
+share), the fastest on the serving device (decode tokens/s at batch 1, or texts/s) is served;
+speeds within 5 % of the fastest count as a tie, won by the smallest bundle.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from orchestrator.storage import resolve
 from orchestrator.train.trainer import build_trainer
 
 WINNER = "winner"
+SPEED_TIE = 0.05
 
 
 @dataclass
@@ -92,11 +94,14 @@ def quality_loss(quality: float, reference: float, family: str) -> float:
 
 
 def choose(variants: list[Variant], family: str) -> Variant:
-    """The fastest variant within the quality bound (the winner always is), the smaller on a
-    tie."""
+    """Of the variants within the quality bound (the winner always is), the smallest of those
+    as fast as the fastest: speeds within SPEED_TIE of it are a tie, not a difference (two
+    measurements of the same model differ by that much)."""
     key = speed_key(family)
-    return max((v for v in variants if v.within_bound),
-               key=lambda v: (v.speed[key], -v.size_bytes))
+    eligible = [v for v in variants if v.within_bound]
+    fastest = max(v.speed[key] for v in eligible)
+    tied = [v for v in eligible if v.speed[key] >= (1 - SPEED_TIE) * fastest]
+    return min(tied, key=lambda v: (v.size_bytes, -v.speed[key]))
 
 
 def check_compression(spec: JobSpec, info: DataInfo) -> None:
@@ -222,9 +227,9 @@ def compress_winner(spec: JobSpec, run_dir: RunDir, info: DataInfo, winner: str,
              f"({loss:+.1%} against the winner), {variant.size_bytes / 1e6:.2f} MB, "
              f"{variant.speed}")
     chosen = choose(variants, family)
-    rule = (f"the fastest ({speed_key(family)}) of the winner and the variants within "
-            f"compress.max_quality_loss = {bound:.1%} of the winner's test "
-            f"{'perplexity' if family == 'gpt' else 'accuracy'}")
+    rule = (f"the fastest ({speed_key(family)}; within {SPEED_TIE:.0%} a tie, won by the "
+            f"smallest) of the winner and the variants within compress.max_quality_loss = "
+            f"{bound:.1%} of the winner's test {'perplexity' if family == 'gpt' else 'accuracy'}")
     compression = Compression(variants, chosen.name, chosen.bundle, rule)
     run_dir.compression_selection.write_text(json.dumps(
         {"selected": chosen.name, "bundle": chosen.bundle}, indent=2))

@@ -51,7 +51,7 @@ def test_every_variant_of_a_language_model_built_measured_and_the_chosen_one_ser
     assert list(variants) == ["winner", "int8", "prune", "distill"]
     winner_ppl = report["evaluation"]["test"]["model"]["perplexity"]
     assert variants["winner"]["quality"] == winner_ppl
-    for name, variant in variants.items():
+    for variant in variants.values():
         assert variant["quality"] > 1 and variant["size_bytes"] > 0
         assert variant["speed"]["decode_tokens_per_s_batch1"] > 0
         assert variant["p50_latency_s"] > 0
@@ -66,8 +66,10 @@ def test_every_variant_of_a_language_model_built_measured_and_the_chosen_one_ser
     # The rule, recomputed from the figures; the run directory now serves that bundle.
     key = "decode_tokens_per_s_batch1"
     eligible = [v for v in variants.values() if v["within_bound"]]
-    assert compression["selected"] == max(
-        eligible, key=lambda v: (v["speed"][key], -v["size_bytes"]))["name"]
+    fastest = max(v["speed"][key] for v in eligible)
+    assert compression["selected"] == min(
+        (v for v in eligible if v["speed"][key] >= 0.95 * fastest),
+        key=lambda v: v["size_bytes"])["name"]
     run_dir = Path(report["run_dir"])
     assert find_bundle(run_dir) == compression["bundle"]
     served = load_bundle(compression["bundle"])

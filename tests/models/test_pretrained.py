@@ -133,7 +133,10 @@ def test_merged_adapters_give_the_adapted_model_as_a_plain_one(checkpoints, tmp_
     assert merged.state_dict().keys() == plain.state_dict().keys()
 
 
-def test_every_bad_pretrained_setting_is_refused_naming_the_field(checkpoints, tmp_path):
+def test_every_bad_pretrained_setting_is_refused_naming_the_field(checkpoints, tmp_path,
+                                                                 monkeypatch):
+    # No network here: the Hub answers at once that it is offline instead of after retries.
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     def refused(raw_model: dict, data: dict | None = None, train: dict | None = None,
                 family: str = "gpt") -> str:
         raw = tiny_spec(family, data=data or {}, train=train or {})
