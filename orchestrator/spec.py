@@ -230,7 +230,8 @@ Distribution = Annotated[Choice | Grid | Uniform | LogUniform, Field(union_mode=
 SWEEPABLE = ("train.optimizer", "train.lr", "train.momentum", "train.weight_decay", "train.l1",
              "train.batch_size", "train.warmup_steps", "model.dropout", "model.arch",
              "model.n_layer", "model.d_model", "model.lstm.n_layer", "model.lstm.d_model",
-             "model.bow.d_model", "model.bow.buckets", "train.lora.r", "train.lora.alpha",
+             "model.bow.d_model", "model.bow.buckets", "train.finetune", "train.lora.r",
+             "train.lora.alpha",
              "train.lora.dropout")
 
 
@@ -248,8 +249,8 @@ class SweepSpec(_Section):
         for key, dist in space.items():
             if key not in SWEEPABLE:
                 raise ValueError(f"cannot sweep {key!r}; sweepable settings: {', '.join(SWEEPABLE)}")
-            if key == "model.arch" and not isinstance(dist, (Choice, Grid)):
-                raise ValueError("model.arch: sweep it with {choice: [...]} or {grid: [...]}")
+            if key in ("model.arch", "train.finetune") and not isinstance(dist, (Choice, Grid)):
+                raise ValueError(f"{key}: sweep it with {{choice: [...]}} or {{grid: [...]}}")
             bounds = getattr(dist, "uniform", None) or getattr(dist, "loguniform", None)
             if bounds is not None and not bounds[0] < bounds[1]:
                 raise ValueError(f"{key}: lower bound {bounds[0]} must be below {bounds[1]}")
@@ -411,9 +412,10 @@ class JobSpec(_Section):
                 raise ValueError(f"sweep.space.{swept[0]}: model.pretrained = "
                                  f"{self.model.pretrained!r} fixes the architecture; remove it "
                                  "from the sweep")
-        elif self.train.finetune == "lora":
-            raise ValueError("train.finetune = 'lora' adapts a pretrained model: set "
-                             "model.pretrained, or use finetune 'full' (training from scratch)")
+        elif self.train.finetune == "lora" or "train.finetune" in self.sweep.space:
+            raise ValueError("train.finetune = 'lora' (set or swept) adapts a pretrained model: "
+                             "set model.pretrained, or use finetune 'full' (training from "
+                             "scratch)")
         return self
 
     @model_validator(mode="after")

@@ -163,7 +163,7 @@ def test_every_bad_pretrained_setting_is_refused_naming_the_field(checkpoints, t
         {"pretrained": gpt2}, train={"finetune": "lora", "lora": {"target_modules": ["c_attn"]}})
     for raw_model, train, expected in (
             ({"pretrained": gpt2, "n_layer": 4}, {}, "model.n_layer = 4 is fixed by model.pretrained"),
-            ({}, {"finetune": "lora"}, "train.finetune = 'lora' adapts a pretrained model")):
+            ({}, {"finetune": "lora"}, "train.finetune = 'lora' .* adapts a pretrained model")):
         raw = tiny_spec("gpt", train=train)
         raw["model"] = {"family": "gpt", **raw_model}
         with pytest.raises(SpecError, match=expected):

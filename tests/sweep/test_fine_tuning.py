@@ -1,6 +1,7 @@
 """Fine-tuning jobs end to end on a real local Ray, from tiny Hugging Face checkpoints made here:
-a GPT-2 (LoRA ranks swept, and full fine-tuning) and a BERT classifier (LoRA), each trained,
-evaluated, served through our engine and exported back to transformers."""
+a GPT-2 (full and LoRA fine-tuning and LoRA ranks swept in one job) and a BERT classifier
+(LoRA), each trained, evaluated, served through our engine and exported back to
+transformers."""
 
 from __future__ import annotations
 
@@ -43,34 +44,40 @@ def _job(family: str, pretrained: Path, port: int, tmp_path: Path, record_proper
     return report
 
 
-def _checkpoint_bytes(report: dict) -> int:
-    """The size of one trial checkpoint of the run (they are all alike)."""
+def _checkpoint_bytes(report: dict) -> dict[str, int]:
+    """The shards of one checkpoint of a full and of a LoRA fine-tuning trial."""
     trials = pd.read_parquet(Path(report["run_dir"]) / "sweep" / "trials.parquet")
-    checkpoint = Path(resolve(trials["checkpoint_path"].iloc[0]).path)
-    return sum(f.stat().st_size for f in checkpoint.iterdir() if f.suffix == ".distcp")
+    sizes = {}
+    for _, trial in trials.iterrows():
+        checkpoint = Path(resolve(trial["checkpoint_path"]).path)
+        sizes[trial["config/train.finetune"]] = sum(
+            f.stat().st_size for f in checkpoint.iterdir() if f.suffix == ".distcp")
+    return sizes
 
 
 def test_gpt2_fine_tuned_with_lora_and_in_full_swept_served_and_exported(
         serving, tmp_path, record_property):
     gpt2 = tiny_gpt2(tmp_path / "gpt2")
-    lora = _job("gpt", gpt2, serving, tmp_path, record_property, "fine-tune: gpt2 lora r 4+8",
-                sweep={"space": {"train.lora.r": {"grid": [4, 8]}}}, finetune="lora")
-    assert sorted(t["config/train.lora.r"] for t in lora["trials"]) == [4, 8]
-    assert all(t["status"] == "done" for t in lora["trials"])
-    served = lora["sample_responses"][0]
+    report = _job("gpt", gpt2, serving, tmp_path, record_property,
+                  "fine-tune: gpt2 full + lora r 4 + 8",
+                  sweep={"space": {"train.finetune": {"grid": ["full", "lora"]},
+                                   "train.lora.r": {"grid": [4, 8]}}})
+    trials = {(t["config/train.finetune"], t["config/train.lora.r"]): t
+              for t in report["trials"]}
+    assert sorted(trials) == [("full", 4), ("full", 8), ("lora", 4), ("lora", 8)]
+    assert all(t["status"] == "done" for t in trials.values())
+    served = report["sample_responses"][0]
     assert served["status"] == 200 and served["response"]["object"] == "text_completion"
 
     # The winner's bundle is merged: a plain GPT of the checkpoint's shape, no adapters.
-    winner = load_bundle(Path(lora["run_dir"]) / "winner")
+    winner = load_bundle(Path(report["run_dir"]) / "winner")
     assert isinstance(winner.model, GPT) and winner.model.block_size == 128
     assert not any("lora" in name for name in winner.model.state_dict())
 
-    full = _job("gpt", gpt2, serving, tmp_path, record_property, "fine-tune: gpt2 full",
-                finetune="full")
-    assert full["sample_responses"][0]["status"] == 200
-    assert _checkpoint_bytes(full) >= 10 * _checkpoint_bytes(lora)
+    sizes = _checkpoint_bytes(report)
+    assert sizes["full"] >= 10 * sizes["lora"]
 
-    export = export_hf(lora["run_dir"], tmp_path / "hf",
+    export = export_hf(report["run_dir"], tmp_path / "hf",
                        check_texts=["The event loop", "Return the number of items."])
     assert export.max_logit_difference <= 1e-4
 
