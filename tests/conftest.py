@@ -97,6 +97,17 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def serving(ray_local):
+    """A free port for this module's services; Serve is shut down before (one left by an
+    earlier module keeps its port and ignores ours) and after."""
+    from ray import serve
+
+    serve.shutdown()
+    yield free_port()
+    serve.shutdown()
+
+
 @pytest.fixture(scope="session")
 def sample_rows() -> list[dict]:
     return [json.loads(line) for line in SAMPLE.read_text().splitlines()]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import requests
-from conftest import TIMING, free_port, stage_times, tiny_spec
+from conftest import TIMING, stage_times, tiny_spec
 
 from orchestrator.bundle import find_bundle, load_bundle
 from orchestrator.compress.stage import compress_finished_run
@@ -21,15 +21,6 @@ from orchestrator.pipeline import run_pipeline
 from orchestrator.spec import parse_spec
 
 STEPS = {"max_steps": 20, "eval_interval": 10, "warmup_steps": 2, "eval_batches": 2}
-
-
-@pytest.fixture(scope="module")
-def serving(ray_local):
-    from ray import serve
-
-    serve.shutdown()  # a Serve left by an earlier module keeps its port and ignores ours
-    yield free_port()
-    serve.shutdown()
 
 
 def test_every_variant_of_a_language_model_built_measured_and_the_chosen_one_served(

@@ -16,7 +16,7 @@ import pytest
 import requests
 import torch
 import yaml
-from conftest import SAMPLE, TIMING, free_port, stage_times, tiny_spec
+from conftest import SAMPLE, TIMING, stage_times, tiny_spec
 
 from orchestrator.bundle import load_bundle, save_bundle
 from orchestrator.data import load_data_info
@@ -31,15 +31,6 @@ from orchestrator.train.session import read_split_tensors
 STEPS = {"max_steps": 10, "eval_interval": 5, "warmup_steps": 1, "eval_batches": 1}
 SIZES = {"lstm": {"d_model": 32}, "bow": {"d_model": 16, "buckets": 1024}}
 PROMPTS = ["The event loop", "Return the number of"]
-
-
-@pytest.fixture(scope="module")
-def serving(ray_local):
-    from ray import serve
-
-    serve.shutdown()  # a Serve left by an earlier module keeps its port and ignores ours
-    yield free_port()
-    serve.shutdown()
 
 
 def _run(family: str, archs: list[str], port: int, tmp_path: Path, record_property) -> dict:

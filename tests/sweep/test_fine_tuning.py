@@ -9,8 +9,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import pytest
-from conftest import TIMING, free_port, stage_times, tiny_spec
+from conftest import TIMING, stage_times, tiny_spec
 
 from orchestrator.bench.checkpoints import tiny_encoder, tiny_gpt2
 from orchestrator.bundle import load_bundle
@@ -21,15 +20,6 @@ from orchestrator.spec import parse_spec
 from orchestrator.storage import resolve
 
 STEPS = {"max_steps": 10, "eval_interval": 5, "warmup_steps": 1, "eval_batches": 1}
-
-
-@pytest.fixture(scope="module")
-def serving(ray_local):
-    from ray import serve
-
-    serve.shutdown()  # a Serve left by an earlier module keeps its port and ignores ours
-    yield free_port()
-    serve.shutdown()
 
 
 def _job(family: str, pretrained: Path, port: int, tmp_path: Path, record_property,
