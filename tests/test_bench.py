@@ -125,3 +125,27 @@ def test_compress_bench_compares_every_variant_with_the_fp32_winner() -> None:
     assert fp32["against_fp32"] == 0 and int8["size_ratio"] < 0.5
     assert all(row["test_perplexity"] > 1 and row["decode_tok_s_b1"] > 0 for row in result.rows)
     assert result.ratio == pytest.approx(int8["decode_tok_s_b1"] / fp32["decode_tok_s_b1"])
+
+
+def test_int8_bench_times_both_precisions_and_bounds_the_speedup_by_the_linear_share() -> None:
+    result = run_benchmark("int8", quick=True)
+    assert [(row["model"], row["batch"]) for row in result.rows] == [
+        ("quickstart", 1), ("quickstart", 8), ("d_model 256", 1), ("d_model 256", 8)]
+    for row in result.rows:
+        assert row["fp32_tok_s"] > 0 and row["int8_tok_s"] > 0
+        assert 0 < row["linear_share"] < 1 and row["bound"] == pytest.approx(1 / (1 - row["linear_share"]))
+    assert result.ratio == result.rows[2]["int8_speedup"]
+
+
+def test_linear_seconds_counts_only_the_linear_layers_and_unhooks_them() -> None:
+    from orchestrator.bench.int8 import linear_seconds
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 8))
+    x = torch.randn(4, 64)
+    with linear_seconds(model) as inside:
+        model(x)
+        once = inside[0]
+        model(x)
+    assert 0 < once < inside[0]  # both layers, both calls
+    model(x)  # after the block: no hook left to count it
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

@@ -25,6 +25,8 @@ BENCHMARKS = {
     "mfu": "GPU only: GPT-2 small (124M) in bf16 with compile: tokens/s and MFU",
     "compress": "the quickstart LM against its int8, pruned and distilled variants: test "
                 "perplexity, size, decode tokens/s at batch 1 and 8",
+    "int8": "where int8 pays: fp32 against int8 decode tokens/s by model width, and the bound "
+            "the Linear layers' share of a step puts on any int8 speed-up",
     "finetune": "LoRA against full fine-tuning: share of parameters trained, checkpoint bytes; "
                 "export round trip",
 }
