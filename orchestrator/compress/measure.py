@@ -33,7 +33,8 @@ def size_bytes(bundle_dir: str | Path) -> int:
 def _decode_tokens_per_s(predictor: Predictor, batch: int, rounds: int) -> float:
     prompt = predictor.encode(PROMPT)
     tokens = min(DECODE_TOKENS, predictor.context_length - len(prompt))  # what the context holds
-    prompts, params = [prompt] * batch, [SamplingParams(max_tokens=tokens, temperature=0.0)] * batch
+    params = [SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)] * batch
+    prompts = [prompt] * batch
     predictor.complete(prompts, params)  # warm-up
     rates = []
     for _ in range(rounds):
@@ -44,8 +45,9 @@ def _decode_tokens_per_s(predictor: Predictor, batch: int, rounds: int) -> float
 
 
 def speed(bundle_dir: str, texts: list[str], rounds: int = 7) -> dict[str, float]:
-    """Decode tokens/s at batch 1 and 8 (greedy, up to DECODE_TOKENS each), or classified
-    texts/s: the median of `rounds` rounds, after a warm-up."""
+    """Decode tokens/s at batch 1 and 8 (greedy, DECODE_TOKENS each, past EOS: a model that
+    ends early would time its prompt, not its decoding), or classified texts/s: the median of
+    `rounds` rounds, after a warm-up."""
     torch.set_num_threads(1)  # a replica's share of the machine, as the service runs it
     bundle = load_on_device(bundle_dir)
     predictor = Predictor(bundle)
@@ -65,7 +67,7 @@ def service_p50_s(spec: JobSpec, url: str, family: str, count: int) -> float:
     """p50 latency of `count` requests sent one at a time to a running service."""
     if family == "gpt":
         route, body = "/v1/completions", {"model": spec.name, "prompt": PROMPT,
-                                          "max_tokens": 16, "temperature": 0}
+                                          "max_tokens": 16, "temperature": 0, "ignore_eos": True}
     else:
         route, body = "/v1/classify", {"model": spec.name, "input": spec.serve.sample_requests}
     latencies: list[float] = []

@@ -126,7 +126,7 @@ class _Row:
     def add(self, token: int, eos_id: int, tokenizer: Tokenizer,
             entry: tuple[str, float, dict[str, float] | None] | None) -> ChoiceUpdate:
         """Take the next token; return the text that became final, and the finish if it ended."""
-        if token == eos_id:
+        if token == eos_id and not self.params.ignore_eos:
             self.finish_reason = "stop"
         else:
             offset = len(self.text)

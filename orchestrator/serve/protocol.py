@@ -114,6 +114,8 @@ class CompletionBody(_Body):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
+    ignore_eos: StrictBool = Field(False, description="Generate max_tokens even past EOS; an "
+                                                      "extension, as in vLLM (for benchmarks).")
 
     def prompts(self) -> list[str] | list[list[int]]:
         """The prompts as a list: of texts, or of token-id lists."""
@@ -138,7 +140,8 @@ class CompletionBody(_Body):
                 max_tokens, self.temperature, self.top_p, self.top_k, self.stop_strings(),
                 None if self.seed is None else (self.seed + choice) % SEED_LIMIT,
                 self.presence_penalty, self.frequency_penalty, logprobs=self.logprobs,
-                prompt_logprobs=self.logprobs if self.echo and self.logprobs is not None else None)
+                prompt_logprobs=self.logprobs if self.echo and self.logprobs is not None else None,
+                ignore_eos=self.ignore_eos)
         except ValueError as error:  # the body's bounds make this rare (NaN cannot come in JSON)
             raise APIError(400, str(error)) from None
 

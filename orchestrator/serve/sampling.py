@@ -31,6 +31,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # subtracted once per time a token was generated so far
     logprobs: int | None = None  # None: none; N: the chosen token's and the N most likely
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (echo, scoring)
+    ignore_eos: bool = False  # EOS is a token like any other: exactly max_tokens (benchmarks)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))  # a list from JSON would do as well

@@ -258,3 +258,26 @@ def test_async_engine_bounded_queue_and_abort_on_close(bundle: Bundle) -> None:
         assert not driver.engine.has_work
 
     asyncio.run(scenario())
+
+
+def test_ignore_eos_decodes_max_tokens_past_eos_beside_rows_that_stop(bundle: Bundle) -> None:
+    """A model that always predicts EOS: rows that heed it stop at once, the row that ignores
+    it decodes exactly max_tokens in the same batch (how the speed benchmarks time decoding)."""
+    model = copy.deepcopy(bundle.model)
+    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[bundle.info.eos_id] = 1e4
+    model.lm_head = head
+    collector = Collector(engine_of(bundle, model=model))
+    counts: dict = {}
+    collector.add("heeds", PROMPTS[0], SamplingParams(7, 0.0), bundle)
+    collector.add("ignores", PROMPTS[0], SamplingParams(7, 0.0, ignore_eos=True), bundle)
+    collector.add("sampled", PROMPTS[1], SamplingParams(7, 1.0, seed=5), bundle)
+    while collector.engine.has_work:
+        for out in collector.step():
+            for _, update in out.updates:
+                counts[out.request_id] = update.completion_tokens
+    assert collector.finish == {"heeds": "stop", "ignores": "length", "sampled": "stop"}
+    assert counts == {"heeds": 0, "ignores": 7, "sampled": 0} and not collector.errors

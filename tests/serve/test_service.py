@@ -217,6 +217,13 @@ def test_greedy_is_deterministic_and_top_k_1_is_greedy(gpt_url: str) -> None:
     assert greedy["choices"] == again["choices"] == top1["choices"]
 
 
+def test_ignore_eos_gives_exactly_max_tokens_for_every_choice(gpt_url: str) -> None:
+    out = complete(gpt_url, prompt=["The event loop", "A"], n=2, max_tokens=9, temperature=1.0,
+                   seed=4, ignore_eos=True)
+    assert [choice["finish_reason"] for choice in out["choices"]] == ["length"] * 4
+    assert out["usage"]["completion_tokens"] == 4 * 9
+
+
 def test_unseeded_sampling_varies(gpt_url: str) -> None:
     texts = {complete(gpt_url, prompt="Create a new", max_tokens=MAX_NEW_TOKENS,
                       temperature=1.0)["choices"][0]["text"] for _ in range(4)}
@@ -292,6 +299,7 @@ LONG_PROMPT = " ".join(["event"] * (MAX_PROMPT_TOKENS + 5))
                  id="unsupported-param"),
     pytest.param({"json": {**GOOD, "logprobs": 6}}, 400, "logprobs", id="logprobs-over-five"),
     pytest.param({"json": {**GOOD, "echo": "yes"}}, 400, "echo", id="echo-not-bool"),
+    pytest.param({"json": {**GOOD, "ignore_eos": 1}}, 400, "ignore_eos", id="ignore-eos-not-bool"),
     pytest.param({"json": {**GOOD, "presence_penalty": 2.5}}, 400, "presence_penalty",
                  id="presence-penalty-over-two"),
     pytest.param({"json": {**GOOD, "frequency_penalty": -3.0}}, 400, "frequency_penalty",
