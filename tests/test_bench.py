@@ -117,16 +117,6 @@ def test_finetune_bench_counts_what_lora_trains_and_keeps() -> None:
     assert "finetune" in render(result, as_json=False)
 
 
-@pytest.mark.ray
-def test_compress_bench_compares_every_variant_with_the_fp32_winner() -> None:
-    result = run_benchmark("compress", quick=True)  # int8 only
-    assert [row["variant"] for row in result.rows] == ["fp32 winner", "int8"]
-    fp32, int8 = result.rows[0], result.rows[1]
-    assert fp32["against_fp32"] == 0 and int8["size_ratio"] < 0.5
-    assert all(row["test_perplexity"] > 1 and row["decode_tok_s_b1"] > 0 for row in result.rows)
-    assert result.ratio == pytest.approx(int8["decode_tok_s_b1"] / fp32["decode_tok_s_b1"])
-
-
 def test_int8_bench_times_both_precisions_and_bounds_the_speedup_by_the_linear_share() -> None:
     result = run_benchmark("int8", quick=True)
     assert [(row["model"], row["batch"]) for row in result.rows] == [

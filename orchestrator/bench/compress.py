@@ -10,14 +10,15 @@ decode tokens/s at batch 1 (the target is at least 1.5).
 from __future__ import annotations
 
 import tempfile
+from typing import Any
 
 from orchestrator.bench import BenchResult
 from orchestrator.bench.jobs import QUICK, run_quickstart
 
 COMPRESS = ["compress.variants=[int8, prune, distill]", "compress.latency_requests=0",
             "serve.enabled=false"]
-# --quick proves the bench works on the shrunk quickstart with one trial and int8 only (the
-# compress stage's own tests train the other variants).
+# --quick: the shrunk quickstart with one trial and int8 only. The suite checks `result_of` on the
+# compress stage test's own report rather than paying for another whole job.
 QUICK_COMPRESS = ["sweep.num_samples=1", "compress.variants=[int8]"]
 
 
@@ -25,6 +26,12 @@ def run(quick: bool) -> BenchResult:
     with tempfile.TemporaryDirectory() as runs:
         overrides = [f"run_dir={runs}", *COMPRESS, *((QUICK + QUICK_COMPRESS) if quick else [])]
         wall, report = run_quickstart(overrides)
+    return result_of(report, wall, "quick (shrunk quickstart)" if quick
+                     else "the quickstart as shipped")
+
+
+def result_of(report: dict[str, Any], wall: float, mode: str) -> BenchResult:
+    """The bench's table and ratio from a compressed run's report (its `compression`)."""
     variants = report["compression"]["variants"]
     rows = [{"variant": "fp32 winner" if v["name"] == "winner" else v["name"],
              "test_perplexity": v["quality"], "against_fp32": v["quality_loss"],
@@ -39,5 +46,4 @@ def run(quick: bool) -> BenchResult:
         ratio_means="int8 over the fp32 winner's decode tokens/s at batch 1 (target >= 1.5)",
         notes={"served by the rule": f"{report['compression']['selected']} "
                                      f"({report['compression']['rule']})",
-               "job wall time s": round(wall, 1),
-               "mode": "quick (shrunk quickstart)" if quick else "the quickstart as shipped"})
+               "job wall time s": round(wall, 1), "mode": mode})

@@ -14,6 +14,7 @@ import pytest
 import requests
 from conftest import TIMING, stage_times, tiny_spec
 
+from orchestrator.bench import compress as bench_compress
 from orchestrator.bundle import find_bundle, load_bundle
 from orchestrator.compress.stage import compress_finished_run
 from orchestrator.evaluate import predict
@@ -72,6 +73,13 @@ def test_every_variant_of_a_language_model_built_measured_and_the_chosen_one_ser
     assert response.status_code == 200, response.text
     assert "compression" in (run_dir / "report.md").read_text().lower()
     assert (run_dir / "plots" / "compression.png").is_file()
+
+    # `orchestrator bench compress` makes its table from such a report.
+    bench = bench_compress.result_of(report, 1.0, "test")
+    assert [row["variant"] for row in bench.rows] == ["fp32 winner", "int8", "prune", "distill"]
+    assert bench.rows[0]["against_fp32"] == 0 and bench.rows[1]["size_ratio"] < 0.5
+    assert bench.ratio == pytest.approx(variants["int8"]["speed"][key]
+                                        / variants["winner"]["speed"][key])
 
     # The int8 bundle through batch inference, like any other.
     from ray import serve
