@@ -27,6 +27,7 @@ def test_decode_bench_cli_prints_json_with_a_ratio() -> None:
     assert {row["batch"] for row in result["rows"]} == {1, 8}
 
 
+@pytest.mark.bench
 def test_serve_bench_measures_every_server_at_every_concurrency(ray_local) -> None:
     from ray import serve
 
@@ -43,6 +44,7 @@ def test_serve_bench_measures_every_server_at_every_concurrency(ray_local) -> No
     assert "concurrency" in render(result, as_json=False)
 
 
+@pytest.mark.bench
 def test_train_overhead_bench_compares_both_training_paths_with_a_plain_loop(ray_local) -> None:
     result = run_benchmark("train-overhead", quick=True)
     (row,) = result.rows
@@ -62,6 +64,7 @@ def test_ingest_bench_measures_every_source_with_and_without_work(ray_local) -> 
     assert all(row["rows_per_s"] > 0 and 0 <= row["data_wait_share"] <= 1 for row in result.rows)
 
 
+@pytest.mark.bench
 def test_scaling_bench_reports_speedup_and_communication(ray_local) -> None:
     result = run_benchmark("scaling", quick=True)
     one, two = result.rows
