@@ -231,8 +231,7 @@ SWEEPABLE = ("train.optimizer", "train.lr", "train.momentum", "train.weight_deca
              "train.batch_size", "train.warmup_steps", "model.dropout", "model.arch",
              "model.n_layer", "model.d_model", "model.lstm.n_layer", "model.lstm.d_model",
              "model.bow.d_model", "model.bow.buckets", "train.finetune", "train.lora.r",
-             "train.lora.alpha",
-             "train.lora.dropout")
+             "train.lora.alpha", "train.lora.dropout")
 
 
 class SweepSpec(_Section):

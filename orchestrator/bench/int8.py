@@ -14,7 +14,6 @@ headline ratio is int8 over fp32 at batch 1 on the widest shape.
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -74,9 +73,7 @@ def linear_share(model: GPT, prompt: torch.Tensor, new_tokens: int) -> float:
 def measure(name: str, config: dict[str, int], new_tokens: int, repeats: int) -> list[dict]:
     torch.manual_seed(0)
     fp32 = GPT(**config, block_size=PROMPT_TOKENS + new_tokens, dropout=0.0).eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        int8 = quantize_int8(fp32)
+    int8 = quantize_int8(fp32)
     params = sum(p.numel() for p in fp32.parameters())
     rows = []
     with torch.inference_mode():
@@ -107,7 +104,7 @@ def run(quick: bool) -> BenchResult:
     return BenchResult(
         name="int8", rows=rows, ratio=widest["int8_speedup"],
         ratio_means=f"int8 over fp32 decode tokens/s at batch 1 on the {widest['model']} shape",
-        notes={"models": {name: config for name, config in shapes.items()},
+        notes={"models": dict(shapes),
                "method": f"random GPTs, greedy KV-cache decoding of {new_tokens} tokens after a "
                          f"{PROMPT_TOKENS}-token prompt, one torch thread; best of {repeats} "
                          f"after a warm-up, fp32 and int8 taking turns",

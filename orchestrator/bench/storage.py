@@ -73,7 +73,7 @@ def _create_bucket(env: dict[str, str], bucket: str, timeout_s: float = 60) -> N
             time.sleep(0.3)
 
 
-# --quick (what the suite runs) proves the bench on one trial each.
+# --quick: the shrunk quickstart with one trial on each kind of storage.
 QUICK_STORAGE = [*QUICK, "sweep.num_samples=1"]
 
 
