@@ -19,15 +19,17 @@ import ray.data
 import torch
 import torch.nn.functional as F
 
-from orchestrator.bundle import Bundle, load_bundle, read_spec_and_info
+from orchestrator.bundle import read_spec_and_info
 from orchestrator.cluster import cluster_capacity, inference_gpus
-from orchestrator.data import DataInfo, read_source, read_split, read_splits
-from orchestrator.data.sources import TEXT
-from orchestrator.predictor import Predictor, SamplingParams
+from orchestrator.data.sources import TEXT, read_source
+from orchestrator.data.stage import read_split, read_splits
+from orchestrator.inference.predictor import Predictor, SamplingParams
+from orchestrator.records import DataInfo
 from orchestrator.reference import bits_per_byte, run_references
 from orchestrator.rundir import RunDir
 from orchestrator.spec import DataSpec
 from orchestrator.train.metrics import classification_metrics
+from orchestrator.weights.model import Bundle, load_bundle
 
 INFERENCE_BATCH = 64
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.bundle import Bundle, find_bundle, load_bundle
-from orchestrator.data.tokenizer import EOS, PAD
 from orchestrator.models import GPT, EncoderClassifier
 from orchestrator.models.hf import gpt2_config, gpt_state_to_hf, quiet_transformers
+from orchestrator.rundir import find_bundle
 from orchestrator.spec import SpecError
 from orchestrator.storage import resolve
+from orchestrator.tokenizer import EOS, PAD
+from orchestrator.weights.model import Bundle, load_bundle
 
 FORMATS = ("hf",)
 

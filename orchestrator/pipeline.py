@@ -13,11 +13,12 @@ import pandas as pd
 import ray
 
 from orchestrator import serve as service
-from orchestrator.bundle import save_bundle, write_metrics
+from orchestrator.bundle import write_metrics
 from orchestrator.cluster import ClusterPlan, check_training_options, plan_cluster, with_device
 from orchestrator.compress.stage import Compression, compress_winner, measure_latency
-from orchestrator.data import DataInfo, prepare_data
+from orchestrator.data.stage import prepare_data
 from orchestrator.evaluate import evaluate_bundle
+from orchestrator.records import DataInfo
 from orchestrator.report import json_safe, reference_verdict, write_report
 from orchestrator.resume import check_resumable
 from orchestrator.rundir import RunDir
@@ -26,6 +27,7 @@ from orchestrator.spec import JobSpec, spec_to_yaml
 from orchestrator.sweep import run_sweep
 from orchestrator.sweep.space import apply_trial_config
 from orchestrator.sweep.tuner import SweepResult, SweepTiming, pick_winner
+from orchestrator.weights.model import save_bundle
 
 STAGES = ("data", "sweep", "select", "evaluate", "compress", "deploy")
 

@@ -1,5 +1,5 @@
-"""The checkpoint a job starts from (model.pretrained): found, checked against the spec, copied
-into the run directory, and loaded by every worker.
+"""The checkpoint a job starts from (model.pretrained): found, checked against the spec and
+copied into the run directory (its weights are loaded by weights/base.py).
 
 `model.pretrained` names a Hugging Face model directory (local or in object storage), a Hub id
 (the ordinary `from_pretrained` path, for machines that reach the Hub), or an earlier run of ours
@@ -23,10 +23,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from orchestrator.models.hf import MODEL_TYPES, gpt2_problems, gpt_state_from_hf, quiet_transformers
+from orchestrator.export import export_hf
+from orchestrator.models import build_model
+from orchestrator.models.hf import MODEL_TYPES, gpt2_problems, quiet_transformers
+from orchestrator.records import MODEL_FILE, DataInfo
 from orchestrator.rundir import RunDir
 from orchestrator.spec import JobSpec, SpecError
 from orchestrator.storage import Location, is_uri, resolve
+from orchestrator.weights.lora import missing_targets, target_modules
 
 FIELD = "model.pretrained"
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # gpt2, openai-community/gpt2
@@ -60,8 +64,6 @@ class Base:
 
 
 def _is_ours(location: Location) -> bool:
-    from orchestrator.bundle import MODEL_FILE
-
     run_dir = RunDir.at(location)
     return any(where.join(MODEL_FILE).is_file() for where in (run_dir.winner, run_dir.root))
 
@@ -82,8 +84,6 @@ def checkpoint_source(reference: str) -> Iterator[str]:
     if not location.exists():
         raise SpecError(f"{FIELD} = {reference!r} does not exist")
     if _is_ours(location):
-        from orchestrator.export import export_hf
-
         winner = RunDir.at(location).winner  # full precision, whatever variant a run serves
         with tempfile.TemporaryDirectory() as scratch:
             export_hf(winner.uri if winner.exists() else reference, scratch, field=FIELD,
@@ -148,10 +148,6 @@ def check_base(spec: JobSpec, base: Base) -> None:
 
 
 def _check_lora(spec: JobSpec, config: dict[str, Any]) -> None:
-    from orchestrator.data import DataInfo
-    from orchestrator.models import build_model
-    from orchestrator.train.finetune import missing_targets, target_modules
-
     info = DataInfo(spec.model.family, config["vocab_size"], 0, 0, 8, labels=["a", "b"],
                     architecture=config)
     with torch.device("meta"):
@@ -189,30 +185,3 @@ def stage_base(spec: JobSpec, target: Location) -> Base:
             base.tokenizer.save_pretrained(folder)
     base.config = model.config.to_dict()
     return base
-
-
-def load_base_weights(model: nn.Module, base: str | Location, labels: list[str]) -> None:
-    """Fill a freshly built model (build_model with the checkpoint's architecture) with the
-    staged checkpoint's weights. A classifier keeps the checkpoint's head only when it was
-    trained for the same labels (a fine-tuned run of ours); otherwise its head stays fresh."""
-    from transformers import AutoModelForSequenceClassification, GPT2LMHeadModel
-
-    from orchestrator.models import GPT, EncoderClassifier
-
-    quiet_transformers()
-    with resolve(base).local_copy() as folder:
-        if isinstance(model, GPT):
-            state = GPT2LMHeadModel.from_pretrained(folder).state_dict()
-            model.load_state_dict(gpt_state_from_hf(state))
-            return
-        if not isinstance(model, EncoderClassifier):
-            raise TypeError(f"{type(model).__name__} is not built from a pretrained checkpoint")
-        source = AutoModelForSequenceClassification.from_pretrained(folder)
-    state = source.state_dict()
-    if list(source.config.id2label.values()) != labels:
-        prefix = f"{source.base_model_prefix}."
-        state = {key: value for key, value in state.items() if key.startswith(prefix)}
-    missing, unexpected = model.hf.load_state_dict(state, strict=False)
-    if unexpected or any(key.startswith(f"{source.base_model_prefix}.") for key in missing):
-        raise ValueError(f"the staged checkpoint does not fit the model: missing {missing}, "
-                         f"unexpected {unexpected}")

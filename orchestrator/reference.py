@@ -101,9 +101,9 @@ def run_references(run_dir: str, info: Any,
     the texts the data stage wrote for this run (so on exactly the winner's splits)."""
     from tokenizers import Tokenizer
 
-    from orchestrator.data import read_split_texts
-    from orchestrator.data.tokenizer import TOKENIZER_FILE
+    from orchestrator.data.stage import read_split_texts
     from orchestrator.rundir import RunDir
+    from orchestrator.tokenizer import TOKENIZER_FILE
 
     tables = {split: read_split_texts(run_dir, split) for split in ("train", *splits)}
     texts = {split: table.column("text").to_pylist() for split, table in tables.items()}

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from orchestrator.plots import PLOTS_DIR, plots_markdown, write_report_plots
 
 if TYPE_CHECKING:
-    from orchestrator.data import DataInfo
+    from orchestrator.records import DataInfo
     from orchestrator.rundir import RunDir
     from orchestrator.spec import JobSpec
     from orchestrator.sweep.tuner import SweepResult

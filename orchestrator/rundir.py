@@ -32,9 +32,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from orchestrator.records import MODEL_FILE
 from orchestrator.storage import Location, StorageError, check_writable, resolve
-
-SPLIT_NAMES = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -197,3 +196,17 @@ class RunDir:
 
 
 TUNE_EXPERIMENT = "tune"
+
+
+def find_bundle(location: str | os.PathLike) -> str:
+    """The bundle of a run directory (the variant its compress stage chose, or its winner/), of
+    `<base>/<job name>` (that job's latest run) or a bundle itself, local or in object storage;
+    its path or URI."""
+    run_dir = RunDir.of_job(location) or RunDir.at(location)
+    if run_dir.compression_selection.is_file():  # the compress stage chose what to serve
+        return json.loads(run_dir.compression_selection.read_text())["bundle"]
+    for candidate in (run_dir.winner, run_dir.root):
+        if candidate.join(MODEL_FILE).is_file():
+            return candidate.uri
+    raise FileNotFoundError(f"{run_dir.uri} is neither a run directory with "
+                            f"{run_dir.winner.name}/ nor a model bundle ({MODEL_FILE} is missing)")

@@ -133,7 +133,7 @@ def tiny_spec(family: str, path: str | Path = SAMPLE, **sections) -> dict:
 @pytest.fixture(scope="session")
 def prepared_gpt(ray_local, tmp_path_factory):
     """tiny_spec("gpt")'s data, prepared once: (run directory, DataInfo) for training tests."""
-    from orchestrator.data import prepare_data
+    from orchestrator.data.stage import prepare_data
     from orchestrator.spec import parse_spec
 
     run_dir = tmp_path_factory.mktemp("prepared-gpt")

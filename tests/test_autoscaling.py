@@ -34,8 +34,8 @@ from conftest import REPO, TIMING, free_port, stage_times, tiny_spec
 from processes import VENV_BIN, base_env, stop_marked, wait_for_dashboard
 from ray.util.state import list_actors, list_nodes, list_placement_groups
 
-from orchestrator.bundle import load_bundle
 from orchestrator.pipeline import RESULT_MARKER
+from orchestrator.weights.model import load_bundle
 
 pytestmark = pytest.mark.e2e
 

@@ -15,18 +15,18 @@ import torch
 from conftest import SAMPLE, tiny_spec
 from tokenizers import Tokenizer
 
-from orchestrator.bundle import Bundle
-from orchestrator.data import DataInfo
-from orchestrator.data.tokenizer import EOS, PAD, train_tokenizer
-from orchestrator.models import build_model
-from orchestrator.predictor import (
+from orchestrator.inference.predictor import (
     ChoiceUpdate,
     Decoding,
     Predictor,
     SamplingParams,
     sampling_probs,
 )
+from orchestrator.models import build_model
+from orchestrator.records import DataInfo
 from orchestrator.spec import parse_spec
+from orchestrator.tokenizer import EOS, PAD, train_tokenizer
+from orchestrator.weights.model import Bundle
 
 ROWS = [json.loads(line) for line in SAMPLE.read_text().splitlines()[:300]]
 PROMPTS = ["Return the", "A", "Return a new list", "Create a new"]

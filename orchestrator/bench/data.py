@@ -19,10 +19,10 @@ import ray
 
 from orchestrator.bench import BenchResult
 from orchestrator.bench.training import SAMPLE, ensure_ray
-from orchestrator.data import prepare_data
 from orchestrator.data.datasets import split_of
-from orchestrator.data.tokenizer import train_tokenizer
+from orchestrator.data.stage import prepare_data
 from orchestrator.spec import JobSpec, parse_spec
+from orchestrator.tokenizer import train_tokenizer
 
 QUICK_MB, FULL_MB = 0.1, 8.0  # quick: the shipped sample once (0.38 MB of text)
 

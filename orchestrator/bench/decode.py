@@ -3,7 +3,7 @@
 The model is randomly initialised: speed does not depend on the weights, and greedy decoding of
 the same weights must give the same tokens both ways, which the notes report. The cached path is
 the model's cache API in a bare argmax loop, so the figures measure decoding, not the sampling
-and detokenisation that `orchestrator.predictor.Decoding` adds per step.
+and detokenisation that `orchestrator.inference.predictor.Decoding` adds per step.
 """
 
 from __future__ import annotations

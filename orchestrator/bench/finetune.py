@@ -18,17 +18,18 @@ from pathlib import Path
 import torch
 
 from orchestrator.bench import BenchResult
+from orchestrator.bench.bundles import initial_bundle
 from orchestrator.bench.checkpoints import SAMPLE, tiny_gpt2
-from orchestrator.bundle import initial_bundle
-from orchestrator.data import DataInfo
 from orchestrator.export import export_hf
 from orchestrator.models import build_model
 from orchestrator.pretrained import stage_base
+from orchestrator.records import DataInfo
 from orchestrator.spec import parse_spec
 from orchestrator.storage import resolve
-from orchestrator.train.checkpoint import save_checkpoint
-from orchestrator.train.finetune import prepare_finetune, starting_model, trainable_share
 from orchestrator.train.optim import build_optimizer
+from orchestrator.weights.checkpoint import save_checkpoint
+from orchestrator.weights.lora import prepare_finetune, trainable_share
+from orchestrator.weights.model import starting_model
 
 TEXTS = ["Return the number of items in the queue.", "The event loop runs the tasks"]
 

@@ -23,8 +23,8 @@ from torch import nn
 
 from orchestrator.bench import BenchResult
 from orchestrator.bench.decode import best_seconds, cached_greedy
-from orchestrator.compress.int8 import quantize_int8
 from orchestrator.models import GPT
+from orchestrator.weights.int8 import quantize_int8
 
 PROMPT_TOKENS = 8
 BATCHES = (1, 8)

@@ -10,7 +10,7 @@ import sys
 
 import uvicorn
 
-from orchestrator.bundle import SPEC_FILE
+from orchestrator.records import SPEC_FILE
 from orchestrator.serve.routes import create_api
 from orchestrator.serve.server import ModelServer
 from orchestrator.spec import load_spec

@@ -26,7 +26,7 @@ from typing import Any
 import requests
 
 from orchestrator.bench import BenchResult
-from orchestrator.bundle import initial_bundle
+from orchestrator.bench.bundles import initial_bundle
 from orchestrator.spec import JobSpec, parse_spec
 
 CONCURRENCIES = (1, 8, 32)

@@ -15,8 +15,9 @@ import ray
 import torch
 
 from orchestrator import metrics
-from orchestrator.data import DataInfo, prepare_data
+from orchestrator.data.stage import prepare_data
 from orchestrator.models import build_model
+from orchestrator.records import DataInfo
 from orchestrator.spec import JobSpec, parse_spec
 from orchestrator.sweep import run_sweep
 from orchestrator.train.metrics import lm_loss

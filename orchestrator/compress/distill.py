@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orchestrator.data import DataInfo
+from orchestrator.records import DataInfo
 from orchestrator.spec import CompressSpec, JobSpec, SweepSpec
 from orchestrator.train.metrics import Objective
 from orchestrator.train.parallel import transformer_blocks

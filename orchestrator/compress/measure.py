@@ -13,10 +13,10 @@ from typing import Any
 import requests
 import torch
 
-from orchestrator.bundle import MODEL_FILE
 from orchestrator.evaluate import load_on_device
-from orchestrator.predictor import Predictor
-from orchestrator.serve.sampling import SamplingParams
+from orchestrator.inference.predictor import Predictor
+from orchestrator.inference.sampling import SamplingParams
+from orchestrator.records import MODEL_FILE
 from orchestrator.spec import JobSpec
 from orchestrator.storage import resolve
 

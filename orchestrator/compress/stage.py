@@ -23,21 +23,13 @@ from typing import Any
 
 import ray
 
-from orchestrator.bundle import (
-    COMPRESSION_FILE,
-    load_bundle,
-    read_spec_and_info,
-    save_bundle,
-    write_bundle,
-)
+from orchestrator.bundle import read_spec_and_info, write_bundle
 from orchestrator.compress.distill import parameter_count, student_spec_and_info, teacher_blocks
-from orchestrator.compress.int8 import quantize_int8
 from orchestrator.compress.measure import service_p50_s, size_bytes, speed, speed_key
 from orchestrator.compress.prune import prune_globally, sparsity_of
-from orchestrator.data import DataInfo
-from orchestrator.data.tokenizer import TOKENIZER_FILE
 from orchestrator.evaluate import evaluate_bundle
 from orchestrator.models import build_model
+from orchestrator.records import COMPRESSION_FILE, DataInfo
 from orchestrator.rundir import RunDir
 from orchestrator.spec import (
     CompressSpec,
@@ -48,7 +40,10 @@ from orchestrator.spec import (
     parse_spec,
 )
 from orchestrator.storage import resolve
+from orchestrator.tokenizer import TOKENIZER_FILE
 from orchestrator.train.trainer import build_trainer
+from orchestrator.weights.int8 import quantize_int8
+from orchestrator.weights.model import load_bundle, save_bundle
 
 WINNER = "winner"
 SPEED_TIE = 0.05

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from tokenizers import Tokenizer
 
-from orchestrator.data.tokenizer import EOS, PAD
+from orchestrator.tokenizer import EOS, PAD
 
 SPLITS = ("train", "val", "test")
 

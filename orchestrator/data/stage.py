@@ -17,56 +17,16 @@ from tokenizers import Tokenizer
 
 from orchestrator.data.datasets import SPLITS, TokenizeBatch, assign_splits
 from orchestrator.data.sources import read_source
-from orchestrator.data.tokenizer import EOS, PAD, save_tokenizer, train_tokenizer
 from orchestrator.pretrained import Base, stage_base
+from orchestrator.records import DataInfo
 from orchestrator.rundir import RunDir
 from orchestrator.spec import JobSpec, SpecError
 from orchestrator.storage import Location
+from orchestrator.tokenizer import EOS, PAD, save_tokenizer, train_tokenizer
 
 # Texts per tokenizer call. 4096 was no faster on the 8 MB bench corpus (Ray Data's cost per batch
 # is small beside the encoding), and a batch's Encoding objects grow with it (long documents).
 TOKENIZE_BATCH_ROWS = 1024
-
-
-@dataclass
-class DataInfo:
-    """What later stages need to know about the prepared data."""
-
-    family: str
-    vocab_size: int
-    eos_id: int
-    pad_id: int
-    context_length: int  # tokens a model sees at once: data.block_size (LM), data.max_length
-    labels: list[str] = field(default_factory=list)
-    texts: dict[str, int] = field(default_factory=dict)
-    rows: dict[str, int] = field(default_factory=dict)
-    label_counts: dict[str, dict[str, int]] = field(default_factory=dict)
-    # The tokenizer's special tokens by role (eos_token, pad_token, cls_token...): what an
-    # exported tokenizer declares.
-    special_tokens: dict[str, str] = field(default_factory=dict)
-    # With model.pretrained: the checkpoint's Hugging Face config, which build_model builds
-    # instead of the spec's sizes (models/hf.py).
-    architecture: dict[str, Any] | None = None
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.labels)
-
-    @property
-    def seq_len(self) -> int:
-        """Tokens per stored row: a language model's rows hold one more token than its context
-        (the last position's target)."""
-        return self.context_length + 1 if self.family == "gpt" else self.context_length
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> DataInfo:
-        """From meta.json or a bundle's data_info.json, also those written before
-        context_length replaced seq_len."""
-        raw = dict(raw)
-        if "seq_len" in raw:
-            seq_len = raw.pop("seq_len")
-            raw.setdefault("context_length", seq_len - 1 if raw["family"] == "gpt" else seq_len)
-        return cls(**raw)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from orchestrator.models.lstm import LSTMClassifier, LSTMLanguageModel
 from orchestrator.spec import ModelSpec
 
 if TYPE_CHECKING:
-    from orchestrator.data import DataInfo
+    from orchestrator.records import DataInfo
     from orchestrator.spec import JobSpec
 
 Builder = Callable[[ModelSpec, "DataInfo"], nn.Module]

@@ -1,7 +1,5 @@
 """The deploy stage: the winner's bundle behind an OpenAI-compatible HTTP API on Ray Serve.
 
-  engine.py    continuous batching over the KV cache (plain Python + torch, no Ray, no HTTP)
-  sampling.py  sampling parameters and the safe arithmetic of picking a token
   protocol.py  request bodies, errors, conversion to sampling parameters
   server.py    ModelServer: a loaded bundle, its engine, tokenization off the event loop
   routes.py    the FastAPI app: ~20-line routes, middleware (body limit, JSON 500, metrics)
@@ -9,7 +7,8 @@
   app.py       the Serve deployment, deploy, Serve config
   samples.py   the requests a run sends its freshly deployed service
 
-The names below load lazily, so that the engine (used by batch inference too) imports no Ray.
+The engine and sampling it serves with live in inference/, shared with batch inference. The
+names below load lazily, so that importing serve.auth or serve.protocol imports no Ray.
 """
 
 from typing import Any

@@ -18,12 +18,13 @@ from ray.serve import Application
 from ray.serve.schema import ApplicationStatus
 
 from orchestrator import metrics
-from orchestrator.bundle import load_bundle, read_spec_and_info
+from orchestrator.bundle import read_spec_and_info
 from orchestrator.serve.auth import load_key_digests
 from orchestrator.serve.routes import create_api
 from orchestrator.serve.server import ModelServer
 from orchestrator.spec import JobSpec, ServeSpec
 from orchestrator.storage import resolve
+from orchestrator.weights.model import load_bundle
 
 APP_NAME_SUFFIX = "-service"
 BUILDER_IMPORT_PATH = "orchestrator.serve.app:build_app"

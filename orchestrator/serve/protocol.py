@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 from starlette.exceptions import HTTPException
 
-from orchestrator.serve.sampling import MAX_LOGPROBS, SamplingParams
+from orchestrator.inference.sampling import MAX_LOGPROBS, SamplingParams
 
 logger = logging.getLogger(__name__)
 

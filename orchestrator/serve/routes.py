@@ -31,8 +31,8 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from orchestrator import metrics
+from orchestrator.inference.engine import TokenLogprob
 from orchestrator.serve.auth import authorized
-from orchestrator.serve.engine import TokenLogprob
 from orchestrator.serve.protocol import (
     ERROR_TYPES,
     APIError,

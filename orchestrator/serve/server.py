@@ -18,9 +18,7 @@ import torch
 from ray import serve
 
 from orchestrator import metrics
-from orchestrator.bundle import load_bundle
-from orchestrator.predictor import Predictor
-from orchestrator.serve.engine import (
+from orchestrator.inference.engine import (
     AsyncEngine,
     ChoiceUpdate,
     Engine,
@@ -29,9 +27,11 @@ from orchestrator.serve.engine import (
     RequestOutput,
     TokenLogprob,
 )
+from orchestrator.inference.predictor import Predictor
+from orchestrator.inference.sampling import SamplingParams
 from orchestrator.serve.protocol import DEFAULT_MAX_TOKENS, APIError, CompletionBody, overloaded
-from orchestrator.serve.sampling import SamplingParams
 from orchestrator.spec import ServeSpec
+from orchestrator.weights.model import load_bundle
 
 INLINE_TOKENIZE_CHARS = 1024
 

@@ -16,7 +16,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.util.placement_group import placement_group_table
 
 from orchestrator.cluster import ClusterPlan, check_training_options, plan_cluster, with_device
-from orchestrator.data import DataInfo
+from orchestrator.records import DataInfo
 from orchestrator.rundir import TUNE_EXPERIMENT, RunDir
 from orchestrator.spec import JobSpec
 from orchestrator.storage import Location, resolve

@@ -16,15 +16,12 @@ import torch
 import torch.distributed as dist
 
 from orchestrator import metrics as prometheus
-from orchestrator.bundle import load_bundle
 from orchestrator.compress.distill import distillation_objective, init_from_teacher
-from orchestrator.compress.prune import apply_masks, zero_masks
-from orchestrator.data import DataInfo
+from orchestrator.records import DataInfo
 from orchestrator.spec import JobSpec
 from orchestrator.train.batches import BatchStream, DataPosition
-from orchestrator.train.checkpoint import load_checkpoint, save_checkpoint
-from orchestrator.train.finetune import starting_model
 from orchestrator.train.flops import model_flops_per_token, peak_flops
+from orchestrator.train.masks import apply_masks, zero_masks
 from orchestrator.train.metrics import Objective, evaluate, objective_for
 from orchestrator.train.optim import (
     add_l1_gradient,
@@ -39,6 +36,8 @@ from orchestrator.train.parallel import (
     resolve_precision,
 )
 from orchestrator.train.session import RayTrainSession, Session, TrialSession
+from orchestrator.weights.checkpoint import load_checkpoint, save_checkpoint
+from orchestrator.weights.model import load_bundle, starting_model
 
 log = logging.getLogger("orchestrator.train")
 

@@ -13,7 +13,8 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from orchestrator.cluster import check_training_options, plan_cluster
-from orchestrator.data import DataInfo, read_split
+from orchestrator.data.stage import read_split
+from orchestrator.records import DataInfo
 from orchestrator.rundir import RunDir
 from orchestrator.spec import JobSpec
 from orchestrator.train.loop import train_loop_per_worker

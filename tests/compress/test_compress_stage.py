@@ -15,11 +15,12 @@ import requests
 from conftest import TIMING, stage_times, tiny_spec
 
 from orchestrator.bench import compress as bench_compress
-from orchestrator.bundle import find_bundle, load_bundle
 from orchestrator.compress.stage import compress_finished_run
 from orchestrator.evaluate import predict
 from orchestrator.pipeline import run_pipeline
+from orchestrator.rundir import find_bundle
 from orchestrator.spec import parse_spec
+from orchestrator.weights.model import load_bundle
 
 STEPS = {"max_steps": 20, "eval_interval": 10, "warmup_steps": 2, "eval_batches": 2}
 

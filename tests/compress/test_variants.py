@@ -10,21 +10,24 @@ import pytest
 import torch
 from conftest import SAMPLE, tiny_spec
 
-from orchestrator.bundle import initial_bundle, load_bundle, write_bundle
+from orchestrator.bench.bundles import initial_bundle
+from orchestrator.bundle import write_bundle
 from orchestrator.compress.distill import (
     distillation_objective,
     init_from_teacher,
     student_spec_and_info,
 )
-from orchestrator.compress.int8 import quantize_int8
 from orchestrator.compress.measure import size_bytes
-from orchestrator.compress.prune import apply_masks, prune_globally, sparsity_of, zero_masks
+from orchestrator.compress.prune import prune_globally, sparsity_of
 from orchestrator.compress.stage import Variant, check_compression, choose, quality_loss
-from orchestrator.data.tokenizer import TOKENIZER_FILE, save_tokenizer
+from orchestrator.inference.predictor import Predictor, SamplingParams
 from orchestrator.models import build_model
-from orchestrator.predictor import Predictor, SamplingParams
 from orchestrator.spec import SpecError, parse_spec
+from orchestrator.tokenizer import TOKENIZER_FILE, save_tokenizer
+from orchestrator.train.masks import apply_masks, zero_masks
 from orchestrator.train.metrics import lm_loss
+from orchestrator.weights.int8 import quantize_int8
+from orchestrator.weights.model import load_bundle
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +63,7 @@ def test_clipping_bounds_every_weight_at_its_percentile(gpt_bundle):
     model = load_bundle(gpt_bundle).model
     weight = model.blocks[0].mlp.fc.weight.detach().abs()
     bound = float(torch.quantile(weight.flatten(), 0.99))
-    from orchestrator.compress.int8 import clip_weights
+    from orchestrator.weights.int8 import clip_weights
 
     clip_weights(model, 99.0)
     assert float(model.blocks[0].mlp.fc.weight.abs().max()) == pytest.approx(bound, rel=1e-5)
@@ -151,7 +154,7 @@ def test_a_one_block_teacher_has_no_smaller_student(gpt_bundle):
                                               ("classifier", "transformer"),
                                               ("classifier", "lstm"), ("classifier", "bow")])
 def test_every_architecture_quantizes_to_int8_with_nearly_the_same_outputs(family, arch):
-    from orchestrator.data import DataInfo
+    from orchestrator.records import DataInfo
 
     spec = parse_spec(tiny_spec(family, model={"arch": arch, "lstm": {"d_model": 32},
                                                "bow": {"d_model": 16, "buckets": 1024}}))

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 from conftest import tiny_spec
 
-from orchestrator.data import load_data_info, prepare_data, read_source, read_split
+from orchestrator.data.sources import read_source
+from orchestrator.data.stage import load_data_info, prepare_data, read_split
 from orchestrator.spec import SpecError, parse_spec
 
 

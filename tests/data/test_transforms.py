@@ -12,7 +12,7 @@ from orchestrator.data.datasets import (
     pad_or_truncate,
     split_of,
 )
-from orchestrator.data.tokenizer import EOS, PAD, load_tokenizer, save_tokenizer, train_tokenizer
+from orchestrator.tokenizer import EOS, PAD, load_tokenizer, save_tokenizer, train_tokenizer
 
 
 def test_split_is_deterministic_and_near_the_fractions(sample_rows):

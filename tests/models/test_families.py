@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from orchestrator.data import DataInfo
 from orchestrator.models import (
     GPT,
     REGISTRY,
@@ -18,6 +17,7 @@ from orchestrator.models import (
     TextClassifier,
     build_model,
 )
+from orchestrator.records import DataInfo
 from orchestrator.spec import ARCHS, SpecError, parse_spec
 
 EXPECTED = {("gpt", "transformer"): GPT, ("gpt", "lstm"): LSTMLanguageModel,

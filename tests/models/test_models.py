@@ -120,7 +120,7 @@ def test_classifier_ignores_padding():
 
 
 def test_build_model_from_spec():
-    from orchestrator.data import DataInfo
+    from orchestrator.records import DataInfo
     from orchestrator.spec import parse_spec
 
     raw = {"data": {"path": "x.jsonl", "label_column": "label"},

@@ -11,17 +11,19 @@ import pytest
 import torch
 from conftest import SAMPLE, tiny_spec
 
+from orchestrator.bench.bundles import initial_bundle
 from orchestrator.bench.checkpoints import tiny_encoder, tiny_gpt2
-from orchestrator.bundle import initial_bundle, load_bundle, write_bundle
-from orchestrator.data import DataInfo
+from orchestrator.bundle import write_bundle
 from orchestrator.export import export_hf
 from orchestrator.models import GPT, EncoderClassifier
 from orchestrator.pretrained import inspect_base, stage_base
+from orchestrator.records import DataInfo
 from orchestrator.spec import SpecError, parse_spec
 from orchestrator.storage import resolve
-from orchestrator.train.checkpoint import load_checkpoint, save_checkpoint
-from orchestrator.train.finetune import merge_adapters, starting_model, trainable_share
 from orchestrator.train.optim import build_optimizer
+from orchestrator.weights.checkpoint import load_checkpoint, save_checkpoint
+from orchestrator.weights.lora import merge_adapters, trainable_share
+from orchestrator.weights.model import load_bundle, starting_model
 
 TEXTS = ["The event loop runs the tasks", "Return the number of items in the queue."]
 

@@ -27,7 +27,7 @@ import yaml
 from conftest import REPO, SAMPLE, free_port, tiny_spec
 from typing_extensions import Self
 
-from orchestrator.bundle import initial_bundle
+from orchestrator.bench.bundles import initial_bundle
 from orchestrator.serve import DeployError, deploy
 from orchestrator.spec import JobSpec, parse_spec
 

@@ -18,11 +18,12 @@ import pytest
 import torch
 from conftest import SAMPLE, tiny_spec
 
-from orchestrator.bundle import Bundle, initial_bundle, load_bundle
+from orchestrator.bench.bundles import initial_bundle
 from orchestrator.evaluate import ScoreBatch
-from orchestrator.serve.engine import AsyncEngine, Engine, QueueFull, RequestOutput
-from orchestrator.serve.sampling import SamplingParams
+from orchestrator.inference.engine import AsyncEngine, Engine, QueueFull, RequestOutput
+from orchestrator.inference.sampling import SamplingParams
 from orchestrator.spec import parse_spec
+from orchestrator.weights.model import Bundle, load_bundle
 
 PROMPTS = ["Return the", "A", "Return a new list of", "Create a new"]
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import SAMPLE, tiny_spec
 from fastapi.testclient import TestClient
 
-from orchestrator.bundle import initial_bundle
+from orchestrator.bench.bundles import initial_bundle
 from orchestrator.serve.auth import digest
 from orchestrator.serve.routes import create_api
 from orchestrator.serve.server import ModelServer

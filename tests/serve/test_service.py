@@ -18,7 +18,7 @@ import pytest
 import requests
 from conftest import SAMPLE, free_port, tiny_spec
 
-from orchestrator.bundle import initial_bundle
+from orchestrator.bench.bundles import initial_bundle
 from orchestrator.serve import deploy, shutdown
 from orchestrator.spec import JobSpec, parse_spec
 

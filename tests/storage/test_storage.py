@@ -135,10 +135,10 @@ def test_a_pretrained_checkpoint_in_a_bucket_is_staged_into_a_bucket_run(
     """model.pretrained = s3://...: read from the bucket, staged into the run's base/ there, and
     loaded from it, as a worker on a node without the head's disk does."""
     from orchestrator.bench.checkpoints import tiny_gpt2
-    from orchestrator.data import DataInfo
     from orchestrator.pretrained import stage_base
+    from orchestrator.records import DataInfo
     from orchestrator.spec import parse_spec
-    from orchestrator.train.finetune import starting_model
+    from orchestrator.weights.model import starting_model
 
     resolve("s3://runs/checkpoints/gpt2").upload(tiny_gpt2(tmp_path / "gpt2"))
     spec = parse_spec({"data": {"path": "unused.jsonl", "block_size": 32},

@@ -18,15 +18,15 @@ import torch
 import yaml
 from conftest import SAMPLE, TIMING, stage_times, tiny_spec
 
-from orchestrator.bundle import load_bundle, save_bundle
-from orchestrator.data import load_data_info
 from orchestrator.data.datasets import split_of
+from orchestrator.data.stage import load_data_info
 from orchestrator.evaluate import predict
 from orchestrator.pipeline import run_pipeline
 from orchestrator.spec import parse_spec
 from orchestrator.sweep.space import apply_trial_config
 from orchestrator.train.metrics import lm_loss
 from orchestrator.train.session import read_split_tensors
+from orchestrator.weights.model import load_bundle, save_bundle
 
 STEPS = {"max_steps": 10, "eval_interval": 5, "warmup_steps": 1, "eval_batches": 1}
 SIZES = {"lstm": {"d_model": 32}, "bow": {"d_model": 16, "buckets": 1024}}

@@ -12,12 +12,12 @@ import pandas as pd
 from conftest import TIMING, stage_times, tiny_spec
 
 from orchestrator.bench.checkpoints import tiny_encoder, tiny_gpt2
-from orchestrator.bundle import load_bundle
 from orchestrator.export import export_hf
 from orchestrator.models import GPT, EncoderClassifier
 from orchestrator.pipeline import run_pipeline
 from orchestrator.spec import parse_spec
 from orchestrator.storage import resolve
+from orchestrator.weights.model import load_bundle
 
 STEPS = {"max_steps": 10, "eval_interval": 5, "warmup_steps": 1, "eval_batches": 1}
 

@@ -14,17 +14,17 @@ from conftest import tiny_spec
 from orchestrator.models import GPT
 from orchestrator.spec import SpecError, parse_spec
 from orchestrator.train.batches import BatchStream, DataPosition
-from orchestrator.train.checkpoint import (
+from orchestrator.train.loop import resumed_position, throughput
+from orchestrator.train.parallel import compile_unsupported, transformer_blocks
+from orchestrator.train.session import InMemorySplit, RayDataShard
+from orchestrator.train.trainer import check_training_options
+from orchestrator.weights.checkpoint import (
     TRAINER_STATE_FILE,
     CheckpointError,
     load_checkpoint,
     load_model_weights,
     save_checkpoint,
 )
-from orchestrator.train.loop import resumed_position, throughput
-from orchestrator.train.parallel import compile_unsupported, transformer_blocks
-from orchestrator.train.session import InMemorySplit, RayDataShard
-from orchestrator.train.trainer import check_training_options
 
 
 def _gpt(width: int = 16) -> GPT:

@@ -11,10 +11,10 @@ from conftest import tiny_spec
 
 from orchestrator.models import build_model
 from orchestrator.spec import parse_spec
-from orchestrator.train.checkpoint import load_checkpoint, load_model_weights
 from orchestrator.train.loop import resumed_position
 from orchestrator.train.optim import build_optimizer
 from orchestrator.train.trainer import build_trainer
+from orchestrator.weights.checkpoint import load_checkpoint, load_model_weights
 
 STEPS, INTERVAL = 8, 2
 

@@ -170,11 +170,11 @@ def test_activation_checkpointing_keeps_gradients_and_parameter_names():
 def _lora_worker(rank: int, world: int, rendezvous: str, base: str, result: str) -> None:
     """LoRA on the pretrained tiny GPT-2, FSDP2 over the workers: 3 steps, a checkpoint, and
     the checkpoint loaded back; rank 0 reports the losses and the checkpoint's tensor names."""
-    from orchestrator.data import DataInfo
+    from orchestrator.records import DataInfo
     from orchestrator.spec import parse_spec
-    from orchestrator.train.checkpoint import load_checkpoint, save_checkpoint
-    from orchestrator.train.finetune import starting_model
     from orchestrator.train.optim import build_optimizer
+    from orchestrator.weights.checkpoint import load_checkpoint, save_checkpoint
+    from orchestrator.weights.model import starting_model
 
     _join(rank, world, rendezvous)
     try:

@@ -4,7 +4,7 @@ peft) with the rest frozen; and the merge that turns an adapted model back into 
 Adapters are injected into the model in place (peft's inject_adapter_in_model), not wrapped in a
 PeftModel: the model keeps its class and its `blocks`, so FSDP, activation checkpointing and
 the loop treat it like any other. Frozen weights are the pretrained checkpoint's, which every
-worker loads first; checkpoints hold only what trains (train/checkpoint.py skips frozen
+worker loads first; checkpoints hold only what trains (weights/checkpoint.py skips frozen
 parameters), so a LoRA checkpoint is the adapters, a classifier's head and their optimizer state.
 """
 
@@ -15,11 +15,8 @@ from typing import Any
 
 from torch import nn
 
-from orchestrator.data import DataInfo
-from orchestrator.models import GPT, EncoderClassifier, build_model
-from orchestrator.pretrained import load_base_weights
+from orchestrator.models import GPT, EncoderClassifier
 from orchestrator.spec import JobSpec
-from orchestrator.storage import Location
 
 # The attention projections each architecture's adapters go on by default (peft's defaults).
 DEFAULT_TARGETS = {"gpt2": ["qkv"], "bert": ["query", "value"], "roberta": ["query", "value"],
@@ -71,17 +68,6 @@ def prepare_finetune(model: nn.Module, spec: JobSpec,
         for module in _embeddings(model):
             module.requires_grad_(False)
     return model
-
-
-def starting_model(spec: JobSpec, info: DataInfo, base: str | Location | None) -> nn.Module:
-    """What a trial starts training: fresh weights, or the staged pretrained checkpoint's (at
-    `base`, the run directory's base/) with the fine-tuning's adapters and frozen parts."""
-    model = build_model(spec, info)
-    if spec.model.pretrained is not None:
-        if base is None:
-            raise ValueError("model.pretrained is set but no staged checkpoint was given")
-        load_base_weights(model, base, info.labels)
-    return prepare_finetune(model, spec, info.architecture)
 
 
 def merge_adapters(model: nn.Module) -> nn.Module:

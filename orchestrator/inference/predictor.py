@@ -1,5 +1,5 @@
 """What a Serve replica and batch inference compute, without Ray: classification, and batched
-incremental generation on the serving engine (orchestrator/serve/engine.py), so that a batch
+incremental generation on the serving engine (inference/engine.py), so that a batch
 prediction and an online answer come from the same code.
 """
 
@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from orchestrator.bundle import Bundle
 from orchestrator.data.datasets import pad_or_truncate
+from orchestrator.inference.engine import INCOMPLETE, ChoiceUpdate, Engine
+from orchestrator.inference.sampling import SamplingParams, request_generator, sampling_probs
 from orchestrator.models import GPT
-from orchestrator.serve.engine import INCOMPLETE, ChoiceUpdate, Engine
-from orchestrator.serve.sampling import SamplingParams, request_generator, sampling_probs
+from orchestrator.weights.model import Bundle
 
 __all__ = ["INCOMPLETE", "ChoiceUpdate", "Completion", "Decoding", "Predictor", "SamplingParams",
            "request_generator", "sampling_probs"]

@@ -39,14 +39,14 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import nn
 
-from orchestrator.models.decoding import Decoder, DecodingCache
-from orchestrator.serve.sampling import (
+from orchestrator.inference.sampling import (
     SamplingParams,
     apply_penalties,
     request_generator,
     sampling_probs,
     valid_probs,
 )
+from orchestrator.models.decoding import Decoder, DecodingCache
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The model's life in weights: see weights/model.py."""
