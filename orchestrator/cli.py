@@ -14,7 +14,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Self
 
-from orchestrator.bench import BENCHMARKS, BenchmarkUnavailable, render, run_benchmark
+from orchestrator.bench import BENCHMARKS
 from orchestrator.spec import (
     JobSpec,
     SpecError,
@@ -23,7 +23,6 @@ from orchestrator.spec import (
     parse_spec,
     spec_to_yaml,
 )
-from orchestrator.storage import is_uri
 
 if TYPE_CHECKING:
     from orchestrator.pipeline import Progress
@@ -32,6 +31,8 @@ if TYPE_CHECKING:
 EXIT_SPEC_ERROR = 2
 RAY_LOG = Path("logs") / "ray.log"  # inside the run directory
 STOP_SIGNALS = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}
+JSON_HELP = ("end with one line for programs: 'orchestrator-result: ' and the run report as JSON "
+             "(always when the Jobs API runs the job; the report is also RUN_DIR/report.json)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
                      help=f"print Ray's and Tune's own output here, not in RUN_DIR/{RAY_LOG}")
     run.add_argument("--resume", action="store_true",
                      help="continue this job's latest run if it did not finish (else start one)")
+    run.add_argument("--json", action="store_true", help=JSON_HELP)
     resume = commands.add_parser("resume", help="continue a run whose driver died: completed "
                                                 "stages are kept, an interrupted sweep resumes")
     resume.add_argument("run_dir", help="the run directory (local path or URI)")
@@ -62,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     resume.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or embedded)")
     resume.add_argument("--verbose", action="store_true",
                         help=f"print Ray's and Tune's own output here, not in RUN_DIR/{RAY_LOG}")
+    resume.add_argument("--json", action="store_true", help=JSON_HELP)
     submit = with_spec("submit", "submit the job to a cluster's Jobs API and follow it")
     submit.add_argument("--address", required=True, help="Jobs API, e.g. http://127.0.0.1:8265")
     submit.add_argument("--working-dir", default=".", help="directory uploaded with the job")
@@ -149,6 +152,8 @@ class Console:
         self._saved: list[int] = []
         if verbose:
             return
+        from orchestrator.storage import is_uri
+
         if is_uri(runs_dir):
             runs_dir = tempfile.gettempdir()
         Path(runs_dir).mkdir(parents=True, exist_ok=True)
@@ -254,9 +259,10 @@ def _drive(runs_dir: str, args: argparse.Namespace,
     """Run a job's stages with calm output, Ctrl-C and SIGTERM handling, and the summary."""
     import ray
 
-    from orchestrator.pipeline import RESULT_MARKER, Progress
+    from orchestrator.pipeline import Progress
     from orchestrator.report import summary
     from orchestrator.runner import connect
+    from orchestrator.submit import RESULT_MARKER
 
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # else Tune takes Ctrl-C to end the sweep
     with Console(runs_dir, args.verbose) as console:
@@ -271,7 +277,8 @@ def _drive(runs_dir: str, args: argparse.Namespace,
             console.say(summary(report))
             if console.log:
                 console.say(f"Ray's and Tune's own output: {console.log}")
-            console.say(RESULT_MARKER + json.dumps(report))
+            if _wants_result_line(args):
+                console.say(RESULT_MARKER + json.dumps(report))
             if serving and embedded:
                 console.say(f"serving at {report['endpoint']}")
                 _wait_for_interrupt(console.say)
@@ -286,6 +293,14 @@ def _drive(runs_dir: str, args: argparse.Namespace,
         # more on a busy 2-core machine, and a stopped run has nothing left to do.
         os._exit(128 + stop.received)
     return 0
+
+
+def _wants_result_line(args: argparse.Namespace) -> bool:
+    """The machine-readable result line is for programs: `--json`, or the Jobs API running us
+    (the thin client's Job.report() reads it from the job's log)."""
+    from orchestrator.submit import submitted_job_id
+
+    return bool(getattr(args, "json", False)) or submitted_job_id() is not None
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -312,7 +327,8 @@ def _submit(args: argparse.Namespace) -> int:
 
 def _bundle_and_spec(args: argparse.Namespace) -> tuple[str, JobSpec]:
     """The bundle (local path or URI) and its spec with the command's overrides."""
-    from orchestrator.bundle import find_bundle, read_spec_and_info
+    from orchestrator.bundle import read_spec_and_info
+    from orchestrator.rundir import find_bundle
 
     bundle_dir = find_bundle(args.run_dir)
     spec, _ = read_spec_and_info(bundle_dir)
@@ -380,6 +396,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from orchestrator.bench import BenchmarkUnavailable, render, run_benchmark
+
     try:
         result = run_benchmark(args.name, quick=args.quick)
     except BenchmarkUnavailable as error:

@@ -1,24 +1,50 @@
-"""The job-submission client: send a job to a Ray cluster's Jobs API and follow it."""
+"""The job-submission client: send a job to a Ray cluster's Jobs API and follow it.
+
+A thin client: importing it loads neither Ray nor torch (nor pandas), so a laptop that only
+submits pays for none of them; `ray.job_submission` is imported when a job is submitted.
+
+The job reports back through its log: `orchestrator run` prints one line, RESULT_MARKER followed
+by the run report as JSON, when the Jobs API runs it (`submitted_job_id`) or under `--json`; a
+person's terminal gets the summary only (the report is in the run directory's report.json).
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-from ray.job_submission import JobStatus, JobSubmissionClient
-
-from orchestrator.pipeline import RESULT_MARKER
 from orchestrator.spec import JobSpec, load_spec, spec_to_yaml
 
+if TYPE_CHECKING:
+    import pandas as pd
+    from ray.job_submission import JobSubmissionClient
+
+RESULT_MARKER = "orchestrator-result: "
 # Never uploaded: version control, virtual environments, caches and run outputs.
 EXCLUDES = [".git", ".venv", "venv", "env", "__pycache__", "*.pyc", ".pytest_cache", "runs",
             ".orchestrator/runs", "*.egg-info", ".mypy_cache", ".ruff_cache"]
-TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}  # ray.job_submission.JobStatus values
+# What Ray's job supervisor (ray/dashboard/modules/job/job_supervisor.py) sets in the environment
+# of a submitted job's entrypoint: the job's config as JSON, whose metadata holds its id.
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def submitted_job_id() -> str | None:
+    """The Jobs API's id of the job this process is the entrypoint of; None outside such a job."""
+    raw = os.environ.get(JOB_CONFIG_ENV)
+    if not raw:
+        return None
+    try:
+        metadata = json.loads(raw).get("metadata") or {}
+    except (ValueError, AttributeError):
+        return None
+    job_id = metadata.get("job_submission_id") if isinstance(metadata, dict) else None
+    return str(job_id) if job_id else None
 
 
 @dataclass
@@ -34,11 +60,11 @@ class Job:
     def wait(self, timeout_s: float = 3600, poll_s: float = 2.0) -> str:
         """Block until the job ends; return SUCCEEDED, FAILED or STOPPED."""
         deadline = time.monotonic() + timeout_s
-        while (status := self.client.get_job_status(self.job_id)) not in TERMINAL:
+        while (status := self.status()) not in TERMINAL:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"job {self.job_id} still {status.value} after {timeout_s} s")
+                raise TimeoutError(f"job {self.job_id} still {status} after {timeout_s} s")
             time.sleep(poll_s)
-        return str(status.value)
+        return status
 
     def logs(self) -> str:
         return self.client.get_job_logs(self.job_id)
@@ -53,6 +79,8 @@ class Job:
 
     def results(self) -> pd.DataFrame:
         """One row per sweep trial: its config and its metrics."""
+        import pandas as pd
+
         return pd.DataFrame(self.report()["trials"])
 
 
@@ -86,6 +114,8 @@ def submit(spec: JobSpec | str | Path, address: str, working_dir: str | Path = "
     """
     working_dir = Path(working_dir).resolve()
     entrypoint = _entrypoint(spec, working_dir, overrides or [])
+    from ray.job_submission import JobSubmissionClient
+
     headers = {"Authorization": f"Bearer {token}"} if token else None
     client = JobSubmissionClient(address, headers=headers)
     job_id = client.submit_job(

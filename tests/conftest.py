@@ -79,7 +79,7 @@ def ray_local():
     """A real local Ray with 2 CPUs, shared by every integration test.
 
     The dashboard gets a free port so that a `ray start --head` elsewhere cannot collide with it
-    (Train V2 needs the dashboard: see design.md). RAY_API_SERVER_ADDRESS points Train's
+    (Train V2 needs the dashboard: see docs/architecture.md). RAY_API_SERVER_ADDRESS points Train's
     placement-group cleaner at this instance: with two Rays on one machine its state-API call
     fails ("Found multiple active Ray instances"), its thread dies and stopped trials leak CPUs."""
     import ray

@@ -3,6 +3,7 @@ SIGTERM ends with one line, the right exit code and no Ray process left behind."
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -26,6 +27,68 @@ def test_import_loads_neither_ray_nor_torch() -> None:
     loaded = subprocess.run([sys.executable, "-c", probe], env=base_env(), cwd=REPO,
                             capture_output=True, text=True, check=True).stdout
     assert not set(HEAVY) & set(eval(loaded)), loaded
+
+
+def _heavy_modules_after(code: str, heavy: tuple[str, ...] = HEAVY) -> set[str]:
+    """Those of `heavy` (top-level packages) a fresh interpreter holds after running `code`."""
+    probe = f"{code}\nimport sys; print(sorted({{m.split('.')[0] for m in sys.modules}}))"
+    done = subprocess.run([sys.executable, "-c", probe], env=base_env(), cwd=REPO,
+                          capture_output=True, text=True, check=True)
+    return set(heavy) & set(eval(done.stdout.strip().splitlines()[-1]))
+
+
+def test_the_submission_client_loads_neither_ray_nor_torch() -> None:
+    """The thin Jobs-API client imports ray.job_submission (and pandas) only when it is used."""
+    loaded = _heavy_modules_after("import orchestrator.submit", (*HEAVY, "pandas"))
+    assert not loaded, loaded
+
+
+def test_validate_loads_neither_ray_nor_torch() -> None:
+    """`orchestrator validate` of a spec without model.pretrained needs the spec alone."""
+    loaded = _heavy_modules_after(
+        "from orchestrator.cli import main\n"
+        "assert main(['validate', 'jobs/quickstart.yaml', '--quiet']) == 0")
+    assert not loaded, loaded
+
+
+def test_the_result_line_is_for_programs_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`orchestrator run` prints RESULT_MARKER + JSON under --json, or when the Jobs API runs it
+    (Ray's job supervisor sets RAY_JOB_CONFIG_JSON_ENV_VAR, with the job's id in its metadata),
+    and never in a person's terminal otherwise."""
+    from orchestrator.cli import _parser, _wants_result_line
+    from orchestrator.submit import JOB_CONFIG_ENV, submitted_job_id
+
+    monkeypatch.delenv(JOB_CONFIG_ENV, raising=False)
+    run = _parser().parse_args(["run", "jobs/quickstart.yaml"])
+    resume = _parser().parse_args(["resume", "runs/quickstart-20261130-101500"])
+    assert not _wants_result_line(run) and not _wants_result_line(resume)
+    assert _wants_result_line(_parser().parse_args(["run", "jobs/quickstart.yaml", "--json"]))
+    assert _wants_result_line(_parser().parse_args(["resume", "runs/x", "--json"]))
+    assert submitted_job_id() is None
+
+    config = {"runtime_env": {}, "metadata": {"job_submission_id": "raysubmit_abc",
+                                              "job_name": "raysubmit_abc"}}
+    monkeypatch.setenv(JOB_CONFIG_ENV, json.dumps(config))
+    assert submitted_job_id() == "raysubmit_abc"
+    assert _wants_result_line(run) and _wants_result_line(resume)
+    monkeypatch.setenv(JOB_CONFIG_ENV, json.dumps({"metadata": {}}))  # a driver, not a job
+    assert submitted_job_id() is None and not _wants_result_line(run)
+    monkeypatch.setenv(JOB_CONFIG_ENV, "not json")
+    assert submitted_job_id() is None
+
+
+def test_the_job_supervisor_still_sets_what_submitted_job_id_reads() -> None:
+    """Pins the Ray internals submitted_job_id relies on (Ray 2.60's job supervisor), so a Ray
+    upgrade that renames them fails here rather than silently losing Job.report()."""
+    import importlib.util
+
+    ray = importlib.util.find_spec("ray")  # found, not imported
+    assert ray is not None and ray.submodule_search_locations
+    job = Path(ray.submodule_search_locations[0]) / "dashboard" / "modules" / "job"
+    supervisor = (job / "job_supervisor.py").read_text()
+    assert "RAY_JOB_CONFIG_JSON_ENV_VAR: json.dumps(" in supervisor
+    assert '"metadata": self._metadata' in supervisor
+    assert 'JOB_ID_METADATA_KEY = "job_submission_id"' in (job / "common.py").read_text()
 
 
 def test_validate_prints_the_spec() -> None:
