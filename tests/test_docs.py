@@ -57,7 +57,8 @@ def _tracked_files() -> list[Path]:
 
 
 def test_nothing_in_the_repository_points_outside_it() -> None:
-    """A clone holds everything it refers to: no tracked file but CI's points at ../shared."""
+    """A clone holds everything it refers to: no tracked file but CI's names the shared folder
+    beside the checkout (the needle below)."""
     needle = ".." + "/shared"  # spelled in two pieces so that this file does not match itself
     offenders = []
     for path in _tracked_files():
