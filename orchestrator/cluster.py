@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ray
 import yaml
 
 from orchestrator.spec import Grid, JobSpec, SpecError
@@ -38,6 +37,8 @@ def launcher_capacity(config: dict[str, Any]) -> dict[str, float]:
 def cluster_capacity() -> dict[str, float]:
     """On a `ray up` cluster, every node type at its max_workers (or what is up, if more);
     elsewhere what the cluster has now."""
+    import ray  # the connected cluster's; the plan's arithmetic below needs no Ray
+
     now = ray.cluster_resources()
     path = BOOTSTRAP_CONFIG.expanduser()
     if not path.is_file():
@@ -108,9 +109,8 @@ def with_device(spec: JobSpec, plan: ClusterPlan) -> JobSpec:
         update={"use_gpu": plan.use_gpu})})
 
 
-def check_training_options(spec: JobSpec, use_gpu: bool) -> JobSpec:
-    """Refuse training options this cluster cannot honour before any worker starts; return the
-    spec to train with (FSDP over one worker falls back to plain training, with a warning)."""
+def refuse_untrainable(spec: JobSpec, use_gpu: bool) -> None:
+    """Refuse, before any worker starts, training options this cluster cannot honour."""
     train = spec.train
     if train.precision == "fp16" and not use_gpu:
         raise SpecError("train.precision = 'fp16': fp16 training needs a GPU (on CPU use 'bf16' "
@@ -118,6 +118,13 @@ def check_training_options(spec: JobSpec, use_gpu: bool) -> JobSpec:
     if train.precision == "fp16" and train.strategy == "fsdp":
         raise SpecError("train.precision = 'fp16' with train.strategy = 'fsdp' is not supported "
                         "(the grad scaler does not handle sharded gradients); use 'bf16' or ddp")
+
+
+def training_spec(spec: JobSpec, use_gpu: bool) -> JobSpec:
+    """The spec a run trains with: refused as refuse_untrainable says, and FSDP over one worker
+    falls back to plain training, with a warning."""
+    refuse_untrainable(spec, use_gpu)
+    train = spec.train
     if train.strategy == "fsdp" and spec.resources.num_workers == 1:
         log.warning("train.strategy fsdp with resources.num_workers 1 has nothing to shard "
                     "over; training the whole model on the one worker")

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import ray
-from ray.util import metrics as ray_metrics
+if TYPE_CHECKING:
+    from ray.util import metrics as ray_metrics
 
 PREFIX = "orchestrator_"
 Kind = Literal["counter", "gauge", "histogram"]
@@ -82,11 +83,16 @@ METRICS: dict[str, MetricDef] = {
 
 
 def enabled() -> bool:
-    return os.environ.get("ORCHESTRATOR_METRICS", "1") != "0" and ray.is_initialized()
+    """Recording is on inside a Ray process (one that has imported and initialised Ray)."""
+    ray = sys.modules.get("ray")
+    return (os.environ.get("ORCHESTRATOR_METRICS", "1") != "0" and ray is not None
+            and ray.is_initialized())
 
 
 @functools.cache
 def _metric(name: str) -> ray_metrics.Metric:
+    from ray.util import metrics as ray_metrics
+
     spec = METRICS[name]
     full = PREFIX + name
     if spec.kind == "counter":
@@ -101,6 +107,8 @@ def record(name: str, value: float, **tags: str) -> None:
     """Set a gauge, add to a counter or observe a histogram value; nothing outside Ray."""
     if not enabled():
         return
+    from ray.util import metrics as ray_metrics
+
     metric = _metric(name)
     if isinstance(metric, ray_metrics.Counter):
         if value > 0:

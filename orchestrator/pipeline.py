@@ -14,7 +14,7 @@ import ray
 
 from orchestrator import serve as service
 from orchestrator.bundle import write_metrics
-from orchestrator.cluster import ClusterPlan, check_training_options, plan_cluster, with_device
+from orchestrator.cluster import ClusterPlan, plan_cluster, refuse_untrainable, with_device
 from orchestrator.compress.stage import Compression, compress_winner, measure_latency
 from orchestrator.data.stage import prepare_data
 from orchestrator.evaluate import evaluate_bundle
@@ -35,7 +35,6 @@ STAGES = ("data", "sweep", "select", "evaluate", "compress", "deploy")
 def stages_of(spec: JobSpec) -> tuple[str, ...]:
     """The stages this job runs: compress only with compress.variants."""
     return tuple(s for s in STAGES if s != "compress" or spec.compress.variants)
-RESULT_MARKER = "orchestrator-result: "
 
 
 @dataclass
@@ -92,7 +91,7 @@ def run_pipeline(spec: JobSpec, say: Callable[[str], None] | Progress = print,
     # other nodes); a job that cannot train fails at once, before any stage runs.
     plan = plan_cluster(spec)
     spec = with_device(spec, plan)
-    check_training_options(spec, plan.use_gpu)
+    refuse_untrainable(spec, plan.use_gpu)
     if resume is None:
         run_dir = RunDir.create(spec.run_dir, spec.name)
     else:

@@ -123,7 +123,7 @@ def tiny_spec(family: str, path: str | Path = SAMPLE, **sections) -> dict:
         "train": {"max_steps": 20, "warmup_steps": 2, "eval_interval": 10, "eval_batches": 2,
                   "batch_size": 16},
         "sweep": {"num_samples": 1},
-        "resources": {"num_workers": 1, "cpus_per_worker": 1},
+        "resources": {"num_workers": 1, "cpus_per_worker": 1, "use_gpu": False},
     }
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)

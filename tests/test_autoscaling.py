@@ -34,7 +34,7 @@ from conftest import REPO, TIMING, free_port, stage_times, tiny_spec
 from processes import VENV_BIN, base_env, stop_marked, wait_for_dashboard
 from ray.util.state import list_actors, list_nodes, list_placement_groups
 
-from orchestrator.pipeline import RESULT_MARKER
+from orchestrator.submit import RESULT_MARKER
 from orchestrator.weights.model import load_bundle
 
 pytestmark = pytest.mark.e2e
@@ -203,7 +203,7 @@ def run_job(cluster: FakeCluster) -> JobRun:
     the alive worker nodes every second while it runs."""
     log = cluster.root / "job.log"
     env = cluster.env(RAY_ADDRESS=cluster.gcs_address, HOME=str(_bootstrap_home(cluster)))
-    command = [sys.executable, "-m", "orchestrator", "run", str(_write_spec(cluster))]
+    command = [sys.executable, "-m", "orchestrator", "run", str(_write_spec(cluster)), "--json"]
     submitted = time.monotonic()
     with log.open("w") as out:
         job = subprocess.Popen(command, env=env, cwd=cluster.root, stdout=out,

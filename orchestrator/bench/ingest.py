@@ -18,8 +18,9 @@ from orchestrator.bench.training import bench_spec, prepare
 from orchestrator.models import build_model
 from orchestrator.rundir import RunDir
 from orchestrator.train.batches import BatchStream
+from orchestrator.train.hosts import RayDataShard
 from orchestrator.train.metrics import lm_loss
-from orchestrator.train.session import InMemorySplit, RayDataShard
+from orchestrator.train.session import InMemorySplit
 
 
 def timed_rows(batches: Iterator[dict[str, torch.Tensor]], count: int,

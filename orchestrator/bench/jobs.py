@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator.pipeline import RESULT_MARKER
+from orchestrator.submit import RESULT_MARKER
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "jobs" / "quickstart.yaml"
@@ -24,7 +24,7 @@ QUICK = ["train.max_steps=20", "train.eval_interval=10", "train.warmup_steps=2",
 def run_quickstart(overrides: list[str], env: dict[str, str] | None = None
                    ) -> tuple[float, dict[str, Any]]:
     """(wall seconds, report) of the quickstart with these `--set` overrides."""
-    command = [sys.executable, "-m", "orchestrator", "run", str(QUICKSTART)]
+    command = [sys.executable, "-m", "orchestrator", "run", str(QUICKSTART), "--json"]
     for override in overrides:
         command += ["--set", override]
     started = time.perf_counter()

@@ -15,11 +15,14 @@ import ray
 import torch
 
 from orchestrator import metrics
+from orchestrator.cluster import plan_cluster, with_device
 from orchestrator.data.stage import prepare_data
 from orchestrator.models import build_model
 from orchestrator.records import DataInfo
+from orchestrator.rundir import RunDir
 from orchestrator.spec import JobSpec, parse_spec
 from orchestrator.sweep import run_sweep
+from orchestrator.train.config import worker_config
 from orchestrator.train.metrics import lm_loss
 from orchestrator.train.optim import build_optimizer, build_scheduler
 from orchestrator.train.session import read_split_tensors
@@ -87,7 +90,8 @@ def ray_train_reports(spec: JobSpec, prepared: Prepared, name: str) -> list[dict
     """Every interval's report of one Ray Train run, in step order."""
     spec = spec.model_copy(update={"train": spec.train.model_copy(update={
         "checkpoints_to_keep": spec.train.max_steps, "checkpoint_keep": "latest"})})
-    result = build_trainer(spec, prepared.run_dir, prepared.info,
+    spec = with_device(spec, plan_cluster(spec))
+    result = build_trainer(worker_config(spec, prepared.info, RunDir.at(prepared.run_dir)),
                            name=f"{name}-{time.monotonic_ns()}").fit()
     if result.error:
         raise RuntimeError(f"benchmark run {name} failed: {result.error}")

@@ -8,7 +8,7 @@ gets it much closer than random weights in the same steps.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +16,10 @@ from torch import nn
 
 from orchestrator.records import DataInfo
 from orchestrator.spec import CompressSpec, JobSpec, SweepSpec
+from orchestrator.train.config import Beginning, WorkerConfig
 from orchestrator.train.metrics import Objective
 from orchestrator.train.parallel import transformer_blocks
+from orchestrator.weights.model import load_bundle, starting_model
 
 # The config key of a Hugging Face architecture's block count.
 LAYER_KEYS = {"gpt2": "n_layer", "bert": "num_hidden_layers", "roberta": "num_hidden_layers",
@@ -99,3 +101,20 @@ def distillation_objective(family: str, teacher: nn.Module, temperature: float,
     tokens = (lambda batch: batch["ids"][:, 1:].numel()) if family == "gpt" else \
         (lambda batch: batch["ids"].numel())
     return Objective(loss=loss, tokens=tokens)
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """A student's start: the teacher's weights where they fit, and the distillation objective
+    (what the compress stage hands the training loop)."""
+
+    teacher: str  # the teacher's bundle
+    temperature: float
+    alpha: float
+
+    def begin(self, config: WorkerConfig, device: torch.device) -> Beginning:
+        model = starting_model(config.spec, config.info, config.run_dir.base)
+        teacher = load_bundle(self.teacher).model.to(device)
+        init_from_teacher(model, teacher)
+        return Beginning(model, distillation_objective(config.info.family, teacher,
+                                                       self.temperature, self.alpha))

@@ -9,10 +9,15 @@ from (zero_masks), so no mask travels beside the weights.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from orchestrator.train.config import Beginning, WorkerConfig
 from orchestrator.train.masks import prunable_weights
+from orchestrator.train.metrics import objective_for
+from orchestrator.weights.model import load_bundle, starting_model
 
 
 def prune_globally(model: nn.Module, sparsity: float) -> float:
@@ -34,3 +39,16 @@ def sparsity_of(model: nn.Module) -> float:
     weights = list(prunable_weights(model).values())
     zeros = sum(int((w == 0).sum()) for w in weights)
     return zeros / sum(w.numel() for w in weights)
+
+
+@dataclass(frozen=True)
+class PrunedRecovery:
+    """A pruned model's recovery fine-tune starts from its pruned bundle and keeps the pruned
+    weights at zero."""
+
+    pruned: str  # the pruned bundle
+
+    def begin(self, config: WorkerConfig, device: torch.device) -> Beginning:
+        model = starting_model(config.spec, config.info, config.run_dir.base)
+        model.load_state_dict(load_bundle(self.pruned).model.state_dict())
+        return Beginning(model, objective_for(config.info), keep_zeros=True)

@@ -24,9 +24,14 @@ from typing import Any
 import ray
 
 from orchestrator.bundle import read_spec_and_info, write_bundle
-from orchestrator.compress.distill import parameter_count, student_spec_and_info, teacher_blocks
+from orchestrator.compress.distill import (
+    Distillation,
+    parameter_count,
+    student_spec_and_info,
+    teacher_blocks,
+)
 from orchestrator.compress.measure import service_p50_s, size_bytes, speed, speed_key
-from orchestrator.compress.prune import prune_globally, sparsity_of
+from orchestrator.compress.prune import PrunedRecovery, prune_globally, sparsity_of
 from orchestrator.evaluate import evaluate_bundle
 from orchestrator.models import build_model
 from orchestrator.records import COMPRESSION_FILE, DataInfo
@@ -41,6 +46,7 @@ from orchestrator.spec import (
 )
 from orchestrator.storage import resolve
 from orchestrator.tokenizer import TOKENIZER_FILE
+from orchestrator.train.config import worker_config
 from orchestrator.train.trainer import build_trainer
 from orchestrator.weights.int8 import quantize_int8
 from orchestrator.weights.model import load_bundle, save_bundle
@@ -169,8 +175,8 @@ def _build_prune(spec: JobSpec, run_dir: RunDir, info: DataInfo,
     if prune.recovery_steps == 0:
         return pruned, info, details
     recovery = _recovery_spec(spec, prune.recovery_steps, prune.lr)
-    result = build_trainer(recovery, run_dir, info, name=_run_name("prune"),
-                           start={"start_from": pruned, "keep_zeros": True}).fit()
+    result = build_trainer(worker_config(recovery, info, run_dir, PrunedRecovery(pruned)),
+                           name=_run_name("prune")).fit()
     uri = _trained_bundle(result, run_dir, "prune", recovery, info, details)
     details["sparsity_after_recovery"] = sparsity_of(load_bundle(uri).model)
     return uri, info, details
@@ -187,9 +193,9 @@ def _build_distill(spec: JobSpec, run_dir: RunDir, info: DataInfo,
                "teacher_params": parameter_count(teacher),
                "student_params": parameter_count(build_model(student_spec, student_info)),
                "steps": student_spec.train.max_steps}
-    result = build_trainer(student_spec, run_dir, student_info, name=_run_name("distill"),
-                           start={"distill": {"teacher": winner, "temperature":
-                                              distill.temperature, "alpha": distill.alpha}}).fit()
+    start = Distillation(winner, distill.temperature, distill.alpha)
+    result = build_trainer(worker_config(student_spec, student_info, run_dir, start),
+                           name=_run_name("distill")).fit()
     return _trained_bundle(result, run_dir, "distill", student_spec, student_info,
                            details), student_info, details
 
@@ -245,7 +251,7 @@ def compress_finished_run(location: str, overrides: list[str],
     """`orchestrator compress RUN_DIR`: the compress stage on a finished run, with its winner's
     spec and `overrides` (compress.*, serve.*); report.json and report.md gain the variants."""
     from orchestrator import serve as service
-    from orchestrator.cluster import cluster_capacity, inference_gpus
+    from orchestrator.cluster import cluster_capacity, inference_gpus, plan_cluster, with_device
     from orchestrator.plots import plot_compression, plots_markdown
     from orchestrator.report import json_safe, render_markdown
 
@@ -256,6 +262,7 @@ def compress_finished_run(location: str, overrides: list[str],
     report = json.loads(run_dir.report_json.read_text())
     winner_spec, info = read_spec_and_info(run_dir.winner)
     spec = parse_spec(apply_overrides(winner_spec.model_dump(mode="json"), overrides))
+    spec = with_device(spec, plan_cluster(spec))  # decided once, here: workers must not
     if not spec.compress.variants:
         raise SpecError("compress.variants is empty: name the variants to build, e.g. "
                         "--set 'compress.variants=[int8, prune]'")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -15,14 +15,15 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.util.placement_group import placement_group_table
 
-from orchestrator.cluster import ClusterPlan, check_training_options, plan_cluster, with_device
+from orchestrator.cluster import ClusterPlan, plan_cluster, with_device
 from orchestrator.records import DataInfo
 from orchestrator.rundir import TUNE_EXPERIMENT, RunDir
 from orchestrator.spec import JobSpec
 from orchestrator.storage import Location, resolve
 from orchestrator.sweep.progress import TrialProgress
 from orchestrator.sweep.space import apply_trial_config, search_space
-from orchestrator.train.loop import train_in_trial
+from orchestrator.train.config import worker_config
+from orchestrator.train.hosts import train_in_trial
 from orchestrator.train.trainer import build_trainer, checkpoint_retention
 
 # The trial driver only waits on its TorchTrainer, so it reserves memory and no CPU. A share of
@@ -85,18 +86,15 @@ def trains_in_trial(spec: JobSpec) -> bool:
     return spec.resources.num_workers == 1 and spec.data.cache
 
 
-def run_trial(config: dict[str, Any], spec: JobSpec, run_dir: str, info: DataInfo) -> None:
-    """One Tune trial: training in this actor, or a Ray Train run whose reports reach Tune
-    through TuneReportCallback."""
-    trial_spec = check_training_options(apply_trial_config(spec, config), spec.resources.use_gpu)
-    if trains_in_trial(trial_spec):
-        train_in_trial({"spec": trial_spec.model_dump(mode="json"), "data_info": asdict(info),
-                        "base": RunDir.at(run_dir).base.uri}, run_dir)
+def run_trial(values: dict[str, Any], spec: JobSpec, run_dir: str, info: DataInfo) -> None:
+    """One Tune trial of the sweep values `values`: training in this actor, or a Ray Train run
+    whose reports reach Tune through TuneReportCallback."""
+    config = worker_config(apply_trial_config(spec, values), info, RunDir.at(run_dir))
+    if trains_in_trial(config.spec):
+        train_in_trial(config)
         return
     trial_id = tune.get_context().get_trial_id()
-    trainer = build_trainer(trial_spec, run_dir, info, name=f"trial-{trial_id}",
-                            callbacks=[TuneReportCallback()])
-    trainer.fit()
+    build_trainer(config, name=f"trial-{trial_id}", callbacks=[TuneReportCallback()]).fit()
 
 
 def trial_actor_resources(spec: JobSpec) -> dict[str, float]:

@@ -1,5 +1,6 @@
 """What one training worker runs: the training loop, with validation, metrics, checkpoints and
-resume (model, optimizer, schedule, random state and data position)."""
+resume (model, optimizer, schedule, random state and data position). Plain Python and torch:
+its host (train/session.py) is Ray Train, a Tune trial actor, or this process."""
 
 from __future__ import annotations
 
@@ -11,18 +12,18 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-import ray.train
 import torch
 import torch.distributed as dist
 
 from orchestrator import metrics as prometheus
-from orchestrator.compress.distill import distillation_objective, init_from_teacher
 from orchestrator.records import DataInfo
 from orchestrator.spec import JobSpec
+from orchestrator.storage import resolve
 from orchestrator.train.batches import BatchStream, DataPosition
+from orchestrator.train.config import WorkerConfig
 from orchestrator.train.flops import model_flops_per_token, peak_flops
 from orchestrator.train.masks import apply_masks, zero_masks
-from orchestrator.train.metrics import Objective, evaluate, objective_for
+from orchestrator.train.metrics import Objective, evaluate
 from orchestrator.train.optim import (
     add_l1_gradient,
     build_optimizer,
@@ -35,9 +36,8 @@ from orchestrator.train.parallel import (
     parallelize,
     resolve_precision,
 )
-from orchestrator.train.session import RayTrainSession, Session, TrialSession
+from orchestrator.train.session import Session
 from orchestrator.weights.checkpoint import load_checkpoint, save_checkpoint
-from orchestrator.weights.model import load_bundle, starting_model
 
 log = logging.getLogger("orchestrator.train")
 
@@ -87,16 +87,6 @@ def throughput(per_worker: torch.Tensor, steps: int, flops_per_token: float | No
     return metrics
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """What each Ray Train worker runs."""
-    train_loop(config, RayTrainSession())
-
-
-def train_in_trial(config: dict[str, Any], run_dir: str) -> None:
-    """What a one-worker trial runs inside its Tune trial actor (see train/session.py)."""
-    train_loop(config, TrialSession(JobSpec.model_validate(config["spec"]), run_dir))
-
-
 @dataclass
 class Interval:
     """What the steps since the last report add up to (this worker's figures)."""
@@ -142,7 +132,7 @@ class TrainingRun:
         return self.step % train.eval_interval == 0 or self.step == train.max_steps
 
 
-def train_loop(config: dict[str, Any], session: Session) -> None:
+def train_loop(config: WorkerConfig, session: Session) -> None:
     """Train from the spec in `config` (or resume), validating, reporting and checkpointing every
     eval_interval steps through the session's host. After torchtitan's train(): set up, then
     one step at a time, closing each interval with validation, a report and a checkpoint."""
@@ -153,11 +143,10 @@ def train_loop(config: dict[str, Any], session: Session) -> None:
             end_interval(run)
 
 
-def set_up(config: dict[str, Any], session: Session) -> TrainingRun:
+def set_up(config: WorkerConfig, session: Session) -> TrainingRun:
     """Build the model, optimizer and schedule for this worker, and restore them (with the random
     state's seed and the data position) from a checkpoint when there is one."""
-    spec = JobSpec.model_validate(config["spec"])
-    info = DataInfo.from_dict(config["data_info"])
+    spec, info = config.spec, config.info
     train = spec.train
     torch.manual_seed(train.seed)
     device, world, rank = session.device, session.world_size, session.rank
@@ -170,15 +159,8 @@ def set_up(config: dict[str, Any], session: Session) -> TrainingRun:
     if warning and rank == 0:
         log.warning(warning)
 
-    model = starting_model(spec, info, config.get("base"))
-    objective = objective_for(info)
-    if config.get("start_from"):  # a compress stage's pruned winner, for its recovery
-        model.load_state_dict(load_bundle(config["start_from"]).model.state_dict())
-    if distill := config.get("distill"):  # a compress stage's student and its teacher
-        teacher = load_bundle(distill["teacher"]).model.to(device)
-        init_from_teacher(model, teacher)
-        objective = distillation_objective(info.family, teacher, distill["temperature"],
-                                           distill["alpha"])
+    beginning = config.start.begin(config, device)
+    model, objective = beginning.model, beginning.objective
     flops_per_token = model_flops_per_token(model, info.context_length)
     peak = peak_flops(device, precision.dtype or torch.float32)
     model = parallelize(model, train, device, world, precision, compile_model)
@@ -189,7 +171,7 @@ def set_up(config: dict[str, Any], session: Session) -> TrainingRun:
         precision=precision, model=model, plain_model=plain_model,
         # Pruned weights stay zero through a recovery fine-tune: masks of the weights it
         # starts from.
-        masks=zero_masks(plain_model) if config.get("keep_zeros") else None,
+        masks=zero_masks(plain_model) if beginning.keep_zeros else None,
         optimizer=optimizer, scheduler=build_scheduler(optimizer, train),
         scaler=torch.amp.GradScaler(device.type, enabled=precision.scaler),
         batches=None, flops_per_token=flops_per_token, peak=peak,
@@ -202,10 +184,9 @@ def set_up(config: dict[str, Any], session: Session) -> TrainingRun:
     # checkpoint; a new run may start from another run's (Train V2 deprecated
     # resume_from_checkpoint for this).
     failed_over = session.restored()
-    checkpoint = failed_over or (
-        config.get("resume_from") and ray.train.Checkpoint(config["resume_from"]))
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
+    if failed_over or config.resume_from:
+        with (failed_over.as_directory() if failed_over
+              else resolve(config.resume_from).local_copy()) as directory:
             state = load_checkpoint(directory, model, optimizer, rank)
         run.scheduler.load_state_dict(state["scheduler"])
         run.step = run.resumed_from = state["step"]

@@ -10,11 +10,11 @@ import functools
 import shutil
 from dataclasses import dataclass
 
-import ray.train.torch
 import torch
 import torch.utils.checkpoint
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
 from orchestrator.spec import TrainSpec
 
@@ -34,7 +34,7 @@ class Precision:
 def resolve_precision(requested: str, device: torch.device) -> tuple[Precision, str | None]:
     """The precision to train in on this device, and a warning when it differs from the request.
 
-    fp16 on CPU is refused before workers start (trainer.check_training_options)."""
+    fp16 on CPU is refused before workers start (cluster.refuse_untrainable)."""
     cuda = device.type == "cuda"
     if requested == "fp32" or (requested == "auto" and not cuda):
         return Precision(None), None
@@ -88,7 +88,7 @@ def parallelize(model: nn.Module, train: TrainSpec, device: torch.device, world_
                 precision: Precision, compile_model: bool) -> nn.Module:
     """The model ready for training on this worker: on its device, wrapped for the strategy.
 
-    One worker needs no wrapper; DDP goes through Ray Train's prepare_model. FSDP2 shards every
+    One worker needs no wrapper; DDP is torch's, over the process group the host set up. FSDP2 shards every
     block, then the root (embeddings, final norm and the tied head stay together in it); on GPU
     in bf16 it gathers parameters in bf16 and reduces gradients in fp32."""
     blocks = transformer_blocks(model) if (train.activation_checkpointing or compile_model
@@ -102,7 +102,7 @@ def parallelize(model: nn.Module, train: TrainSpec, device: torch.device, world_
     if world_size == 1:
         return model
     if train.strategy == "ddp":
-        return ray.train.torch.prepare_model(model, parallel_strategy="ddp")
+        return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     policy = MixedPrecisionPolicy()
     if device.type == "cuda" and precision.dtype == torch.bfloat16:
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

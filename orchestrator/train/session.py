@@ -1,4 +1,4 @@
-"""Where the training loop runs: one loop, two hosts.
+"""Where the training loop runs: one loop, three hosts.
 
 A trial with several workers is a Ray Train run: a controller, a worker group, and Ray Data
 splitting the training set between the workers. A trial with one worker whose splits fit in
@@ -7,7 +7,9 @@ and checkpointing through Tune, with the splits read straight from the run direc
 On 2 cores a Ray Train run spent about 45 s per trial starting and stopping its controller,
 worker, dataset manager, split coordinator and their queues, next to 30 s of training; the
 trial actor pays none of it. Both keep checkpoints, resume after a worker death (Train's or
-Tune's `FailureConfig`) and ASHA's early stopping, which acts on the reports either way.
+Tune's `FailureConfig`) and ASHA's early stopping, which acts on the reports either way. Those
+two hosts are in train/hosts.py; the third, LocalSession, runs the loop in this process without
+Ray (tests, and anyone who wants one run on one machine).
 
 A session is what the loop asks of its host: who it is (rank, world, device, name), the
 checkpoint to start from, its batches, and where its reports go.
@@ -15,19 +17,26 @@ checkpoint to start from, its batches, and where its reports go.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray.train
-import ray.train.torch
 import torch
-from ray import tune
 
 from orchestrator.rundir import RunDir
-from orchestrator.spec import JobSpec
 from orchestrator.train.batches import EpochSource
+from orchestrator.train.config import WorkerConfig
+
+
+class Checkpoint(Protocol):
+    """A checkpoint a host hands back (Ray Train's and Tune's have this method)."""
+
+    def as_directory(self) -> AbstractContextManager[str]: ...
 
 
 class Session(Protocol):
@@ -36,7 +45,7 @@ class Session(Protocol):
     device: torch.device
     name: str  # the run's name in metrics: trial-<id>
 
-    def restored(self) -> ray.train.Checkpoint | None:
+    def restored(self) -> Checkpoint | None:
         """The checkpoint this host restarts the run from after a failure, if any."""
 
     def train_source(self, shuffle_buffer: int, seed: int) -> EpochSource:
@@ -49,71 +58,52 @@ class Session(Protocol):
         """Hand the interval's metrics and this worker's checkpoint directory to the host."""
 
 
-class RayTrainSession:
-    """A Ray Train worker: Train's context, its dataset shards and its reports."""
+@dataclass
+class LocalCheckpoint:
+    path: str
 
-    def __init__(self) -> None:
-        context = ray.train.get_context()
-        self.world_size, self.rank = context.get_world_size(), context.get_world_rank()
-        self.device = ray.train.torch.get_device()
-        self.name = context.get_experiment_name()
-
-    def restored(self) -> ray.train.Checkpoint | None:
-        return ray.train.get_checkpoint()
-
-    def train_source(self, shuffle_buffer: int, seed: int) -> EpochSource:
-        return RayDataShard(ray.train.get_dataset_shard("train"), self.device, shuffle_buffer,
-                            seed)
-
-    def val_batches(self, batch_size: int, count: int) -> list[dict[str, torch.Tensor]]:
-        shard = ray.train.get_dataset_shard("val")
-        return list(shard.iter_torch_batches(batch_size=batch_size, device=self.device))[:count]
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str) -> None:
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir))
+    @contextmanager
+    def as_directory(self) -> Iterator[str]:
+        yield self.path
 
 
-class TrialSession:
-    """A one-worker run inside its Tune trial actor: the whole splits in memory, Tune's
-    reports and checkpoints (persisted to the trial's storage when reported)."""
+class LocalSession:
+    """The loop in this process, without Ray: the whole splits in memory (as in a trial
+    actor), each report kept in `reports` with its checkpoint copied under `checkpoints/`.
+    `restored` plays the host that restarts a failed run from a checkpoint of its own."""
 
-    world_size, rank = 1, 0
+    world_size, rank, name = 1, 0, "local"
 
-    def __init__(self, spec: JobSpec, run_dir: RunDir | str) -> None:
-        self.device = torch.device("cuda" if spec.resources.use_gpu is True else "cpu")
-        self.name = f"trial-{tune.get_context().get_trial_id()}"
-        self.run_dir = RunDir.at(run_dir)
+    def __init__(self, config: WorkerConfig, checkpoints: str | Path,
+                 restored: str | Path | None = None) -> None:
+        self.device = torch.device("cuda" if config.use_gpu else "cpu")
+        self.run_dir = config.run_dir
+        self.checkpoints = Path(checkpoints)
+        self._restored = restored
+        self.reports: list[dict[str, Any]] = []
 
-    def restored(self) -> ray.train.Checkpoint | None:
-        return tune.get_checkpoint()
+    def restored(self) -> Checkpoint | None:
+        return LocalCheckpoint(str(self._restored)) if self._restored else None
 
     def train_source(self, shuffle_buffer: int, seed: int) -> EpochSource:
-        """The whole split, each epoch fully permuted: no buffer needed (shuffle_buffer unused)."""
         return InMemorySplit(read_split_tensors(self.run_dir, "train"), self.device, seed)
 
     def val_batches(self, batch_size: int, count: int) -> list[dict[str, torch.Tensor]]:
-        rows = read_split_tensors(self.run_dir, "val")
-        total = len(rows["ids"])
-        return [{name: column[start:start + batch_size].to(self.device)
-                 for name, column in rows.items()}
-                for start in range(0, min(total, batch_size * count), batch_size)]
+        return first_batches(read_split_tensors(self.run_dir, "val"), batch_size, count,
+                             self.device)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str) -> None:
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
+        kept = self.checkpoints / f"step-{metrics['step']}"
+        shutil.copytree(checkpoint_dir, kept, dirs_exist_ok=True)
+        self.reports.append({**metrics, "checkpoint": str(kept)})
 
 
-class RayDataShard:
-    """One worker's Ray Data shard; each epoch shuffled in a local buffer seeded by the epoch."""
-
-    def __init__(self, shard: Any, device: torch.device, shuffle_buffer: int, seed: int):
-        self.shard, self.device, self.shuffle_buffer, self.seed = shard, device, shuffle_buffer, seed
-
-    def fetches(self, epoch: int, rows: int) -> Iterator[dict[str, torch.Tensor]]:
-        buffer = self.shuffle_buffer or None
-        return self.shard.iter_torch_batches(
-            batch_size=rows, device=self.device, pin_memory=self.device.type == "cuda",
-            local_shuffle_buffer_size=buffer,
-            local_shuffle_seed=self.seed + epoch if buffer else None)
+def first_batches(rows: dict[str, torch.Tensor], batch_size: int, count: int,
+                  device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """The first `count` batches of a split held in memory, on the device."""
+    total = len(rows["ids"])
+    return [{name: column[start:start + batch_size].to(device) for name, column in rows.items()}
+            for start in range(0, min(total, batch_size * count), batch_size)]
 
 
 class InMemorySplit:

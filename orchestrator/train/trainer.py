@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -12,12 +10,10 @@ import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from orchestrator.cluster import check_training_options, plan_cluster
 from orchestrator.data.stage import read_split
-from orchestrator.records import DataInfo
-from orchestrator.rundir import RunDir
 from orchestrator.spec import JobSpec
-from orchestrator.train.loop import train_loop_per_worker
+from orchestrator.train.config import WorkerConfig
+from orchestrator.train.hosts import train_loop_per_worker
 
 log = logging.getLogger("orchestrator.train")
 
@@ -29,34 +25,24 @@ def ordered_ingest_options() -> ray.data.ExecutionOptions:
     return options
 
 
-def build_trainer(spec: JobSpec, run_dir: RunDir | str, info: DataInfo, name: str,
-                  callbacks: list | None = None,
-                  resume_from: str | Path | None = None,
-                  start: dict[str, Any] | None = None) -> TorchTrainer:
-    """A TorchTrainer for one run; `resume_from` (a checkpoint directory) starts it from a
-    checkpoint of another run, which may have had a different number of workers. `start` adds
-    what a compress stage's run starts from to the loop's config (train/loop.py's set_up:
-    `start_from`, `keep_zeros`, `distill`). The pipeline
-    passes a spec whose resources.use_gpu is decided; 'auto' is decided here."""
-    use_gpu = spec.resources.use_gpu
-    if use_gpu == "auto":
-        use_gpu = plan_cluster(spec).use_gpu
-    spec = check_training_options(spec, use_gpu)
-    run_dir = RunDir.at(run_dir)
+def build_trainer(config: WorkerConfig, name: str,
+                  callbacks: list | None = None) -> TorchTrainer:
+    """A TorchTrainer for one run of `config` (its workers' orders: the device is decided there,
+    not here); a config's `resume_from` may be a checkpoint of a run with another number of
+    workers."""
+    spec, run_dir = config.spec, config.run_dir
     datasets = {split: read_split(run_dir, split) for split in ("train", "val")}
     if spec.data.cache:
         datasets = {split: ds.materialize() for split, ds in datasets.items()}
     per_worker = {"CPU": spec.resources.cpus_per_worker}
-    if use_gpu:
+    if config.use_gpu:
         per_worker["GPU"] = spec.resources.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec.model_dump(mode="json"), "data_info": asdict(info),
-                           "base": run_dir.base.uri,
-                           "resume_from": str(resume_from) if resume_from else None,
-                           **(start or {})},
+        # Ray Train takes a dict here (its dashboard shows each value as a string).
+        train_loop_config={"worker": config},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=spec.resources.num_workers, use_gpu=use_gpu,
+            num_workers=spec.resources.num_workers, use_gpu=config.use_gpu,
             resources_per_worker=per_worker),
         datasets=datasets,
         # Ordered reads make every worker's shard the same after a restart, so a resumed run

@@ -11,13 +11,14 @@ import ray
 import torch
 from conftest import tiny_spec
 
+from orchestrator.cluster import training_spec
 from orchestrator.models import GPT
 from orchestrator.spec import SpecError, parse_spec
 from orchestrator.train.batches import BatchStream, DataPosition
+from orchestrator.train.hosts import RayDataShard
 from orchestrator.train.loop import resumed_position, throughput
 from orchestrator.train.parallel import compile_unsupported, transformer_blocks
-from orchestrator.train.session import InMemorySplit, RayDataShard
-from orchestrator.train.trainer import check_training_options
+from orchestrator.train.session import InMemorySplit
 from orchestrator.weights.checkpoint import (
     TRAINER_STATE_FILE,
     CheckpointError,
@@ -134,13 +135,13 @@ def test_global_batch_that_does_not_divide_is_refused():
 
 def test_options_that_cannot_run_are_refused_before_workers_start():
     with pytest.raises(SpecError, match="fp16 training needs a GPU"):
-        check_training_options(_spec({"precision": "fp16"}), use_gpu=False)
+        training_spec(_spec({"precision": "fp16"}), use_gpu=False)
     with pytest.raises(SpecError, match="fp16.*fsdp"):
-        check_training_options(_spec({"precision": "fp16", "strategy": "fsdp"}, 2), use_gpu=True)
+        training_spec(_spec({"precision": "fp16", "strategy": "fsdp"}, 2), use_gpu=True)
 
 
 def test_fsdp_on_one_worker_falls_back_with_a_warning(caplog):
-    spec = check_training_options(_spec({"strategy": "fsdp"}), use_gpu=False)
+    spec = training_spec(_spec({"strategy": "fsdp"}), use_gpu=False)
     assert spec.train.strategy == "ddp"
     assert "nothing to shard" in caplog.text
 

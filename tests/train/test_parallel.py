@@ -10,7 +10,9 @@ import torch
 from conftest import tiny_spec
 
 from orchestrator.models import build_model
+from orchestrator.rundir import RunDir
 from orchestrator.spec import parse_spec
+from orchestrator.train.config import worker_config
 from orchestrator.train.loop import resumed_position
 from orchestrator.train.optim import build_optimizer
 from orchestrator.train.trainer import build_trainer
@@ -30,7 +32,7 @@ def _spec(strategy: str, workers: int, max_steps: int = STEPS):
 @pytest.fixture(scope="module")
 def fsdp_run(prepared_gpt):
     run_dir, info = prepared_gpt
-    return build_trainer(_spec("fsdp", 2), run_dir, info, name="fsdp").fit()
+    return build_trainer(worker_config(_spec("fsdp", 2), info, RunDir.at(run_dir)), name="fsdp").fit()
 
 
 def test_fsdp_trains_on_two_ray_train_workers(fsdp_run):

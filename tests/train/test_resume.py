@@ -16,7 +16,9 @@ import ray
 from conftest import tiny_spec
 from ray.util.state import list_actors
 
+from orchestrator.rundir import RunDir
 from orchestrator.spec import parse_spec
+from orchestrator.train.config import worker_config
 from orchestrator.train.trainer import build_trainer
 
 INTERVAL = 20
@@ -60,7 +62,7 @@ def _kill_worker_mid_save(run_storage: Path, killed: list[int], timeout_s: float
 
 def _fit_while_killing(spec, prepared, name: str):
     run_dir, info = prepared
-    trainer = build_trainer(spec, run_dir, info, name=name)
+    trainer = build_trainer(worker_config(spec, info, RunDir.at(run_dir)), name=name)
     killed: list[int] = []
     killer = threading.Thread(target=_kill_worker_mid_save, args=(run_dir / "train" / name, killed))
     killer.start()
@@ -73,7 +75,7 @@ def _fit_while_killing(spec, prepared, name: str):
 def test_killed_worker_resumes_and_ends_like_an_uninterrupted_run(prepared_gpt):
     spec = _spec(max_failures=1)
     run_dir, info = prepared_gpt
-    reference = build_trainer(spec, run_dir, info, name="uninterrupted").fit()
+    reference = build_trainer(worker_config(spec, info, RunDir.at(run_dir)), name="uninterrupted").fit()
     result, killed = _fit_while_killing(spec, prepared_gpt, "killed")
     assert killed, "the worker was never killed"
     assert result.error is None
