@@ -330,7 +330,7 @@ def _bundle_and_spec(args: argparse.Namespace) -> tuple[str, JobSpec]:
     from orchestrator.bundle import read_spec_and_info
     from orchestrator.rundir import find_bundle
 
-    bundle_dir = find_bundle(args.run_dir)
+    bundle_dir = find_bundle(args.run_dir).uri
     spec, _ = read_spec_and_info(bundle_dir)
     return bundle_dir, parse_spec(apply_overrides(spec.model_dump(mode="json"), args.overrides))
 

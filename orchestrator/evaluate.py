@@ -24,7 +24,7 @@ from orchestrator.cluster import cluster_capacity, inference_gpus
 from orchestrator.data.sources import TEXT, read_source
 from orchestrator.data.stage import read_split, read_splits
 from orchestrator.inference.predictor import Predictor, SamplingParams
-from orchestrator.records import DataInfo
+from orchestrator.records import DataInfo, Evaluation, SplitEvaluation
 from orchestrator.reference import bits_per_byte, run_references
 from orchestrator.rundir import RunDir
 from orchestrator.spec import DataSpec
@@ -139,11 +139,10 @@ def unigram_log_probs(train_counts: np.ndarray) -> np.ndarray:
 
 def evaluate_bundle(run_dir: RunDir | str, bundle_dir: str, info: DataInfo,
                     splits: tuple[str, ...] = ("val", "test"), replicas: int = 1,
-                    gpus: int = 0) -> dict[str, dict[str, Any]]:
-    """For each split: {'model': the bundle's metrics, 'baseline': the trivial baseline's,
-    'reference': the classical reference's, 'text': the split's texts, bytes and tokens, 'rows':
-    the rows scored}, and for a classifier 'confusion_matrix' (counts[true][predicted], for the
-    report's plot). A language model's figures include bits per byte.
+                    gpus: int = 0) -> Evaluation:
+    """Each split's evaluation (records.SplitEvaluation): the bundle's metrics beside the
+    trivial baseline's and the classical reference's, and a classifier's confusion matrix. A
+    language model's figures include bits per byte.
 
     All splits are scored in one Ray Data pass; rows carry their split from the directory name.
     The references run beside it, as one Ray task, on the texts of the same splits.
@@ -158,11 +157,13 @@ def evaluate_bundle(run_dir: RunDir | str, bundle_dir: str, info: DataInfo,
         **on_actor_pool(replicas, gpus=gpus),
     ).to_pandas()
     references = ray.get(references)
-    return {split: _split_metrics(scored[scored["split"] == split], info, references[split])
-            for split in splits}
+    return Evaluation({split: _split_metrics(scored[scored["split"] == split], info,
+                                             references[split])
+                       for split in splits})
 
 
-def _split_metrics(scored: pd.DataFrame, info: DataInfo, reference: dict[str, Any]) -> dict[str, Any]:
+def _split_metrics(scored: pd.DataFrame, info: DataInfo,
+                   reference: dict[str, Any]) -> SplitEvaluation:
     common = {"reference": reference["reference"], "text": reference["text"],
               "rows": len(scored)}
     if info.family == "gpt":
@@ -170,15 +171,17 @@ def _split_metrics(scored: pd.DataFrame, info: DataInfo, reference: dict[str, An
         loss = float(scored["nll"].sum() / tokens)
         unigram = float(scored["unigram_nll"].sum() / tokens)
         per_byte = reference["text"]["tokens_per_byte"]
-        return {"model": {"loss": loss, "perplexity": math.exp(loss),
-                          "bits_per_byte": bits_per_byte(loss, per_byte)},
-                "baseline": {"name": "unigram", "perplexity": math.exp(unigram),
-                             "bits_per_byte": bits_per_byte(unigram, per_byte)}, **common}
+        return SplitEvaluation(
+            model={"loss": loss, "perplexity": math.exp(loss),
+                   "bits_per_byte": bits_per_byte(loss, per_byte)},
+            baseline={"name": "unigram", "perplexity": math.exp(unigram),
+                      "bits_per_byte": bits_per_byte(unigram, per_byte)}, **common)
     predictions, labels = scored["prediction"].to_numpy(), scored["label"].to_numpy()
     test = classification_metrics(predictions, labels, info.num_classes)
-    return {"model": test, "baseline": {"name": "majority class",
-                                       **majority_baseline(info, scored["label"])}, **common,
-            "confusion_matrix": confusion_matrix(predictions, labels, info.num_classes).tolist()}
+    return SplitEvaluation(
+        model=test, baseline={"name": "majority class", **majority_baseline(info, scored["label"])},
+        confusion_matrix=confusion_matrix(predictions, labels, info.num_classes).tolist(),
+        **common)
 
 
 def confusion_matrix(predictions: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:

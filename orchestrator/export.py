@@ -72,7 +72,7 @@ def export_hf(location: str | Path, out: str | Path, field: str = "RUN_DIR",
 
     quiet_transformers()
     try:
-        bundle = load_bundle(find_bundle(location))
+        bundle = load_bundle(find_bundle(location).uri)
     except FileNotFoundError as error:
         raise SpecError(f"{field} = {str(location)!r}: {error}") from None
     model = bundle.model

@@ -15,18 +15,25 @@ import ray
 from orchestrator import serve as service
 from orchestrator.bundle import write_metrics
 from orchestrator.cluster import ClusterPlan, plan_cluster, refuse_untrainable, with_device
-from orchestrator.compress.stage import Compression, compress_winner, measure_latency
+from orchestrator.compress.stage import compress_winner, measure_latency
 from orchestrator.data.stage import prepare_data
 from orchestrator.evaluate import evaluate_bundle
-from orchestrator.records import DataInfo
-from orchestrator.report import json_safe, reference_verdict, write_report
+from orchestrator.records import (
+    BundleRef,
+    Completed,
+    Compression,
+    DataInfo,
+    Evaluation,
+    json_safe,
+)
+from orchestrator.report import reference_verdict, write_report
 from orchestrator.resume import check_resumable
 from orchestrator.rundir import RunDir
 from orchestrator.serve.samples import send_sample_requests
 from orchestrator.spec import JobSpec, spec_to_yaml
 from orchestrator.sweep import run_sweep
 from orchestrator.sweep.space import apply_trial_config
-from orchestrator.sweep.tuner import SweepResult, SweepTiming, pick_winner
+from orchestrator.sweep.tuner import SweepResult, pick_winner
 from orchestrator.weights.model import save_bundle
 
 STAGES = ("data", "sweep", "select", "evaluate", "compress", "deploy")
@@ -118,7 +125,7 @@ def run_pipeline(spec: JobSpec, say: Callable[[str], None] | Progress = print,
     endpoint, samples = None, []
     if spec.serve.enabled:
         progress.stage("deploy")
-        endpoint = service.deploy(winner_spec, compression.bundle if compression else bundle)
+        endpoint = service.deploy(winner_spec, compression.bundle if compression else bundle.uri)
         progress.note(f"serving at {endpoint}")
         samples = send_sample_requests(spec, endpoint, info.family)
         if not spec.serve.keep_running:
@@ -131,8 +138,8 @@ def run_pipeline(spec: JobSpec, say: Callable[[str], None] | Progress = print,
         "data": {"texts": info.texts, "rows": info.rows, "vocab_size": info.vocab_size,
                  "labels": info.labels},
         "winner": {"trial_id": winner.trial_id, "arch": winner_spec.model.arch,
-                   "config": winner.config, "bundle": bundle, "best_step": winner.best_step},
-        "evaluation": evaluation,
+                   "config": winner.config, "bundle": bundle.uri, "best_step": winner.best_step},
+        "evaluation": evaluation.to_json(),
         "verdict": reference_verdict(evaluation, info.family),
         "compression": compression.to_json() if compression else None,
         "endpoint": endpoint if spec.serve.keep_running else None,
@@ -142,32 +149,30 @@ def run_pipeline(spec: JobSpec, say: Callable[[str], None] | Progress = print,
         "ray_version": ray.__version__,
     })
     write_report(run_dir, report, spec, sweep, evaluation, info)
-    run_dir.mark_completed("report", {"finished": report["finished"]})
+    run_dir.mark_completed(report=report["finished"])
     return report
 
 
-def _data_stage(spec: JobSpec, run_dir: RunDir, done: dict[str, Any],
+def _data_stage(spec: JobSpec, run_dir: RunDir, done: Completed,
                 progress: Progress) -> DataInfo:
-    if "data" in done:
-        info = DataInfo.from_dict(done["data"]["info"])
-        progress.done_earlier("data", f"{info.rows} rows")
-        return info
+    if done.data:
+        progress.done_earlier("data", f"{done.data.rows} rows")
+        return done.data
     progress.stage("data")
     info = prepare_data(spec, run_dir, progress.note)
     progress.note(f"{info.texts} texts -> {info.rows} rows, vocabulary {info.vocab_size}"
                   + (f", {info.num_classes} classes" if info.labels else ""))
-    run_dir.mark_completed("data", {"info": asdict(info)})
+    run_dir.mark_completed(data=info)
     return info
 
 
 def _sweep_stage(spec: JobSpec, run_dir: RunDir, info: DataInfo, plan: ClusterPlan,
-                 done: dict[str, Any], progress: Progress) -> SweepResult:
-    if "sweep" in done:
+                 done: Completed, progress: Progress) -> SweepResult:
+    if done.sweep:
         trials = pd.read_parquet(run_dir.trials.path, filesystem=run_dir.trials.fs)
         history = pd.read_parquet(run_dir.history.path, filesystem=run_dir.history.fs)
         progress.done_earlier("sweep", f"{len(trials)} trials")
-        return SweepResult(trials, history, pick_winner(trials, spec),
-                           SweepTiming(**done["sweep"]["timing"]))
+        return SweepResult(trials, history, pick_winner(trials, spec), done.sweep)
     progress.stage("sweep")
     sweep = run_sweep(spec, run_dir, info, progress.note,
                       restore=run_dir.tune_experiment.exists(), plan=plan)
@@ -175,50 +180,49 @@ def _sweep_stage(spec: JobSpec, run_dir: RunDir, info: DataInfo, plan: ClusterPl
     progress.note(f"{len(sweep.trials)} trials in {timing.wall_s:.0f} s: {timing.training_s:.0f} s "
                   f"of training steps, {timing.concurrent_trials} at a time "
                   f"({timing.overhead:.2f} x the training time per slot)")
-    run_dir.mark_completed("sweep", {"timing": asdict(timing)})
+    run_dir.mark_completed(sweep=timing)
     return sweep
 
 
 def _select_stage(spec: JobSpec, winner_spec: JobSpec, run_dir: RunDir, info: DataInfo,
-                  sweep: SweepResult, done: dict[str, Any], progress: Progress) -> str:
+                  sweep: SweepResult, done: Completed, progress: Progress) -> BundleRef:
     winner = sweep.winner
-    if "select" in done:
+    if done.select:
         progress.done_earlier("select", f"winner {winner.trial_id}")
-        return done["select"]["bundle"]
+        return done.select
     progress.stage("select")
     bundle = save_bundle(run_dir.winner, winner_spec, info, winner.checkpoint,
                          run_dir.tokenizer, {"val": winner.val_metrics}, winner.trial_id,
                          base=run_dir.base)
     progress.note(f"winner {winner.trial_id} {winner.config} {spec.metric} {winner.metric:.4f}")
-    run_dir.mark_completed("select", {"bundle": bundle})
+    run_dir.mark_completed(select=bundle)
     return bundle
 
 
-def _compress_stage(winner_spec: JobSpec, run_dir: RunDir, info: DataInfo, bundle: str,
-                    evaluation: dict[str, Any], plan: ClusterPlan, done: dict[str, Any],
+def _compress_stage(winner_spec: JobSpec, run_dir: RunDir, info: DataInfo, bundle: BundleRef,
+                    evaluation: Evaluation, plan: ClusterPlan, done: Completed,
                     progress: Progress) -> Compression:
-    if "compress" in done:
-        compression = Compression.from_json(done["compress"]["compression"])
-        progress.done_earlier("compress", f"serving {compression.selected}")
-        return compression
+    if done.compress:
+        progress.done_earlier("compress", f"serving {done.compress.selected}")
+        return done.compress
     progress.stage("compress")
-    compression = compress_winner(winner_spec, run_dir, info, bundle, evaluation["test"]["model"],
+    compression = compress_winner(winner_spec, run_dir, info, bundle.uri, evaluation.test.model,
                                   gpus=plan.inference_gpus, note=progress.note)
     if winner_spec.serve.enabled and winner_spec.compress.latency_requests:
         progress.note("p50 latency of each variant through the service")
         measure_latency(winner_spec, compression, info.family, service.deploy)
     progress.note(f"serving {compression.selected}: {compression.rule}")
-    run_dir.mark_completed("compress", {"compression": json_safe(compression.to_json())})
+    run_dir.mark_completed(compress=compression)
     return compression
 
 
-def _evaluate_stage(run_dir: RunDir, bundle: str, info: DataInfo, plan: ClusterPlan,
-                    done: dict[str, Any], progress: Progress) -> dict[str, Any]:
-    if "evaluate" in done:
+def _evaluate_stage(run_dir: RunDir, bundle: BundleRef, info: DataInfo, plan: ClusterPlan,
+                    done: Completed, progress: Progress) -> Evaluation:
+    if done.evaluate:
         progress.done_earlier("evaluate", "test metrics in the bundle")
-        return done["evaluate"]["evaluation"]
+        return done.evaluate
     progress.stage("evaluate")
-    evaluation = json_safe(evaluate_bundle(run_dir, bundle, info, gpus=plan.inference_gpus))
-    write_metrics(bundle, {split: e["model"] for split, e in evaluation.items()})
-    run_dir.mark_completed("evaluate", {"evaluation": evaluation})
+    evaluation = evaluate_bundle(run_dir, bundle.uri, info, gpus=plan.inference_gpus)
+    write_metrics(bundle.uri, {split: e.model for split, e in evaluation.splits.items()})
+    run_dir.mark_completed(evaluate=evaluation)
     return evaluation

@@ -24,6 +24,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator, StrMethodFormatter
 
+from orchestrator.records import Evaluation
+
 PLOTS_DIR = "plots"
 DPI = 100
 WIDTH = 10.0  # inches: fits a report page at 100 dpi
@@ -64,7 +66,7 @@ def plots_markdown(plots: Sequence[Plot]) -> str:
 
 
 def write_report_plots(run_dir: str | Path, family: str, metric: str, mode: str, winner_id: str,
-                       trials: pd.DataFrame, history: pd.DataFrame, evaluation: dict[str, Any],
+                       trials: pd.DataFrame, history: pd.DataFrame, evaluation: Evaluation,
                        class_names: Sequence[str] = (),
                        compression: dict[str, Any] | None = None) -> list[Plot]:
     """Every plot the data allows, in report order; a plot without data is left out."""
@@ -72,11 +74,11 @@ def write_report_plots(run_dir: str | Path, family: str, metric: str, mode: str,
     out.mkdir(parents=True, exist_ok=True)
     plots = [plot_learning_curves(out, trials, history, family, metric, mode, winner_id),
              plot_sweep_results(out, trials, family, metric, mode, winner_id)]
-    test = evaluation.get("test", {})
-    if family == "classifier" and "confusion_matrix" in test:
-        plots.append(plot_confusion_matrix(out, test["confusion_matrix"], class_names, winner_id))
+    test, val = evaluation.splits.get("test"), evaluation.splits.get("val")
+    if family == "classifier" and test is not None and test.confusion_matrix is not None:
+        plots.append(plot_confusion_matrix(out, test.confusion_matrix, class_names, winner_id))
     elif family == "gpt":
-        baseline = evaluation.get("val", {}).get("baseline", {}).get("perplexity")
+        baseline = val.baseline.get("perplexity") if val is not None else None
         plots.append(plot_winner_perplexity(out, history, winner_id, baseline))
     if compression:
         plots.append(plot_compression(out, compression, family))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,23 +10,10 @@ from typing import TYPE_CHECKING, Any
 from orchestrator.plots import PLOTS_DIR, plots_markdown, write_report_plots
 
 if TYPE_CHECKING:
-    from orchestrator.records import DataInfo
+    from orchestrator.records import DataInfo, Evaluation
     from orchestrator.rundir import RunDir
     from orchestrator.spec import JobSpec
     from orchestrator.sweep.tuner import SweepResult
-
-
-def json_safe(value: Any) -> Any:
-    """JSON-safe: NaN becomes None, numpy scalars become Python numbers."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _format(value: Any) -> str:
@@ -41,25 +27,25 @@ def _format(value: Any) -> str:
 VERDICT_METRIC = {"classifier": ("accuracy", True), "gpt": ("bits_per_byte", False)}
 
 
-def reference_verdict(evaluation: dict[str, Any], family: str,
+def reference_verdict(evaluation: Evaluation, family: str,
                       split: str = "test") -> dict[str, Any] | None:
     """Whether the winner beats the classical reference on `split`, and by how much, in figures
     and in one plain sentence (report.json's `verdict`, the CLI's summary, report.md)."""
-    result = evaluation.get(split)
-    if not result or "reference" not in result:
+    result = evaluation.splits.get(split)
+    if result is None or not result.reference:
         return None
     metric, higher_is_better = VERDICT_METRIC[family]
-    winner, reference = result["model"][metric], result["reference"][metric]
+    winner, reference = result.model[metric], result.reference[metric]
     better_by = (winner - reference) if higher_is_better else (reference - winner)
     beats = better_by > 0
     shown = metric.replace("_", " ")
     text = (f"the winner {'beats' if beats else 'does NOT beat'} the reference "
-            f"({result['reference']['name']}) on {split} {shown}: {_format(winner)} against "
+            f"({result.reference['name']}) on {split} {shown}: {_format(winner)} against "
             f"{_format(reference)}, {'better' if beats else 'worse'} by {abs(better_by):.4g}")
     if not higher_is_better and reference > 0:
         text += f" ({winner / reference:.2f} x the reference's {shown})"
     return {"split": split, "metric": metric, "higher_is_better": higher_is_better,
-            "winner": winner, "reference": reference, "reference_name": result["reference"]["name"],
+            "winner": winner, "reference": reference, "reference_name": result.reference["name"],
             "beats_reference": beats, "better_by": better_by, "text": text}
 
 
@@ -157,7 +143,7 @@ def summary(report: dict[str, Any]) -> str:
 
 
 def write_report(run_dir: RunDir, report: dict[str, Any], spec: JobSpec, sweep: SweepResult,
-                 evaluation: dict[str, Any], info: DataInfo) -> None:
+                 evaluation: Evaluation, info: DataInfo) -> None:
     """report.json, then the plots (drawn locally, then copied to the run directory) and
     report.md that embeds them."""
     run_dir.report_json.write_text(json.dumps(report, indent=2))

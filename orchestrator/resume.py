@@ -41,7 +41,7 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def frozen_fields(run_dir: RunDir) -> tuple[str, ...]:
     """Prefixes of the fields that completed or started stages were made from."""
-    started = set(run_dir.completed())
+    started = run_dir.completed().names()
     if run_dir.tune_experiment.exists():
         started.add("sweep")
     return tuple(p for stage in sorted(started) for p in STAGE_INPUTS.get(stage, ()))
@@ -49,7 +49,7 @@ def frozen_fields(run_dir: RunDir) -> tuple[str, ...]:
 
 def check_resumable(run_dir: RunDir, spec: JobSpec) -> None:
     """Refuse, before anything runs, a spec whose edits change what completed stages made."""
-    if "report" in run_dir.completed():
+    if run_dir.completed().report:
         raise SpecError(f"{run_dir.uri} has finished (its report is written); nothing to resume")
     stored = _flatten(resume_spec(run_dir).model_dump(mode="json"))
     given = _flatten(spec.model_dump(mode="json"))

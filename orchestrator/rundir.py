@@ -28,11 +28,11 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
-from orchestrator.records import MODEL_FILE
+from orchestrator.records import MODEL_FILE, BundleRef, Completed
 from orchestrator.storage import Location, StorageError, check_writable, resolve
 
 
@@ -183,30 +183,31 @@ class RunDir:
         return self.root.join("logs", "ray.log")
 
     # Completed stages
-    def completed(self) -> dict[str, Any]:
-        """What each completed stage handed on, by stage name ({} for a new run)."""
+    def completed(self) -> Completed:
+        """What each completed stage handed on (nothing for a new run)."""
         if not self.stages_file.exists():
-            return {}
-        return json.loads(self.stages_file.read_text())
+            return Completed()
+        return Completed.from_json(json.loads(self.stages_file.read_text()))
 
-    def mark_completed(self, stage: str, handed_on: dict[str, Any]) -> None:
-        """Record a stage as done, after everything it wrote (one atomic write)."""
-        stages = {**self.completed(), stage: handed_on}
-        self.stages_file.write_text(json.dumps(stages, indent=2, default=str))
+    def mark_completed(self, **handed_on: Any) -> None:
+        """Record stages as done with what they hand on (Completed's fields), after everything
+        they wrote (one atomic write)."""
+        stages = replace(self.completed(), **handed_on)
+        self.stages_file.write_text(json.dumps(stages.to_json(), indent=2))
 
 
 TUNE_EXPERIMENT = "tune"
 
 
-def find_bundle(location: str | os.PathLike) -> str:
+def find_bundle(location: str | os.PathLike) -> BundleRef:
     """The bundle of a run directory (the variant its compress stage chose, or its winner/), of
     `<base>/<job name>` (that job's latest run) or a bundle itself, local or in object storage;
     its path or URI."""
     run_dir = RunDir.of_job(location) or RunDir.at(location)
     if run_dir.compression_selection.is_file():  # the compress stage chose what to serve
-        return json.loads(run_dir.compression_selection.read_text())["bundle"]
+        return BundleRef(json.loads(run_dir.compression_selection.read_text())["bundle"])
     for candidate in (run_dir.winner, run_dir.root):
         if candidate.join(MODEL_FILE).is_file():
-            return candidate.uri
+            return BundleRef(candidate.uri)
     raise FileNotFoundError(f"{run_dir.uri} is neither a run directory with "
                             f"{run_dir.winner.name}/ nor a model bundle ({MODEL_FILE} is missing)")

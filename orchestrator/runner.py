@@ -34,7 +34,7 @@ def run(spec: JobSpec, address: str | None = None, say: Callable[[str], None] | 
     With `resume`, the job's latest run directory (under spec.run_dir) continues when it has not
     finished; otherwise a new run starts."""
     latest = RunDir.latest(spec.run_dir, spec.name) if resume else None
-    unfinished = latest if latest and "report" not in latest.completed() else None
+    unfinished = latest if latest and not latest.completed().report else None
     connect(address)
     return run_pipeline(spec, say, resume=unfinished)
 

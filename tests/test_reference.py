@@ -9,6 +9,7 @@ import random
 import numpy as np
 import pytest
 
+from orchestrator.records import Evaluation, SplitEvaluation
 from orchestrator.reference import (
     TFIDF_NAME,
     bits_per_byte,
@@ -72,13 +73,14 @@ def test_tfidf_reference_fits_train_picks_c_on_val_and_scores_every_split():
 def _report(family: str, winner: float, reference: float) -> dict:
     metric = "accuracy" if family == "classifier" else "bits_per_byte"
     name = "TF-IDF" if family == "classifier" else "xz"
-    evaluation = {"test": {"model": {metric: winner}, "baseline": {"name": "trivial", metric: 0.1},
-                           "reference": {"name": name, metric: reference}}}
+    evaluation = Evaluation({"test": SplitEvaluation(
+        model={metric: winner}, baseline={"name": "trivial", metric: 0.1},
+        reference={"name": name, metric: reference}, text={}, rows=10)})
     return {"name": "r", "run_dir": "/runs/r", "family": family, "metric": "val_loss",
             "data": {"texts": {}, "rows": {}, "vocab_size": 10},
             "winner": {"trial_id": "t1", "config": {}, "bundle": "/runs/r/winner"},
             "endpoint": None, "stage_seconds": {}, "trials": [], "sample_responses": [],
-            "evaluation": evaluation, "verdict": reference_verdict(evaluation, family)}
+            "evaluation": evaluation.to_json(), "verdict": reference_verdict(evaluation, family)}
 
 
 @pytest.mark.parametrize("family,winner,reference,beats,by", [

@@ -21,6 +21,7 @@ from orchestrator.plots import (
     trial_labels,
     write_report_plots,
 )
+from orchestrator.records import Evaluation, SplitEvaluation
 
 CLASSES = ["asyncio", "collections", "functools", "itertools"]
 
@@ -94,8 +95,9 @@ def assert_report(run_dir: Path, plots: list[Plot], files: list[str]) -> None:
 def test_lm_report_plots(tmp_path):
     trials, history = lm_sweep()
     best = winner(trials, "val_loss", "min")
-    evaluation = {"val": {"model": {"perplexity": 280.0},
-                          "baseline": {"name": "unigram", "perplexity": 655.6}}}
+    evaluation = Evaluation({"val": SplitEvaluation(
+        model={"perplexity": 280.0}, baseline={"name": "unigram", "perplexity": 655.6},
+        reference={}, text={}, rows=100)})
     plots = write_report_plots(tmp_path, "gpt", "val_loss", "min", best, trials, history, evaluation)
     assert_report(tmp_path, plots,
                   ["learning_curves.png", "sweep_results.png", "winner_perplexity.png"])
@@ -108,8 +110,9 @@ def test_classifier_report_plots(tmp_path):
     rng = np.random.default_rng(1)
     labels = rng.integers(0, len(CLASSES), 200)
     predictions = np.where(rng.random(200) < 0.7, labels, rng.integers(0, len(CLASSES), 200))
-    evaluation = {"test": {"confusion_matrix":
-                           confusion_matrix(predictions, labels, len(CLASSES)).tolist()}}
+    evaluation = Evaluation({"test": SplitEvaluation(
+        model={}, baseline={}, reference={}, text={}, rows=200,
+        confusion_matrix=confusion_matrix(predictions, labels, len(CLASSES)).tolist())})
     best = winner(trials, "val_accuracy", "max")
     plots = write_report_plots(tmp_path, "classifier", "val_accuracy", "max", best, trials,
                                history, evaluation, CLASSES)
@@ -135,7 +138,7 @@ def test_errored_trial_without_history_and_nan_metrics(tmp_path):
     trials, history = sweep_tables("gpt", configs, [4, 0, 3])
     history.loc[history.index[[1, 5]], ["train_loss", "val_loss", "val_perplexity"]] = np.nan
     best = winner(trials, "val_loss", "min")
-    plots = write_report_plots(tmp_path, "gpt", "val_loss", "min", best, trials, history, {})
+    plots = write_report_plots(tmp_path, "gpt", "val_loss", "min", best, trials, history, Evaluation({}))
     assert_report(tmp_path, plots,
                   ["learning_curves.png", "sweep_results.png", "winner_perplexity.png"])
 
@@ -146,7 +149,7 @@ def test_plots_without_data_are_left_out(tmp_path):
     assert plot_learning_curves(tmp_path, trials, history, "gpt", "val_loss", "min", "a") is None
     assert plot_sweep_results(tmp_path, trials, "gpt", "val_loss", "min", "a") is None
     assert plot_winner_perplexity(tmp_path, history, "a") is None
-    assert write_report_plots(tmp_path, "gpt", "val_loss", "min", "a", trials, history, {}) == []
+    assert write_report_plots(tmp_path, "gpt", "val_loss", "min", "a", trials, history, Evaluation({})) == []
     assert plots_markdown([]) == ""
 
 

@@ -17,7 +17,6 @@ import json
 import tempfile
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,14 @@ from orchestrator.compress.measure import service_p50_s, size_bytes, speed, spee
 from orchestrator.compress.prune import PrunedRecovery, prune_globally, sparsity_of
 from orchestrator.evaluate import evaluate_bundle
 from orchestrator.models import build_model
-from orchestrator.records import COMPRESSION_FILE, DataInfo
+from orchestrator.records import (
+    COMPRESSION_FILE,
+    CompressedVariant,
+    Compression,
+    DataInfo,
+    Evaluation,
+    json_safe,
+)
 from orchestrator.rundir import RunDir
 from orchestrator.spec import (
     CompressSpec,
@@ -55,34 +61,6 @@ WINNER = "winner"
 SPEED_TIE = 0.05
 
 
-@dataclass
-class Variant:
-    name: str  # "winner" (uncompressed), "int8", "prune", "distill"
-    bundle: str
-    quality: float  # test perplexity (language model) or accuracy (classifier)
-    quality_loss: float  # relative to the winner's: > 0 is worse
-    size_bytes: int
-    speed: dict[str, float]
-    p50_latency_s: float | None = None
-    within_bound: bool = True
-    details: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Compression:
-    variants: list[Variant]
-    selected: str
-    bundle: str  # the selected variant's
-    rule: str
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, raw: dict[str, Any]) -> Compression:
-        return cls(**{**raw, "variants": [Variant(**v) for v in raw["variants"]]})
-
-
 def quality_of(test_metrics: dict[str, Any], family: str) -> float:
     return test_metrics["perplexity"] if family == "gpt" else test_metrics["accuracy"]
 
@@ -94,7 +72,7 @@ def quality_loss(quality: float, reference: float, family: str) -> float:
     return 1 - quality / reference if reference else 0.0
 
 
-def choose(variants: list[Variant], family: str) -> Variant:
+def choose(variants: list[CompressedVariant], family: str) -> CompressedVariant:
     """Of the variants within the quality bound (the winner always is), the smallest of those
     as fast as the fastest: speeds within SPEED_TIE of it are a tie, not a difference (two
     measurements of the same model differ by that much)."""
@@ -211,18 +189,18 @@ def compress_winner(spec: JobSpec, run_dir: RunDir, info: DataInfo, winner: str,
     texts = spec.serve.sample_requests * 8
     measure = ray.remote(speed).options(num_cpus=spec.serve.replica_cpus,
                                         num_gpus=spec.serve.replica_gpus)
-    variants = [Variant(WINNER, winner, reference, 0.0, size_bytes(winner),
+    variants = [CompressedVariant(WINNER, winner, reference, 0.0, size_bytes(winner),
                         ray.get(measure.remote(winner, texts)))]
     builders = {"int8": _build_int8, "prune": _build_prune, "distill": _build_distill}
     for name in spec.compress.variants:
         note(f"building {name}")
         uri, variant_info, details = builders[name](spec, run_dir, info, winner)
-        test = evaluate_bundle(run_dir, uri, variant_info, splits=("test",), gpus=gpus)["test"]
-        quality = quality_of(test["model"], family)
+        test = evaluate_bundle(run_dir, uri, variant_info, splits=("test",), gpus=gpus).test
+        quality = quality_of(test.model, family)
         loss = quality_loss(quality, reference, family)
-        variant = Variant(name, uri, quality, loss, size_bytes(uri),
+        variant = CompressedVariant(name, uri, quality, loss, size_bytes(uri),
                           ray.get(measure.remote(uri, texts)), within_bound=loss <= bound,
-                          details={**details, "test": test["model"]})
+                          details={**details, "test": test.model})
         variants.append(variant)
         note(f"{name}: test {'perplexity' if family == 'gpt' else 'accuracy'} {quality:.4g} "
              f"({loss:+.1%} against the winner), {variant.size_bytes / 1e6:.2f} MB, "
@@ -253,7 +231,7 @@ def compress_finished_run(location: str, overrides: list[str],
     from orchestrator import serve as service
     from orchestrator.cluster import cluster_capacity, inference_gpus, plan_cluster, with_device
     from orchestrator.plots import plot_compression, plots_markdown
-    from orchestrator.report import json_safe, render_markdown
+    from orchestrator.report import render_markdown
 
     run_dir = RunDir.of_job(location) or RunDir.open(location)  # runs/<job>: its latest
     if not run_dir.report_json.is_file():
@@ -267,7 +245,7 @@ def compress_finished_run(location: str, overrides: list[str],
         raise SpecError("compress.variants is empty: name the variants to build, e.g. "
                         "--set 'compress.variants=[int8, prune]'")
     compression = compress_winner(spec, run_dir, info, run_dir.winner.uri,
-                                  report["evaluation"]["test"]["model"],
+                                  Evaluation.from_json(report["evaluation"]).test.model,
                                   gpus=inference_gpus(cluster_capacity()),
                                   note=lambda message: say(f"[compress] {message}"))
     if spec.serve.enabled and spec.compress.latency_requests:

@@ -16,7 +16,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.util.placement_group import placement_group_table
 
 from orchestrator.cluster import ClusterPlan, plan_cluster, with_device
-from orchestrator.records import DataInfo
+from orchestrator.records import DataInfo, SweepTiming
 from orchestrator.rundir import TUNE_EXPERIMENT, RunDir
 from orchestrator.spec import JobSpec
 from orchestrator.storage import Location, resolve
@@ -30,23 +30,6 @@ from orchestrator.train.trainer import build_trainer, checkpoint_retention
 # 0.01 CPU (our first design) left 0.99 CPU beside integer-CPU workers, which no 1-CPU Ray Data
 # task fits: the trial hung. Tune refuses an all-zero bundle, hence the memory.
 DRIVER_RESOURCES = {"cpu": 0, "memory": 64 * 1024**2}
-
-
-@dataclass
-class SweepTiming:
-    """Where the sweep's wall time went: the trials' training steps, shared by the trials that
-    ran at once, against everything else (start-up, validation, checkpoints, coordination)."""
-
-    wall_s: float
-    training_s: float         # the training steps of every trial, summed
-    checkpoint_s: float       # saving checkpoints, summed over trials
-    concurrent_trials: int
-
-    @property
-    def overhead(self) -> float:
-        """Wall time over the best it could be: training time ÷ concurrent trials (1 = none)."""
-        ideal = self.training_s / self.concurrent_trials
-        return self.wall_s / ideal if ideal else math.nan
 
 
 @dataclass(frozen=True)

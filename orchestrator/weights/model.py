@@ -22,7 +22,7 @@ from torch import nn
 
 from orchestrator.bundle import read_spec_and_info, write_bundle
 from orchestrator.models import build_model
-from orchestrator.records import COMPRESSION_FILE, METRICS_FILE, MODEL_FILE, DataInfo
+from orchestrator.records import COMPRESSION_FILE, METRICS_FILE, MODEL_FILE, BundleRef, DataInfo
 from orchestrator.spec import JobSpec
 from orchestrator.storage import Location, resolve
 from orchestrator.tokenizer import TOKENIZER_FILE
@@ -56,7 +56,7 @@ def starting_model(spec: JobSpec, info: DataInfo, base: str | Location | None) -
 
 def save_bundle(directory: str | Location, spec: JobSpec, info: DataInfo, checkpoint: str,
                 tokenizer_dir: str | Location, metrics: dict[str, Any], trial_id: str,
-                base: str | Location | None = None) -> str:
+                base: str | Location | None = None) -> BundleRef:
     """The winner's bundle, from the checkpoint (path or URI) of its best validation step; a
     fine-tuning's checkpoint holds only what trained, over the staged pretrained model at
     `base`. LoRA adapters are merged: the bundle is a plain model."""
@@ -65,8 +65,9 @@ def save_bundle(directory: str | Location, spec: JobSpec, info: DataInfo, checkp
         load_model_weights(local_checkpoint, model)
     model = merge_adapters(model)
     with resolve(tokenizer_dir).local_copy() as tokenizer:
-        return write_bundle(directory, spec, info, model.state_dict(), tokenizer / TOKENIZER_FILE,
-                            metrics, {"trial_id": trial_id, "checkpoint": checkpoint})
+        return BundleRef(write_bundle(directory, spec, info, model.state_dict(),
+                                      tokenizer / TOKENIZER_FILE, metrics,
+                                      {"trial_id": trial_id, "checkpoint": checkpoint}))
 
 
 def load_bundle(directory: str | Path | Location) -> Bundle:

@@ -64,7 +64,7 @@ def test_every_variant_of_a_language_model_built_measured_and_the_chosen_one_ser
         (v for v in eligible if v["speed"][key] >= 0.95 * fastest),
         key=lambda v: v["size_bytes"])["name"]
     run_dir = Path(report["run_dir"])
-    assert find_bundle(run_dir) == compression["bundle"]
+    assert find_bundle(run_dir).uri == compression["bundle"]
     served = load_bundle(compression["bundle"])
     health = requests.get(f"{report['endpoint']}/healthz", timeout=30).json()
     assert health["version"] == served.version  # the chosen variant's weights answer

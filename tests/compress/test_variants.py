@@ -19,7 +19,8 @@ from orchestrator.compress.distill import (
 )
 from orchestrator.compress.measure import size_bytes
 from orchestrator.compress.prune import prune_globally, sparsity_of
-from orchestrator.compress.stage import Variant, check_compression, choose, quality_loss
+from orchestrator.compress.stage import check_compression, choose, quality_loss
+from orchestrator.records import CompressedVariant
 from orchestrator.inference.predictor import Predictor, SamplingParams
 from orchestrator.models import build_model
 from orchestrator.spec import SpecError, parse_spec

@@ -11,6 +11,7 @@ import pytest
 from conftest import tiny_spec
 from s3 import S3Server, s3_server
 
+from orchestrator.records import Completed, DataInfo, SweepTiming
 from orchestrator.resume import check_resumable
 from orchestrator.rundir import RunDir
 from orchestrator.spec import SpecError, parse_spec, spec_to_yaml
@@ -53,10 +54,12 @@ def test_a_run_directory_round_trips_files_and_folders(base: str, tmp_path: Path
         assert (copy / "tokenizer.json").read_text() == "{}"
         assert (copy / "nested" / "x.bin").read_bytes() == b"\x00\x01"
 
-    assert run_dir.completed() == {}
-    run_dir.mark_completed("data", {"rows": 3})
-    run_dir.mark_completed("sweep", {"trials": 4})
-    assert RunDir.open(run_dir.uri).completed() == {"data": {"rows": 3}, "sweep": {"trials": 4}}
+    assert run_dir.completed() == Completed()
+    info = DataInfo("gpt", 512, 0, 1, 32, rows={"train": 3})
+    run_dir.mark_completed(data=info)
+    run_dir.mark_completed(sweep=SweepTiming(12.5, 10.0, 1.0, 2))
+    assert RunDir.open(run_dir.uri).completed() == Completed(
+        data=info, sweep=SweepTiming(12.5, 10.0, 1.0, 2))
 
     run_dir.tokenizer.remove()
     assert not run_dir.tokenizer.exists() and run_dir.spec_file.exists()
@@ -100,8 +103,9 @@ def test_a_folder_that_is_not_a_run_directory_is_refused(tmp_path: Path) -> None
 def _run_dir_with(tmp_path: Path, spec_raw: dict, completed: list[str]) -> RunDir:
     run_dir = RunDir.create(tmp_path, "test-gpt")
     run_dir.spec_file.write_text(spec_to_yaml(parse_spec(spec_raw)))
-    for stage in completed:
-        run_dir.mark_completed(stage, {})
+    records = {"data": DataInfo("gpt", 512, 0, 1, 32), "sweep": SweepTiming(1.0, 1.0, 0.0, 1),
+               "report": "2026-12-04T00:00:00+00:00"}
+    run_dir.mark_completed(**{stage: records[stage] for stage in completed})
     return run_dir
 
 

@@ -45,7 +45,7 @@ def _run(family: str, archs: list[str], port: int, tmp_path: Path, record_proper
     return report
 
 
-def _trial_bundles(report: dict, tmp_path: Path) -> dict[str, Path]:
+def _trial_bundles(report: dict, tmp_path: Path) -> dict[str, str]:
     """One bundle per architecture, from each trial's best checkpoint, as select builds the
     winner's."""
     run_dir = Path(report["run_dir"])
@@ -58,7 +58,7 @@ def _trial_bundles(report: dict, tmp_path: Path) -> dict[str, Path]:
         bundles[arch] = save_bundle(tmp_path / f"bundle-{arch}",
                                     apply_trial_config(spec, {"model.arch": arch}), info,
                                     trial["checkpoint_path"], run_dir / "tokenizer", {},
-                                    trial["trial_id"])
+                                    trial["trial_id"]).uri
     return bundles
 
 
