@@ -28,7 +28,7 @@ from orchestrator.records import DataInfo, Evaluation, SplitEvaluation
 from orchestrator.reference import bits_per_byte, run_references
 from orchestrator.rundir import RunDir
 from orchestrator.spec import DataSpec
-from orchestrator.train.metrics import classification_metrics
+from orchestrator.train.objectives import classification_metrics
 from orchestrator.weights.model import Bundle, load_bundle
 
 INFERENCE_BATCH = 64

@@ -21,8 +21,6 @@ from orchestrator.storage import resolve
 from orchestrator.tokenizer import EOS, PAD
 from orchestrator.weights.model import Bundle, load_bundle
 
-FORMATS = ("hf",)
-
 
 def _special_tokens(bundle: Bundle) -> dict[str, str]:
     """The tokenizer's special tokens by role (runs from before DataInfo kept them: ours)."""

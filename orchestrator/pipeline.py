@@ -31,9 +31,8 @@ from orchestrator.resume import check_resumable
 from orchestrator.rundir import RunDir
 from orchestrator.serve.samples import send_sample_requests
 from orchestrator.spec import JobSpec, spec_to_yaml
-from orchestrator.sweep import run_sweep
 from orchestrator.sweep.space import apply_trial_config
-from orchestrator.sweep.tuner import SweepResult, pick_winner
+from orchestrator.sweep.tuner import SweepResult, pick_winner, run_sweep
 from orchestrator.weights.model import save_bundle
 
 STAGES = ("data", "sweep", "select", "evaluate", "compress", "deploy")

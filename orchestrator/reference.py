@@ -71,7 +71,7 @@ def tfidf_logistic_regression(train_texts: list[str], train_labels: np.ndarray,
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
-    from orchestrator.train.metrics import classification_metrics
+    from orchestrator.train.objectives import classification_metrics
 
     started = time.perf_counter()
     vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)

@@ -315,8 +315,6 @@ class ServeSpec(_Section):
         return self
 
 
-COMPRESSIONS = ("int8", "prune", "distill")
-
 
 class Int8Spec(_Section):
     """compress 'int8': dynamic int8 quantization of the linear layers (and weight-only int8

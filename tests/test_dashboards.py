@@ -1,7 +1,7 @@
 """Offline checks of dashboards/: the Grafana dashboards, alert rules and Prometheus config name
 only metrics that exist, follow the conventions the live e2e test relies on, and parse.
 
-No Ray here: Ray's metric names come from its installed source, ours from orchestrator.metrics.
+No Ray here: Ray's metric names come from its installed source, ours from orchestrator.prometheus.
 Whether the queries return data from a real job is the e2e test's business."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pytest
 import requests
 import yaml
 
-from orchestrator.metrics import METRICS, exported_name
+from orchestrator.prometheus import METRICS, exported_name
 
 DASHBOARDS = ("training.json", "sweep.json", "serving.json")
 VARIABLES = {"training.json": "run", "sweep.json": "run", "serving.json": "app"}
@@ -29,7 +29,7 @@ HISTOGRAM_SERIES = ("_bucket", "_sum", "_count")
 RAY_SUFFIXES = re.compile(r"(_bucket|_sum|_count|_total)$")
 
 def our_metric_series() -> dict[str, str]:
-    """Every series name Prometheus sees for orchestrator.metrics.METRICS -> the METRICS key."""
+    """Every series name Prometheus sees for orchestrator.prometheus.METRICS -> the METRICS key."""
     series = {}
     for name, spec in METRICS.items():
         exported = exported_name(name)
@@ -66,7 +66,7 @@ def unknown_metrics(queries: list[prom.Query]) -> list[str]:
     used = {(query.source, name) for query in queries for name in prom.metric_names(query.expr)}
     ray_candidates = frozenset(name for _, name in used if not name.startswith("ray_orchestrator_"))
     known = ours.keys() | ray_source_names(ray_candidates)
-    return [f"{source}: unknown metric {name} (not exported for orchestrator.metrics.METRICS, "
+    return [f"{source}: unknown metric {name} (not exported for orchestrator.prometheus.METRICS, "
             f"not in Ray's source)" for source, name in sorted(used) if name not in known]
 
 
@@ -127,7 +127,7 @@ def test_a_panel_naming_a_made_up_metric_is_reported(tmp_path: Path):
     messages = unknown_metrics(prom.dashboard_queries(tmp_path))
     assert messages == [("training.json: Tokens per second: unknown metric "
                          "ray_orchestrator_train_warp_speed (not exported for "
-                         "orchestrator.metrics.METRICS, not in Ray's source)")]
+                         "orchestrator.prometheus.METRICS, not in Ray's source)")]
     assert unknown_metrics([prom.Query("x", "ray_node_flux_capacitor")]) != []
 
 

@@ -7,7 +7,7 @@ import time
 import pytest
 import requests
 
-from orchestrator import metrics
+from orchestrator import prometheus
 
 
 def scrape(ray_local) -> str:
@@ -19,14 +19,14 @@ def scrape(ray_local) -> str:
 def test_every_metric_is_exported_under_its_documented_name(ray_local):
     @ray_local.remote(num_cpus=0)
     def record_everything() -> None:
-        for name, spec in metrics.METRICS.items():
-            metrics.record(name, 1.0, **{tag: f"test-{tag}" for tag in spec.tags})
-        metrics.record_training_report({"train_loss": 2.5, "val_perplexity": 11.0, "step": 3},
+        for name, spec in prometheus.METRICS.items():
+            prometheus.record(name, 1.0, **{tag: f"test-{tag}" for tag in spec.tags})
+        prometheus.record_training_report({"train_loss": 2.5, "val_perplexity": 11.0, "step": 3},
                                        run="test-report", trial="trial-1")
         time.sleep(1.5)  # stay alive until the exporter has taken the values (1 s interval)
 
     ray_local.get(record_everything.remote())
-    wanted = {metrics.exported_name(name) for name in metrics.METRICS}
+    wanted = {prometheus.exported_name(name) for name in prometheus.METRICS}
     deadline = time.monotonic() + 30
     while True:
         text = scrape(ray_local)
@@ -47,12 +47,12 @@ def test_every_metric_is_exported_under_its_documented_name(ray_local):
 
 def test_switched_off_recording_does_nothing(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("ORCHESTRATOR_METRICS", "0")
-    assert not metrics.enabled()
-    metrics.record("serve_requests", 1, app="a", route="/r", status="200")  # no error, no metric
+    assert not prometheus.enabled()
+    prometheus.record("serve_requests", 1, app="a", route="/r", status="200")  # no error, no metric
 
 
 def test_exported_names_follow_rays_conventions():
-    assert metrics.exported_name("serve_requests") == "ray_orchestrator_serve_requests_total"
-    assert metrics.exported_name("train_loss") == "ray_orchestrator_train_loss"
-    assert (metrics.exported_name("serve_latency_seconds")
+    assert prometheus.exported_name("serve_requests") == "ray_orchestrator_serve_requests_total"
+    assert prometheus.exported_name("train_loss") == "ray_orchestrator_train_loss"
+    assert (prometheus.exported_name("serve_latency_seconds")
             == "ray_orchestrator_serve_latency_seconds_bucket")

@@ -14,13 +14,12 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from orchestrator.bench.repository import sample_corpus
 from orchestrator.models.hf import quiet_transformers
-
-SAMPLE = Path(__file__).resolve().parents[2] / "jobs" / "data" / "stdlib_docs.jsonl"
 
 
 def _texts() -> list[str]:
-    return [json.loads(line)["text"] for line in SAMPLE.read_text().splitlines()]
+    return [json.loads(line)["text"] for line in sample_corpus().read_text().splitlines()]
 
 
 def tiny_gpt2(directory: Path, n_positions: int = 128, seed: int = 0) -> Path:

@@ -18,7 +18,8 @@ from pathlib import Path
 import ray
 
 from orchestrator.bench import BenchResult
-from orchestrator.bench.training import SAMPLE, ensure_ray
+from orchestrator.bench.repository import sample_corpus
+from orchestrator.bench.training import ensure_ray
 from orchestrator.data.datasets import split_of
 from orchestrator.data.stage import prepare_data
 from orchestrator.spec import JobSpec, parse_spec
@@ -29,7 +30,7 @@ QUICK_MB, FULL_MB = 0.1, 8.0  # quick: the shipped sample once (0.38 MB of text)
 
 def build_corpus(path: Path, megabytes: float) -> tuple[int, int]:
     """Write a jsonl corpus of about `megabytes` of text; return (texts, bytes of text)."""
-    rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()]
+    rows = [json.loads(line) for line in sample_corpus().read_text().splitlines()]
     texts, size, copy = 0, 0, 0
     with path.open("w") as out:
         while size < megabytes * 1e6:

@@ -19,7 +19,8 @@ import torch
 
 from orchestrator.bench import BenchResult
 from orchestrator.bench.bundles import initial_bundle
-from orchestrator.bench.checkpoints import SAMPLE, tiny_gpt2
+from orchestrator.bench.checkpoints import tiny_gpt2
+from orchestrator.bench.repository import sample_corpus
 from orchestrator.export import export_hf
 from orchestrator.models import build_model
 from orchestrator.pretrained import stage_base
@@ -35,7 +36,7 @@ TEXTS = ["Return the number of items in the queue.", "The event loop runs the ta
 
 
 def _spec(pretrained: str, finetune: str):
-    return parse_spec({"data": {"path": str(SAMPLE), "block_size": 64},
+    return parse_spec({"data": {"path": str(sample_corpus()), "block_size": 64},
                        "model": {"family": "gpt", "pretrained": pretrained, "dropout": 0.0},
                        "train": {"finetune": finetune}})
 
@@ -77,8 +78,8 @@ def run(quick: bool) -> BenchResult:
         gpt2 = tiny_gpt2(scratch / "gpt2")
         rows = [_checkpoint_row(kind, gpt2, scratch) for kind in ("full", "lora")]
         rows.append(_gpt2_small_share())
-        rows_of_text = [json.loads(line) for line in SAMPLE.read_text().splitlines()[:300]]
-        spec = parse_spec({"data": {"path": str(SAMPLE), "vocab_size": 512, "block_size": 64}})
+        rows_of_text = [json.loads(line) for line in sample_corpus().read_text().splitlines()[:300]]
+        spec = parse_spec({"data": {"path": str(sample_corpus()), "vocab_size": 512, "block_size": 64}})
         bundle = initial_bundle(scratch / "bundle", spec, rows_of_text)
         export = export_hf(bundle, scratch / "hf", check_texts=TEXTS)
     full, lora = rows[0]["checkpoint_bytes"], rows[1]["checkpoint_bytes"]

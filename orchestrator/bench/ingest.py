@@ -19,7 +19,7 @@ from orchestrator.models import build_model
 from orchestrator.rundir import RunDir
 from orchestrator.train.batches import BatchStream
 from orchestrator.train.hosts import RayDataShard
-from orchestrator.train.metrics import lm_loss
+from orchestrator.train.objectives import lm_loss
 from orchestrator.train.session import InMemorySplit
 
 

@@ -11,10 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from orchestrator.bench.repository import repository_file
 from orchestrator.submit import RESULT_MARKER
 
-REPO = Path(__file__).resolve().parents[2]
-QUICKSTART = REPO / "jobs" / "quickstart.yaml"
 # A shrunk quickstart for `--quick` (what CI runs to prove a benchmark works).
 QUICK = ["train.max_steps=20", "train.eval_interval=10", "train.warmup_steps=2",
          "train.eval_batches=2", "sweep.num_samples=2", "data.vocab_size=512",
@@ -24,11 +23,11 @@ QUICK = ["train.max_steps=20", "train.eval_interval=10", "train.warmup_steps=2",
 def run_quickstart(overrides: list[str], env: dict[str, str] | None = None
                    ) -> tuple[float, dict[str, Any]]:
     """(wall seconds, report) of the quickstart with these `--set` overrides."""
-    command = [sys.executable, "-m", "orchestrator", "run", str(QUICKSTART), "--json"]
+    command = [sys.executable, "-m", "orchestrator", "run", str(repository_file("jobs/quickstart.yaml")), "--json"]
     for override in overrides:
         command += ["--set", override]
     started = time.perf_counter()
-    done = subprocess.run(command, cwd=REPO, env={**os.environ, **(env or {})},
+    done = subprocess.run(command, cwd=Path.cwd(), env={**os.environ, **(env or {})},
                           capture_output=True, text=True, check=False)
     wall = time.perf_counter() - started
     if done.returncode != 0:

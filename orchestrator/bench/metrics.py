@@ -8,7 +8,7 @@ import statistics
 import time
 from collections.abc import Callable
 
-from orchestrator import metrics
+from orchestrator import prometheus
 from orchestrator.bench import BenchResult
 from orchestrator.bench.training import (
     BENCH_TAGS,
@@ -31,7 +31,7 @@ def seconds_per_call(record: Callable[[], None]) -> float:
 def run(quick: bool) -> BenchResult:
     spec = bench_spec(quick)
     prepared = prepare(spec)  # starts Ray: metrics are recorded only in a Ray process
-    assert metrics.enabled(), "metrics are switched off (ORCHESTRATOR_METRICS=0)"
+    assert prometheus.enabled(), "metrics are switched off (ORCHESTRATOR_METRICS=0)"
     rows = []
     for repeat in range(1 if quick else 5):
         without = plain_loop_tokens_per_s(spec, prepared, record_metrics=False)
@@ -40,9 +40,9 @@ def run(quick: bool) -> BenchResult:
                      "ratio": with_metrics / without})
     step_s = spec.train.batch_size * spec.data.block_size / statistics.median(
         row["without_tok_s"] for row in rows)
-    per_step = seconds_per_call(lambda: metrics.record("train_steps", 1, **BENCH_TAGS))
+    per_step = seconds_per_call(lambda: prometheus.record("train_steps", 1, **BENCH_TAGS))
     per_interval = seconds_per_call(
-        lambda: metrics.record_training_report(INTERVAL_FIGURES, **BENCH_TAGS))
+        lambda: prometheus.record_training_report(INTERVAL_FIGURES, **BENCH_TAGS))
     cost_per_step = per_step + per_interval / spec.train.eval_interval
     return BenchResult(
         name="metrics", rows=rows, ratio=statistics.median(row["ratio"] for row in rows),

@@ -15,7 +15,7 @@ import torch
 from orchestrator.bench import BenchmarkUnavailable, BenchResult
 from orchestrator.models import GPT
 from orchestrator.train.flops import mfu, model_flops_per_token, non_embedding_params, peak_flops
-from orchestrator.train.metrics import lm_loss
+from orchestrator.train.objectives import lm_loss
 from orchestrator.train.optim import split_decay_parameters
 
 # 50304 = GPT-2's 50257 tokens padded to a multiple of 64, as nanoGPT does, for faster matmuls.

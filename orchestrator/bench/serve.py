@@ -27,19 +27,19 @@ import requests
 
 from orchestrator.bench import BenchResult
 from orchestrator.bench.bundles import initial_bundle
+from orchestrator.bench.repository import sample_corpus
 from orchestrator.spec import JobSpec, parse_spec
 
 CONCURRENCIES = (1, 8, 32)
 RATES = (20.0, 40.0, 60.0, 80.0)  # requests/s offered in the open loop
 QUICK_RATES = (10.0, 20.0)
-SAMPLE = Path(__file__).resolve().parents[2] / "jobs" / "data" / "stdlib_docs.jsonl"
 MODEL = {"family": "gpt", "n_layer": 2, "n_head": 4, "d_model": 128, "dropout": 0.0}
 REQUEST = {"model": "bench", "prompt": "The event loop", "max_tokens": 16, "temperature": 0}
 
 
 def bench_spec(port: int, max_batch_size: int) -> JobSpec:
     return parse_spec({
-        "name": "bench", "data": {"path": str(SAMPLE), "vocab_size": 2048, "block_size": 64},
+        "name": "bench", "data": {"path": str(sample_corpus()), "vocab_size": 2048, "block_size": 64},
         "model": MODEL,
         "serve": {"port": port, "replica_cpus": 1, "max_batch_size": max_batch_size,
                   "max_queued_requests": 128, "batch_wait_timeout_s": 0.002},
@@ -120,7 +120,7 @@ def run(quick: bool) -> BenchResult:
     if started_ray:
         ray.init(log_to_driver=False, logging_level="WARNING")
     port = free_port()
-    rows_of_text = [json.loads(line) for line in SAMPLE.read_text().splitlines()]
+    rows_of_text = [json.loads(line) for line in sample_corpus().read_text().splitlines()]
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as scratch:
         bundle_dir = initial_bundle(Path(scratch) / "bundle", bench_spec(port, 32), rows_of_text)

@@ -14,21 +14,21 @@ from typing import Any
 import ray
 import torch
 
-from orchestrator import metrics
+from orchestrator import prometheus
+from orchestrator.bench.repository import sample_corpus
 from orchestrator.cluster import plan_cluster, with_device
 from orchestrator.data.stage import prepare_data
 from orchestrator.models import build_model
 from orchestrator.records import DataInfo
 from orchestrator.rundir import RunDir
 from orchestrator.spec import JobSpec, parse_spec
-from orchestrator.sweep import run_sweep
+from orchestrator.sweep.tuner import run_sweep
 from orchestrator.train.config import worker_config
-from orchestrator.train.metrics import lm_loss
+from orchestrator.train.objectives import lm_loss
 from orchestrator.train.optim import build_optimizer, build_scheduler
 from orchestrator.train.session import read_split_tensors
 from orchestrator.train.trainer import build_trainer
 
-SAMPLE = Path(__file__).resolve().parents[2] / "jobs" / "data" / "stdlib_docs.jsonl"
 BENCH_TAGS = {"run": "bench", "trial": "bench"}
 # What one interval reports in our loop (values do not matter for the cost of recording them).
 INTERVAL_FIGURES = {"tokens_per_s": 1.0, "samples_per_s": 1.0, "step_time_s": 1.0,
@@ -47,7 +47,7 @@ def worker_threads() -> int:
 def bench_spec(quick: bool, **train: Any) -> JobSpec:
     steps = 8 if quick else 60
     return parse_spec({
-        "name": "bench", "data": {"path": str(SAMPLE), "vocab_size": 512,
+        "name": "bench", "data": {"path": str(sample_corpus()), "vocab_size": 512,
                                   "block_size": 64 if quick else 128},
         "model": {"family": "gpt", "dropout": 0.0, **(QUICK_MODEL if quick else FULL_MODEL)},
         "train": {"batch_size": 16, "max_steps": steps, "eval_interval": steps // 4,
@@ -135,10 +135,10 @@ def plain_loop_tokens_per_s(spec: JobSpec, prepared: Prepared,
         scheduler.step()
         tokens += batch[:, 1:].numel()
         if record_metrics:
-            metrics.record("train_steps", 1, **BENCH_TAGS)
+            prometheus.record("train_steps", 1, **BENCH_TAGS)
         if step % train.eval_interval == 0:
             per_interval.append({"tokens_per_s": tokens / (time.perf_counter() - started)})
             if record_metrics:
-                metrics.record_training_report(INTERVAL_FIGURES, **BENCH_TAGS)
+                prometheus.record_training_report(INTERVAL_FIGURES, **BENCH_TAGS)
             started, tokens = time.perf_counter(), 0
     return steady(per_interval, "tokens_per_s")

@@ -17,7 +17,7 @@ from torch import nn
 from orchestrator.records import DataInfo
 from orchestrator.spec import CompressSpec, JobSpec, SweepSpec
 from orchestrator.train.config import Beginning, WorkerConfig
-from orchestrator.train.metrics import Objective
+from orchestrator.train.objectives import Objective
 from orchestrator.train.parallel import transformer_blocks
 from orchestrator.weights.model import load_bundle, starting_model
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import statistics
 import time
 from pathlib import Path
-from typing import Any
 
 import requests
 import torch
@@ -83,6 +82,3 @@ def speed_key(family: str) -> str:
     """The figure selection ranks variants by."""
     return "decode_tokens_per_s_batch1" if family == "gpt" else "texts_per_s"
 
-
-def as_row(name: str, figures: dict[str, Any]) -> dict[str, Any]:
-    return {"variant": name, **figures}

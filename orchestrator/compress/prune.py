@@ -16,7 +16,7 @@ from torch import nn
 
 from orchestrator.train.config import Beginning, WorkerConfig
 from orchestrator.train.masks import prunable_weights
-from orchestrator.train.metrics import objective_for
+from orchestrator.train.objectives import objective_for
 from orchestrator.weights.model import load_bundle, starting_model
 
 

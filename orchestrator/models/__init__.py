@@ -49,7 +49,7 @@ def build_model(spec: JobSpec, info: DataInfo) -> nn.Module:
     """The model of the spec's task and architecture, sized by its model section (or, with
     model.pretrained, by the checkpoint's config), for the data the data stage prepared
     (vocabulary, context length, padding id, classes). Its weights are fresh: training loads a
-    checkpoint's (models/pretrained.py), inference a bundle's."""
+    checkpoint's (weights/base.py), inference a bundle's (weights/model.py)."""
     model = spec.model
     if info.family != model.family:
         raise ValueError(f"the data was prepared for model.family {info.family!r}, the spec "

@@ -1,11 +1,11 @@
-"""What incremental decoding (predictor.py, the service, `predict`) asks of a language model.
+"""What incremental decoding (inference/engine.py: the service, `predict`, evaluate) asks of a language
+model.
 
 A model that decodes keeps a cache of what it has read: GPT its keys and values (gpt.KVCache),
 the LSTM its recurrent state (lstm.RecurrentState). An engine that stays architecture-free never
 looks inside the cache: it creates it, feeds the model new columns through it, drops finished
 rows from it and, for continuous batching, joins freshly prefilled rows to it and asks it for
-room. `keep` is all that predictor.Decoding uses today; `join` and `make_room` are what a
-continuous-batching engine needs, so that the column bookkeeping of a KV cache (aligning a new
+room. `join` and `make_room` are what continuous batching needs, so that the column bookkeeping of a KV cache (aligning a new
 row's last prompt token with the newest column, dropping columns that are padding in every row)
 lives with the KV cache, and a recurrent state, which has no columns, does nothing.
 """

@@ -17,7 +17,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.schema import ApplicationStatus
 
-from orchestrator import metrics
+from orchestrator import prometheus
 from orchestrator.bundle import read_spec_and_info
 from orchestrator.serve.auth import load_key_digests
 from orchestrator.serve.routes import create_api
@@ -45,7 +45,7 @@ class ModelService:
         limits = ServeSpec.model_validate(serve_spec)
         app_name = serve.get_replica_context().app_name
         self.server = ModelServer(bundle_dir, limits, key_digests, app_name=app_name)
-        metrics.record("serve_p99_latency_target_seconds", limits.p99_latency_target_s,
+        prometheus.record("serve_p99_latency_target_seconds", limits.p99_latency_target_s,
                        app=app_name)
 
     def __serve_build_asgi_app__(self) -> FastAPI:

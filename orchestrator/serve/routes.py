@@ -30,7 +30,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from orchestrator import metrics
+from orchestrator import prometheus
 from orchestrator.inference.engine import TokenLogprob
 from orchestrator.serve.auth import authorized
 from orchestrator.serve.protocol import (
@@ -47,7 +47,7 @@ from orchestrator.serve.protocol import (
     invalid_request,
 )
 from orchestrator.serve.server import (
-    Choice,
+    CompletionChoice,
     CompletionJob,
     ModelServer,
     engine_error,
@@ -147,12 +147,13 @@ async def completions(body: CompletionBody, request: Request) -> dict[str, Any] 
     async with timeout_as_408(server):
         choices = await server.complete(job)
     tokens = sum(choice.completion_tokens for choice in choices)
-    metrics.record("serve_generated_tokens", tokens, app=server.app_name)
+    prometheus.record("serve_generated_tokens", tokens, app=server.app_name)
     return {**head, "choices": [choice_json(job, row, choice) for row, choice in enumerate(choices)],
             "usage": usage(job.prompt_tokens, tokens)}
 
 
-def choice_json(job: CompletionJob, row: int, choice: Choice, first: bool = True) -> dict[str, Any]:
+def choice_json(job: CompletionJob, row: int, choice: CompletionChoice,
+                first: bool = True) -> dict[str, Any]:
     """One choice as OpenAI writes it; `first`: whether this chunk opens the row (echo)."""
     echo = job.echo[row] if job.echo is not None else ""
     logprobs = None
@@ -190,10 +191,10 @@ async def stream_events(server: ModelServer, job: CompletionJob, head: dict[str,
                     tokens[row] = update.completion_tokens
                     if first_token and update.completion_tokens:
                         first_token = False
-                        metrics.record("serve_time_to_first_token_seconds",
+                        prometheus.record("serve_time_to_first_token_seconds",
                                        time.perf_counter() - started, app=server.app_name)
                     if update.text or update.finish_reason or update.logprobs or not opened[row]:
-                        choice = Choice()
+                        choice = CompletionChoice()
                         gather(choice, update)
                         yield sse({**head, "choices": [choice_json(job, row, choice,
                                                                    not opened[row])]})
@@ -209,7 +210,7 @@ async def stream_events(server: ModelServer, job: CompletionJob, head: dict[str,
         yield sse({"error": error_body(500, f"internal error: {type(error).__name__}",
                                        code="internal_error")})
     finally:
-        metrics.record("serve_generated_tokens", sum(tokens), app=server.app_name)
+        prometheus.record("serve_generated_tokens", sum(tokens), app=server.app_name)
     yield "data: [DONE]\n\n"
 
 
@@ -349,9 +350,9 @@ class RequestMetrics:
             done = True
             # The matched route's template (FastAPI sets it while routing), not the raw path.
             route = getattr(scope.get("route"), "path", "unmatched")
-            metrics.record("serve_requests", 1, app=self.app_name, route=route,
+            prometheus.record("serve_requests", 1, app=self.app_name, route=route,
                            status=str(status))
-            metrics.record("serve_latency_seconds", time.perf_counter() - started,
+            prometheus.record("serve_latency_seconds", time.perf_counter() - started,
                            app=self.app_name, route=route)
 
         async def send_and_measure(message: dict[str, Any]) -> None:

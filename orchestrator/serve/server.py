@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from ray import serve
 
-from orchestrator import metrics
+from orchestrator import prometheus
 from orchestrator.inference.engine import (
     AsyncEngine,
     ChoiceUpdate,
@@ -48,7 +48,7 @@ class CompletionJob:
 
 
 @dataclass
-class Choice:
+class CompletionChoice:
     """One row's answer gathered from the engine's updates."""
 
     text: str = ""
@@ -96,7 +96,7 @@ class ModelServer:
             self.classify_batch.set_batch_wait_timeout_s(limits.batch_wait_timeout_s)
 
     def record_batch(self, rows: int) -> None:
-        metrics.record("serve_batch_size", rows, app=self.app_name, route="/v1/completions")
+        prometheus.record("serve_batch_size", rows, app=self.app_name, route="/v1/completions")
 
     @property
     def context_length(self) -> int:
@@ -121,7 +121,7 @@ class ModelServer:
 
     @serve.batch
     async def classify_batch(self, texts_per_request: list[list[str]]) -> list[list[dict]]:
-        metrics.record("serve_batch_size", len(texts_per_request), app=self.app_name,
+        prometheus.record("serve_batch_size", len(texts_per_request), app=self.app_name,
                        route="/v1/classify")
         return await self.classify_lists(texts_per_request)
 
@@ -213,9 +213,9 @@ class ModelServer:
         except QueueFull:
             raise overloaded(self.engine.engine.num_waiting) from None
 
-    async def complete(self, job: CompletionJob) -> list[Choice]:
+    async def complete(self, job: CompletionJob) -> list[CompletionChoice]:
         """Every row decoded to its end (non-streaming)."""
-        choices = [Choice() for _ in job.prompts]
+        choices = [CompletionChoice() for _ in job.prompts]
         async with aclosing(self.outputs(job)) as outputs:
             async for output in outputs:
                 if output.error is not None:
@@ -225,7 +225,7 @@ class ModelServer:
         return choices
 
 
-def gather(choice: Choice, update: ChoiceUpdate) -> None:
+def gather(choice: CompletionChoice, update: ChoiceUpdate) -> None:
     choice.text += update.text
     choice.completion_tokens = update.completion_tokens
     choice.finish_reason = update.finish_reason or choice.finish_reason

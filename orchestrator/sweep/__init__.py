@@ -1,6 +1,3 @@
-"""The sweep stage: Ray Tune over optimizer and regularization settings, one Ray Train run per
-trial, ASHA early stopping, and the table of every trial in the run directory."""
-
-from orchestrator.sweep.tuner import SweepResult, run_sweep
-
-__all__ = ["SweepResult", "run_sweep"]
+"""The sweep stage: Ray Tune over the spec's search space (optimizer, regularization,
+architecture, size), each trial trained in its trial actor or as a Ray Train run, ASHA early
+stopping, and the table of every trial in the run directory (tuner.py)."""

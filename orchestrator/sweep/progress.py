@@ -10,7 +10,7 @@ from collections.abc import Callable
 from ray import tune
 from ray.tune.experiment import Trial
 
-from orchestrator import metrics
+from orchestrator import prometheus
 
 TRIAL_STATES = (Trial.PENDING, Trial.RUNNING, Trial.PAUSED, Trial.TERMINATED, Trial.ERROR)
 
@@ -27,7 +27,7 @@ class TrialProgress(tune.Callback):
         """Every state's count, zeros included, so a state that empties drops to 0."""
         counts = Counter(trial.status for trial in trials)
         for state in TRIAL_STATES:
-            metrics.record("sweep_trials", counts[state], run=self.run, state=state)
+            prometheus.record("sweep_trials", counts[state], run=self.run, state=state)
 
     # Tune changes a trial's status after its callbacks run, so the counts are taken on every
     # step of Tune's loop (a few dict lookups) and once more at the end.
@@ -41,7 +41,7 @@ class TrialProgress(tune.Callback):
         value = result.get(self.metric, math.nan)
         if not math.isnan(value):
             self.best = value if math.isnan(self.best) else self.better(self.best, value)
-            metrics.record("sweep_best_metric", self.best, run=self.run, metric=self.metric)
+            prometheus.record("sweep_best_metric", self.best, run=self.run, metric=self.metric)
         speed = (f"{result.get('tokens_per_s', 0):,.0f} tokens/s, "
                  f"{result.get('data_wait_share', 0):.0%} waiting for data")
         if "mfu" in result:

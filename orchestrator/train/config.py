@@ -19,7 +19,7 @@ from orchestrator.cluster import training_spec
 from orchestrator.records import DataInfo
 from orchestrator.rundir import RunDir
 from orchestrator.spec import JobSpec
-from orchestrator.train.metrics import Objective, objective_for
+from orchestrator.train.objectives import Objective, objective_for
 from orchestrator.weights.model import starting_model
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from orchestrator import metrics as prometheus
+from orchestrator import prometheus
 from orchestrator.records import DataInfo
 from orchestrator.spec import JobSpec
 from orchestrator.storage import resolve
@@ -23,7 +23,7 @@ from orchestrator.train.batches import BatchStream, DataPosition
 from orchestrator.train.config import WorkerConfig
 from orchestrator.train.flops import model_flops_per_token, peak_flops
 from orchestrator.train.masks import apply_masks, zero_masks
-from orchestrator.train.metrics import Objective, evaluate
+from orchestrator.train.objectives import Objective, evaluate
 from orchestrator.train.optim import (
     add_l1_gradient,
     build_optimizer,

@@ -54,6 +54,3 @@ def _regular_path(module: nn.Module, args: tuple) -> None:
     linear1.weight as a tensor, and an int8 Linear's weight is a method: a layer with a forward
     pre-hook takes its regular path, which runs the int8 layers."""
 
-
-def quantizable(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.Linear) for m in model.modules())

@@ -20,13 +20,13 @@ from orchestrator.compress.distill import (
 from orchestrator.compress.measure import size_bytes
 from orchestrator.compress.prune import prune_globally, sparsity_of
 from orchestrator.compress.stage import check_compression, choose, quality_loss
-from orchestrator.records import CompressedVariant
 from orchestrator.inference.predictor import Predictor, SamplingParams
 from orchestrator.models import build_model
+from orchestrator.records import CompressedVariant
 from orchestrator.spec import SpecError, parse_spec
 from orchestrator.tokenizer import TOKENIZER_FILE, save_tokenizer
 from orchestrator.train.masks import apply_masks, zero_masks
-from orchestrator.train.metrics import lm_loss
+from orchestrator.train.objectives import lm_loss
 from orchestrator.weights.int8 import quantize_int8
 from orchestrator.weights.model import load_bundle
 
@@ -102,7 +102,7 @@ def test_the_distillation_loss_mixes_soft_and_hard_targets(gpt_bundle):
 
 
 def _variant(name: str, loss: float, speed: float, size: int = 100, bound: float = 0.02):
-    return Variant(name, f"/{name}", 1.0, loss, size, {"decode_tokens_per_s_batch1": speed},
+    return CompressedVariant(name, f"/{name}", 1.0, loss, size, {"decode_tokens_per_s_batch1": speed},
                    within_bound=loss <= bound)
 
 

@@ -30,8 +30,7 @@ from conftest import REPO, TIMING, free_port, stage_times
 from processes import VENV_BIN, base_env, stop_marked, wait_for_dashboard
 from ray.job_submission import JobSubmissionClient
 
-from orchestrator.submit import RESULT_MARKER
-from orchestrator.submit import EXCLUDES
+from orchestrator.submit import EXCLUDES, RESULT_MARKER
 
 pytestmark = pytest.mark.e2e
 

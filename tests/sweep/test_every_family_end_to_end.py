@@ -24,7 +24,7 @@ from orchestrator.evaluate import predict
 from orchestrator.pipeline import run_pipeline
 from orchestrator.spec import parse_spec
 from orchestrator.sweep.space import apply_trial_config
-from orchestrator.train.metrics import lm_loss
+from orchestrator.train.objectives import lm_loss
 from orchestrator.train.session import read_split_tensors
 from orchestrator.weights.model import load_bundle, save_bundle
 

@@ -10,7 +10,7 @@ import torch
 
 from orchestrator.models import GPT
 from orchestrator.spec import TrainSpec
-from orchestrator.train.metrics import macro_f1
+from orchestrator.train.objectives import macro_f1
 from orchestrator.train.optim import (
     add_l1_gradient,
     build_optimizer,

@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 
 from orchestrator.models import GPT, TextClassifier
 from orchestrator.spec import TrainSpec
-from orchestrator.train.metrics import classifier_loss, lm_loss
+from orchestrator.train.objectives import classifier_loss, lm_loss
 from orchestrator.train.parallel import Precision, checkpoint_activations, parallelize
 
 BATCH, STEPS = 8, 6
