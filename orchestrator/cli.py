@@ -127,6 +127,9 @@ def _validate(args: argparse.Namespace) -> int:
         from orchestrator.pretrained import inspect_base
 
         inspect_base(spec)
+    for old, new in spec.renamed.items():
+        print(f"note: {old} is now called {new}; {args.spec} still works as written",
+              file=sys.stderr)
     if not args.quiet:
         print(spec_to_yaml(spec), end="")
         print(f"# {args.spec}: valid")
@@ -238,7 +241,7 @@ def _run(args: argparse.Namespace) -> int:
     from orchestrator.runner import run
 
     spec = load_spec(args.spec, args.overrides)
-    return _drive(spec.run_dir, args, lambda progress: run(spec, args.address, progress,
+    return _drive(spec.runs_dir, args, lambda progress: run(spec, args.address, progress,
                                                            resume=args.resume))
 
 

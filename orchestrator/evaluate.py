@@ -27,7 +27,7 @@ from orchestrator.inference.predictor import Predictor, SamplingParams
 from orchestrator.records import DataInfo, Evaluation, SplitEvaluation
 from orchestrator.reference import bits_per_byte, run_references
 from orchestrator.rundir import RunDir
-from orchestrator.spec import DataSpec
+from orchestrator.spec import DataSpec, Task
 from orchestrator.train.objectives import classification_metrics
 from orchestrator.weights.model import Bundle, load_bundle
 
@@ -49,7 +49,7 @@ class ScoreBatch:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         model = self.bundle.model
         ids = torch.as_tensor(np.stack(batch["ids"])).long().to(next(model.parameters()).device)
-        if self.bundle.info.family == "gpt":
+        if self.bundle.info.task == Task.LANGUAGE_MODEL:
             logits = model(ids[:, :-1]).float()
             nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
             targets = ids[:, 1:].cpu().numpy()
@@ -66,12 +66,12 @@ class PredictBatch:
 
     def __init__(self, bundle_dir: str, max_tokens: int, temperature: float, seed: int | None):
         self.predictor = Predictor(load_on_device(bundle_dir))
-        self.family = self.predictor.info.family
+        self.task = self.predictor.info.task
         self.params = SamplingParams(max_tokens, temperature, seed=seed)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         texts = batch[TEXT].astype(str).tolist()
-        if self.family == "classifier":
+        if self.task == Task.CLASSIFIER:
             predictions = self.predictor.classify(texts)
             return batch.assign(label=[p["label"] for p in predictions],
                                 score=[p["score"] for p in predictions],
@@ -108,7 +108,7 @@ def predict(bundle_dir: str | Path, input_path: str, output_path: str,
     """Run the bundle over every row of `input_path` and write parquet to `output_path`; the
     input's other columns are kept. Returns the number of rows written."""
     spec, info = read_spec_and_info(bundle_dir)
-    if info.family == "gpt" and not 1 <= max_tokens < info.context_length:
+    if info.task == Task.LANGUAGE_MODEL and not 1 <= max_tokens < info.context_length:
         raise ValueError(f"max_tokens must be in [1, {info.context_length - 1}] for this model's "
                          f"context of {info.context_length} tokens, not {max_tokens}")
     source = DataSpec(path=input_path, text_column=text_column or spec.data.text_column)
@@ -150,7 +150,7 @@ def evaluate_bundle(run_dir: RunDir | str, bundle_dir: str, info: DataInfo,
     run_dir = RunDir.at(run_dir)
     references = ray.remote(num_cpus=1)(run_references).remote(run_dir.uri, info, splits)
     log_probs = (unigram_log_probs(_unigram_counts(run_dir, info.vocab_size))
-                 if info.family == "gpt" else None)
+                 if info.task == Task.LANGUAGE_MODEL else None)
     scored = read_splits(run_dir, splits).map_batches(
         ScoreBatch, fn_constructor_kwargs={"bundle_dir": str(bundle_dir),
                                            "unigram_log_probs": log_probs},
@@ -166,7 +166,7 @@ def _split_metrics(scored: pd.DataFrame, info: DataInfo,
                    reference: dict[str, Any]) -> SplitEvaluation:
     common = {"reference": reference["reference"], "text": reference["text"],
               "rows": len(scored)}
-    if info.family == "gpt":
+    if info.task == Task.LANGUAGE_MODEL:
         tokens = scored["tokens"].sum()
         loss = float(scored["nll"].sum() / tokens)
         unigram = float(scored["unigram_nll"].sum() / tokens)

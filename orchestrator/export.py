@@ -86,7 +86,7 @@ def export_hf(location: str | Path, out: str | Path, field: str = "RUN_DIR",
         hf_model, max_length = model.hf, model.max_length
     else:
         spec = bundle.spec
-        raise SpecError(f"{field} = {str(location)!r}: its winner is a {spec.model.family} of "
+        raise SpecError(f"{field} = {str(location)!r}: its winner is a {spec.model.task} of "
                         f"model.arch {spec.model.arch!r} ({type(model).__name__}), which has no "
                         "Hugging Face form; export writes GPT transformers and classifiers "
                         "fine-tuned from a Hugging Face checkpoint (model.pretrained)")

@@ -99,7 +99,7 @@ def run_pipeline(spec: JobSpec, say: Callable[[str], None] | Progress = print,
     spec = with_device(spec, plan)
     refuse_untrainable(spec, plan.use_gpu)
     if resume is None:
-        run_dir = RunDir.create(spec.run_dir, spec.name)
+        run_dir = RunDir.create(spec.runs_dir, spec.name)
     else:
         run_dir = resume
         check_resumable(run_dir, spec)
@@ -126,11 +126,11 @@ def run_pipeline(spec: JobSpec, say: Callable[[str], None] | Progress = print,
         progress.stage("deploy")
         endpoint = service.deploy(winner_spec, compression.bundle if compression else bundle.uri)
         progress.note(f"serving at {endpoint}")
-        samples = send_sample_requests(spec, endpoint, info.family)
+        samples = send_sample_requests(spec, endpoint, info.task)
         if not spec.serve.keep_running:
             service.shutdown(winner_spec)
     report = json_safe({
-        "name": spec.name, "run_dir": run_dir.uri, "family": info.family,
+        "name": spec.name, "run_dir": run_dir.uri, "task": info.task,
         "started": started.isoformat(), "finished": datetime.now(timezone.utc).isoformat(),
         "resumed": resume is not None, "stage_seconds": progress.finish(), "metric": spec.metric,
         "sweep_timing": {**asdict(sweep.timing), "overhead": sweep.timing.overhead},
@@ -139,7 +139,7 @@ def run_pipeline(spec: JobSpec, say: Callable[[str], None] | Progress = print,
         "winner": {"trial_id": winner.trial_id, "arch": winner_spec.model.arch,
                    "config": winner.config, "bundle": bundle.uri, "best_step": winner.best_step},
         "evaluation": evaluation.to_json(),
-        "verdict": reference_verdict(evaluation, info.family),
+        "verdict": reference_verdict(evaluation, info.task),
         "compression": compression.to_json() if compression else None,
         "endpoint": endpoint if spec.serve.keep_running else None,
         "sample_responses": samples,
@@ -209,7 +209,7 @@ def _compress_stage(winner_spec: JobSpec, run_dir: RunDir, info: DataInfo, bundl
                                   gpus=plan.inference_gpus, note=progress.note)
     if winner_spec.serve.enabled and winner_spec.compress.latency_requests:
         progress.note("p50 latency of each variant through the service")
-        measure_latency(winner_spec, compression, info.family, service.deploy)
+        measure_latency(winner_spec, compression, info.task, service.deploy)
     progress.note(f"serving {compression.selected}: {compression.rule}")
     run_dir.mark_completed(compress=compression)
     return compression

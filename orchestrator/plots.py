@@ -25,6 +25,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator, StrMethodFormatter
 
 from orchestrator.records import Evaluation
+from orchestrator.spec import Task
 
 PLOTS_DIR = "plots"
 DPI = 100
@@ -65,27 +66,27 @@ def plots_markdown(plots: Sequence[Plot]) -> str:
     return "\n".join(lines)
 
 
-def write_report_plots(run_dir: str | Path, family: str, metric: str, mode: str, winner_id: str,
+def write_report_plots(run_dir: str | Path, task: Task, metric: str, mode: str, winner_id: str,
                        trials: pd.DataFrame, history: pd.DataFrame, evaluation: Evaluation,
                        class_names: Sequence[str] = (),
                        compression: dict[str, Any] | None = None) -> list[Plot]:
     """Every plot the data allows, in report order; a plot without data is left out."""
     out = Path(run_dir) / PLOTS_DIR
     out.mkdir(parents=True, exist_ok=True)
-    plots = [plot_learning_curves(out, trials, history, family, metric, mode, winner_id),
-             plot_sweep_results(out, trials, family, metric, mode, winner_id)]
+    plots = [plot_learning_curves(out, trials, history, task, metric, mode, winner_id),
+             plot_sweep_results(out, trials, task, metric, mode, winner_id)]
     test, val = evaluation.splits.get("test"), evaluation.splits.get("val")
-    if family == "classifier" and test is not None and test.confusion_matrix is not None:
+    if task == Task.CLASSIFIER and test is not None and test.confusion_matrix is not None:
         plots.append(plot_confusion_matrix(out, test.confusion_matrix, class_names, winner_id))
-    elif family == "gpt":
+    elif task == Task.LANGUAGE_MODEL:
         baseline = val.baseline.get("perplexity") if val is not None else None
         plots.append(plot_winner_perplexity(out, history, winner_id, baseline))
     if compression:
-        plots.append(plot_compression(out, compression, family))
+        plots.append(plot_compression(out, compression, task))
     return [plot for plot in plots if plot is not None]
 
 
-def plot_learning_curves(out_dir: Path, trials: pd.DataFrame, history: pd.DataFrame, family: str,
+def plot_learning_curves(out_dir: Path, trials: pd.DataFrame, history: pd.DataFrame, task: Task,
                          metric: str, mode: str, winner_id: str) -> Plot | None:
     """Training loss and the sweep metric against step, one line per trial, the winner thick."""
     reported = set(history["trial_id"]) if "trial_id" in history else set()
@@ -109,9 +110,9 @@ def plot_learning_curves(out_dir: Path, trials: pd.DataFrame, history: pd.DataFr
             if winner and metric in rows and rows[metric].notna().any():
                 best = rows.loc[_best_index(rows[metric], mode)]
                 metric_ax.scatter([best["step"]], [best[metric]], **WINNER_STAR)
-        loss_ax.set(title="Training loss", xlabel=STEP_LABEL, ylabel=_metric_label("train_loss", family))
+        loss_ax.set(title="Training loss", xlabel=STEP_LABEL, ylabel=_metric_label("train_loss", task))
         metric_ax.set(title=f"Validation: {metric} ({_direction(mode)})", xlabel=STEP_LABEL,
-                      ylabel=_metric_label(metric, family))
+                      ylabel=_metric_label(metric, task))
         handles, texts = metric_ax.get_legend_handles_labels()
         handles, texts = handles[::-1], texts[::-1]  # drawn worst first; listed winner first
         if len(ranked) > len(named):
@@ -135,7 +136,7 @@ def _curve_style(label: str, color: Any, winner: bool) -> dict[str, Any]:
             "label": label + ("  (winner)" if winner else "")}
 
 
-def plot_sweep_results(out_dir: Path, trials: pd.DataFrame, family: str, metric: str, mode: str,
+def plot_sweep_results(out_dir: Path, trials: pd.DataFrame, task: Task, metric: str, mode: str,
                        winner_id: str) -> Plot | None:
     """Each trial's best metric against each swept setting: which settings mattered."""
     settings = _setting_columns(trials)
@@ -154,7 +155,7 @@ def plot_sweep_results(out_dir: Path, trials: pd.DataFrame, family: str, metric:
         for ax in axes[len(settings):]:
             ax.set_visible(False)
         for ax in axes[::columns]:
-            ax.set_ylabel(f"best {_metric_label(metric, family)}")
+            ax.set_ylabel(f"best {_metric_label(metric, task)}")
         fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=2,
                    frameon=False)
         missing = len(trials) - len(scored)
@@ -232,12 +233,12 @@ def plot_winner_perplexity(out_dir: Path, history: pd.DataFrame, winner_id: str,
                 "more than a decade), against the unigram baseline on the same split.")
 
 
-def plot_compression(out_dir: Path, compression: dict[str, Any], family: str) -> Plot:
+def plot_compression(out_dir: Path, compression: dict[str, Any], task: Task) -> Plot:
     """Each variant's test quality against its speed on the serving device, the served one
     starred; the quality bound as a band."""
     variants = compression["variants"]
-    key = "decode_tokens_per_s_batch1" if family == "gpt" else "texts_per_s"
-    quality = "test perplexity (lower is better)" if family == "gpt" else \
+    key = "decode_tokens_per_s_batch1" if task == Task.LANGUAGE_MODEL else "texts_per_s"
+    quality = "test perplexity (lower is better)" if task == Task.LANGUAGE_MODEL else \
         "test accuracy (higher is better)"
     file = "compression.png"
     with _figure(out_dir / file, WIDTH, 4.5) as fig:
@@ -353,8 +354,8 @@ def _curves_title(trials: pd.DataFrame, reported: set[str]) -> str:
             f"(no reports from {shown})")
 
 
-def _metric_label(metric: str, family: str) -> str:
-    unit = "token" if family == "gpt" else "example"
+def _metric_label(metric: str, task: Task) -> str:
+    unit = "token" if task == Task.LANGUAGE_MODEL else "example"
     labels = {"train_loss": f"training loss (nats/{unit})", "val_loss": f"val loss (nats/{unit})",
               "val_accuracy": "val accuracy (fraction)", "val_f1": "val macro F1 (0-1)"}
     return labels.get(metric, metric)

@@ -28,7 +28,7 @@ from orchestrator.models import build_model
 from orchestrator.models.hf import MODEL_TYPES, gpt2_problems, quiet_transformers
 from orchestrator.records import MODEL_FILE, DataInfo
 from orchestrator.rundir import RunDir
-from orchestrator.spec import JobSpec, SpecError
+from orchestrator.spec import JobSpec, SpecError, Task
 from orchestrator.storage import Location, is_uri, resolve
 from orchestrator.weights.lora import missing_targets, target_modules
 
@@ -120,13 +120,13 @@ def _read(source: str, reference: str) -> Base:
 
 def check_base(spec: JobSpec, base: Base) -> None:
     """Everything about the checkpoint that the spec must agree with, each naming the field."""
-    reference, family, config = spec.model.pretrained, spec.model.family, base.config
+    reference, task, config = spec.model.pretrained, spec.model.task, base.config
     model_type = config.get("model_type")
-    supported = MODEL_TYPES[family]
+    supported = MODEL_TYPES[task]
     if model_type not in supported:
-        raise SpecError(f"{FIELD} = {reference!r} is a {model_type!r} model; model.family "
-                        f"{family!r} supports {', '.join(supported)}")
-    if family == "gpt":
+        raise SpecError(f"{FIELD} = {reference!r} is a {model_type!r} model; model.task "
+                        f"{task.value!r} supports {', '.join(supported)}")
+    if task == Task.LANGUAGE_MODEL:
         problems = gpt2_problems(config)
         if problems:
             raise SpecError(f"{FIELD} = {reference!r}: unsupported GPT-2 settings: "
@@ -148,7 +148,7 @@ def check_base(spec: JobSpec, base: Base) -> None:
 
 
 def _check_lora(spec: JobSpec, config: dict[str, Any]) -> None:
-    info = DataInfo(spec.model.family, config["vocab_size"], 0, 0, 8, labels=["a", "b"],
+    info = DataInfo(spec.model.task, config["vocab_size"], 0, 0, 8, labels=["a", "b"],
                     architecture=config)
     with torch.device("meta"):
         model = build_model(spec, info)
@@ -177,7 +177,7 @@ def stage_base(spec: JobSpec, target: Location) -> Base:
     with checkpoint_source(spec.model.pretrained) as source:
         base = _read(source, spec.model.pretrained)
         check_base(spec, base)
-        model_class = (GPT2LMHeadModel if spec.model.family == "gpt"
+        model_class = (GPT2LMHeadModel if spec.model.task == Task.LANGUAGE_MODEL
                        else AutoModelForSequenceClassification)
         model = model_class.from_pretrained(source)
         with target.local_folder() as folder:

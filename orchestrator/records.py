@@ -12,6 +12,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from orchestrator.spec import FAMILY_TASKS, Task
+
 # A bundle folder's files (bundle.py writes them; see its docstring).
 MODEL_FILE, SPEC_FILE, INFO_FILE = "model.pt", "spec.yaml", "data_info.json"
 METRICS_FILE, PROVENANCE_FILE = "metrics.json", "provenance.json"
@@ -22,7 +24,7 @@ COMPRESSION_FILE = "compression.json"
 class DataInfo:
     """What later stages need to know about the prepared data."""
 
-    family: str
+    task: Task
     vocab_size: int
     eos_id: int
     pad_id: int
@@ -38,6 +40,9 @@ class DataInfo:
     # instead of the spec's sizes (models/hf.py).
     architecture: dict[str, Any] | None = None
 
+    def __post_init__(self) -> None:
+        self.task = Task(FAMILY_TASKS.get(self.task, self.task))  # model.family's names too
+
     @property
     def num_classes(self) -> int:
         return len(self.labels)
@@ -46,16 +51,19 @@ class DataInfo:
     def seq_len(self) -> int:
         """Tokens per stored row: a language model's rows hold one more token than its context
         (the last position's target)."""
-        return self.context_length + 1 if self.family == "gpt" else self.context_length
+        return self.context_length + 1 if self.task == Task.LANGUAGE_MODEL else self.context_length
 
     @classmethod
     def from_dict(cls, raw: dict) -> DataInfo:
-        """From meta.json or a bundle's data_info.json, also those written before
-        context_length replaced seq_len."""
+        """From meta.json or a bundle's data_info.json, also those written before `task`
+        replaced `family` and context_length replaced seq_len."""
         raw = dict(raw)
+        if "family" in raw:
+            raw["task"] = raw.pop("family")
         if "seq_len" in raw:
             seq_len = raw.pop("seq_len")
-            raw.setdefault("context_length", seq_len - 1 if raw["family"] == "gpt" else seq_len)
+            language_model = FAMILY_TASKS.get(raw["task"], raw["task"]) == Task.LANGUAGE_MODEL
+            raw.setdefault("context_length", seq_len - 1 if language_model else seq_len)
         return cls(**raw)
 
 

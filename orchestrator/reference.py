@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator.spec import Task
+
 TFIDF_NAME = "TF-IDF (word 1-2-grams) + logistic regression"
 C_GRID = (1.0, 3.0, 10.0, 30.0, 100.0)
 XZ_NAME = "xz -9e primed on the training text"
@@ -108,9 +110,9 @@ def run_references(run_dir: str, info: Any,
     tables = {split: read_split_texts(run_dir, split) for split in ("train", *splits)}
     texts = {split: table.column("text").to_pylist() for split, table in tables.items()}
     tokenizer = (Tokenizer.from_str(RunDir.at(run_dir).tokenizer.join(TOKENIZER_FILE).read_text())
-                 if info.family == "gpt" else None)
+                 if info.task == Task.LANGUAGE_MODEL else None)
     stats = {split: text_stats(texts[split], tokenizer) for split in splits}
-    if info.family == "gpt":
+    if info.task == Task.LANGUAGE_MODEL:
         xz = xz_bits_per_byte(texts["train"], {split: texts[split] for split in splits})
         references = {split: {"name": XZ_NAME, "bits_per_byte": xz[split]} for split in splits}
     else:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.plots import PLOTS_DIR, plots_markdown, write_report_plots
+from orchestrator.spec import Task
 
 if TYPE_CHECKING:
     from orchestrator.records import DataInfo, Evaluation
@@ -24,17 +25,17 @@ def _format(value: Any) -> str:
 
 # The figure the winner is judged on against the classical reference, and whether higher is
 # better: a classifier's accuracy against TF-IDF + LR, a language model's bits per byte against xz.
-VERDICT_METRIC = {"classifier": ("accuracy", True), "gpt": ("bits_per_byte", False)}
+VERDICT_METRIC = {Task.CLASSIFIER: ("accuracy", True), Task.LANGUAGE_MODEL: ("bits_per_byte", False)}
 
 
-def reference_verdict(evaluation: Evaluation, family: str,
+def reference_verdict(evaluation: Evaluation, task: Task,
                       split: str = "test") -> dict[str, Any] | None:
     """Whether the winner beats the classical reference on `split`, and by how much, in figures
     and in one plain sentence (report.json's `verdict`, the CLI's summary, report.md)."""
     result = evaluation.splits.get(split)
     if result is None or not result.reference:
         return None
-    metric, higher_is_better = VERDICT_METRIC[family]
+    metric, higher_is_better = VERDICT_METRIC[task]
     winner, reference = result.model[metric], result.reference[metric]
     better_by = (winner - reference) if higher_is_better else (reference - winner)
     beats = better_by > 0
@@ -61,8 +62,8 @@ def _metrics_table(evaluation: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _compression_table(compression: dict[str, Any], family: str) -> list[str]:
-    quality = "test perplexity" if family == "gpt" else "test accuracy"
+def _compression_table(compression: dict[str, Any], task: Task) -> list[str]:
+    quality = "test perplexity" if task == Task.LANGUAGE_MODEL else "test accuracy"
     speeds = list(compression["variants"][0]["speed"])
     lines = ["## Compressed variants", "",
              (f"Served: **{compression['selected']}** (`{compression['bundle']}`), "
@@ -85,7 +86,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Run report: {report['name']}", "",
         f"- run directory: `{report['run_dir']}`",
-        f"- model family: {report['family']}; sweep metric: {report['metric']}",
+        f"- model task: {report['task']}; sweep metric: {report['metric']}",
         (f"- data: {report['data']['texts']} texts, {report['data']['rows']} rows, "
          f"vocabulary {report['data']['vocab_size']}"),
         (f"- winner: trial `{report['winner']['trial_id']}`"
@@ -102,7 +103,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         *("| " + " | ".join(_format(t.get(c)) for c in columns) + " |" for t in trials), "",
     ]
     if report.get("compression"):
-        lines += _compression_table(report["compression"], report["family"])
+        lines += _compression_table(report["compression"], report["task"])
     if report["sample_responses"]:
         lines += ["## Sample requests to the service", ""]
         lines += [f"- `{json.dumps(s['request'])}` -> {s['status']} `{json.dumps(s['response'])}`"
@@ -148,7 +149,7 @@ def write_report(run_dir: RunDir, report: dict[str, Any], spec: JobSpec, sweep: 
     report.md that embeds them."""
     run_dir.report_json.write_text(json.dumps(report, indent=2))
     with tempfile.TemporaryDirectory(prefix="orchestrator-plots-") as scratch:
-        plots = write_report_plots(scratch, info.family, spec.metric, spec.metric_mode,
+        plots = write_report_plots(scratch, info.task, spec.metric, spec.metric_mode,
                                    sweep.winner.trial_id, sweep.trials, sweep.history,
                                    evaluation, info.labels, report.get("compression"))
         run_dir.plots.upload(Path(scratch) / PLOTS_DIR)

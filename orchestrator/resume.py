@@ -17,7 +17,7 @@ from orchestrator.spec import JobSpec, SpecError, apply_overrides, parse_spec
 
 # The spec fields (dotted prefixes) each stage's outputs depend on.
 STAGE_INPUTS = {
-    "data": ("data", "model.family", "model.pretrained"),
+    "data": ("data", "model.task", "model.pretrained"),
     "sweep": ("data", "model", "train", "sweep", "resources"),
     "compress": ("compress",),
 }

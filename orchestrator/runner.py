@@ -31,9 +31,9 @@ def run(spec: JobSpec, address: str | None = None, say: Callable[[str], None] | 
         resume: bool = False) -> dict[str, Any]:
     """Run the whole job on the cluster at `address` (default: embedded) and return its report.
 
-    With `resume`, the job's latest run directory (under spec.run_dir) continues when it has not
+    With `resume`, the job's latest run directory (under spec.runs_dir) continues when it has not
     finished; otherwise a new run starts."""
-    latest = RunDir.latest(spec.run_dir, spec.name) if resume else None
+    latest = RunDir.latest(spec.runs_dir, spec.name) if resume else None
     unfinished = latest if latest and not latest.completed().report else None
     connect(address)
     return run_pipeline(spec, say, resume=unfinished)

@@ -8,11 +8,20 @@ from __future__ import annotations
 
 import copy
 import re
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 DATA_FORMATS = ("parquet", "jsonl", "csv", "text")
 FORMAT_BY_SUFFIX = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv",
@@ -66,9 +75,25 @@ class DataSpec(_Section):
         return FORMAT_BY_SUFFIX[suffix]
 
 
-# The architectures of each task (model.family) and which of them are built from repeated
-# transformer blocks, the unit that FSDP shards and compile / activation checkpointing wrap.
-ARCHS = {"gpt": ("transformer", "lstm"), "classifier": ("transformer", "lstm", "bow")}
+class Task(str, Enum):
+    """What a job's model does: predict the next token of text, or label a text."""
+
+    LANGUAGE_MODEL = "language_model"
+    CLASSIFIER = "classifier"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# Renamed spec fields: the old name keeps working, and `orchestrator validate` prints the new one.
+RENAMED_FIELDS = {"run_dir": "runs_dir", "model.family": "model.task"}
+# model.family's values as model.task's.
+FAMILY_TASKS = {"gpt": Task.LANGUAGE_MODEL.value, "classifier": Task.CLASSIFIER.value}
+
+# The architectures of each task and which of them are built from repeated transformer blocks,
+# the unit that FSDP shards and compile / activation checkpointing wrap.
+ARCHS = {Task.LANGUAGE_MODEL: ("transformer", "lstm"),
+         Task.CLASSIFIER: ("transformer", "lstm", "bow")}
 BLOCKWISE_ARCHS = ("transformer",)
 
 
@@ -93,8 +118,10 @@ SIZED_BY_CHECKPOINT = ("arch", "n_layer", "n_head", "d_model", "lstm", "bow")
 
 
 class ModelSpec(_Section):
-    family: Literal["gpt", "classifier"] = Field(
-        "gpt", description="The task: gpt (language model) or classifier.")
+    task: Task = Field(
+        Task.LANGUAGE_MODEL, description="The task: language_model (next-token prediction, "
+        "served by /v1/completions) or classifier (labels, /v1/classify). Formerly "
+        "model.family (gpt, classifier), which still works.")
     pretrained: str | None = Field(
         None, description="Start from a Hugging Face checkpoint: a local directory, a Hub id or "
         "a storage URI (s3://...) of a GPT-2-architecture causal LM (gpt) or a BERT, RoBERTa or "
@@ -383,7 +410,15 @@ class ResourcesSpec(_Section):
 
 class JobSpec(_Section):
     name: str = Field("job", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    run_dir: str = Field("runs", description="Parent directory of this job's run directories.")
+    runs_dir: str = Field("runs", description="Where this job's runs go: each run is a folder "
+                          "<runs_dir>/<name>-<UTC time> (a local path or an object-storage URI). "
+                          "Formerly run_dir, which still works.")
+    # The renamed fields this spec was written with (old name -> new name), for validate to say.
+    _renamed: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @property
+    def renamed(self) -> dict[str, str]:
+        return dict(self._renamed)
     data: DataSpec
     model: ModelSpec = Field(default_factory=ModelSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
@@ -393,11 +428,12 @@ class JobSpec(_Section):
     compress: CompressSpec = Field(default_factory=CompressSpec)
 
     @model_validator(mode="after")
-    def _family_needs(self) -> JobSpec:
-        if self.model.family == "classifier" and not self.data.label_column:
-            raise ValueError("model.family 'classifier' needs data.label_column")
-        if self.model.family == "gpt" and self.sweep.metric in ("val_accuracy", "val_f1"):
-            raise ValueError(f"sweep.metric {self.sweep.metric!r} needs model.family 'classifier'")
+    def _task_needs(self) -> JobSpec:
+        if self.model.task is Task.CLASSIFIER and not self.data.label_column:
+            raise ValueError("model.task 'classifier' needs data.label_column")
+        if self.model.task is Task.LANGUAGE_MODEL and self.sweep.metric in ("val_accuracy",
+                                                                            "val_f1"):
+            raise ValueError(f"sweep.metric {self.sweep.metric!r} needs model.task 'classifier'")
         return self
 
     @model_validator(mode="after")
@@ -457,12 +493,12 @@ class JobSpec(_Section):
     def _archs_fit(self) -> JobSpec:
         """An architecture the task lacks, or a per-block option for an architecture without
         transformer blocks, fails here, naming the field (also for archs only the sweep draws)."""
-        family, allowed = self.model.family, ARCHS[self.model.family]
+        task, allowed = self.model.task, ARCHS[self.model.task]
         field = "sweep.space.model.arch" if "model.arch" in self.sweep.space else "model.arch"
         for arch in self.archs:
             if arch not in allowed:
-                raise ValueError(f"{field}: {arch!r} is not an architecture of model.family "
-                                 f"{family!r}; choose from {', '.join(allowed)}")
+                raise ValueError(f"{field}: {arch!r} is not an architecture of model.task "
+                                 f"{task.value!r}; choose from {', '.join(allowed)}")
         blockless = [a for a in self.archs if a not in BLOCKWISE_ARCHS]
         if blockless:
             for name, value, why in (
@@ -517,7 +553,7 @@ class JobSpec(_Section):
         """The validation metric the sweep optimizes."""
         if self.sweep.metric != "auto":
             return self.sweep.metric
-        return "val_accuracy" if self.model.family == "classifier" else "val_loss"
+        return "val_accuracy" if self.model.task is Task.CLASSIFIER else "val_loss"
 
     @property
     def metric_mode(self) -> str:
@@ -542,13 +578,40 @@ def _format_error(error: ValidationError) -> str:
 
 
 def parse_spec(raw: dict[str, Any]) -> JobSpec:
-    """Validate a plain dict into a JobSpec, raising SpecError with a readable message."""
+    """Validate a plain dict into a JobSpec, raising SpecError with a readable message. Renamed
+    fields are read under their new names; `spec.renamed` says which the dict used."""
     if not isinstance(raw, dict):
         raise SpecError(f"invalid job spec: expected a mapping at the top level, got {type(raw).__name__}")
+    raw, renamed = _with_new_names(raw)
     try:
-        return JobSpec.model_validate(raw)
+        spec = JobSpec.model_validate(raw)
     except ValidationError as error:
         raise SpecError(_format_error(error)) from None
+    spec._renamed = renamed
+    return spec
+
+
+def _with_new_names(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The raw spec with every field of RENAMED_FIELDS under its new name (model.family's values
+    as tasks), and the renames made; both names at once are refused."""
+    raw, renamed = copy.deepcopy(raw), {}
+    for old, new in RENAMED_FIELDS.items():
+        *parents, old_key = old.split(".")
+        section = raw
+        for part in parents:
+            section = section.get(part) if isinstance(section, dict) else None
+        if not isinstance(section, dict) or old_key not in section:
+            continue
+        new_key = new.rsplit(".", 1)[-1]
+        if new_key in section:
+            raise SpecError(f"{old} and {new} are both set: {old} is the old name of {new}; "
+                            f"keep {new}")
+        value = section.pop(old_key)
+        if old == "model.family":
+            value = FAMILY_TASKS.get(value, value)
+        section[new_key] = value
+        renamed[old] = new
+    return raw, renamed
 
 
 def _parse_override_value(text: str) -> Any:

@@ -44,7 +44,7 @@ from orchestrator import spec as spec_module
 # Notes for fields whose Field() has no description yet, by dotted path. spec.py's own
 # description replaces a note here as soon as it has one.
 FALLBACK = {
-    "name": "The job's name: run directories are `<run_dir>/<name>-<UTC time>`, and the service "
+    "name": "The job's name: run directories are `<runs_dir>/<name>-<UTC time>`, and the service "
             "answers to it as the model name.",
     "data.format": "auto: from the path's suffix (.parquet, .jsonl/.json, .csv, .txt/.text).",
     "data.text_column": "The column holding the texts.",

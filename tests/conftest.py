@@ -113,17 +113,20 @@ def sample_rows() -> list[dict]:
     return [json.loads(line) for line in SAMPLE.read_text().splitlines()]
 
 
+TASKS = {"gpt": "language_model", "classifier": "classifier"}  # tests name the tasks short
+
+
 def tiny_spec(family: str, path: str | Path = SAMPLE, **sections) -> dict:
     """A raw spec small enough to train in seconds on 2 cores."""
     raw = {
         "name": f"test-{family}",
         "data": {"path": str(path), "vocab_size": 512, "block_size": 32, "max_length": 48,
                  **({"label_column": "label"} if family == "classifier" else {})},
-        "model": {"family": family, "n_layer": 1, "n_head": 2, "d_model": 32, "dropout": 0.0},
+        "model": {"task": TASKS[family], "n_layer": 1, "n_head": 2, "d_model": 32, "dropout": 0.0},
         "train": {"max_steps": 20, "warmup_steps": 2, "eval_interval": 10, "eval_batches": 2,
                   "batch_size": 16},
         "sweep": {"num_samples": 1},
-        "resources": {"num_workers": 1, "cpus_per_worker": 1, "use_gpu": False},
+        "resources": {"num_workers": 1, "cpus_per_worker": 1},
     }
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)

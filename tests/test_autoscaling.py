@@ -172,7 +172,7 @@ def _write_spec(cluster: FakeCluster) -> Path:
     raw = tiny_spec("classifier", serve={"enabled": False}, sweep={
         "num_samples": 1, "space": {"train.lr": {"grid": [0.003, 0.0001]},
                                     "model.dropout": {"choice": [0.0]}}})
-    raw["run_dir"] = str(cluster.root / "runs")
+    raw["runs_dir"] = str(cluster.root / "runs")
     path = cluster.root / "spec.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path

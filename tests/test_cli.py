@@ -169,7 +169,7 @@ def test_a_stopped_run_says_where_and_leaves_nothing_running(tmp_path: Path,
     group), SIGTERM as a process manager does (to the process)."""
     raw = tiny_spec("gpt", train={"max_steps": 5000}, serve={"enabled": False})
     spec = tmp_path / "job.yaml"
-    spec.write_text(yaml.safe_dump({**raw, "run_dir": str(tmp_path / "runs")}))
+    spec.write_text(yaml.safe_dump({**raw, "runs_dir": str(tmp_path / "runs")}))
     child = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", str(spec)],
                              env=base_env(), cwd=REPO, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, start_new_session=True)

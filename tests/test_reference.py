@@ -8,6 +8,7 @@ import random
 
 import numpy as np
 import pytest
+from conftest import TASKS
 
 from orchestrator.records import Evaluation, SplitEvaluation
 from orchestrator.reference import (
@@ -19,6 +20,7 @@ from orchestrator.reference import (
     xz_bits_per_byte,
 )
 from orchestrator.report import reference_verdict, render_markdown, summary
+from orchestrator.spec import Task
 
 
 def test_bits_per_byte_is_nats_per_token_times_tokens_per_byte_over_ln2():
@@ -76,11 +78,11 @@ def _report(family: str, winner: float, reference: float) -> dict:
     evaluation = Evaluation({"test": SplitEvaluation(
         model={metric: winner}, baseline={"name": "trivial", metric: 0.1},
         reference={"name": name, metric: reference}, text={}, rows=10)})
-    return {"name": "r", "run_dir": "/runs/r", "family": family, "metric": "val_loss",
+    return {"name": "r", "run_dir": "/runs/r", "task": Task(TASKS[family]), "metric": "val_loss",
             "data": {"texts": {}, "rows": {}, "vocab_size": 10},
             "winner": {"trial_id": "t1", "config": {}, "bundle": "/runs/r/winner"},
             "endpoint": None, "stage_seconds": {}, "trials": [], "sample_responses": [],
-            "evaluation": evaluation.to_json(), "verdict": reference_verdict(evaluation, family)}
+            "evaluation": evaluation.to_json(), "verdict": reference_verdict(evaluation, Task(TASKS[family]))}
 
 
 @pytest.mark.parametrize("family,winner,reference,beats,by", [

@@ -22,6 +22,7 @@ from orchestrator.plots import (
     write_report_plots,
 )
 from orchestrator.records import Evaluation, SplitEvaluation
+from orchestrator.spec import Task
 
 CLASSES = ["asyncio", "collections", "functools", "itertools"]
 
@@ -98,7 +99,7 @@ def test_lm_report_plots(tmp_path):
     evaluation = Evaluation({"val": SplitEvaluation(
         model={"perplexity": 280.0}, baseline={"name": "unigram", "perplexity": 655.6},
         reference={}, text={}, rows=100)})
-    plots = write_report_plots(tmp_path, "gpt", "val_loss", "min", best, trials, history, evaluation)
+    plots = write_report_plots(tmp_path, Task.LANGUAGE_MODEL, "val_loss", "min", best, trials, history, evaluation)
     assert_report(tmp_path, plots,
                   ["learning_curves.png", "sweep_results.png", "winner_perplexity.png"])
     with Image.open(tmp_path / PLOTS_DIR / "learning_curves.png") as image:
@@ -114,7 +115,7 @@ def test_classifier_report_plots(tmp_path):
         model={}, baseline={}, reference={}, text={}, rows=200,
         confusion_matrix=confusion_matrix(predictions, labels, len(CLASSES)).tolist())})
     best = winner(trials, "val_accuracy", "max")
-    plots = write_report_plots(tmp_path, "classifier", "val_accuracy", "max", best, trials,
+    plots = write_report_plots(tmp_path, Task.CLASSIFIER, "val_accuracy", "max", best, trials,
                                history, evaluation, CLASSES)
     assert_report(tmp_path, plots,
                   ["learning_curves.png", "sweep_results.png", "confusion_matrix.png"])
@@ -123,9 +124,9 @@ def test_classifier_report_plots(tmp_path):
 def test_one_trial_with_one_setting_value(tmp_path):
     trials, history = sweep_tables("classifier", [{"model.dropout": 0.1}], [1])
     trial_id = trials["trial_id"][0]
-    plots = [plot_learning_curves(tmp_path, trials, history, "classifier", "val_accuracy", "max",
+    plots = [plot_learning_curves(tmp_path, trials, history, Task.CLASSIFIER, "val_accuracy", "max",
                                   trial_id),
-             plot_sweep_results(tmp_path, trials, "classifier", "val_accuracy", "max", trial_id)]
+             plot_sweep_results(tmp_path, trials, Task.CLASSIFIER, "val_accuracy", "max", trial_id)]
     assert all(plot is not None for plot in plots)
     for plot in plots:
         assert_png(tmp_path / plot.file)
@@ -138,7 +139,7 @@ def test_errored_trial_without_history_and_nan_metrics(tmp_path):
     trials, history = sweep_tables("gpt", configs, [4, 0, 3])
     history.loc[history.index[[1, 5]], ["train_loss", "val_loss", "val_perplexity"]] = np.nan
     best = winner(trials, "val_loss", "min")
-    plots = write_report_plots(tmp_path, "gpt", "val_loss", "min", best, trials, history, Evaluation({}))
+    plots = write_report_plots(tmp_path, Task.LANGUAGE_MODEL, "val_loss", "min", best, trials, history, Evaluation({}))
     assert_report(tmp_path, plots,
                   ["learning_curves.png", "sweep_results.png", "winner_perplexity.png"])
 
@@ -146,10 +147,10 @@ def test_errored_trial_without_history_and_nan_metrics(tmp_path):
 def test_plots_without_data_are_left_out(tmp_path):
     trials = pd.DataFrame({"trial_id": ["a_00000"], "status": ["error"], "error": ["boom"]})
     history = pd.DataFrame()
-    assert plot_learning_curves(tmp_path, trials, history, "gpt", "val_loss", "min", "a") is None
-    assert plot_sweep_results(tmp_path, trials, "gpt", "val_loss", "min", "a") is None
+    assert plot_learning_curves(tmp_path, trials, history, Task.LANGUAGE_MODEL, "val_loss", "min", "a") is None
+    assert plot_sweep_results(tmp_path, trials, Task.LANGUAGE_MODEL, "val_loss", "min", "a") is None
     assert plot_winner_perplexity(tmp_path, history, "a") is None
-    assert write_report_plots(tmp_path, "gpt", "val_loss", "min", "a", trials, history, Evaluation({})) == []
+    assert write_report_plots(tmp_path, Task.LANGUAGE_MODEL, "val_loss", "min", "a", trials, history, Evaluation({})) == []
     assert plots_markdown([]) == ""
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from orchestrator.bundle import write_bundle
 from orchestrator.models import build_model
 from orchestrator.records import DataInfo
-from orchestrator.spec import JobSpec
+from orchestrator.spec import JobSpec, Task
 from orchestrator.tokenizer import EOS, PAD, save_tokenizer, train_tokenizer
 
 
@@ -20,11 +20,11 @@ def initial_bundle(directory: str | Path, spec: JobSpec, rows: list[dict[str, st
     serve when the answers' quality does not matter, without a training run."""
     tokenizer = train_tokenizer((row["text"] for row in rows), spec.data.vocab_size)
     eos_id, pad_id = tokenizer.token_to_id(EOS), tokenizer.token_to_id(PAD)
-    if spec.model.family == "gpt":
-        info = DataInfo("gpt", tokenizer.get_vocab_size(), eos_id, pad_id, spec.data.block_size)
+    if spec.model.task == Task.LANGUAGE_MODEL:
+        info = DataInfo(Task.LANGUAGE_MODEL, tokenizer.get_vocab_size(), eos_id, pad_id, spec.data.block_size)
     else:
         counts = Counter(row["label"] for row in rows)
-        info = DataInfo("classifier", tokenizer.get_vocab_size(), eos_id, pad_id,
+        info = DataInfo(Task.CLASSIFIER, tokenizer.get_vocab_size(), eos_id, pad_id,
                         spec.data.max_length, labels=sorted(counts),
                         label_counts={"train": dict(counts)})
     model = build_model(spec, info)

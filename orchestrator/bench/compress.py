@@ -24,7 +24,7 @@ QUICK_COMPRESS = ["sweep.num_samples=1", "compress.variants=[int8]"]
 
 def run(quick: bool) -> BenchResult:
     with tempfile.TemporaryDirectory() as runs:
-        overrides = [f"run_dir={runs}", *COMPRESS, *((QUICK + QUICK_COMPRESS) if quick else [])]
+        overrides = [f"runs_dir={runs}", *COMPRESS, *((QUICK + QUICK_COMPRESS) if quick else [])]
         wall, report = run_quickstart(overrides)
     return result_of(report, wall, "quick (shrunk quickstart)" if quick
                      else "the quickstart as shipped")

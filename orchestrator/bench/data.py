@@ -47,7 +47,7 @@ def build_corpus(path: Path, megabytes: float) -> tuple[int, int]:
 def bench_spec(path: Path) -> JobSpec:
     return parse_spec({"name": "bench-data", "data": {"path": str(path), "vocab_size": 2048,
                                                       "block_size": 64},
-                       "model": {"family": "gpt"}})
+                       "model": {"task": "language_model"}})
 
 
 def time_stage(spec: JobSpec, run_dir: Path) -> tuple[float, list[tuple[str, float]]]:

@@ -25,7 +25,7 @@ from orchestrator.export import export_hf
 from orchestrator.models import build_model
 from orchestrator.pretrained import stage_base
 from orchestrator.records import DataInfo
-from orchestrator.spec import parse_spec
+from orchestrator.spec import Task, parse_spec
 from orchestrator.storage import resolve
 from orchestrator.train.optim import build_optimizer
 from orchestrator.weights.checkpoint import save_checkpoint
@@ -37,14 +37,14 @@ TEXTS = ["Return the number of items in the queue.", "The event loop runs the ta
 
 def _spec(pretrained: str, finetune: str):
     return parse_spec({"data": {"path": str(sample_corpus()), "block_size": 64},
-                       "model": {"family": "gpt", "pretrained": pretrained, "dropout": 0.0},
+                       "model": {"task": "language_model", "pretrained": pretrained, "dropout": 0.0},
                        "train": {"finetune": finetune}})
 
 
 def _checkpoint_row(finetune: str, gpt2: Path, scratch: Path) -> dict:
     spec = _spec(str(gpt2), finetune)
     base = stage_base(spec, resolve(scratch / "base"))
-    info = DataInfo("gpt", base.config["vocab_size"], base.eos_id, base.pad_id, 64,
+    info = DataInfo(Task.LANGUAGE_MODEL, base.config["vocab_size"], base.eos_id, base.pad_id, 64,
                     architecture=base.config)
     model = starting_model(spec, info, scratch / "base")
     optimizer = build_optimizer(model, spec.train)
@@ -63,7 +63,7 @@ def _gpt2_small_share() -> dict:
     from transformers import GPT2Config
 
     config = GPT2Config().to_dict()  # gpt2's shape: 12 layers, 768 wide, 50257 tokens
-    info = DataInfo("gpt", config["vocab_size"], 0, 0, 1024, architecture=config)
+    info = DataInfo(Task.LANGUAGE_MODEL, config["vocab_size"], 0, 0, 1024, architecture=config)
     spec = _spec("gpt2", "lora")
     with torch.device("meta"):
         model = prepare_finetune(build_model(spec, info), spec, config)

@@ -33,7 +33,7 @@ from orchestrator.spec import JobSpec, parse_spec
 CONCURRENCIES = (1, 8, 32)
 RATES = (20.0, 40.0, 60.0, 80.0)  # requests/s offered in the open loop
 QUICK_RATES = (10.0, 20.0)
-MODEL = {"family": "gpt", "n_layer": 2, "n_head": 4, "d_model": 128, "dropout": 0.0}
+MODEL = {"task": "language_model", "n_layer": 2, "n_head": 4, "d_model": 128, "dropout": 0.0}
 REQUEST = {"model": "bench", "prompt": "The event loop", "max_tokens": 16, "temperature": 0}
 
 

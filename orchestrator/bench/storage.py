@@ -78,7 +78,7 @@ QUICK_STORAGE = [*QUICK, "sweep.num_samples=1"]
 
 
 def _timed_quickstart(run_dir: str, env: dict[str, str], quick: bool) -> dict[str, float]:
-    wall, report = run_quickstart([f"run_dir={run_dir}", *(QUICK_STORAGE if quick else [])], env)
+    wall, report = run_quickstart([f"runs_dir={run_dir}", *(QUICK_STORAGE if quick else [])], env)
     return {"wall_s": wall, **{f"{k}_s": v for k, v in report["stage_seconds"].items()}}
 
 

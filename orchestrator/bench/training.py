@@ -49,7 +49,7 @@ def bench_spec(quick: bool, **train: Any) -> JobSpec:
     return parse_spec({
         "name": "bench", "data": {"path": str(sample_corpus()), "vocab_size": 512,
                                   "block_size": 64 if quick else 128},
-        "model": {"family": "gpt", "dropout": 0.0, **(QUICK_MODEL if quick else FULL_MODEL)},
+        "model": {"task": "language_model", "dropout": 0.0, **(QUICK_MODEL if quick else FULL_MODEL)},
         "train": {"batch_size": 16, "max_steps": steps, "eval_interval": steps // 4,
                   "eval_batches": 1, "warmup_steps": 2, **train},
         "resources": {"num_workers": 1, "cpus_per_worker": worker_threads()}})

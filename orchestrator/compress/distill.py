@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from orchestrator.records import DataInfo
-from orchestrator.spec import CompressSpec, JobSpec, SweepSpec
+from orchestrator.spec import CompressSpec, JobSpec, SweepSpec, Task
 from orchestrator.train.config import Beginning, WorkerConfig
 from orchestrator.train.objectives import Objective
 from orchestrator.train.parallel import transformer_blocks
@@ -79,16 +79,16 @@ def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def distillation_objective(family: str, teacher: nn.Module, temperature: float,
+def distillation_objective(task: str, teacher: nn.Module, temperature: float,
                            alpha: float) -> Objective:
     """alpha × T² × KL(teacher ‖ student at temperature T) + (1 - alpha) × cross entropy."""
     def loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         ids = batch["ids"].long()
-        inputs = ids[:, :-1] if family == "gpt" else ids
+        inputs = ids[:, :-1] if task == Task.LANGUAGE_MODEL else ids
         logits = model(inputs).float()
         with torch.no_grad():
             target = teacher(inputs).float()
-        if family == "gpt":
+        if task == Task.LANGUAGE_MODEL:
             logits, target = logits.reshape(-1, logits.shape[-1]), target.reshape(-1, logits.shape[-1])
             hard = F.cross_entropy(logits, ids[:, 1:].reshape(-1))
         else:
@@ -98,7 +98,7 @@ def distillation_objective(family: str, teacher: nn.Module, temperature: float,
                         reduction="batchmean") * temperature**2
         return alpha * soft + (1 - alpha) * hard
 
-    tokens = (lambda batch: batch["ids"][:, 1:].numel()) if family == "gpt" else \
+    tokens = (lambda batch: batch["ids"][:, 1:].numel()) if task == Task.LANGUAGE_MODEL else \
         (lambda batch: batch["ids"].numel())
     return Objective(loss=loss, tokens=tokens)
 
@@ -116,5 +116,5 @@ class Distillation:
         model = starting_model(config.spec, config.info, config.run_dir.base)
         teacher = load_bundle(self.teacher).model.to(device)
         init_from_teacher(model, teacher)
-        return Beginning(model, distillation_objective(config.info.family, teacher,
+        return Beginning(model, distillation_objective(config.info.task, teacher,
                                                        self.temperature, self.alpha))

@@ -16,7 +16,7 @@ from orchestrator.evaluate import load_on_device
 from orchestrator.inference.predictor import Predictor
 from orchestrator.inference.sampling import SamplingParams
 from orchestrator.records import MODEL_FILE
-from orchestrator.spec import JobSpec
+from orchestrator.spec import JobSpec, Task
 from orchestrator.storage import resolve
 
 DECODE_TOKENS = 32
@@ -50,7 +50,7 @@ def speed(bundle_dir: str, texts: list[str], rounds: int = 7) -> dict[str, float
     torch.set_num_threads(1)  # a replica's share of the machine, as the service runs it
     bundle = load_on_device(bundle_dir)
     predictor = Predictor(bundle)
-    if bundle.info.family == "gpt":
+    if bundle.info.task == Task.LANGUAGE_MODEL:
         return {"decode_tokens_per_s_batch1": _decode_tokens_per_s(predictor, 1, rounds),
                 "decode_tokens_per_s_batch8": _decode_tokens_per_s(predictor, 8, rounds)}
     predictor.classify(texts[:8])
@@ -62,9 +62,9 @@ def speed(bundle_dir: str, texts: list[str], rounds: int = 7) -> dict[str, float
     return {"texts_per_s": statistics.median(rates)}
 
 
-def service_p50_s(spec: JobSpec, url: str, family: str, count: int) -> float:
+def service_p50_s(spec: JobSpec, url: str, task: Task, count: int) -> float:
     """p50 latency of `count` requests sent one at a time to a running service."""
-    if family == "gpt":
+    if task == Task.LANGUAGE_MODEL:
         route, body = "/v1/completions", {"model": spec.name, "prompt": PROMPT,
                                           "max_tokens": 16, "temperature": 0, "ignore_eos": True}
     else:
@@ -78,7 +78,7 @@ def service_p50_s(spec: JobSpec, url: str, family: str, count: int) -> float:
     return statistics.median(latencies)
 
 
-def speed_key(family: str) -> str:
+def speed_key(task: Task) -> str:
     """The figure selection ranks variants by."""
-    return "decode_tokens_per_s_batch1" if family == "gpt" else "texts_per_s"
+    return "decode_tokens_per_s_batch1" if task == Task.LANGUAGE_MODEL else "texts_per_s"
 

@@ -43,10 +43,12 @@ from orchestrator.records import (
 )
 from orchestrator.rundir import RunDir
 from orchestrator.spec import (
+    FAMILY_TASKS,
     CompressSpec,
     JobSpec,
     SpecError,
     SweepSpec,
+    Task,
     apply_overrides,
     parse_spec,
 )
@@ -61,22 +63,22 @@ WINNER = "winner"
 SPEED_TIE = 0.05
 
 
-def quality_of(test_metrics: dict[str, Any], family: str) -> float:
-    return test_metrics["perplexity"] if family == "gpt" else test_metrics["accuracy"]
+def quality_of(test_metrics: dict[str, Any], task: str) -> float:
+    return test_metrics["perplexity"] if task == Task.LANGUAGE_MODEL else test_metrics["accuracy"]
 
 
-def quality_loss(quality: float, reference: float, family: str) -> float:
+def quality_loss(quality: float, reference: float, task: str) -> float:
     """Relative loss against the winner: perplexity up, or accuracy down, as a share."""
-    if family == "gpt":
+    if task == Task.LANGUAGE_MODEL:
         return quality / reference - 1
     return 1 - quality / reference if reference else 0.0
 
 
-def choose(variants: list[CompressedVariant], family: str) -> CompressedVariant:
+def choose(variants: list[CompressedVariant], task: str) -> CompressedVariant:
     """Of the variants within the quality bound (the winner always is), the smallest of those
     as fast as the fastest: speeds within SPEED_TIE of it are a tie, not a difference (two
     measurements of the same model differ by that much)."""
-    key = speed_key(family)
+    key = speed_key(task)
     eligible = [v for v in variants if v.within_bound]
     fastest = max(v.speed[key] for v in eligible)
     tied = [v for v in eligible if v.speed[key] >= (1 - SPEED_TIE) * fastest]
@@ -184,8 +186,8 @@ def compress_winner(spec: JobSpec, run_dir: RunDir, info: DataInfo, winner: str,
     """Build, evaluate and measure every variant of spec.compress.variants (spec: the winner's
     spec), and choose the one to serve; see the module docstring."""
     check_compression(spec, info)
-    family, bound = info.family, spec.compress.max_quality_loss
-    reference = quality_of(winner_test, family)
+    task, bound = info.task, spec.compress.max_quality_loss
+    reference = quality_of(winner_test, task)
     texts = spec.serve.sample_requests * 8
     measure = ray.remote(speed).options(num_cpus=spec.serve.replica_cpus,
                                         num_gpus=spec.serve.replica_gpus)
@@ -196,32 +198,32 @@ def compress_winner(spec: JobSpec, run_dir: RunDir, info: DataInfo, winner: str,
         note(f"building {name}")
         uri, variant_info, details = builders[name](spec, run_dir, info, winner)
         test = evaluate_bundle(run_dir, uri, variant_info, splits=("test",), gpus=gpus).test
-        quality = quality_of(test.model, family)
-        loss = quality_loss(quality, reference, family)
+        quality = quality_of(test.model, task)
+        loss = quality_loss(quality, reference, task)
         variant = CompressedVariant(name, uri, quality, loss, size_bytes(uri),
                           ray.get(measure.remote(uri, texts)), within_bound=loss <= bound,
                           details={**details, "test": test.model})
         variants.append(variant)
-        note(f"{name}: test {'perplexity' if family == 'gpt' else 'accuracy'} {quality:.4g} "
+        note(f"{name}: test {'perplexity' if task == Task.LANGUAGE_MODEL else 'accuracy'} {quality:.4g} "
              f"({loss:+.1%} against the winner), {variant.size_bytes / 1e6:.2f} MB, "
              f"{variant.speed}")
-    chosen = choose(variants, family)
-    rule = (f"the fastest ({speed_key(family)}; within {SPEED_TIE:.0%} a tie, won by the "
+    chosen = choose(variants, task)
+    rule = (f"the fastest ({speed_key(task)}; within {SPEED_TIE:.0%} a tie, won by the "
             f"smallest) of the winner and the variants within compress.max_quality_loss = "
-            f"{bound:.1%} of the winner's test {'perplexity' if family == 'gpt' else 'accuracy'}")
+            f"{bound:.1%} of the winner's test {'perplexity' if task == Task.LANGUAGE_MODEL else 'accuracy'}")
     compression = Compression(variants, chosen.name, chosen.bundle, rule)
     run_dir.compression_selection.write_text(json.dumps(
         {"selected": chosen.name, "bundle": chosen.bundle}, indent=2))
     return compression
 
 
-def measure_latency(spec: JobSpec, compression: Compression, family: str,
+def measure_latency(spec: JobSpec, compression: Compression, task: str,
                     deploy: Callable[[JobSpec, str], str]) -> None:
     """p50 latency through the real service for every variant (deployed one after another in
     place of each other), into compression.variants."""
     for variant in compression.variants:
         url = deploy(spec, variant.bundle)
-        variant.p50_latency_s = service_p50_s(spec, url, family, spec.compress.latency_requests)
+        variant.p50_latency_s = service_p50_s(spec, url, task, spec.compress.latency_requests)
 
 
 def compress_finished_run(location: str, overrides: list[str],
@@ -238,6 +240,8 @@ def compress_finished_run(location: str, overrides: list[str],
         raise SpecError(f"RUN_DIR = {run_dir.uri!r} has no report.json: compress a finished run "
                         f"(continue this one first: orchestrator resume {run_dir.uri})")
     report = json.loads(run_dir.report_json.read_text())
+    if "family" in report:  # written before model.task replaced model.family
+        report["task"] = FAMILY_TASKS[report.pop("family")]
     winner_spec, info = read_spec_and_info(run_dir.winner)
     spec = parse_spec(apply_overrides(winner_spec.model_dump(mode="json"), overrides))
     spec = with_device(spec, plan_cluster(spec))  # decided once, here: workers must not
@@ -250,7 +254,7 @@ def compress_finished_run(location: str, overrides: list[str],
                                   note=lambda message: say(f"[compress] {message}"))
     if spec.serve.enabled and spec.compress.latency_requests:
         say("[compress] p50 latency of each variant through the service")
-        measure_latency(spec, compression, info.family, service.deploy)
+        measure_latency(spec, compression, info.task, service.deploy)
         service.shutdown(spec)
     before = render_markdown(report)
     report["compression"] = json_safe(compression.to_json())
@@ -258,7 +262,7 @@ def compress_finished_run(location: str, overrides: list[str],
     markdown = run_dir.report_md.read_text() if run_dir.report_md.is_file() else before
     plots = markdown[len(before):] if markdown.startswith(before) else ""
     with tempfile.TemporaryDirectory(prefix="orchestrator-plots-") as scratch:
-        plot = plot_compression(Path(scratch), report["compression"], info.family)
+        plot = plot_compression(Path(scratch), report["compression"], info.task)
         run_dir.plots.join(plot.file).write_bytes((Path(scratch) / plot.file).read_bytes())
     run_dir.report_md.write_text(render_markdown(report) + plots + plots_markdown([plot]))
     say(f"[compress] serving {compression.selected} from now on: orchestrator deploy "

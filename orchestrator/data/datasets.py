@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from tokenizers import Tokenizer
 
+from orchestrator.spec import Task
 from orchestrator.tokenizer import EOS, PAD
 
 SPLITS = ("train", "val", "test")
@@ -77,14 +78,14 @@ class TokenizeBatch:
     stream would otherwise sit next to their neighbours.
     """
 
-    def __init__(self, tokenizer_json: str, family: str, block_size: int, max_length: int,
+    def __init__(self, tokenizer_json: str, task: Task, block_size: int, max_length: int,
                  labels: list[str] | None = None, seed: int | None = None,
                  eos_id: int | None = None, pad_id: int | None = None):
         """eos_id / pad_id: a pretrained tokenizer's (ours: the ids of EOS and PAD)."""
         self.tokenizer = Tokenizer.from_str(tokenizer_json)
         self.eos_id = self.tokenizer.token_to_id(EOS) if eos_id is None else eos_id
         self.pad_id = self.tokenizer.token_to_id(PAD) if pad_id is None else pad_id
-        self.family = family
+        self.task = task
         self.block_size = block_size
         self.max_length = max_length
         self.label_ids = {label: i for i, label in enumerate(labels or [])}
@@ -96,7 +97,7 @@ class TokenizeBatch:
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
         texts = [str(t) for t in batch["text"]]
         splits = np.asarray(batch["split"], dtype=object)
-        if self.family == "gpt":
+        if self.task == Task.LANGUAGE_MODEL:
             ids_parts, split_parts = [], []
             for split in sorted(set(splits)):
                 group = [t for t, s in zip(texts, splits) if s == split]

@@ -20,7 +20,7 @@ from orchestrator.data.sources import read_source
 from orchestrator.pretrained import Base, stage_base
 from orchestrator.records import DataInfo
 from orchestrator.rundir import RunDir
-from orchestrator.spec import JobSpec, SpecError
+from orchestrator.spec import JobSpec, SpecError, Task
 from orchestrator.storage import Location
 from orchestrator.tokenizer import EOS, PAD, save_tokenizer, train_tokenizer
 
@@ -73,7 +73,7 @@ def _check_scan(spec: JobSpec, scan: _Scan) -> None:
                 f"data.path = {spec.data.path!r}: {total} texts leave the {split} split empty; "
                 "add data or raise data.val_fraction / data.test_fraction"
             )
-    if spec.model.family == "classifier" and len(scan.labels["train"]) < 2:
+    if spec.model.task == Task.CLASSIFIER and len(scan.labels["train"]) < 2:
         found = ", ".join(map(repr, scan.labels["train"])) or "none"
         raise SpecError(
             f"data.label_column = {spec.data.label_column!r} has a single class in the training "
@@ -187,8 +187,8 @@ def prepare_data(spec: JobSpec, run_dir: RunDir | str,
     with run_dir.tokenizer.local_folder() as folder:
         save_tokenizer(tokenizer, folder)
 
-    labels = sorted(scan.labels["train"]) if spec.model.family == "classifier" else []
-    context_length = data.block_size if spec.model.family == "gpt" else data.max_length
+    labels = sorted(scan.labels["train"]) if spec.model.task == Task.CLASSIFIER else []
+    context_length = data.block_size if spec.model.task == Task.LANGUAGE_MODEL else data.max_length
     run_dir.data.remove()
     run_dir.texts.remove()
     progress("writing the split texts (for the classical references)")
@@ -199,7 +199,7 @@ def prepare_data(spec: JobSpec, run_dir: RunDir | str,
         TokenizeBatch, batch_format="numpy", batch_size=TOKENIZE_BATCH_ROWS,
         compute=ray.data.ActorPoolStrategy(min_size=1),
         fn_constructor_kwargs={"tokenizer_json": tokenizer.to_str(),
-                               "family": spec.model.family, "block_size": data.block_size,
+                               "task": spec.model.task, "block_size": data.block_size,
                                "max_length": data.max_length, "labels": labels,
                                "seed": data.split_seed, "eos_id": vocab.eos_id,
                                "pad_id": vocab.pad_id},
@@ -216,7 +216,7 @@ def prepare_data(spec: JobSpec, run_dir: RunDir | str,
                 "add data or lower data.block_size"
             )
     info = DataInfo(
-        family=spec.model.family, vocab_size=vocab.size, eos_id=vocab.eos_id,
+        task=spec.model.task, vocab_size=vocab.size, eos_id=vocab.eos_id,
         pad_id=vocab.pad_id, context_length=context_length,
         labels=labels, texts=dict(scan.texts), rows=rows,
         label_counts={s: dict(c) for s, c in scan.labels.items() if c},

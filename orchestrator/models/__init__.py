@@ -1,6 +1,6 @@
 """Model families and the registry that builds them from the spec and the data info.
 
-A family is a task (`model.family`: gpt, the language model, or classifier) and an architecture
+A task is a task (`model.task`: gpt, the language model, or classifier) and an architecture
 (`model.arch`); each architecture lives in one file and takes plain sizes. Every model of a task
 takes the same input (packed blocks of ids for the LM, right-padded ids for the classifier) and
 returns logits, so training, evaluation and serving need no case per architecture. Language
@@ -20,7 +20,7 @@ from orchestrator.models.decoding import Decoder, DecodingCache
 from orchestrator.models.gpt import GPT
 from orchestrator.models.hf import EncoderClassifier, gpt_from_config
 from orchestrator.models.lstm import LSTMClassifier, LSTMLanguageModel
-from orchestrator.spec import ModelSpec
+from orchestrator.spec import ModelSpec, Task
 
 if TYPE_CHECKING:
     from orchestrator.records import DataInfo
@@ -29,17 +29,17 @@ if TYPE_CHECKING:
 Builder = Callable[[ModelSpec, "DataInfo"], nn.Module]
 
 REGISTRY: dict[tuple[str, str], Builder] = {
-    ("gpt", "transformer"): lambda m, info: GPT(
+    (Task.LANGUAGE_MODEL, "transformer"): lambda m, info: GPT(
         info.vocab_size, info.context_length, m.n_layer, m.n_head, m.d_model, m.dropout),
-    ("gpt", "lstm"): lambda m, info: LSTMLanguageModel(
+    (Task.LANGUAGE_MODEL, "lstm"): lambda m, info: LSTMLanguageModel(
         info.vocab_size, info.context_length, m.lstm.n_layer, m.lstm.d_model, m.dropout),
-    ("classifier", "transformer"): lambda m, info: TextClassifier(
+    (Task.CLASSIFIER, "transformer"): lambda m, info: TextClassifier(
         info.vocab_size, info.num_classes, info.context_length, info.pad_id, m.n_layer,
         m.n_head, m.d_model, m.dropout),
-    ("classifier", "lstm"): lambda m, info: LSTMClassifier(
+    (Task.CLASSIFIER, "lstm"): lambda m, info: LSTMClassifier(
         info.vocab_size, info.num_classes, info.context_length, info.pad_id, m.lstm.n_layer,
         m.lstm.d_model, m.dropout),
-    ("classifier", "bow"): lambda m, info: BagOfNgrams(
+    (Task.CLASSIFIER, "bow"): lambda m, info: BagOfNgrams(
         info.vocab_size, info.num_classes, info.context_length, info.pad_id, m.bow.d_model,
         m.bow.buckets, m.dropout),
 }
@@ -51,17 +51,17 @@ def build_model(spec: JobSpec, info: DataInfo) -> nn.Module:
     (vocabulary, context length, padding id, classes). Its weights are fresh: training loads a
     checkpoint's (weights/base.py), inference a bundle's (weights/model.py)."""
     model = spec.model
-    if info.family != model.family:
-        raise ValueError(f"the data was prepared for model.family {info.family!r}, the spec "
-                         f"asks for {model.family!r}")
+    if info.task != model.task:
+        raise ValueError(f"the data was prepared for model.task {info.task.value!r}, the spec "
+                         f"asks for {model.task.value!r}")
     if info.architecture is not None:
-        if model.family == "gpt":
+        if model.task == Task.LANGUAGE_MODEL:
             return gpt_from_config(info.architecture, model.dropout)
         return EncoderClassifier(info.architecture, info.labels, info.pad_id, info.context_length)
     try:
-        builder = REGISTRY[(model.family, model.arch)]
+        builder = REGISTRY[(model.task, model.arch)]
     except KeyError:
-        raise ValueError(f"model.arch {model.arch!r} has no {model.family} model") from None
+        raise ValueError(f"model.arch {model.arch!r} has no {model.task} model") from None
     return builder(model, info)
 
 

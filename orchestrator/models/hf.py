@@ -21,10 +21,11 @@ import torch
 from torch import nn
 
 from orchestrator.models.gpt import GPT
+from orchestrator.spec import Task
 
 GPT_TYPES = ("gpt2",)
 ENCODER_TYPES = ("bert", "roberta", "distilbert")
-MODEL_TYPES = {"gpt": GPT_TYPES, "classifier": ENCODER_TYPES}
+MODEL_TYPES = {Task.LANGUAGE_MODEL: GPT_TYPES, Task.CLASSIFIER: ENCODER_TYPES}
 # GPT-2 config activation_function -> F.gelu's `approximate`
 GELU_OF_ACTIVATION = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
 

@@ -55,6 +55,7 @@ from orchestrator.serve.server import (
     timeout_as_408,
     timeout_message,
 )
+from orchestrator.spec import Task
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +72,10 @@ async def require_key(request: Request) -> None:
                        code="invalid_api_key")
 
 
-def require_family(server: ModelServer, family: str, route: str) -> None:
-    if server.family != family:
-        other = "/v1/completions" if server.family == "gpt" else "/v1/classify"
-        raise APIError(404, f"{route} is not served by this {server.family} model; use {other}",
+def require_task(server: ModelServer, task: Task, route: str) -> None:
+    if server.task != task:
+        other = "/v1/completions" if server.task == Task.LANGUAGE_MODEL else "/v1/classify"
+        raise APIError(404, f"{route} is not served by this {server.task} model; use {other}",
                        code="unsupported_route")
 
 
@@ -104,7 +105,7 @@ async def get_model(model_id: str, request: Request) -> dict[str, Any]:
 
 def model_card(server: ModelServer) -> dict[str, Any]:
     return {"id": server.model_name, "object": "model", "created": server.created,
-            "owned_by": "orchestrator", "family": server.family,
+            "owned_by": "orchestrator", "task": server.task,
             "max_model_len": server.context_length}
 
 
@@ -113,7 +114,7 @@ def model_card(server: ModelServer) -> dict[str, Any]:
 @router.post("/classify")
 async def classify(body: ClassifyBody, request: Request) -> dict[str, Any]:
     server = server_of(request)
-    require_family(server, "classifier", "/v1/classify")
+    require_task(server, Task.CLASSIFIER, "/v1/classify")
     require_model(server, body.model)
     texts = [body.input] if isinstance(body.input, str) else body.input
     if not texts:
@@ -135,7 +136,7 @@ async def classify(body: ClassifyBody, request: Request) -> dict[str, Any]:
 async def completions(body: CompletionBody, request: Request) -> dict[str, Any] | StreamingResponse:
     started = time.perf_counter()
     server = server_of(request)
-    require_family(server, "gpt", "/v1/completions")
+    require_task(server, Task.LANGUAGE_MODEL, "/v1/completions")
     require_model(server, body.model)
     job = await server.completion_job(body)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
@@ -383,7 +384,7 @@ def create_api(server: ModelServer) -> FastAPI:
 
     @api.get("/healthz")
     async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "family": server.family, "model": server.model_name,
+        return {"status": "ok", "task": server.task, "model": server.model_name,
                 "version": server.version}
 
     @api.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_key)])

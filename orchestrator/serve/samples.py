@@ -7,14 +7,14 @@ from typing import Any
 import requests
 
 from orchestrator.serve.auth import load_keys
-from orchestrator.spec import JobSpec
+from orchestrator.spec import JobSpec, Task
 
 
-def send_sample_requests(spec: JobSpec, url: str, family: str) -> list[dict[str, Any]]:
+def send_sample_requests(spec: JobSpec, url: str, task: Task) -> list[dict[str, Any]]:
     """The requests the quickstart sends to show the service answering."""
     keys = load_keys(spec.serve)
     headers = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
-    if family == "classifier":
+    if task == Task.CLASSIFIER:
         calls = [("/v1/classify", {"model": spec.name, "input": spec.serve.sample_requests})]
     else:
         calls = [("/v1/completions", {

@@ -30,7 +30,7 @@ from orchestrator.inference.engine import (
 from orchestrator.inference.predictor import Predictor
 from orchestrator.inference.sampling import SamplingParams
 from orchestrator.serve.protocol import DEFAULT_MAX_TOKENS, APIError, CompletionBody, overloaded
-from orchestrator.spec import ServeSpec
+from orchestrator.spec import ServeSpec, Task
 from orchestrator.weights.model import load_bundle
 
 INLINE_TOKENIZE_CHARS = 1024
@@ -70,7 +70,7 @@ class ModelServer:
         self.predictor = Predictor(bundle)
         self.tokenizer = bundle.tokenizer
         self.info = bundle.info
-        self.family = bundle.info.family
+        self.task = bundle.info.task
         self.model_name = bundle.spec.name
         self.app_name = app_name or self.model_name  # the `app` tag of this server's metrics
         self.version = bundle.version  # which weights answer
@@ -87,7 +87,7 @@ class ModelServer:
         self.batching = batching
         self.model_lock = asyncio.Lock()
         self.engine: AsyncEngine | None = None
-        if self.family == "gpt":
+        if self.task == Task.LANGUAGE_MODEL:
             engine = Engine(bundle.model, bundle.tokenizer, bundle.info.eos_id,
                             limits.max_batch_size if batching else 1)
             self.engine = AsyncEngine(engine, limits.max_queued_requests, self.record_batch)
@@ -105,7 +105,7 @@ class ModelServer:
     async def check_health(self) -> None:
         """Raises when the model cannot answer; Serve then replaces the replica. It decodes on
         an engine of its own, so a full queue does not make a busy replica look sick."""
-        if self.family == "gpt":
+        if self.task == Task.LANGUAGE_MODEL:
             ids = [self.predictor.encode("a")]
             await asyncio.to_thread(self.predictor.complete, ids, [SamplingParams(1, 0.0)])
         else:

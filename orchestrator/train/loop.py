@@ -265,7 +265,7 @@ def validate(run: TrainingRun) -> dict[str, float]:
     if run.val_batches is None:
         run.val_batches = run.session.val_batches(run.spec.train.batch_size,
                                                   run.spec.train.eval_batches)
-    return evaluate(run.plain_model, run.val_batches, run.info.family, run.info.num_classes)
+    return evaluate(run.plain_model, run.val_batches, run.info.task, run.info.num_classes)
 
 
 def report_with_checkpoint(session: Session, metrics: dict[str, Any], model: torch.nn.Module,

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from orchestrator.spec import Task
+
 
 def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Next-token cross entropy on a packed block of block_size + 1 tokens."""
@@ -32,10 +34,10 @@ class Objective:
 
 OBJECTIVES = {
     # Language model: packed blocks, every column but the first is a target.
-    "gpt": Objective(loss=lambda model, batch: lm_loss(model, batch["ids"].long()),
+    Task.LANGUAGE_MODEL: Objective(loss=lambda model, batch: lm_loss(model, batch["ids"].long()),
                      tokens=lambda batch: batch["ids"][:, 1:].numel()),
     # Classifier: padded texts and their labels.
-    "classifier": Objective(
+    Task.CLASSIFIER: Objective(
         loss=lambda model, batch: classifier_loss(model, batch["ids"].long(),
                                                   batch["label"].long()),
         tokens=lambda batch: batch["ids"].numel()),
@@ -43,8 +45,8 @@ OBJECTIVES = {
 
 
 def objective_for(info) -> Objective:
-    """The objective of the task the data was prepared for (DataInfo.family)."""
-    return OBJECTIVES[info.family]
+    """The objective of the task the data was prepared for (DataInfo.task)."""
+    return OBJECTIVES[info.task]
 
 
 def macro_f1(predictions: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
@@ -66,7 +68,7 @@ def classification_metrics(predictions: np.ndarray, labels: np.ndarray,
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], family: str,
+def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], task: Task,
              num_classes: int) -> dict[str, float]:
     """Validation metrics over the given batches: loss (+ perplexity or accuracy and macro F1)."""
     was_training = model.training
@@ -75,7 +77,7 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], famil
     predictions, labels = [], []
     for batch in batches:
         ids = batch["ids"].long()
-        if family == "gpt":
+        if task == Task.LANGUAGE_MODEL:
             total_loss += lm_loss(model, ids).item() * ids[:, 1:].numel()
             count += ids[:, 1:].numel()
         else:
@@ -83,12 +85,12 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], famil
             target = batch["label"].long()
             total_loss += F.cross_entropy(logits, target, ignore_index=-1,
                                           reduction="sum").item()
-            count += len(target)
+            count += int((target != -1).sum())  # rows of a label unseen in training: no loss
             predictions.append(logits.argmax(-1).cpu().numpy())
             labels.append(target.cpu().numpy())
     model.train(was_training)
     loss = total_loss / max(count, 1)
-    if family == "gpt":
+    if task == Task.LANGUAGE_MODEL:
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
     return {"loss": loss, **classification_metrics(np.concatenate(predictions),
                                                    np.concatenate(labels), num_classes)}

@@ -34,7 +34,7 @@ def test_every_variant_of_a_language_model_built_measured_and_the_chosen_one_ser
                               "max_quality_loss": 0.05,
                               "prune": {"sparsity": 0.5, "recovery_steps": 10},
                               "distill": {"steps": 20}})
-    raw["run_dir"] = str(tmp_path / "runs")
+    raw["runs_dir"] = str(tmp_path / "runs")
     started = time.monotonic()
     report = run_pipeline(parse_spec(raw), say=lambda _: None)
     record_property(TIMING, stage_times("compress: gpt int8+prune+distill",
@@ -97,7 +97,7 @@ def test_a_finished_classifier_run_compressed_afterwards_serves_int8_through_cla
     from orchestrator.serve import deploy, shutdown
 
     raw = tiny_spec("classifier", train=STEPS, serve={"port": serving, "enabled": False})
-    raw["run_dir"] = str(tmp_path / "runs")
+    raw["runs_dir"] = str(tmp_path / "runs")
     report = run_pipeline(parse_spec(raw), say=lambda _: None)
     lines: list[str] = []
     started = time.monotonic()

@@ -23,7 +23,7 @@ from orchestrator.compress.stage import check_compression, choose, quality_loss
 from orchestrator.inference.predictor import Predictor, SamplingParams
 from orchestrator.models import build_model
 from orchestrator.records import CompressedVariant
-from orchestrator.spec import SpecError, parse_spec
+from orchestrator.spec import SpecError, Task, parse_spec
 from orchestrator.tokenizer import TOKENIZER_FILE, save_tokenizer
 from orchestrator.train.masks import apply_masks, zero_masks
 from orchestrator.train.objectives import lm_loss
@@ -94,10 +94,10 @@ def test_the_distillation_loss_mixes_soft_and_hard_targets(gpt_bundle):
     assert torch.equal(student.wte.weight, teacher.wte.weight)
     assert torch.equal(student.blocks[0].attn.qkv.weight, teacher.blocks[0].attn.qkv.weight)
     batch = {"ids": torch.randint(0, info.vocab_size, (2, 17))}
-    hard_only = distillation_objective("gpt", teacher, 2.0, alpha=0.0).loss(student, batch)
+    hard_only = distillation_objective(Task.LANGUAGE_MODEL, teacher, 2.0, alpha=0.0).loss(student, batch)
     assert float(hard_only) == pytest.approx(float(lm_loss(student, batch["ids"])), rel=1e-5)
     # The teacher distilled into itself: no soft loss left.
-    soft_only = distillation_objective("gpt", teacher, 2.0, alpha=1.0).loss(teacher, batch)
+    soft_only = distillation_objective(Task.LANGUAGE_MODEL, teacher, 2.0, alpha=1.0).loss(teacher, batch)
     assert abs(float(soft_only)) < 1e-5
 
 
@@ -109,14 +109,14 @@ def _variant(name: str, loss: float, speed: float, size: int = 100, bound: float
 def test_the_fastest_variant_within_the_quality_bound_is_served():
     winner = _variant("winner", 0.0, 100.0)
     assert choose([winner, _variant("int8", 0.01, 150.0), _variant("distill", 0.10, 300.0)],
-                  "gpt").name == "int8"  # distill is faster but loses too much
-    assert choose([winner, _variant("int8", 0.05, 150.0)], "gpt").name == "winner"
-    assert choose([winner, _variant("prune", 0.0, 100.0, size=50)], "gpt").name == "prune"
+                  Task.LANGUAGE_MODEL).name == "int8"  # distill is faster but loses too much
+    assert choose([winner, _variant("int8", 0.05, 150.0)], Task.LANGUAGE_MODEL).name == "winner"
+    assert choose([winner, _variant("prune", 0.0, 100.0, size=50)], Task.LANGUAGE_MODEL).name == "prune"
     # 3 % slower is a tie with the fastest (measurement noise); the smaller bundle wins it.
-    assert choose([winner, _variant("int8", 0.0, 97.0, size=30)], "gpt").name == "int8"
-    assert choose([winner, _variant("int8", 0.0, 90.0, size=30)], "gpt").name == "winner"
-    assert quality_loss(102.0, 100.0, "gpt") == pytest.approx(0.02)  # perplexity up 2 %
-    assert quality_loss(0.78, 0.80, "classifier") == pytest.approx(0.025)  # accuracy down
+    assert choose([winner, _variant("int8", 0.0, 97.0, size=30)], Task.LANGUAGE_MODEL).name == "int8"
+    assert choose([winner, _variant("int8", 0.0, 90.0, size=30)], Task.LANGUAGE_MODEL).name == "winner"
+    assert quality_loss(102.0, 100.0, Task.LANGUAGE_MODEL) == pytest.approx(0.02)  # perplexity up 2 %
+    assert quality_loss(0.78, 0.80, Task.CLASSIFIER) == pytest.approx(0.025)  # accuracy down
 
 
 @pytest.mark.parametrize(("family", "sections", "expected"), [

@@ -12,6 +12,7 @@ from orchestrator.data.datasets import (
     pad_or_truncate,
     split_of,
 )
+from orchestrator.spec import Task
 from orchestrator.tokenizer import EOS, PAD, load_tokenizer, save_tokenizer, train_tokenizer
 
 
@@ -56,11 +57,11 @@ def test_tokenize_batch_for_both_families(sample_rows):
     tokenizer = train_tokenizer((r["text"] for r in sample_rows[:300]), vocab_size=300)
     batch = pd.DataFrame(sample_rows[:40])
     batch["split"] = ["train"] * 30 + ["val"] * 10
-    lm = TokenizeBatch(tokenizer.to_str(), "gpt", block_size=16, max_length=0)(batch)
+    lm = TokenizeBatch(tokenizer.to_str(), Task.LANGUAGE_MODEL, block_size=16, max_length=0)(batch)
     assert set(lm["split"]) == {"train", "val"}
     assert lm["ids"].shape == (len(lm["split"]), 17) and lm["ids"].dtype == np.int32
     labels = sorted({r["label"] for r in sample_rows[:30]})
-    clf = TokenizeBatch(tokenizer.to_str(), "classifier", 0, 24, labels=labels)(batch)
+    clf = TokenizeBatch(tokenizer.to_str(), Task.CLASSIFIER, 0, 24, labels=labels)(batch)
     assert clf["ids"].shape == (40, 24)
     assert ((clf["label"] >= -1) & (clf["label"] < len(labels))).all()
     known = batch["label"].isin(labels).to_numpy()
@@ -77,15 +78,15 @@ def test_tokenize_batch_takes_numpy_batches_and_shuffles_rows_reproducibly(sampl
              "label": np.array([r["label"] for r in rows], dtype=object),
              "split": np.array(["train"] * 200, dtype=object)}
     labels = sorted({r["label"] for r in rows})
-    plain = TokenizeBatch(tokenizer.to_str(), "classifier", 0, 24, labels=labels)(batch)
-    shuffle = TokenizeBatch(tokenizer.to_str(), "classifier", 0, 24, labels=labels, seed=3)
+    plain = TokenizeBatch(tokenizer.to_str(), Task.CLASSIFIER, 0, 24, labels=labels)(batch)
+    shuffle = TokenizeBatch(tokenizer.to_str(), Task.CLASSIFIER, 0, 24, labels=labels, seed=3)
     shuffled = shuffle(batch)
     assert shuffled["ids"].tolist() != plain["ids"].tolist()
     assert {(tuple(i), label) for i, label in zip(shuffled["ids"].tolist(), shuffled["label"])} \
         == {(tuple(i), label) for i, label in zip(plain["ids"].tolist(), plain["label"])}
     again = shuffle(batch)
     assert all((again[k] == shuffled[k]).all() for k in shuffled)
-    lm = TokenizeBatch(tokenizer.to_str(), "gpt", 16, 0, seed=3)(batch)
-    unshuffled = TokenizeBatch(tokenizer.to_str(), "gpt", 16, 0)(batch)
+    lm = TokenizeBatch(tokenizer.to_str(), Task.LANGUAGE_MODEL, 16, 0, seed=3)(batch)
+    unshuffled = TokenizeBatch(tokenizer.to_str(), Task.LANGUAGE_MODEL, 16, 0)(batch)
     assert sorted(map(tuple, lm["ids"].tolist())) == sorted(map(tuple, unshuffled["ids"].tolist()))
     assert lm["ids"].tolist() != unshuffled["ids"].tolist()

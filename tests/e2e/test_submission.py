@@ -66,7 +66,7 @@ class Head:
 
     def shrink(self, name: str) -> list[str]:
         """Overrides: small run, outputs under this head's directory, Serve on its free port."""
-        return [*SHRINK, f"name={name}", f"run_dir={self.root / 'runs'}",
+        return [*SHRINK, f"name={name}", f"runs_dir={self.root / 'runs'}",
                 f"serve.port={self.serve_port}"]
 
 

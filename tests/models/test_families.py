@@ -42,7 +42,7 @@ def test_registry_builds_every_family_from_spec_and_info(family, arch):
     ids = torch.randint(2, 40, (3, 12))
     out = model(ids)
     assert out.shape == ((3, 12, 40) if family == "gpt" else (3, 3))
-    with pytest.raises(ValueError, match="prepared for model.family"):
+    with pytest.raises(ValueError, match="prepared for model.task"):
         build_model(_spec("gpt" if family == "classifier" else "classifier", "transformer"), info)
 
 
@@ -173,7 +173,7 @@ def test_classifiers_learn_which_tokens_mark_a_class(cls, sizes):
 
 
 def test_archs_a_family_lacks_and_blockwise_options_are_refused_by_name():
-    with pytest.raises(SpecError, match=r"model.arch: 'bow' is not an architecture of model.family 'gpt'"):
+    with pytest.raises(SpecError, match=r"model.arch: 'bow' is not an architecture of model.task 'language_model'"):
         _spec("gpt", "bow")
     raw = {"data": {"path": "x.jsonl"}, "model": {"family": "gpt", "arch": "lstm"},
            "train": {"strategy": "fsdp"}}

@@ -18,7 +18,7 @@ from orchestrator.export import export_hf
 from orchestrator.models import GPT, EncoderClassifier
 from orchestrator.pretrained import inspect_base, stage_base
 from orchestrator.records import DataInfo
-from orchestrator.spec import SpecError, parse_spec
+from orchestrator.spec import SpecError, Task, parse_spec
 from orchestrator.storage import resolve
 from orchestrator.train.optim import build_optimizer
 from orchestrator.weights.checkpoint import load_checkpoint, save_checkpoint
@@ -46,9 +46,9 @@ def _spec(family: str, pretrained: Path | str, **train):
 def _staged(spec, tmp_path: Path) -> tuple[DataInfo, Path]:
     """What the data stage hands on: the checkpoint copied into base/ and the DataInfo."""
     base = stage_base(spec, resolve(tmp_path / "base"))
-    labels = ["asyncio", "email", "logging"] if spec.model.family == "classifier" else []
-    info = DataInfo(spec.model.family, base.config["vocab_size"], base.eos_id, base.pad_id,
-                    spec.data.block_size if spec.model.family == "gpt" else spec.data.max_length,
+    labels = ["asyncio", "email", "logging"] if spec.model.task == Task.CLASSIFIER else []
+    info = DataInfo(spec.model.task, base.config["vocab_size"], base.eos_id, base.pad_id,
+                    spec.data.block_size if spec.model.task == Task.LANGUAGE_MODEL else spec.data.max_length,
                     labels=labels, special_tokens=base.special_tokens, architecture=base.config)
     return info, tmp_path / "base"
 
@@ -154,7 +154,7 @@ def test_every_bad_pretrained_setting_is_refused_naming_the_field(checkpoints, t
     assert "model.pretrained = 'no-such-org/no-such-model'" in message
     (tmp_path / "empty").mkdir()
     assert "neither a Hugging Face model directory" in refused({"pretrained": str(tmp_path / "empty")})
-    assert "is a 'bert' model; model.family 'gpt' supports gpt2" in refused({"pretrained": bert})
+    assert "is a 'bert' model; model.task 'language_model' supports gpt2" in refused({"pretrained": bert})
     assert "supports bert, roberta, distilbert" in refused({"pretrained": gpt2},
                                                            family="classifier")
     assert "data.block_size = 256 is past the 128 positions" in refused(

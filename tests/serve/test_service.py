@@ -16,7 +16,7 @@ from typing import Any
 import openai
 import pytest
 import requests
-from conftest import SAMPLE, free_port, tiny_spec
+from conftest import SAMPLE, TASKS, free_port, tiny_spec
 
 from orchestrator.bench.bundles import initial_bundle
 from orchestrator.serve import deploy, shutdown
@@ -63,7 +63,7 @@ class Services:
             shutdown(self.bundles[self.current][0])
         url = deploy(spec, bundle_dir, timeout_s=120)
         self.current = family
-        assert requests.get(f"{url}/healthz", timeout=TIMEOUT_S).json()["family"] == family
+        assert requests.get(f"{url}/healthz", timeout=TIMEOUT_S).json()["task"] == TASKS[family]
         return url
 
     def closed_url(self) -> str:

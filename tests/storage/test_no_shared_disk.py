@@ -2,8 +2,10 @@
 
 A real S3-compatible server (moto's) on 127.0.0.1; a `ray start --head` with no CPUs, so that
 every task, trial and replica runs on the one worker node; and that worker node started inside
-`unshare --mount` with its own tmpfs over /tmp (where the head's temporary files and this test's
-files are) and over the project's runs/ directory. What the head's driver writes there, the
+`unshare --mount` with its own empty tmpfs over each folder the head side writes: the head's
+temporary folder, pytest's temporary folder (this test's files) and the project's runs/
+directory. Only those are hidden: the checkout and its venv stay visible wherever they live
+(a clone under /tmp included). What the head's driver writes there, the
 worker cannot read, and the other way round: the bucket is the only place they share.
 """
 
@@ -54,8 +56,9 @@ def _wait_for_cpus(address: str, env: dict[str, str], cpus: int, timeout_s: floa
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     root = Path(tempfile.mkdtemp(prefix="orch-nsd-", dir="/tmp"))
+    hidden = [root, tmp_path_factory.getbasetemp(), REPO / "runs"]
     marker = uuid.uuid4().hex
     (REPO / "runs").mkdir(exist_ok=True)
     with s3_server() as s3:
@@ -77,7 +80,8 @@ def cluster() -> Iterator[Cluster]:
                  "--object-store-memory", str(300 * 1024**2), "--disable-usage-stats"],
                 env=env, capture_output=True, text=True, timeout=300, check=False)
             assert head.returncode == 0, f"ray start --head failed:\n{head.stderr}"
-            hide = (f"mount -t tmpfs tmpfs /tmp && mount -t tmpfs tmpfs {REPO / 'runs'} && "
+            mounts = " && ".join(f"mount -t tmpfs tmpfs {folder}" for folder in hidden)
+            hide = (f"{mounts} && "
                     f"mkdir -p {root / 'home'} && exec {RAY} start --block --address {address} "
                     f"--num-cpus 2 --dashboard-agent-listen-port {free_port()} "
                     f"--object-store-memory {300 * 1024**2} --disable-usage-stats")
@@ -126,7 +130,7 @@ def test_a_run_in_a_bucket_trains_on_a_node_without_the_heads_disk_and_serves_fr
     spec = tmp_path / "job.yaml"
     spec.write_text(yaml.safe_dump({
         **tiny_spec("gpt", path=f"s3://runs/data/{SAMPLE.name}", sweep={"num_samples": 2}),
-        "run_dir": "s3://runs/runs", "serve": {"enabled": False}}))
+        "runs_dir": "s3://runs/runs", "serve": {"enabled": False}}))
 
     run = _orchestrator("run", str(spec), "--address", cluster.address, cluster=cluster,
                         cwd=workdir, timeout=JOB_TIMEOUT_S)

@@ -52,7 +52,7 @@ def test_a_run_whose_driver_was_killed_mid_sweep_resumes_to_its_end(tmp_path: Pa
         **tiny_spec("gpt", train={"max_steps": STEPS, "eval_interval": INTERVAL},
                     sweep={"num_samples": 2, "grace_period": STEPS // INTERVAL},
                     serve={"enabled": False}),
-        "run_dir": str(tmp_path / "runs")}))
+        "runs_dir": str(tmp_path / "runs")}))
     driver = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", str(spec)],
                               env=base_env(), cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, start_new_session=True)

@@ -37,7 +37,7 @@ def _run(family: str, archs: list[str], port: int, tmp_path: Path, record_proper
     raw = tiny_spec(family, train=STEPS, model={**SIZES, "arch": archs[0]},
                     sweep={"num_samples": 1, "space": {"model.arch": {"grid": archs}}},
                     serve={"port": port, "sample_requests": PROMPTS[:1]})
-    raw["run_dir"] = str(tmp_path)
+    raw["runs_dir"] = str(tmp_path)
     started = time.monotonic()
     report = run_pipeline(parse_spec(raw), say=lambda _: None)
     record_property(TIMING, stage_times(f"families: {family} {'+'.join(archs)}",

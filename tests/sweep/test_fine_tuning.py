@@ -27,7 +27,7 @@ def _job(family: str, pretrained: Path, port: int, tmp_path: Path, record_proper
     raw = tiny_spec(family, train={**STEPS, **train}, sweep={"num_samples": 1, **(sweep or {})},
                     serve={"port": port, "sample_requests": ["The event loop"]})
     raw["model"] = {"family": family, "pretrained": str(pretrained), "dropout": 0.0}
-    raw["run_dir"] = str(tmp_path / "runs")
+    raw["runs_dir"] = str(tmp_path / "runs")
     started = time.monotonic()
     report = run_pipeline(parse_spec(raw), say=lambda _: None)
     record_property(TIMING, stage_times(label, time.monotonic() - started, report))

@@ -18,10 +18,10 @@ TWO_CPUS = {"CPU": 2.0}
 def test_more_workers_than_the_cluster_fails_fast(ray_local, tmp_path):
     spec = parse_spec(tiny_spec("gpt", resources={"num_workers": 3}))
     with pytest.raises(SpecError, match=r"needs 3 CPU .*num_workers = 3.*cluster has 2"):
-        run_pipeline(spec.model_copy(update={"run_dir": str(tmp_path)}), say=lambda _: None)
+        run_pipeline(spec.model_copy(update={"runs_dir": str(tmp_path)}), say=lambda _: None)
     gpu = parse_spec(tiny_spec("gpt", resources={"use_gpu": True}))
     with pytest.raises(SpecError, match=r"needs 1 GPU .*cluster has 0"):
-        run_pipeline(gpu.model_copy(update={"run_dir": str(tmp_path)}), say=lambda _: None)
+        run_pipeline(gpu.model_copy(update={"runs_dir": str(tmp_path)}), say=lambda _: None)
     assert list(tmp_path.iterdir()) == []  # refused before a run directory was made
 
 

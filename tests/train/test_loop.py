@@ -133,7 +133,10 @@ def prepared(tmp_path_factory):
 # Running the loop
 
 def spec_of(family: str, **sections) -> JobSpec:
-    return parse_spec(tiny_spec(family, **sections))
+    """A tiny spec whose device is decided (a driver decides it before it tells any worker)."""
+    raw = tiny_spec(family, **sections)
+    raw["resources"]["use_gpu"] = False
+    return parse_spec(raw)
 
 
 def run(data: Prepared, spec: JobSpec, checkpoints: Path, start: Start | None = None,
@@ -447,7 +450,9 @@ def pretrained_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretrained")
     raw = tiny_spec("gpt", train={"finetune": "lora", "max_steps": 10, "eval_interval": 5,
                                   "warmup_steps": 1, "lr": 3e-2})
-    raw["model"] = {"family": "gpt", "pretrained": str(tiny_gpt2(root / "gpt2")), "dropout": 0.0}
+    raw["model"] = {"task": "language_model", "pretrained": str(tiny_gpt2(root / "gpt2")),
+                    "dropout": 0.0}
+    raw["resources"]["use_gpu"] = False
     spec = parse_spec(raw)
     run_dir = root / "run"
     base = stage_base(spec, resolve(run_dir / "base"))

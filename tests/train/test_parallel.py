@@ -26,7 +26,7 @@ def _spec(strategy: str, workers: int, max_steps: int = STEPS):
         "strategy": strategy, "max_steps": max_steps, "eval_interval": INTERVAL,
         "checkpoints_to_keep": 10, "checkpoint_keep": "latest", "global_batch_size": 32,
         "batch_size": 16, "warmup_steps": 2, "l1": 1e-5},
-        resources={"num_workers": workers, "cpus_per_worker": 1}))
+        resources={"num_workers": workers, "cpus_per_worker": 1, "use_gpu": False}))
 
 
 @pytest.fixture(scope="module")

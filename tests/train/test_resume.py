@@ -27,7 +27,8 @@ INTERVAL = 20
 def _spec(**train):
     """Dropout on, so the resumed run must also restore the random state to end the same."""
     return parse_spec(tiny_spec("gpt", train={"max_steps": 60, "eval_interval": INTERVAL,
-                                              **train}, model={"dropout": 0.1}))
+                                              **train}, model={"dropout": 0.1},
+                                resources={"use_gpu": False}))
 
 
 def _registered_checkpoint(run_storage: Path) -> bool:
