@@ -117,7 +117,7 @@ def _trained_bundle(result: Any, run_dir: RunDir, name: str, spec: JobSpec, info
     checkpoint = run_dir.root.of(result.checkpoint.path).uri
     uri = save_bundle(run_dir.compressed(name), spec, info, checkpoint, run_dir.tokenizer,
                       {"val": {k.removeprefix("val_"): v for k, v in result.metrics.items()
-                               if k.startswith("val_")}}, f"compress-{name}")
+                               if k.startswith("val_")}}, f"compress-{name}").uri
     run_dir.compressed(name).join(COMPRESSION_FILE).write_text(json.dumps(details, indent=2))
     return uri
 

@@ -359,7 +359,7 @@ def teacher(prepared, tmp_path_factory):
             session = run(data, spec, root / "checkpoints")
             bundle = save_bundle(root / "bundle", spec, data.info,
                                  session.reports[-1]["checkpoint"], data.run_dir.tokenizer, {},
-                                 "teacher")
+                                 "teacher").uri
             made[family] = spec, bundle
         return made[family]
     return get
