@@ -14,11 +14,7 @@ from ray import tune
 from orchestrator.train.batches import EpochSource
 from orchestrator.train.config import WorkerConfig
 from orchestrator.train.loop import train_loop
-from orchestrator.train.session import (
-    InMemorySplit,
-    first_batches,
-    read_split_tensors,
-)
+from orchestrator.train.session import InMemorySession
 
 
 def train_loop_per_worker(config: dict[str, WorkerConfig]) -> None:
@@ -55,27 +51,16 @@ class RayTrainSession:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir))
 
 
-class TrialSession:
+class TrialSession(InMemorySession):
     """A one-worker run inside its Tune trial actor: the whole splits in memory, Tune's
     reports and checkpoints (persisted to the trial's storage when reported)."""
 
-    world_size, rank = 1, 0
-
     def __init__(self, config: WorkerConfig) -> None:
-        self.device = torch.device("cuda" if config.use_gpu else "cpu")
+        super().__init__(config)
         self.name = f"trial-{tune.get_context().get_trial_id()}"
-        self.run_dir = config.run_dir
 
     def restored(self) -> ray.train.Checkpoint | None:
         return tune.get_checkpoint()
-
-    def train_source(self, shuffle_buffer: int, seed: int) -> EpochSource:
-        """The whole split, each epoch fully permuted: no buffer needed (shuffle_buffer unused)."""
-        return InMemorySplit(read_split_tensors(self.run_dir, "train"), self.device, seed)
-
-    def val_batches(self, batch_size: int, count: int) -> list[dict[str, torch.Tensor]]:
-        return first_batches(read_split_tensors(self.run_dir, "val"), batch_size, count,
-                             self.device)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str) -> None:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))

@@ -67,23 +67,15 @@ class LocalCheckpoint:
         yield self.path
 
 
-class LocalSession:
-    """The loop in this process, without Ray: the whole splits in memory (as in a trial
-    actor), each report kept in `reports` with its checkpoint copied under `checkpoints/`.
-    `restored` plays the host that restarts a failed run from a checkpoint of its own."""
+class InMemorySession:
+    """A one-worker host with its splits in memory, read straight from the run directory's
+    parquet: each epoch a full permutation, so no shuffle buffer is needed."""
 
-    world_size, rank, name = 1, 0, "local"
+    world_size, rank = 1, 0
 
-    def __init__(self, config: WorkerConfig, checkpoints: str | Path,
-                 restored: str | Path | None = None) -> None:
+    def __init__(self, config: WorkerConfig) -> None:
         self.device = torch.device("cuda" if config.use_gpu else "cpu")
         self.run_dir = config.run_dir
-        self.checkpoints = Path(checkpoints)
-        self._restored = restored
-        self.reports: list[dict[str, Any]] = []
-
-    def restored(self) -> Checkpoint | None:
-        return LocalCheckpoint(str(self._restored)) if self._restored else None
 
     def train_source(self, shuffle_buffer: int, seed: int) -> EpochSource:
         return InMemorySplit(read_split_tensors(self.run_dir, "train"), self.device, seed)
@@ -91,6 +83,24 @@ class LocalSession:
     def val_batches(self, batch_size: int, count: int) -> list[dict[str, torch.Tensor]]:
         return first_batches(read_split_tensors(self.run_dir, "val"), batch_size, count,
                              self.device)
+
+
+class LocalSession(InMemorySession):
+    """The loop in this process, without Ray: each report kept in `reports` with its checkpoint
+    copied under `checkpoints/`. `restored` plays the host that restarts a failed run from a
+    checkpoint of its own."""
+
+    name = "local"
+
+    def __init__(self, config: WorkerConfig, checkpoints: str | Path,
+                 restored: str | Path | None = None) -> None:
+        super().__init__(config)
+        self.checkpoints = Path(checkpoints)
+        self._restored = restored
+        self.reports: list[dict[str, Any]] = []
+
+    def restored(self) -> Checkpoint | None:
+        return LocalCheckpoint(str(self._restored)) if self._restored else None
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str) -> None:
         kept = self.checkpoints / f"step-{metrics['step']}"
