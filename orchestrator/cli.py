@@ -111,7 +111,11 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", help="a run directory (its winner/ is used) or a bundle")
     export.add_argument("--format", choices=["hf"], default="hf", help="hf: config.json, "
                         "model.safetensors and the tokenizer's files")
-    export.add_argument("-o", "--output", required=True, help="directory (or URI) to write")
+    export.add_argument("-o", "--output", required=True,
+                        help="directory (or URI) to write: new or empty, unless --overwrite")
+    export.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty --output, replacing only the files an "
+                             "export writes")
 
     bench = commands.add_parser("bench", help="run a benchmark and print its figures")
     bench.add_argument("name", choices=sorted(BENCHMARKS), help="; ".join(
@@ -365,10 +369,11 @@ def _serve_config(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from orchestrator.evaluate import predict
+    from orchestrator.evaluate import predict, refuse_non_empty_output
     from orchestrator.runner import connect
 
     bundle_dir, _ = _bundle_and_spec(args)
+    refuse_non_empty_output(args.output)  # before Ray starts
     connect(args.address)
     started = time.monotonic()
     rows = predict(bundle_dir, args.input, args.output, args.column, args.max_tokens,
@@ -391,7 +396,7 @@ def _compress(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from orchestrator.export import export_hf
 
-    export = export_hf(args.run_dir, args.output)
+    export = export_hf(args.run_dir, args.output, overwrite=args.overwrite)
     print(f"wrote {export.uri}: transformers' from_pretrained({export.uri!r}) loads it")
     print(f"round trip: max |logit difference| {export.max_logit_difference:.2e} against our "
           f"model on {export.texts_checked} texts (serve.sample_requests)")

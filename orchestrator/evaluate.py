@@ -27,7 +27,8 @@ from orchestrator.inference.predictor import Predictor, SamplingParams
 from orchestrator.records import DataInfo, Evaluation, SplitEvaluation
 from orchestrator.reference import bits_per_byte, run_references
 from orchestrator.rundir import RunDir
-from orchestrator.spec import DataSpec, Task
+from orchestrator.spec import DataSpec, SpecError, Task
+from orchestrator.storage import resolve
 from orchestrator.train.objectives import classification_metrics
 from orchestrator.weights.model import Bundle, load_bundle
 
@@ -102,11 +103,20 @@ def on_actor_pool(replicas: int, cpus: float = 1.0, gpus: int = 0) -> dict[str, 
             "compute": ray.data.ActorPoolStrategy(size=replicas)}
 
 
+def refuse_non_empty_output(output_path: str) -> None:
+    """Predictions go to a new or empty folder: other files there would be counted as rows and
+    could be lost."""
+    if present := resolve(output_path).entries():
+        raise SpecError(f"--output {output_path!r} is not empty ({', '.join(present[:5])}): "
+                        "write predictions to a new or empty folder")
+
+
 def predict(bundle_dir: str | Path, input_path: str, output_path: str,
             text_column: str | None = None, max_tokens: int = 32, temperature: float = 0.0,
             seed: int | None = None, replicas: int = 1, cpus: float = 1.0) -> int:
-    """Run the bundle over every row of `input_path` and write parquet to `output_path`; the
-    input's other columns are kept. Returns the number of rows written."""
+    """Run the bundle over every row of `input_path` and write parquet to `output_path` (a new
+    or empty folder); the input's other columns are kept. Returns the number of rows written."""
+    refuse_non_empty_output(output_path)
     spec, info = read_spec_and_info(bundle_dir)
     if info.task == Task.LANGUAGE_MODEL and not 1 <= max_tokens < info.context_length:
         raise ValueError(f"max_tokens must be in [1, {info.context_length - 1}] for this model's "

@@ -10,6 +10,7 @@ Hugging Face form and are refused, naming the one found.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,10 +63,20 @@ def round_trip_error(bundle: Bundle, folder: str | Path, texts: list[str]) -> fl
 
 
 def export_hf(location: str | Path, out: str | Path, field: str = "RUN_DIR",
-              check_texts: list[str] | None = None) -> Export:
+              check_texts: list[str] | None = None, overwrite: bool = False) -> Export:
     """Write the bundle of a run directory (or a bundle) as a Hugging Face model directory,
     local or in object storage, and check that transformers loads it to our logits on
-    `check_texts` (default: the spec's serve.sample_requests)."""
+    `check_texts` (default: the spec's serve.sample_requests).
+
+    `out` must be empty or new: with `overwrite`, the files an export writes replace those of
+    the same names and nothing else in `out` is touched."""
+    target = resolve(out)
+    if (present := target.entries()) and not overwrite:
+        shown = ", ".join(present[:5]) + (f" and {len(present) - 5} more" if len(present) > 5
+                                          else "")
+        raise SpecError(f"--output {target.uri!r} is not empty ({shown}): export into a new or "
+                        "empty folder, or pass --overwrite to replace the files an export "
+                        "writes and keep the rest")
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     quiet_transformers()
@@ -93,9 +104,9 @@ def export_hf(location: str | Path, out: str | Path, field: str = "RUN_DIR",
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bundle.tokenizer,
                                         model_max_length=max_length, **_special_tokens(bundle))
     texts = check_texts if check_texts is not None else bundle.spec.serve.sample_requests
-    target = resolve(out)
-    with target.local_folder() as folder:
-        hf_model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        error = round_trip_error(bundle, folder, texts) if texts else 0.0
+    with tempfile.TemporaryDirectory(prefix="orchestrator-export-") as scratch:
+        hf_model.save_pretrained(scratch)
+        tokenizer.save_pretrained(scratch)
+        error = round_trip_error(bundle, scratch, texts) if texts else 0.0
+        target.upload(scratch)  # adds and replaces files; removes none
     return Export(target.uri, error, len(texts))

@@ -1,9 +1,9 @@
 """What the stages hand each other: the typed records every stage reads and writes, below all of
-them (this module imports only the spec and storage).
+them (this module imports only the spec).
 
 A stage's outputs are files in the run directory (rundir.py); stages.json records, per completed
-stage, what it hands on, as the records here. Read it back with `StageRecords` rather than by
-key, so that a reader and a writer cannot disagree on a name.
+stage, what it hands on, as the records here: `RunDir.completed()` reads it back as `Completed`,
+fields rather than keys, so that a reader and a writer cannot disagree on a name.
 """
 
 from __future__ import annotations

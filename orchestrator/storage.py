@@ -105,6 +105,13 @@ class Location:
     def write_text(self, text: str) -> None:
         self.write_bytes(text.encode())
 
+    def entries(self) -> list[str]:
+        """The names directly inside this folder ([] when it does not exist)."""
+        if self.kind() != pafs.FileType.Directory:
+            return []
+        selector = pafs.FileSelector(self.path, recursive=False)
+        return sorted(info.base_name for info in self.fs.get_file_info(selector))
+
     def remove(self) -> None:
         """Delete this file or folder and everything under it; nothing if it does not exist."""
         kind = self.kind()

@@ -12,18 +12,30 @@ One checkpoint directory holds:
 Every worker saves into its own local directory and reports it; Ray Train merges them into one
 directory in storage and registers the checkpoint only when every worker has reported, so a
 worker that dies mid-save leaves no checkpoint that resume could pick up.
+
+A checkpoint is data, never code: DCP pickles `.metadata` and its planner unpickles the
+optimizer's non-tensor values with torch.load(weights_only=False). Here `.metadata` is read by
+an unpickler that knows only DCP's metadata classes and the few torch and standard types they
+hold, and every other value with weights_only=True; anything else is refused, naming it.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pathlib
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -47,7 +59,79 @@ def _without_frozen(model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be resumed from: incomplete, or of a different model."""
+    """A checkpoint that cannot be resumed from: incomplete, of a different model, or holding
+    what a checkpoint never holds."""
+
+
+# What DCP's .metadata pickles: its metadata classes, and the torch and standard types in them.
+METADATA_MODULES = {"torch.distributed.checkpoint.metadata"}
+METADATA_NAMES = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+                  ("torch", "Size"), ("torch.serialization", "_get_layout"),
+                  ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
+                  *(("pathlib", name) for name in ("Path", "PosixPath", "PurePosixPath"))}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        known = module in METADATA_MODULES or (module, name) in METADATA_NAMES or (
+            module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype,
+                                                                           torch.layout)))
+        if not known:
+            raise CheckpointError(f"checkpoint metadata names {module}.{name}, which no "
+                                  "checkpoint holds: refused (a checkpoint is data, not code)")
+        return super().find_class(module, name)
+
+
+class DataOnlyReader(dcp.FileSystemReader):
+    """DCP's reader with .metadata read by _MetadataUnpickler instead of pickle.load."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> dcp.Metadata:
+        path = pathlib.Path(str(self.path)) / ".metadata"
+        try:
+            metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
+        except CheckpointError:
+            raise
+        except Exception as error:
+            raise CheckpointError(f"checkpoint {path.parent}: its .metadata cannot be read "
+                                  f"({type(error).__name__}: {error})") from None
+        if not isinstance(metadata, dcp.Metadata):
+            raise CheckpointError(f"checkpoint {path.parent}: .metadata holds a "
+                                  f"{type(metadata).__name__}, not DCP's Metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = dcp.metadata.StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class DataOnlyPlanner(DefaultLoadPlanner):
+    """DCP's planner with the non-tensor values (the optimizer's settings) loaded
+    weights_only: numbers, strings, tuples, lists and dicts."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        try:
+            loaded = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as error:
+            blocked = [line for line in str(error).splitlines() if "GLOBAL" in line]
+            raise CheckpointError(f"checkpoint value {read_item.dest_index.fqn} is not plain "
+                                  f"data: refused (a checkpoint is data, not code): "
+                                  f"{(blocked or [str(error)])[0].strip()}") from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn],
+                        loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
+
+
+def _load(state: dict[str, Any], directory: Path) -> None:
+    """dcp.load, data only; a refusal surfaces as itself, not inside DCP's wrapper."""
+    try:
+        dcp.load(state, storage_reader=DataOnlyReader(str(directory)), planner=DataOnlyPlanner())
+    except CheckpointException as error:
+        refusals = [cause for cause, _ in error.failures.values()
+                    if isinstance(cause, CheckpointError)]
+        if refusals:
+            raise refusals[0] from None
+        raise
 
 
 def _rng_file(rank: int) -> str:
@@ -81,7 +165,7 @@ def check_complete(directory: str | Path) -> None:
     if not (directory / TRAINER_STATE_FILE).is_file() or not (directory / ".metadata").is_file():
         raise CheckpointError(f"checkpoint {directory} is incomplete: {TRAINER_STATE_FILE} or "
                               ".metadata is missing (its save was interrupted)")
-    metadata = dcp.FileSystemReader(str(directory)).read_metadata()
+    metadata = DataOnlyReader(str(directory)).read_metadata()
     files = {item.relative_path for item in (metadata.storage_data or {}).values()}
     missing = sorted(name for name in files if not (directory / name).is_file())
     if missing:
@@ -92,7 +176,7 @@ def check_complete(directory: str | Path) -> None:
 def check_compatible(directory: str | Path, model_state: dict[str, Any]) -> None:
     """Compare the checkpoint's model tensors with this model's, naming both shapes on a
     mismatch, before DCP fails with an error about storage reads."""
-    metadata = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    metadata = DataOnlyReader(str(directory)).read_metadata().state_dict_metadata
     saved = {key.removeprefix("model."): tuple(meta.size) for key, meta in metadata.items()
              if key.startswith("model.") and hasattr(meta, "size")}
     ours = {key: tuple(value.shape) for key, value in model_state.items()}
@@ -116,7 +200,7 @@ def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
     model_state = _without_frozen(model, model_state)
     check_compatible(directory, model_state)
     state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=directory)
+    _load(state, directory)
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"], options=TRAINED_ONLY)
     rng_file = directory / _rng_file(rank)
@@ -136,6 +220,6 @@ def load_model_weights(directory: str | Path, model: nn.Module) -> dict[str, Any
     check_complete(directory)
     model_state = _without_frozen(model, get_model_state_dict(model, options=TRAINED_ONLY))
     check_compatible(directory, model_state)  # the same keys: strict=False hides nothing
-    dcp.load({"model": model_state}, checkpoint_id=directory)
+    _load({"model": model_state}, directory)
     model.load_state_dict(model_state, strict=False)
     return json.loads((directory / TRAINER_STATE_FILE).read_text())

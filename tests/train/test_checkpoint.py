@@ -4,6 +4,8 @@ before and after Ray starts its workers."""
 from __future__ import annotations
 
 import itertools
+import os
+import pickle
 from pathlib import Path
 
 import pytest
@@ -155,3 +157,36 @@ def test_compile_without_a_cpu_compiler_is_reported(monkeypatch, tmp_path):
     assert compile_unsupported(torch.device("cpu")) is None  # this machine has g++
     monkeypatch.setenv("PATH", str(tmp_path))  # a PATH with no compiler on it
     assert "needs a C++ compiler" in compile_unsupported(torch.device("cpu"))
+
+
+class _RunsCode:
+    """A pickle that runs a shell command when it is loaded: what a crafted checkpoint holds."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_checkpoint_metadata_that_would_run_code_is_refused_and_never_runs(tmp_path):
+    checkpoint, marker = _saved(tmp_path / "checkpoint", _gpt()), tmp_path / "ran"
+    (checkpoint / ".metadata").write_bytes(pickle.dumps(_RunsCode(marker)))
+    with pytest.raises(CheckpointError, match="posix.system|os.system"):
+        load_model_weights(checkpoint, _gpt())
+    with pytest.raises(CheckpointError, match="posix.system|os.system"):
+        load_checkpoint(checkpoint, _gpt(), torch.optim.AdamW(_gpt().parameters()), rank=0)
+    assert not marker.exists()
+
+
+def test_an_optimizer_value_that_would_run_code_is_refused_and_never_runs(tmp_path):
+    """DCP's own planner loads the optimizer's non-tensor values with weights_only=False."""
+    marker, model = tmp_path / "ran", _gpt()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    optimizer.param_groups[0]["lr"] = _RunsCode(marker)
+    save_checkpoint(tmp_path / "checkpoint", model, optimizer, {"step": 1}, rank=0)
+    fresh = _gpt()
+    with pytest.raises(CheckpointError, match=r"param_groups.*lr is not plain data.*posix.system"):
+        load_checkpoint(tmp_path / "checkpoint", fresh, torch.optim.AdamW(fresh.parameters()),
+                        rank=0)
+    assert not marker.exists()
