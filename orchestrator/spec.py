@@ -24,6 +24,9 @@ from pydantic import (
 )
 
 DATA_FORMATS = ("parquet", "jsonl", "csv", "text")
+# The longest block or text a model reads: beyond it, attention's memory grows past any machine
+# we run on (GPT-2 reads 1024; long-context models 32k).
+MAX_CONTEXT = 32768
 FORMAT_BY_SUFFIX = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv",
                     ".txt": "text", ".text": "text"}
 
@@ -45,8 +48,9 @@ class DataSpec(_Section):
     test_fraction: float = Field(0.1, gt=0, lt=0.5)
     split_seed: int = 0
     vocab_size: int = Field(2048, ge=64, le=65536)
-    block_size: int = Field(64, ge=8, description="Tokens per training block (language model).")
-    max_length: int = Field(128, ge=8, description="Tokens per text (classifier).")
+    block_size: int = Field(64, ge=8, le=MAX_CONTEXT,
+                            description="Tokens per training block (language model).")
+    max_length: int = Field(128, ge=8, le=MAX_CONTEXT, description="Tokens per text (classifier).")
     cache: bool = Field(
         True, description="Keep the tokenized splits in memory for the whole trial: a "
         "one-worker trial reads them into its own process (and trains in its Tune trial actor), "
@@ -187,8 +191,10 @@ class TrainSpec(_Section):
     lr: float = Field(3e-3, gt=0, le=10)
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
     betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = Field(0.0, ge=0, description="L2 penalty (decoupled for adamw).")
-    l1: float = Field(0.0, ge=0, description="L1 penalty coefficient added to the loss.")
+    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False,
+                                description="L2 penalty (decoupled for adamw).")
+    l1: float = Field(0.0, ge=0, allow_inf_nan=False,
+                      description="L1 penalty coefficient added to the loss.")
     batch_size: int = Field(32, ge=1, description="Per-worker micro-batch size.")
     shuffle_buffer: int = Field(
         2048, ge=0, description="Rows in each worker's shuffle buffer; 0 reads in file order.")
@@ -198,7 +204,8 @@ class TrainSpec(_Section):
         "grad_accum_steps follows from it (global / (batch_size × num_workers)), so the "
         "effective batch stays the same for any worker count; 0: batch_size × num_workers × "
         "grad_accum_steps.")
-    grad_clip: float = Field(1.0, ge=0, description="Max gradient norm; 0 disables clipping.")
+    grad_clip: float = Field(1.0, ge=0, allow_inf_nan=False,
+                             description="Max gradient norm; 0 disables clipping.")
     warmup_steps: int = Field(20, ge=0)
     max_steps: int = Field(200, ge=1, description="Optimizer steps per trial.")
     eval_interval: int = Field(50, ge=1, description="Validate and checkpoint every N steps.")
@@ -587,8 +594,56 @@ def parse_spec(raw: dict[str, Any]) -> JobSpec:
         spec = JobSpec.model_validate(raw)
     except ValidationError as error:
         raise SpecError(_format_error(error)) from None
+    _check_sweep_values(spec)
     spec._renamed = renamed
     return spec
+
+
+def _drawable(dist: Choice | Grid | Uniform | LogUniform) -> list[Any]:
+    """The values a distribution may draw that validation can see: every choice and grid value,
+    and both ends of a range."""
+    if isinstance(dist, Choice):
+        return dist.choice
+    if isinstance(dist, Grid):
+        return dist.grid
+    return list(dist.uniform if isinstance(dist, Uniform) else dist.loguniform)
+
+
+def _field_type(key: str) -> Any:
+    """The annotation of a dotted spec field, e.g. train.batch_size -> int."""
+    model: Any = JobSpec
+    *sections, name = key.split(".")
+    for section in sections:
+        model = model.model_fields[section].annotation
+    return model.model_fields[name].annotation
+
+
+def _check_sweep_values(spec: JobSpec) -> None:
+    """Every value the sweep may draw, set alone into the spec and validated as a fixed value
+    is, so that a bad one fails here, naming the field and the value, not inside a trial."""
+    base = spec.model_dump(mode="json")
+    problems = []
+    for key, dist in spec.sweep.space.items():
+        if isinstance(dist, Uniform | LogUniform) and _field_type(key) is int:
+            kind = "uniform" if isinstance(dist, Uniform) else "loguniform"
+            problems.append(f"  sweep.space.{key}: {key} takes whole numbers and {kind} draws "
+                            "fractions; sweep it with {choice: [...]} or {grid: [...]}")
+            continue
+        for value in _drawable(dist):
+            raw = copy.deepcopy(base)
+            *sections, name = key.split(".")
+            node = raw
+            for section in sections:
+                node = node[section]
+            node[name] = value
+            try:
+                JobSpec.model_validate(raw)
+            except ValidationError as error:
+                reason = _format_error(error).removeprefix("invalid job spec:\n").strip()
+                problems.append(f"  sweep.space.{key} may draw {value!r}, which is refused: "
+                                f"{reason}")
+    if problems:
+        raise SpecError("invalid job spec:\n" + "\n".join(problems))
 
 
 def _with_new_names(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -614,8 +669,26 @@ def _with_new_names(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]
     return raw, renamed
 
 
-def _parse_override_value(text: str) -> Any:
-    return yaml.safe_load(text) if text.strip() else ""
+def _parse_override_value(override: str, text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise SpecError(f"--set {override!r}: the value is not valid YAML ({problem})") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (the last would win)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise SpecError(f"the key {key!r} is given twice (line {key_node.start_mark.line + 1}"
+                                "); keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -632,7 +705,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(child, dict):
                 raise SpecError(f"--set {override!r}: {part!r} is not a section")
             node = child
-        node[parts[-1]] = _parse_override_value(value)
+        node[parts[-1]] = _parse_override_value(override, value)
     return result
 
 
@@ -646,9 +719,11 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     if not path.is_file():
         raise SpecError(f"job spec {str(path)!r} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as error:
         raise SpecError(f"job spec {str(path)!r} is not valid YAML: {error}") from None
+    except SpecError as error:
+        raise SpecError(f"job spec {str(path)!r}: {error}") from None
     return parse_spec(apply_overrides(raw, overrides or []))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import yaml
@@ -130,3 +131,52 @@ def test_a_field_under_both_its_names_is_refused():
         parse_spec({**raw, "model": {**raw["model"], "family": "gpt"}})
     with pytest.raises(SpecError, match="run_dir and runs_dir are both set"):
         parse_spec({**raw, "run_dir": "a", "runs_dir": "b"})
+
+
+@pytest.mark.parametrize("space,refused", [
+    ({"train.lr": {"choice": [-1, 0.1]}}, "sweep.space.train.lr may draw -1, which is refused: "
+                                          "train.lr = -1"),
+    ({"model.dropout": {"uniform": [0.0, 3.0]}}, "sweep.space.model.dropout may draw 3.0"),
+    ({"train.batch_size": {"choice": ["big", 0]}}, "may draw 'big', which is refused"),
+    ({"train.batch_size": {"grid": [16, 0]}}, "sweep.space.train.batch_size may draw 0"),
+    ({"model.d_model": {"choice": [32, 33]}}, "d_model (33) must be divisible by n_head (2)"),
+    ({"train.batch_size": {"uniform": [8, 64]}}, "takes whole numbers and uniform draws"),
+    ({"model.arch": {"choice": ["transformer", "bow"]}}, "'bow' is not an architecture"),
+])
+def test_every_value_a_sweep_may_draw_is_checked_by_validate(space, refused, tmp_path, capsys):
+    """Before: each of these passed `orchestrator validate` and failed or misbehaved trials."""
+    with pytest.raises(SpecError, match=re.escape(refused)):
+        parse_spec(tiny_spec("gpt", sweep={"space": space}))
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(tiny_spec("gpt", sweep={"space": space})))
+    assert main(["validate", str(job)]) == 2
+    assert refused in capsys.readouterr().err
+
+
+def test_a_sweep_whose_every_value_is_valid_still_validates():
+    spec = parse_spec(tiny_spec("gpt", sweep={"space": {
+        "train.lr": {"loguniform": [1e-4, 1e-2]}, "model.dropout": {"uniform": [0.0, 0.5]},
+        "model.arch": {"choice": ["transformer", "lstm"]}, "train.batch_size": {"grid": [8, 16]},
+        "model.d_model": {"choice": [32, 64]}}}))
+    assert set(spec.sweep.space) == {"train.lr", "model.dropout", "model.arch",
+                                     "train.batch_size", "model.d_model"}
+
+
+def test_a_bad_set_value_and_a_duplicate_key_are_refused_in_one_line(tmp_path, capsys):
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(tiny_spec("gpt")))
+    assert main(["validate", str(job), "--set", "train.lr=[1,"]) == 2
+    error = capsys.readouterr().err
+    assert "--set 'train.lr=[1,': the value is not valid YAML" in error
+    assert "Traceback" not in error
+    job.write_text(job.read_text() + "name: twice\n")  # `name` is already in the file
+    assert main(["validate", str(job)]) == 2
+    assert "the key 'name' is given twice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field,value", [
+    ("train.weight_decay", "inf"), ("train.grad_clip", "inf"), ("train.l1", "nan"),
+    ("data.block_size", "100000"), ("data.max_length", "100000")])
+def test_unbounded_and_infinite_values_are_refused(field, value):
+    with pytest.raises(SpecError, match=re.escape(field)):
+        parse_spec(apply_overrides(tiny_spec("gpt"), [f"{field}={value}"]))
