@@ -95,7 +95,7 @@ class RequestOutput:
     error: EngineError | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # one request is equal only to itself: remove() must take that one
 class _Request:
     id: Hashable
     rows: list[_Row]
@@ -343,7 +343,14 @@ class Engine:
         if len(going) < len(rows):
             cache.keep(torch.tensor(going, device=self._device))
         last = logits[going, -1]
-        self._join(cache)
+        try:
+            self._join(cache)
+        except Exception as error:  # e.g. out of memory: these requests fail now, not at timeout
+            logger.exception("joining the running batch failed")
+            failure = EngineError(f"the request could not join the running batch: {error}")
+            for i in going:
+                self._fail(rows[i].request, failure, outputs)
+            return
         self._running += [rows[i] for i in going]
         self._logits = last if self._logits is None else torch.cat([self._logits, last])
 

@@ -282,3 +282,43 @@ def test_ignore_eos_decodes_max_tokens_past_eos_beside_rows_that_stop(bundle: Bu
                 counts[out.request_id] = update.completion_tokens
     assert collector.finish == {"heeds": "stop", "ignores": "length", "sampled": "stop"}
     assert counts == {"heeds": 0, "ignores": 7, "sampled": 0} and not collector.errors
+
+
+def test_a_failed_join_fails_the_new_request_at_once_and_the_running_one_goes_on(
+        bundle: Bundle, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Joining the running batch can fail (out of memory on a long prompt): the newly admitted
+    request fails in that step, instead of waiting for its timeout."""
+    engine = engine_of(bundle, max_batch_size=4)
+    collector = Collector(engine)
+    params = SamplingParams(12, 0.0)
+    collector.add("running", PROMPTS[0], params, bundle)
+    collector.step()
+    cache_class = type(engine._cache)
+
+    def out_of_memory(self, new, context_length):
+        raise torch.OutOfMemoryError("no room for the new rows")
+
+    monkeypatch.setattr(cache_class, "join", out_of_memory)
+    collector.add("new", PROMPTS[1], params, bundle)
+    collector.step()
+    assert "could not join the running batch" in collector.errors["new"].message
+    monkeypatch.undo()
+    collector.run()
+    assert collector.text["running"] == alone(bundle, PROMPTS[0], params)
+    assert "running" not in collector.errors and not engine.has_work
+
+
+def test_a_waiting_request_cancelled_leaves_its_twin_waiting(bundle: Bundle) -> None:
+    """Waiting requests compare by identity: removing one from the queue runs no Python __eq__,
+    so a request added from the event loop's thread meanwhile cannot break the removal."""
+    engine = engine_of(bundle, max_batch_size=1)
+    collector = Collector(engine)
+    params = SamplingParams(4, 0.0)
+    collector.add("busy", PROMPTS[0], params, bundle)
+    collector.step()  # "busy" fills the batch; the twins wait
+    for twin in ("twin-a", "twin-b"):
+        collector.add(twin, PROMPTS[1], params, bundle)
+    engine.abort("twin-b")
+    collector.run()
+    assert collector.errors["twin-b"].code == "cancelled" and "twin-a" not in collector.errors
+    assert collector.text["twin-a"] == alone(bundle, PROMPTS[1], params)
