@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+FLOAT32_TINY = torch.finfo(torch.float32).tiny
+
 GREEDY_BELOW = 1e-5  # a temperature below this decodes greedily (vLLM's _SAMPLING_EPS)
 MAX_LOGPROBS = 5  # OpenAI's cap on `logprobs` for completions
 
@@ -113,7 +115,10 @@ def _outside_top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> 
     # Clamped in Python: a top_k past the vocabulary (even 2**63) means "off".
     top_k = torch.tensor([min(p.top_k, vocab) or vocab for p in params], device=device)
     # top_p = 1 must drop nothing, even where float sums of the head round up to 1.
-    top_p = torch.tensor([p.top_p if p.top_p < 1 else math.inf for p in params], device=device)
+    # A top_p below float32's smallest normal number would round to 0 and drop even the top
+    # token: any such top_p keeps the top token alone, as the smallest normal one does.
+    top_p = torch.tensor([max(p.top_p, FLOAT32_TINY) if p.top_p < 1 else math.inf
+                          for p in params], device=device)
     drop = torch.arange(vocab, device=device) >= top_k[:, None]
     probs = F.softmax(ordered.masked_fill(drop, float("-inf")), dim=-1)
     drop |= probs.cumsum(dim=-1) - probs >= top_p[:, None]  # mass of the more likely tokens

@@ -322,3 +322,15 @@ def test_a_waiting_request_cancelled_leaves_its_twin_waiting(bundle: Bundle) -> 
     collector.run()
     assert collector.errors["twin-b"].code == "cancelled" and "twin-a" not in collector.errors
     assert collector.text["twin-a"] == alone(bundle, PROMPTS[1], params)
+
+
+def test_a_vanishing_top_p_keeps_the_top_token_beside_an_ordinary_row(bundle: Bundle) -> None:
+    """top_p = 1e-46 rounds to 0 in float32 and used to drop every token (a 500)."""
+    collector = Collector(engine_of(bundle))
+    tiny, plain = SamplingParams(8, 1.0, top_p=1e-46, seed=1), SamplingParams(8, 0.7, seed=2)
+    collector.add("tiny", PROMPTS[0], tiny, bundle)
+    collector.add("plain", PROMPTS[1], plain, bundle)
+    collector.run()
+    assert not collector.errors
+    assert collector.text["tiny"] == alone(bundle, PROMPTS[0], SamplingParams(8, 0.0))
+    assert collector.text["plain"] == alone(bundle, PROMPTS[1], plain)
