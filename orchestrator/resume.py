@@ -17,7 +17,8 @@ from orchestrator.spec import JobSpec, SpecError, apply_overrides, parse_spec
 
 # The spec fields (dotted prefixes) each stage's outputs depend on.
 STAGE_INPUTS = {
-    "data": ("data", "model.task", "model.pretrained"),
+    # The run directory, its service and its metrics are named after the job: `name` too.
+    "data": ("name", "data", "model.task", "model.pretrained"),
     "sweep": ("data", "model", "train", "sweep", "resources"),
     "compress": ("compress",),
 }

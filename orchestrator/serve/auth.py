@@ -41,7 +41,7 @@ def load_keys(limits: ServeSpec, environ: dict[str, str] | None = None) -> list[
         path = Path(limits.api_keys_file).expanduser()
         if not path.is_file():
             raise KeySourceError(f"serve.api_keys_file {path} does not exist")
-        from_file = [line.strip() for line in path.read_text().splitlines()
+        from_file = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()
                      if line.strip() and not line.lstrip().startswith("#")]
         if not from_file:
             raise KeySourceError(f"serve.api_keys_file {path} holds no keys")

@@ -7,12 +7,21 @@ not support is refused by name (the bodies forbid unknown fields).
 
 # No `from __future__ import annotations`: FastAPI must see the request models as classes.
 import logging
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+)
 from starlette.exceptions import HTTPException
 
 from orchestrator.inference.sampling import MAX_LOGPROBS, SamplingParams
@@ -90,6 +99,19 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _valid_unicode(text: str) -> str:
+    """JSON may carry a lone surrogate ("\\ud800"), which no tokenizer takes: refused here, in
+    its own request, before it can reach a batch."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"not valid Unicode: a lone surrogate at character {error.start}") from None
+    return text
+
+
+Text = Annotated[StrictStr, AfterValidator(_valid_unicode)]
+
+
 class StreamOptions(_Body):
     include_usage: StrictBool = False
 
@@ -99,12 +121,12 @@ TokenIds = list[StrictInt]
 
 class CompletionBody(_Body):
     model: StrictStr
-    prompt: StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
+    prompt: Text | list[Text] | TokenIds | list[TokenIds]
     max_tokens: StrictInt | None = Field(None, ge=0, description="0 with echo scores the prompt.")
     temperature: StrictFloat = Field(1.0, ge=0.0, le=2.0)
     top_p: StrictFloat = Field(1.0, gt=0.0, le=1.0)
     top_k: StrictInt = Field(0, ge=0, description="0 is off; an extension, as in vLLM.")
-    stop: StrictStr | list[StrictStr] | None = None
+    stop: Text | list[Text] | None = None
     n: StrictInt = Field(1, ge=1)
     seed: StrictInt | None = Field(None, ge=0, lt=SEED_LIMIT)
     logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
@@ -148,14 +170,14 @@ class CompletionBody(_Body):
 
 class ClassifyBody(_Body):
     model: StrictStr | None = None
-    input: StrictStr | list[StrictStr]
+    input: Text | list[Text]
 
 
 class TokenizeBody(_Body):
     """vLLM's POST /tokenize (for completions)."""
 
     model: StrictStr | None = None
-    prompt: StrictStr
+    prompt: Text
     add_special_tokens: StrictBool = True
     return_token_strs: StrictBool = False
 

@@ -23,6 +23,15 @@ def test_keys_from_an_environment_variable_and_a_file(tmp_path: Path) -> None:
         "env-a", "env-b", "file-key", "other-key"]
 
 
+def test_a_key_file_saved_with_a_byte_order_mark_keeps_its_first_key(tmp_path: Path) -> None:
+    """Windows editors save UTF-8 with a BOM: it made the first key unusable."""
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("first-key\nsecond-key\n", encoding="utf-8-sig")
+    keys = load_keys(ServeSpec(api_keys_file=str(keys_file)), environ={})
+    assert keys == ["first-key", "second-key"]
+    assert authorized("Bearer first-key", [digest(key) for key in keys])
+
+
 @pytest.mark.parametrize(("limits", "environ", "message"), [
     (ServeSpec(api_keys_env="SERVICE_KEYS"), {}, "SERVICE_KEYS, which is not set"),
     (ServeSpec(api_keys_env="SERVICE_KEYS"), {"SERVICE_KEYS": " "}, "not set or empty"),

@@ -67,3 +67,25 @@ def test_keys_guard_every_route_but_healthz_and_fail_closed(bundle_dir: Path) ->
     closed = app_client(bundle_dir, [], api_keys_env="UNSET_KEYS_VARIABLE")
     for headers in ({}, auth, {"Authorization": "Bearer "}):
         assert closed.get("/v1/models", headers=headers).status_code == 401
+
+
+@pytest.mark.parametrize("route,body,param", [
+    ("/v1/completions", {"model": "test-gpt", "prompt": "abc \ud800 def", "max_tokens": 2},
+     "prompt"),
+    ("/v1/completions", {"model": "test-gpt", "prompt": ["fine", "\udfff"], "max_tokens": 2},
+     "prompt"),
+    ("/v1/completions", {"model": "test-gpt", "prompt": "fine", "stop": "\ud800"}, "stop"),
+    ("/tokenize", {"prompt": "abc \ud800"}, "prompt"),
+])
+def test_a_lone_surrogate_is_a_400_naming_the_field(bundle_dir: Path, route: str, body: dict,
+                                                    param: str) -> None:
+    """Valid JSON ("\\ud800"), invalid Unicode: it was a 500 with a logged traceback."""
+    client = app_client(bundle_dir, [])
+    response = client.post(route, content=json.dumps(body))  # json.dumps escapes it
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param
+    if isinstance(body[param], str):  # a list's error names the first alternative it tried
+        assert "lone surrogate" in error["message"]
+    good = {"model": "test-gpt", "prompt": "Return the", "max_tokens": 2}
+    assert client.post("/v1/completions", json=good).status_code == 200

@@ -369,6 +369,7 @@ def test_client_disconnecting_mid_stream_leaves_the_service_serving(gpt_url: str
     pytest.param({"stop": ["\ufffd", "x" * 64, "", "a"]}, id="refused-stop"),
     pytest.param({"max_tokens": 0}, id="max-tokens-zero-without-echo"),
     pytest.param({"prompt": [10**9]}, id="token-id-outside-vocab"),
+    pytest.param({"prompt": "abc \ud800 def"}, id="lone-surrogate"),
 ])
 def test_a_bad_request_among_concurrent_good_ones_fails_no_good_one(gpt_url: str,
                                                                     bad: dict) -> None:
@@ -634,11 +635,32 @@ def test_classify_concurrent_requests_get_their_own_predictions(classifier_url: 
     pytest.param({"input": ["fine", "  "]}, "input", id="blank-string"),
     pytest.param({"input": ["a"], "model": "other"}, "model", id="unknown-model"),
     pytest.param({"input": ["a"], "top_k": 3}, "top_k", id="unknown-field"),
+    pytest.param({"input": "abc \ud800 def"}, "input", id="lone-surrogate"),
 ])
 def test_bad_classify_request(classifier_url: str, body: dict, param: str) -> None:
     response = post(classifier_url, "/v1/classify", body, headers=None)
     assert_error(response, 404 if param == "model" else 400, param)
     assert classify(classifier_url, ["Return the number of items."])
+
+
+def test_a_bad_classify_request_among_concurrent_good_ones_fails_no_good_one(
+        classifier_url: str, labels: set[str]) -> None:
+    """1 bad request among 10 good ones in flight, three times: the bad one gets its 400 and the
+    good ones their predictions (before: 3, 7 and 7 of the 10 good ones got 500, as Serve sets a
+    batch's error on every request in it)."""
+    good = [[f"text {i} about {word}"] for i, word in enumerate(
+        ["sockets", "logging", "email", "threads", "xml", "asyncio", "ctypes", "imports",
+         "codecs", "json"])]
+    for _ in range(3):
+        bodies = [{"input": texts} for texts in good[:5]] + [{"input": ["abc \ud800 def"]}] + \
+                 [{"input": texts} for texts in good[5:]]
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            responses = list(pool.map(
+                lambda body: post(classifier_url, "/v1/classify", body, headers=None), bodies))
+        assert_error(responses.pop(5), 400, "input")
+        assert [r.status_code for r in responses] == [200] * 10, [r.text for r in responses]
+        for response in responses:
+            assert_predictions(response.json()["data"], 1, labels)
 
 
 def test_completions_on_the_classifier_is_404(classifier_url: str) -> None:

@@ -115,6 +115,9 @@ def test_resume_refuses_edits_to_what_completed_stages_used(tmp_path: Path) -> N
     edited = parse_spec({**raw, "data": {**raw["data"], "vocab_size": 999}})
     with pytest.raises(SpecError, match=r"data.vocab_size = 999 \(the run has \d+\)"):
         check_resumable(run_dir, edited)
+    # The run directory is named after the job, and so is the service it deploys.
+    with pytest.raises(SpecError, match=r"name = 'renamed' \(the run has 'test-gpt'\)"):
+        check_resumable(run_dir, parse_spec({**raw, "name": "renamed"}))
     # The sweep has not started: its settings may still change, and so may serving's.
     check_resumable(run_dir, parse_spec({**raw, "train": {**raw["train"], "lr": 0.5},
                                          "serve": {"port": 8123}}))
