@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -188,7 +188,7 @@ def _select_stage(spec: JobSpec, winner_spec: JobSpec, run_dir: RunDir, info: Da
     winner = sweep.winner
     if done.select:
         progress.done_earlier("select", f"winner {winner.trial_id}")
-        return done.select
+        return BundleRef(run_dir.winner.uri)  # the layout's, not a path stages.json names
     progress.stage("select")
     bundle = save_bundle(run_dir.winner, winner_spec, info, winner.checkpoint,
                          run_dir.tokenizer, {"val": winner.val_metrics}, winner.trial_id,
@@ -203,7 +203,9 @@ def _compress_stage(winner_spec: JobSpec, run_dir: RunDir, info: DataInfo, bundl
                     progress: Progress) -> Compression:
     if done.compress:
         progress.done_earlier("compress", f"serving {done.compress.selected}")
-        return done.compress
+        # What is served comes from the layout, not from a path stages.json names.
+        return replace(done.compress,
+                       bundle=run_dir.served_bundle(done.compress.selected).uri)
     progress.stage("compress")
     compression = compress_winner(winner_spec, run_dir, info, bundle.uri, evaluation.test.model,
                                   gpus=plan.inference_gpus, note=progress.note)

@@ -18,6 +18,8 @@ from orchestrator.spec import FAMILY_TASKS, Task
 MODEL_FILE, SPEC_FILE, INFO_FILE = "model.pt", "spec.yaml", "data_info.json"
 METRICS_FILE, PROVENANCE_FILE = "metrics.json", "provenance.json"
 COMPRESSION_FILE = "compression.json"
+# The variants the compress stage builds (compress.variants), each in compressed/<variant>/.
+COMPRESSED_VARIANTS = ("int8", "prune", "distill")
 
 
 @dataclass

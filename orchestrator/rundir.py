@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
-from orchestrator.records import MODEL_FILE, BundleRef, Completed
+from orchestrator.records import COMPRESSED_VARIANTS, MODEL_FILE, BundleRef, Completed
 from orchestrator.storage import Location, StorageError, check_writable, resolve
 
 
@@ -162,6 +162,17 @@ class RunDir:
     def compressed(self, variant: str) -> Location:
         return self.root.join("compressed", variant)
 
+    def served_bundle(self, variant: str) -> Location:
+        """Where a variant the compress stage may serve lives: winner/ or compressed/<variant>/.
+        Derived from the layout, never from a path a file in the run directory names, so that
+        whoever can write one file there cannot point deploys elsewhere."""
+        if variant == "winner":
+            return self.winner
+        if variant not in COMPRESSED_VARIANTS:
+            raise ValueError(f"{self.compression_selection.uri} selects {variant!r}, which is not "
+                             f"a variant the compress stage builds ({', '.join(COMPRESSED_VARIANTS)})")
+        return self.compressed(variant)
+
     @property
     def compression_selection(self) -> Location:
         return self.root.join("compressed", "selection.json")
@@ -205,7 +216,8 @@ def find_bundle(location: str | os.PathLike) -> BundleRef:
     its path or URI."""
     run_dir = RunDir.of_job(location) or RunDir.at(location)
     if run_dir.compression_selection.is_file():  # the compress stage chose what to serve
-        return BundleRef(json.loads(run_dir.compression_selection.read_text())["bundle"])
+        selected = json.loads(run_dir.compression_selection.read_text())["selected"]
+        return BundleRef(run_dir.served_bundle(selected).uri)
     for candidate in (run_dir.winner, run_dir.root):
         if candidate.join(MODEL_FILE).is_file():
             return BundleRef(candidate.uri)

@@ -11,9 +11,9 @@ import pytest
 from conftest import tiny_spec
 from s3 import S3Server, s3_server
 
-from orchestrator.records import Completed, DataInfo, SweepTiming
+from orchestrator.records import BundleRef, Completed, DataInfo, SweepTiming
 from orchestrator.resume import check_resumable
-from orchestrator.rundir import RunDir
+from orchestrator.rundir import RunDir, find_bundle
 from orchestrator.spec import SpecError, parse_spec, spec_to_yaml
 from orchestrator.storage import StorageError, resolve
 
@@ -172,3 +172,20 @@ def test_the_latest_run_of_a_job_is_never_a_run_of_a_longer_named_job(tmp_path: 
     assert RunDir.of_job(tmp_path / "quickstart-finetune").root.name == \
         "quickstart-finetune-20261130-093744"
     assert RunDir.of_job(latest) is None  # a run directory itself is no job name
+
+
+def test_what_a_run_serves_comes_from_its_layout_not_from_a_path_in_a_file(tmp_path: Path) -> None:
+    """compressed/selection.json named the served bundle by path: whoever could write that one
+    file in a shared run directory could point every later deploy anywhere."""
+    run_dir = RunDir.create(tmp_path, "job")
+    elsewhere = tmp_path / "elsewhere"
+    run_dir.compression_selection.write_text(json.dumps(
+        {"selected": "int8", "bundle": str(elsewhere)}))
+    assert find_bundle(run_dir.uri) == BundleRef(run_dir.compressed("int8").uri)
+    run_dir.compression_selection.write_text(json.dumps(
+        {"selected": "winner", "bundle": str(elsewhere)}))
+    assert find_bundle(run_dir.uri) == BundleRef(run_dir.winner.uri)
+    run_dir.compression_selection.write_text(json.dumps(
+        {"selected": "../../elsewhere", "bundle": str(elsewhere)}))
+    with pytest.raises(ValueError, match=r"selects '../../elsewhere', which is not a variant"):
+        find_bundle(run_dir.uri)
