@@ -9,6 +9,7 @@ On Ray Serve the engine batches continuously up to `serve.max_batch_size` rows; 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
@@ -32,6 +33,8 @@ from orchestrator.inference.sampling import SamplingParams
 from orchestrator.serve.protocol import DEFAULT_MAX_TOKENS, APIError, CompletionBody, overloaded
 from orchestrator.spec import ServeSpec, Task
 from orchestrator.weights.model import load_bundle
+
+logger = logging.getLogger(__name__)
 
 INLINE_TOKENIZE_CHARS = 1024
 
@@ -115,24 +118,43 @@ class ModelServer:
 
     async def classify(self, texts: list[str]) -> list[dict]:
         if self.batching:
-            return await self.classify_batch(texts)
-        async with self.model_lock:
-            return (await self.classify_lists([texts]))[0]
+            result = await self.classify_batch(texts)
+        else:
+            async with self.model_lock:
+                result = (await self.classify_lists([texts]))[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     @serve.batch
-    async def classify_batch(self, texts_per_request: list[list[str]]) -> list[list[dict]]:
+    async def classify_batch(self, texts_per_request: list[list[str]]
+                             ) -> list[list[dict] | Exception]:
         prometheus.record("serve_batch_size", len(texts_per_request), app=self.app_name,
-                       route="/v1/classify")
+                          route="/v1/classify")
         return await self.classify_lists(texts_per_request)
 
-    async def classify_lists(self, texts_per_request: list[list[str]]) -> list[list[dict]]:
+    async def classify_lists(self, texts_per_request: list[list[str]]
+                             ) -> list[list[dict] | Exception]:
+        """Each request's predictions, or the error of its own inputs: Serve sets an error the
+        batch raises on every request in it, so a batch that fails is retried request by
+        request, and only a request whose inputs fail gets an error."""
         flat = [text for texts in texts_per_request for text in texts]
-        predictions = await asyncio.to_thread(self.predictor.classify, flat)
+        try:
+            predictions = await asyncio.to_thread(self.predictor.classify, flat)
+        except Exception:
+            return [await self._classify_alone(texts) for texts in texts_per_request]
         out, start = [], 0
         for texts in texts_per_request:
             out.append(predictions[start: start + len(texts)])
             start += len(texts)
         return out
+
+    async def _classify_alone(self, texts: list[str]) -> list[dict] | Exception:
+        try:
+            return await asyncio.to_thread(self.predictor.classify, texts)
+        except Exception as error:
+            logger.exception("classifying one request's inputs failed")
+            return error
 
     # ---- tokens ----------------------------------------------------------------------------
 

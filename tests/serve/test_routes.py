@@ -4,6 +4,7 @@ The same behaviours are checked over real HTTP against a Serve app in test_servi
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -89,3 +90,21 @@ def test_a_lone_surrogate_is_a_400_naming_the_field(bundle_dir: Path, route: str
         assert "lone surrogate" in error["message"]
     good = {"model": "test-gpt", "prompt": "Return the", "max_tokens": 2}
     assert client.post("/v1/completions", json=good).status_code == 200
+
+
+def test_an_input_that_fails_the_model_fails_its_own_request_alone(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Serve raises a batch's error on every request in it; the server retries a failed batch
+    request by request. The failure here is real: a lone surrogate reaching the tokenizer (the
+    protocol refuses it first over HTTP; any input the model cannot take fails the same way)."""
+    rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()[:300]]
+    spec = parse_spec(tiny_spec("classifier"))
+    server = ModelServer(str(initial_bundle(tmp_path_factory.mktemp("routes") / "clf", spec,
+                                            rows)), spec.serve, [], batching=False)
+    good = [["The event loop runs callbacks."], ["Log a message.", "Parse XML."]]
+    alone = [asyncio.run(server.classify(texts)) for texts in good]
+    results = asyncio.run(server.classify_lists([good[0], ["abc \ud800 def"], good[1]]))
+    assert results[0] == alone[0] and results[2] == alone[1]
+    assert isinstance(results[1], Exception)
+    with pytest.raises(Exception):
+        asyncio.run(server.classify(["abc \ud800 def"]))
