@@ -15,6 +15,7 @@ from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Self
 
 from orchestrator.bench import BENCHMARKS
+from orchestrator.serve import DeployError
 from orchestrator.spec import (
     JobSpec,
     SpecError,
@@ -344,7 +345,7 @@ def _bundle_and_spec(args: argparse.Namespace) -> tuple[str, JobSpec]:
 
 def _deploy(args: argparse.Namespace) -> int:
     from orchestrator.runner import connect
-    from orchestrator.serve import DeployError, deploy
+    from orchestrator.serve import deploy
 
     bundle_dir, spec = _bundle_and_spec(args)
     embedded = connect(args.address)
@@ -434,6 +435,6 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_SPEC_ERROR
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, DeployError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -33,6 +33,8 @@ from orchestrator.train.objectives import classification_metrics
 from orchestrator.weights.model import Bundle, load_bundle
 
 INFERENCE_BATCH = 64
+READ_CPUS = 1.0  # what Ray Data's file listing asks for (it takes no options)
+MIN_SCORING_CPUS = 0.25
 
 
 class ScoreBatch:
@@ -97,6 +99,15 @@ def load_on_device(bundle_dir: str) -> Bundle:
     return bundle
 
 
+def scoring_cpus() -> float:
+    """CPUs for each scoring actor: one, or less when less is free beside a CPU for the reads.
+    A service on the cluster holds its replicas' CPUs for good, and Ray Data's file listing
+    asks for a whole CPU: an actor that took the last one would leave the reads, and the stage,
+    waiting forever (a 2-CPU head serving a 0.5-CPU replica did)."""
+    free = ray.available_resources().get("CPU", 0.0)
+    return max(MIN_SCORING_CPUS, min(1.0, free - READ_CPUS))
+
+
 def on_actor_pool(replicas: int, cpus: float = 1.0, gpus: int = 0) -> dict[str, Any]:
     """map_batches options for batch inference: a pool of actors, with `gpus` each."""
     return {"batch_size": INFERENCE_BATCH, "num_gpus": gpus, "num_cpus": cpus,
@@ -158,13 +169,14 @@ def evaluate_bundle(run_dir: RunDir | str, bundle_dir: str, info: DataInfo,
     The references run beside it, as one Ray task, on the texts of the same splits.
     """
     run_dir = RunDir.at(run_dir)
+    cpus = scoring_cpus()  # before the references take theirs
     references = ray.remote(num_cpus=1)(run_references).remote(run_dir.uri, info, splits)
     log_probs = (unigram_log_probs(_unigram_counts(run_dir, info.vocab_size))
                  if info.task == Task.LANGUAGE_MODEL else None)
     scored = read_splits(run_dir, splits).map_batches(
         ScoreBatch, fn_constructor_kwargs={"bundle_dir": str(bundle_dir),
                                            "unigram_log_probs": log_probs},
-        **on_actor_pool(replicas, gpus=gpus),
+        **on_actor_pool(replicas, cpus, gpus=gpus),
     ).to_pandas()
     references = ray.get(references)
     return Evaluation({split: _split_metrics(scored[scored["split"] == split], info,

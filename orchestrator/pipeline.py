@@ -98,6 +98,9 @@ def run_pipeline(spec: JobSpec, say: Callable[[str], None] | Progress = print,
     plan = plan_cluster(spec)
     spec = with_device(spec, plan)
     refuse_untrainable(spec, plan.use_gpu)
+    deploy_as = _service_name(spec)
+    if spec.serve.enabled:  # a deploy that cannot succeed fails now, not after the sweep
+        service.check_deployable(spec, deploy_as)
     if resume is None:
         run_dir = RunDir.create(spec.runs_dir, spec.name)
     else:
@@ -123,12 +126,8 @@ def run_pipeline(spec: JobSpec, say: Callable[[str], None] | Progress = print,
 
     endpoint, samples = None, []
     if spec.serve.enabled:
-        progress.stage("deploy")
-        endpoint = service.deploy(winner_spec, compression.bundle if compression else bundle.uri)
-        progress.note(f"serving at {endpoint}")
-        samples = send_sample_requests(spec, endpoint, info.task)
-        if not spec.serve.keep_running:
-            service.shutdown(winner_spec)
+        endpoint, samples = _deploy_stage(winner_spec, deploy_as, compression.bundle
+                                          if compression else bundle.uri, info, progress)
     report = json_safe({
         "name": spec.name, "run_dir": run_dir.uri, "task": info.task,
         "started": started.isoformat(), "finished": datetime.now(timezone.utc).isoformat(),
@@ -141,7 +140,7 @@ def run_pipeline(spec: JobSpec, say: Callable[[str], None] | Progress = print,
         "evaluation": evaluation.to_json(),
         "verdict": reference_verdict(evaluation, info.task),
         "compression": compression.to_json() if compression else None,
-        "endpoint": endpoint if spec.serve.keep_running else None,
+        "endpoint": endpoint,
         "sample_responses": samples,
         "trials": sweep.trials.drop(columns=["checkpoint_path"], errors="ignore")
                               .to_dict(orient="records"),
@@ -210,8 +209,8 @@ def _compress_stage(winner_spec: JobSpec, run_dir: RunDir, info: DataInfo, bundl
     compression = compress_winner(winner_spec, run_dir, info, bundle.uri, evaluation.test.model,
                                   gpus=plan.inference_gpus, note=progress.note)
     if winner_spec.serve.enabled and winner_spec.compress.latency_requests:
-        progress.note("p50 latency of each variant through the service")
-        measure_latency(winner_spec, compression, info.task, service.deploy)
+        progress.note("p50 latency of each variant, each on an app of its own")
+        measure_latency(winner_spec, compression, info.task)
     progress.note(f"serving {compression.selected}: {compression.rule}")
     run_dir.mark_completed(compress=compression)
     return compression
@@ -227,3 +226,31 @@ def _evaluate_stage(run_dir: RunDir, bundle: BundleRef, info: DataInfo, plan: Cl
     write_metrics(bundle.uri, {split: e.model for split, e in evaluation.splits.items()})
     run_dir.mark_completed(evaluate=evaluation)
     return evaluation
+
+
+def _service_name(spec: JobSpec) -> str:
+    """With serve.keep_running, the job's own service at `/` (a rolling update of the job's
+    earlier one); otherwise an app of its own, so that a live service of the same name is never
+    touched."""
+    return service.app_name(spec) if spec.serve.keep_running else \
+        service.scratch_app_name(spec, "check")
+
+
+def _deploy_stage(winner_spec: JobSpec, name: str, bundle_uri: str, info: DataInfo,
+                  progress: Progress) -> tuple[str | None, list[dict[str, Any]]]:
+    """Serve the bundle as `name` and send it the sample requests; the app is left serving only
+    with serve.keep_running, and an app this stage created is removed when the stage fails."""
+    progress.stage("deploy")
+    keep = winner_spec.serve.keep_running
+    created = name not in service.running_apps()
+    succeeded = False
+    try:
+        url = service.deploy(winner_spec, bundle_uri, name=name)
+        progress.note(f"serving at {url}" if keep else
+                      f"answering at {url} until the samples are sent (serve.keep_running false)")
+        samples = send_sample_requests(winner_spec, url, info.task)
+        succeeded = True
+    finally:
+        if created and not (keep and succeeded):
+            service.remove(name)
+    return (url if keep else None), samples

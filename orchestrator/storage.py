@@ -11,6 +11,7 @@ S3-compatible stores, `AWS_ENDPOINT_URL`), on every node that touches the run.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -146,16 +147,40 @@ class Location:
 
     @contextmanager
     def local_folder(self) -> Iterator[Path]:
-        """A local folder to write into whose files end up here: this folder itself when local
-        (emptied first), else a temporary one uploaded when the block ends without error."""
-        self.remove()
+        """A local folder to write into whose files replace this folder's when the block ends
+        without error; on an error this folder is left as it was. A reader never finds it missing
+        or half written: a local folder is written beside it and swapped in by two renames; in
+        object storage each object is replaced by the upload (a put is atomic), then the objects
+        the new contents lack are removed."""
         if self.is_local:
-            Path(self.path).mkdir(parents=True, exist_ok=True)
-            yield Path(self.path)
+            target = Path(self.path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staging = target.with_name(f".{target.name}.new-{uuid.uuid4().hex[:8]}")
+            staging.mkdir()
+            try:
+                yield staging
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            retired = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+            if target.exists():
+                target.rename(retired)
+            staging.rename(target)
+            shutil.rmtree(retired, ignore_errors=True)
             return
         with tempfile.TemporaryDirectory(prefix="orchestrator-") as scratch:
             yield Path(scratch)
             self.upload(scratch)
+            written = {str(path.relative_to(scratch)) for path in Path(scratch).rglob("*")
+                       if path.is_file()}
+            self._remove_files_except(written)
+
+    def _remove_files_except(self, kept: set[str]) -> None:
+        selector = pafs.FileSelector(self.path, recursive=True, allow_not_found=True)
+        for info in self.fs.get_file_info(selector):
+            if info.type == pafs.FileType.File and \
+                    info.path[len(self.path):].lstrip("/") not in kept:
+                self.fs.delete_file(info.path)
 
 
 def resolve(location: str | os.PathLike | Location) -> Location:

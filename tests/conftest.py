@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -141,3 +144,25 @@ def prepared_gpt(ray_local, tmp_path_factory):
 
     run_dir = tmp_path_factory.mktemp("prepared-gpt")
     return run_dir, prepare_data(parse_spec(tiny_spec("gpt")), run_dir)
+
+
+@contextlib.contextmanager
+def served_in_thread(app) -> Iterator[str]:
+    """An ASGI app on uvicorn at 127.0.0.1 in a thread of this process, over real HTTP: the
+    service's routes without Ray. Yields the URL; the server stops on exit."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(),
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import requests
 import torch
@@ -16,10 +17,12 @@ from orchestrator.evaluate import load_on_device
 from orchestrator.inference.predictor import Predictor
 from orchestrator.inference.sampling import SamplingParams
 from orchestrator.records import MODEL_FILE
+from orchestrator.serve.auth import load_keys
 from orchestrator.spec import JobSpec, Task
 from orchestrator.storage import resolve
 
 DECODE_TOKENS = 32
+LATENCY_TOKENS = 16
 PROMPT = "The event loop"
 
 
@@ -62,17 +65,32 @@ def speed(bundle_dir: str, texts: list[str], rounds: int = 7) -> dict[str, float
     return {"texts_per_s": statistics.median(rates)}
 
 
+def _probe(spec: JobSpec, url: str, task: Task,
+           headers: dict[str, str]) -> tuple[str, dict[str, Any]]:
+    """The request timed: a completion of PROMPT (cut to half the context when the context is
+    small, as token ids) for up to LATENCY_TOKENS tokens, or the spec's sample texts classified."""
+    if task == Task.CLASSIFIER:
+        return "/v1/classify", {"model": spec.name, "input": spec.serve.sample_requests}
+    response = requests.post(f"{url}/tokenize", json={"model": spec.name, "prompt": PROMPT},
+                             headers=headers, timeout=60)
+    response.raise_for_status()
+    tokenized = response.json()
+    prompt = tokenized["tokens"][:max(1, tokenized["max_model_len"] // 2)]
+    return "/v1/completions", {
+        "model": spec.name, "prompt": prompt, "temperature": 0, "ignore_eos": True,
+        "max_tokens": min(LATENCY_TOKENS, tokenized["max_model_len"] - len(prompt))}
+
+
 def service_p50_s(spec: JobSpec, url: str, task: Task, count: int) -> float:
-    """p50 latency of `count` requests sent one at a time to a running service."""
-    if task == Task.LANGUAGE_MODEL:
-        route, body = "/v1/completions", {"model": spec.name, "prompt": PROMPT,
-                                          "max_tokens": 16, "temperature": 0, "ignore_eos": True}
-    else:
-        route, body = "/v1/classify", {"model": spec.name, "input": spec.serve.sample_requests}
+    """p50 latency of `count` requests sent one at a time to a running service at `url`, with
+    the service's first API key when it has keys."""
+    keys = load_keys(spec.serve)
+    headers = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
+    route, body = _probe(spec, url, task, headers)
     latencies: list[float] = []
     for _ in range(count):
         started = time.perf_counter()
-        response = requests.post(f"{url}{route}", json=body, timeout=60)
+        response = requests.post(f"{url}{route}", json=body, headers=headers, timeout=60)
         response.raise_for_status()
         latencies.append(time.perf_counter() - started)
     return statistics.median(latencies)

@@ -217,13 +217,21 @@ def compress_winner(spec: JobSpec, run_dir: RunDir, info: DataInfo, winner: str,
     return compression
 
 
-def measure_latency(spec: JobSpec, compression: Compression, task: str,
-                    deploy: Callable[[JobSpec, str], str]) -> None:
-    """p50 latency through the real service for every variant (deployed one after another in
-    place of each other), into compression.variants."""
+def measure_latency(spec: JobSpec, compression: Compression, task: Task) -> None:
+    """p50 latency through the real service for every variant, into compression.variants: each
+    deployed on an app of its own (its own name and route, the service's settings and API keys),
+    one after another, and removed, so that a live service is never touched."""
+    from orchestrator import serve as service
+
     for variant in compression.variants:
-        url = deploy(spec, variant.bundle)
-        variant.p50_latency_s = service_p50_s(spec, url, task, spec.compress.latency_requests)
+        name = service.scratch_app_name(spec, f"latency-{variant.name}")
+        try:
+            url = service.deploy(spec, variant.bundle, name=name)
+            variant.p50_latency_s = service_p50_s(spec, url, task,
+                                                  spec.compress.latency_requests)
+        finally:
+            if name in service.running_apps():
+                service.remove(name)
 
 
 def compress_finished_run(location: str, overrides: list[str],
@@ -248,14 +256,16 @@ def compress_finished_run(location: str, overrides: list[str],
     if not spec.compress.variants:
         raise SpecError("compress.variants is empty: name the variants to build, e.g. "
                         "--set 'compress.variants=[int8, prune]'")
+    measuring = spec.serve.enabled and spec.compress.latency_requests
+    if measuring:  # fails now, not after the variants are built
+        service.check_deployable(spec, service.scratch_app_name(spec, "latency"))
     compression = compress_winner(spec, run_dir, info, run_dir.winner.uri,
                                   Evaluation.from_json(report["evaluation"]).test.model,
                                   gpus=inference_gpus(cluster_capacity()),
                                   note=lambda message: say(f"[compress] {message}"))
-    if spec.serve.enabled and spec.compress.latency_requests:
-        say("[compress] p50 latency of each variant through the service")
-        measure_latency(spec, compression, info.task, service.deploy)
-        service.shutdown(spec)
+    if measuring:
+        say("[compress] p50 latency of each variant, each on an app of its own")
+        measure_latency(spec, compression, info.task)
     before = render_markdown(report)
     report["compression"] = json_safe(compression.to_json())
     run_dir.report_json.write_text(json.dumps(report, indent=2))

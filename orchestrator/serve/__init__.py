@@ -8,13 +8,20 @@
   samples.py   the requests a run sends its freshly deployed service
 
 The engine and sampling it serves with live in inference/, shared with batch inference. The
-names below load lazily, so that importing serve.auth or serve.protocol imports no Ray.
+names in __all__ load lazily, so that importing serve.auth or serve.protocol imports no Ray.
 """
 
 from typing import Any
 
-__all__ = ["DeployError", "app_name", "build_app", "deploy", "endpoint_url", "load_keys",
-           "serve_config_yaml", "shutdown"]
+__all__ = ["app_name", "build_app", "check_deployable", "deploy", "endpoint_url",
+           "load_keys", "remove", "running_apps", "scratch_app_name", "serve_config_yaml",
+           "shutdown"]
+
+
+class DeployError(RuntimeError):
+    """A deploy that cannot succeed (a bundle that cannot load, a port or route Serve cannot
+    give); whatever served before keeps serving. Defined here, without Ray, so that the CLI can
+    catch it cheaply."""
 
 
 def __getattr__(name: str) -> Any:

@@ -8,6 +8,7 @@ the serve section as arguments, so `serve deploy serve.yaml` builds the same app
 from __future__ import annotations
 
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,12 @@ import yaml
 from fastapi import FastAPI
 from ray import serve
 from ray.serve import Application
-from ray.serve.schema import ApplicationStatus
+from ray.serve.context import _get_global_client
+from ray.serve.schema import ApplicationStatus, ServeInstanceDetails
 
 from orchestrator import prometheus
 from orchestrator.bundle import read_spec_and_info
+from orchestrator.serve import DeployError
 from orchestrator.serve.auth import load_key_digests
 from orchestrator.serve.routes import create_api
 from orchestrator.serve.server import ModelServer
@@ -30,10 +33,6 @@ APP_NAME_SUFFIX = "-service"
 BUILDER_IMPORT_PATH = "orchestrator.serve.app:build_app"
 DEPLOYMENT_NAME = "ModelService"
 CHEAP_REQUEST_ROOM = 8  # ongoing requests beyond batch and queue: /v1/models, /tokenize, ...
-
-
-class DeployError(RuntimeError):
-    """A bundle that cannot be served; whatever served before keeps serving."""
 
 
 @serve.deployment(name=DEPLOYMENT_NAME)
@@ -89,26 +88,82 @@ def endpoint_url(spec: JobSpec) -> str:
 
 
 def app_name(spec: JobSpec) -> str:
+    """The job's own service: served at route `/`, updated in place by a later deploy."""
     return spec.name + APP_NAME_SUFFIX
 
 
-def deploy(spec: JobSpec, bundle_dir: str | Path, timeout_s: float = 180.0) -> str:
+def scratch_app_name(spec: JobSpec, purpose: str) -> str:
+    """An app of the job's own for a short while (sample requests, latency probes), at a route
+    of its own, so that it never replaces or answers for a live service."""
+    return f"{spec.name}-{purpose}-{uuid.uuid4().hex[:6]}"
+
+
+def route_of(name: str, spec: JobSpec) -> str:
+    return "/" if name == app_name(spec) else f"/{name}"
+
+
+def _serve_details() -> ServeInstanceDetails | None:
+    """What Serve runs on the connected cluster; None when Serve is not started."""
+    client = _get_global_client(raise_if_no_controller_running=False)
+    return None if client is None else ServeInstanceDetails(**client.get_serve_details())
+
+
+def running_apps() -> dict[str, str | None]:
+    """The applications Serve runs, by name, with their route prefixes."""
+    details = _serve_details()
+    return {} if details is None else {
+        name: app.route_prefix for name, app in details.applications.items()}
+
+
+def check_deployable(spec: JobSpec, name: str) -> None:
+    """Refuse, before anything is built, a deploy of app `name` that cannot succeed or would
+    take over what another app serves: Serve already listening on another port than serve.port,
+    or the app's route held by another application."""
+    details = _serve_details()
+    if details is None:
+        return
+    port = details.http_options.port if details.http_options else None
+    if port is not None and port != spec.serve.port:
+        raise DeployError(f"serve.port = {spec.serve.port}, but Ray Serve on this cluster listens "
+                          f"on port {port} (its port is fixed while it runs): set serve.port={port}")
+    route = route_of(name, spec)
+    holders = [other for other, prefix in running_apps().items()
+               if prefix == route and other != name]
+    if holders:
+        raise DeployError(f"route {route} on this cluster is served by application "
+                          f"{holders[0]!r}, which this job did not deploy; it is left as it is. "
+                          "Remove it first, or set serve.keep_running=false (the job then checks "
+                          "its model on a route of its own and removes it)")
+
+
+def deploy(spec: JobSpec, bundle_dir: str | Path, timeout_s: float = 180.0,
+           name: str | None = None) -> str:
     """Serve the bundle and return its URL once Serve reports the application RUNNING.
 
-    When the application already runs, Serve replaces its replicas one by one (a rolling update)
-    and keeps the old ones serving until new ones are healthy. A bundle that cannot load fails
-    here, before Serve is touched.
+    `name`: the application (default: the job's own service, at route `/`; any other name is
+    served at `/<name>`). When the application already runs, Serve replaces its replicas one by
+    one (a rolling update) and keeps the old ones serving until new ones are healthy. A bundle
+    that cannot load, a port Serve does not listen on or a route another app holds fail here,
+    before Serve is touched.
     """
+    name = name or app_name(spec)
     bundle_dir = resolve(bundle_dir).uri
     try:
         load_bundle(bundle_dir)
     except Exception as error:
         raise DeployError(f"cannot serve {bundle_dir}: {type(error).__name__}: {error}") from error
+    check_deployable(spec, name)
     app = build_app({"bundle_dir": str(bundle_dir), "serve": spec.serve.model_dump(mode="json")})
     serve.start(http_options={"host": spec.serve.host, "port": spec.serve.port})
-    serve._run(app, name=app_name(spec), route_prefix="/", _blocking=False)
-    wait_until_running(app_name(spec), timeout_s)
-    return endpoint_url(spec)
+    route = route_of(name, spec)
+    serve._run(app, name=name, route_prefix=route, _blocking=False)
+    wait_until_running(name, timeout_s)
+    return endpoint_url(spec) + route.rstrip("/")
+
+
+def remove(name: str) -> None:
+    """Remove one application (and only it), waiting until it is gone."""
+    serve.delete(name)
 
 
 def wait_until_running(name: str, timeout_s: float) -> None:
@@ -128,7 +183,7 @@ def wait_until_running(name: str, timeout_s: float) -> None:
 
 
 def shutdown(spec: JobSpec) -> None:
-    serve.delete(app_name(spec))
+    remove(app_name(spec))
 
 
 def serve_config(spec: JobSpec, bundle_dir: str | Path) -> dict[str, Any]:

@@ -4,6 +4,7 @@ trial inside its Tune trial actor; and the functions each runs."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from itertools import islice
 from typing import Any
 
 import ray.train
@@ -44,8 +45,9 @@ class RayTrainSession:
                             seed)
 
     def val_batches(self, batch_size: int, count: int) -> list[dict[str, torch.Tensor]]:
-        shard = ray.train.get_dataset_shard("val")
-        return list(shard.iter_torch_batches(batch_size=batch_size, device=self.device))[:count]
+        shard = ray.train.get_dataset_shard("val")  # read no further than the batches used
+        return list(islice(shard.iter_torch_batches(batch_size=batch_size, device=self.device),
+                           count))
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir))

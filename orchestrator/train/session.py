@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.dataset as pa_dataset
 import torch
 
 from orchestrator.rundir import RunDir
@@ -81,8 +81,8 @@ class InMemorySession:
         return InMemorySplit(read_split_tensors(self.run_dir, "train"), self.device, seed)
 
     def val_batches(self, batch_size: int, count: int) -> list[dict[str, torch.Tensor]]:
-        return first_batches(read_split_tensors(self.run_dir, "val"), batch_size, count,
-                             self.device)
+        rows = read_split_tensors(self.run_dir, "val", first=batch_size * count)
+        return first_batches(rows, batch_size, count, self.device)
 
 
 class LocalSession(InMemorySession):
@@ -132,11 +132,13 @@ class InMemorySplit:
                    for name, column in self.columns.items()}
 
 
-def read_split_tensors(run_dir: RunDir | str, split: str) -> dict[str, torch.Tensor]:
+def read_split_tensors(run_dir: RunDir | str, split: str,
+                       first: int | None = None) -> dict[str, torch.Tensor]:
     """A split the data stage wrote, as tensors: `ids` (rows × tokens) and, for the
-    classifier, `label`."""
+    classifier, `label`; with `first`, only its first rows are read (what an evaluation uses)."""
     location = RunDir.at(run_dir).split(split)
-    table = pq.read_table(location.path, filesystem=location.fs, partitioning=None)
+    dataset = pa_dataset.dataset(location.path, filesystem=location.fs, format="parquet")
+    table = dataset.to_table() if first is None else dataset.head(first)
     ids = table.column("ids").combine_chunks()
     if isinstance(ids, pa.ExtensionArray):  # Ray Data's tensor type over a list of values
         ids = ids.storage

@@ -1,13 +1,17 @@
 """The compress stage end to end on a real local Ray and the tiny models: every variant built
 (the pruned one and the student by Ray Train runs), evaluated on the test split, measured, the
-served one chosen by the rule and answering through the OpenAI-compatible API; a finished
-classifier run compressed afterwards by `orchestrator compress` and answering /v1/classify."""
+served one chosen by the rule and answering through the OpenAI-compatible API; a classifier run
+and its compression by `orchestrator compress` beside a live keyed service of the same name,
+which answers its client throughout, untouched."""
 
 from __future__ import annotations
 
 import json
+import threading
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Self
 
 import pandas as pd
 import pytest
@@ -15,6 +19,7 @@ import requests
 from conftest import TIMING, stage_times, tiny_spec
 
 from orchestrator.bench import compress as bench_compress
+from orchestrator.bench.bundles import initial_bundle
 from orchestrator.compress.stage import compress_finished_run
 from orchestrator.evaluate import predict
 from orchestrator.pipeline import run_pipeline
@@ -92,20 +97,67 @@ def test_every_variant_of_a_language_model_built_measured_and_the_chosen_one_ser
                    max_tokens=4) == 2
 
 
-def test_a_finished_classifier_run_compressed_afterwards_serves_int8_through_classify(
-        serving, tmp_path, record_property):
-    from orchestrator.serve import deploy, shutdown
+class Poller:
+    """A client of a live keyed classifier service, polling it from a thread throughout:
+    every answer's status and every weights version it reports."""
 
-    raw = tiny_spec("classifier", train=STEPS, serve={"port": serving, "enabled": False})
+    def __init__(self, url: str, key: str):
+        self.url, self.headers = url, {"Authorization": f"Bearer {key}"}
+        self.statuses: Counter = Counter()
+        self.versions: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.2):
+            try:
+                answer = requests.post(f"{self.url}/v1/classify", headers=self.headers,
+                                       json={"input": ["The event loop"]}, timeout=60)
+                self.statuses[answer.status_code] += 1
+                self.versions.add(requests.get(f"{self.url}/healthz", timeout=60).json()["version"])
+            except requests.RequestException as error:
+                self.statuses[type(error).__name__] += 1
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=120)
+
+
+def test_a_run_and_its_compression_beside_a_live_keyed_service_leave_it_serving(
+        serving, tmp_path, sample_rows, monkeypatch, record_property):
+    """A classifier job re-run (keep_running false) and then `orchestrator compress` of it, with
+    the latency of each variant through the service, while the job's earlier service (same name,
+    API keys) answers a client: the client sees the same version, and no failure, throughout;
+    the run's and compress's own apps are gone after; int8 then serves through classify."""
+    from orchestrator.serve import deploy, running_apps, shutdown
+
+    monkeypatch.setenv("COMPRESS_TEST_KEYS", "the-only-key")
+    raw = tiny_spec("classifier", train=STEPS,
+                    serve={"port": serving, "api_keys_env": "COMPRESS_TEST_KEYS"})
     raw["runs_dir"] = str(tmp_path / "runs")
-    report = run_pipeline(parse_spec(raw), say=lambda _: None)
+    spec = parse_spec(raw)
+    live = deploy(spec, initial_bundle(tmp_path / "live", spec, sample_rows), timeout_s=120)
+    live_version = requests.get(f"{live}/healthz", timeout=30).json()["version"]
     lines: list[str] = []
-    started = time.monotonic()
-    report = compress_finished_run(report["run_dir"], [
-        "compress.variants=[int8]", "compress.max_quality_loss=0.5", "serve.enabled=true",
-        "compress.latency_requests=2"], say=lines.append)
-    record_property(TIMING, f"compress: classifier int8 afterwards: "
-                            f"{time.monotonic() - started:.1f} s")
+    with Poller(live, "the-only-key") as client:
+        report = run_pipeline(spec, say=lambda _: None)
+        started = time.monotonic()
+        report = compress_finished_run(report["run_dir"], [
+            "compress.variants=[int8]", "compress.max_quality_loss=0.5",
+            "compress.latency_requests=2"], say=lines.append)
+        record_property(TIMING, f"compress: classifier int8 afterwards: "
+                                f"{time.monotonic() - started:.1f} s")
+        time.sleep(1)
+    assert client.versions == {live_version}
+    assert set(client.statuses) == {200} and client.statuses[200] > 10, client.statuses
+    assert set(running_apps()) == {"test-classifier-service"}
+    assert report["endpoint"] is None
+    assert [answer["status"] for answer in report["sample_responses"]] == [200]  # with the key
+
     variants = {v["name"]: v for v in report["compression"]["variants"]}
     assert set(variants) == {"winner", "int8"}
     assert "texts_per_s" in variants["int8"]["speed"]
@@ -115,13 +167,13 @@ def test_a_finished_classifier_run_compressed_afterwards_serves_int8_through_cla
     assert any("serving" in line for line in lines)
 
     int8 = variants["int8"]["bundle"]
-    spec = parse_spec(tiny_spec("classifier", serve={"port": serving}))
-    url = deploy(spec, int8, timeout_s=120)
+    url = deploy(spec, int8, timeout_s=120)  # the job's own service, updated in place
+    headers = {"Authorization": "Bearer the-only-key"}
     try:
-        response = requests.post(f"{url}/v1/classify", json={
+        response = requests.post(f"{url}/v1/classify", headers=headers, json={
             "model": spec.name, "input": ["The event loop", 5, "Return the number"]}, timeout=60)
         assert response.status_code == 400  # a bad input in the batch: named, nothing served
-        response = requests.post(f"{url}/v1/classify", json={
+        response = requests.post(f"{url}/v1/classify", headers=headers, json={
             "model": spec.name, "input": ["The event loop", "Return the number"]}, timeout=60)
         assert response.status_code == 200, response.text
         assert {row["label"] for row in response.json()["data"]} <= set(report["data"]["labels"])

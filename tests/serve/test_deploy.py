@@ -239,6 +239,40 @@ def test_a_bundle_that_cannot_load_is_refused_and_the_old_one_keeps_serving(
     assert complete(url, prompt="a", max_tokens=2).status_code == 200
 
 
+def test_another_job_never_takes_over_a_live_service(serving, versions, tmp_path: Path) -> None:
+    """A second job while `ops` serves at `/`: its deploy, the CLI's and a whole run are refused
+    before anything is built, naming the app; a wrong port likewise; `ops` serves on, unchanged.
+    An app at a route of its own (what a run without keep_running deploys) serves beside it."""
+    from orchestrator.pipeline import run_pipeline
+    from orchestrator.serve import remove, running_apps
+
+    spec, _, v2 = versions
+    url = deploy(spec, v2)
+    serving_version = health(url)["version"]
+    other = parse_spec({**spec.model_dump(mode="json"), "name": "other"})
+    with pytest.raises(DeployError, match="served by application 'ops-service'"):
+        deploy(other, v2)
+    result = orchestrator_cli("deploy", str(v2), "--set", "name=other")
+    assert result.returncode == 1 and "'ops-service'" in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    raw = {**tiny_spec("gpt", serve={"port": spec.serve.port, "keep_running": True}),
+           "name": "other", "runs_dir": str(tmp_path / "runs")}
+    with pytest.raises(DeployError, match="'ops-service'"):
+        run_pipeline(parse_spec(raw), say=lambda _: None)
+    assert not (tmp_path / "runs").exists()  # refused before the data stage
+    moved = parse_spec({**raw, "serve": {**raw["serve"], "port": spec.serve.port + 1}})
+    with pytest.raises(DeployError, match=f"listens on port {spec.serve.port}"):
+        deploy(moved, v2, name="other-check")
+
+    beside = deploy(other, v2, name="other-check")
+    assert beside == f"{url}/other-check"
+    assert complete(beside, prompt="a", max_tokens=2).status_code == 200
+    remove("other-check")
+    assert set(running_apps()) == {"ops-service"}
+    assert health(url)["version"] == serving_version
+    assert complete(url, prompt="a", max_tokens=2).status_code == 200
+
+
 # --- batch inference -------------------------------------------------------------------------------
 
 def test_batch_predictions_match_the_service(serving, port, rows, tmp_path: Path) -> None:

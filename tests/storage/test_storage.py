@@ -66,6 +66,31 @@ def test_a_run_directory_round_trips_files_and_folders(base: str, tmp_path: Path
     assert RunDir.latest(base, "job") == run_dir
 
 
+def test_a_folder_rewritten_is_whole_throughout_and_kept_when_the_writer_fails(
+        base: str) -> None:
+    """A bundle being rewritten (a new winner, a recompressed variant) is read by replicas and
+    deploys meanwhile: until the writer finishes they read the old contents, whole; then the new
+    ones only; a writer that fails leaves the old ones."""
+    folder = RunDir.create(base, "job").winner
+    with folder.local_folder() as scratch:
+        (scratch / "model.pt").write_bytes(b"old weights")
+        (scratch / "old-only.json").write_text("{}")
+    with folder.local_folder() as scratch:
+        (scratch / "model.pt").write_bytes(b"new")
+        assert folder.join("model.pt").read_bytes() == b"old weights"
+        assert folder.entries() == ["model.pt", "old-only.json"]
+    assert folder.join("model.pt").read_bytes() == b"new"
+    assert folder.entries() == ["model.pt"]
+    with pytest.raises(RuntimeError, match="writer failed"):
+        with folder.local_folder() as scratch:
+            (scratch / "model.pt").write_bytes(b"half")
+            raise RuntimeError("writer failed")
+    assert folder.join("model.pt").read_bytes() == b"new"
+    assert folder.entries() == ["model.pt"]
+    if folder.is_local:  # nothing left beside it
+        assert sorted(p.name for p in Path(folder.path).parent.iterdir()) == ["winner"]
+
+
 def test_an_s3_run_directory_writes_only_to_the_bucket(s3_env: S3Server, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)

@@ -479,3 +479,14 @@ def test_lora_trains_only_its_adapters(pretrained_run, tmp_path):
     load_model_weights(checkpoint, adapted)
     lora_b = [p for name, p in adapted.named_parameters() if "lora_B" in name]
     assert lora_b and all(float(p.abs().max()) > 0 for p in lora_b)
+
+
+def test_an_evaluation_reads_only_the_validation_rows_it_uses(prepared, tmp_path):
+    """The val split is read no further than eval_batches x batch_size rows (a large val split
+    stays on disk), and those rows are the split's first, the same at every evaluation."""
+    data = prepared("classifier")
+    whole = read_split_tensors(data.run_dir, "val")
+    first = read_split_tensors(data.run_dir, "val", first=5)
+    assert len(whole["ids"]) > 5 and len(first["ids"]) == 5
+    assert torch.equal(first["ids"], whole["ids"][:5])
+    assert torch.equal(first["label"], whole["label"][:5])
