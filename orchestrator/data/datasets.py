@@ -6,6 +6,8 @@ without Ray and runs unchanged inside Ray Data workers.
 
 from __future__ import annotations
 
+import math
+import numbers
 import zlib
 from collections.abc import Mapping
 from typing import Any
@@ -31,15 +33,41 @@ def split_of(text: str, seed: int, val_fraction: float, test_fraction: float) ->
     return "train"
 
 
+def label_name(value: Any) -> str | None:
+    """The class a label names, None for a missing one.
+
+    Readers type a column by the values they meet, so one file or block holds 1 where another
+    holds 1.0: numbers that are equal name one class ("1"; 0.5 stays "0.5"), text stays as
+    written, booleans are "True" and "False". A CSV column that holds a byte that is not UTF-8 is
+    read as bytes: decoding it raises UnicodeDecodeError, which the driver explains
+    (sources.explain_read_failure)."""
+    if value is None or value is pd.NA:
+        return None
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        if math.isnan(value):
+            return None
+        if math.isfinite(value) and float(value).is_integer():
+            return str(int(value))
+    return str(value)
+
+
 def assign_splits(batch: pd.DataFrame, seed: int, val_fraction: float,
                   test_fraction: float) -> pd.DataFrame:
-    """Drop empty texts and add the `split` column."""
+    """Drop empty texts, name the labels (label_name: a missing one stays missing, for the
+    stage to count and refuse) and add the `split` column."""
     batch = batch[batch["text"].notna()]
     batch = batch[batch["text"].astype(str).str.strip() != ""].copy()
     batch["text"] = batch["text"].astype(str)
     if "label" in batch:
-        batch = batch[batch["label"].notna()].copy()
-        batch["label"] = batch["label"].astype(str)
+        # Typed: a block whose labels are all missing still writes a string column.
+        batch["label"] = pd.Series([label_name(v) for v in batch["label"]], index=batch.index,
+                                   dtype="string")
     batch["split"] = [split_of(t, seed, val_fraction, test_fraction) for t in batch["text"]]
     return batch
 
@@ -111,9 +139,9 @@ class TokenizeBatch:
         else:
             # A label unseen in training cannot be predicted; -1 marks it so metrics count it
             # wrong.
+            label_ids = (self.label_ids.get(label_name(v), -1) for v in batch["label"])
             out = {"ids": pad_or_truncate(self._encode(texts), self.pad_id, self.max_length),
-                   "label": np.fromiter((self.label_ids.get(str(v), -1) for v in batch["label"]),
-                                        dtype=np.int64, count=len(texts)),
+                   "label": np.fromiter(label_ids, dtype=np.int64, count=len(texts)),
                    "split": splits}
         if self.seed is not None and texts:
             rng = np.random.default_rng([self.seed, zlib.crc32(texts[0].encode())])

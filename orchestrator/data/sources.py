@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import codecs
 import os
 from urllib.parse import urlparse
 
+import pyarrow as pa
+import pyarrow.csv as pa_csv
 import ray.data
 
 from orchestrator.spec import DataSpec, SpecError
+from orchestrator.storage import resolve
 
 TEXT, LABEL = "text", "label"
+# Formats read as text, whose files can hold bytes that are not UTF-8 (parquet strings are typed).
+TEXT_FORMATS = ("text", "jsonl", "csv")
+CHECK_CHUNK_BYTES = 1 << 20
+# How a read that met bytes that are not UTF-8 reaches the driver: Python's decoder failed in a
+# read task (text, JSONL) or in our transform (a CSV label column read as bytes), which Ray Data
+# keeps only as text; or Arrow could not parse a CSV file (Ray Data drops Arrow's reason, such as
+# "invalid UTF8 data").
+DECODING_FAILED = ("UnicodeDecodeError", "Failed to read CSV file")
 
 
 def _local_path(path: str) -> str | None:
@@ -33,16 +45,72 @@ def _read(data: DataSpec, fmt: str) -> ray.data.Dataset:
         if fmt == "jsonl":
             return ray.data.read_json(data.path, lines=True, file_extensions=None)
         if fmt == "csv":
-            return ray.data.read_csv(data.path, file_extensions=None)
+            # Typed as string, the text column refuses bytes that are not UTF-8 (inferred, it
+            # would become a column of bytes).
+            types = pa_csv.ConvertOptions(column_types={data.text_column: pa.string()})
+            return ray.data.read_csv(data.path, file_extensions=None, convert_options=types)
         return ray.data.read_text(data.path, file_extensions=None)
     except Exception as error:  # pyarrow/fsspec raise many types for unreadable input
         raise SpecError(f"data.path = {data.path!r}: cannot read it as {fmt}: {error}") from None
+
+
+def _not_utf8_at(stream: pa.NativeFile) -> tuple[int, str] | None:
+    """(offset, what is wrong) of the first byte of `stream` that is not UTF-8, or None; read
+    a chunk at a time, so any file size takes the same memory."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0  # of the chunk in the stream
+    while True:
+        chunk = stream.read(CHECK_CHUNK_BYTES)
+        held = len(decoder.getstate()[0])  # the start of a character the last chunk cut
+        try:
+            decoder.decode(chunk, final=not chunk)
+        except UnicodeDecodeError as error:
+            bad = " ".join(f"0x{byte:02x}" for byte in error.object[error.start:error.end])
+            return offset - held + error.start, f"{bad}: {error.reason}"
+        if not chunk:
+            return None
+        offset += len(chunk)
+
+
+def check_utf8(data: DataSpec, files: list[str]) -> None:
+    """Refuse the first of `files` (paths in data.path's filesystem, compressed ones read as
+    their text) that is not UTF-8, naming it and the byte."""
+    fs = resolve(data.path).fs
+    for path in files:
+        with fs.open_input_stream(path, compression="detect") as stream:
+            found = _not_utf8_at(stream)
+        if found is not None:
+            offset, why = found
+            raise SpecError(f"data.path = {data.path!r}: file {path} is not UTF-8 at byte "
+                            f"{offset} ({why}); save it as UTF-8")
+
+
+def _is_decoding_error(error: BaseException) -> bool:
+    """Whether a read may have failed on bytes that are not UTF-8 (see DECODING_FAILED)."""
+    return isinstance(error, UnicodeDecodeError) or any(sign in str(error)
+                                                        for sign in DECODING_FAILED)
+
+
+def _check_decoding(data: DataSpec, ds: ray.data.Dataset, error: BaseException) -> None:
+    """After a failed read of `ds`: the SpecError naming the file and byte that are not UTF-8,
+    when that is why. The files are read only then, so a good dataset is read once."""
+    if data.resolved_format in TEXT_FORMATS and _is_decoding_error(error):
+        check_utf8(data, ds.input_files())
+
+
+def explain_read_failure(data: DataSpec, ds: ray.data.Dataset, error: BaseException) -> None:
+    """Raise the SpecError that says why executing `ds` (from read_source) failed, when the spec
+    or its data is why: a file that is not UTF-8, a missing column, a file that is not of its
+    format. Returns otherwise, for the caller to raise `error`."""
+    read_source(data)  # first: when its own read fails on a bad byte, it names the byte
+    _check_decoding(data, ds, error)
 
 
 def _check_columns(data: DataSpec, fmt: str, ds: ray.data.Dataset) -> None:
     try:
         columns = ds.schema().names
     except Exception as error:
+        _check_decoding(data, ds, error)
         raise SpecError(f"data.path = {data.path!r}: cannot read it as {fmt}: {error}") from None
     wanted = {"text_column": data.text_column, "label_column": data.label_column}
     for field, column in wanted.items():

@@ -16,7 +16,7 @@ import ray.data
 from tokenizers import Tokenizer
 
 from orchestrator.data.datasets import SPLITS, TokenizeBatch, assign_splits
-from orchestrator.data.sources import read_source
+from orchestrator.data.sources import explain_read_failure, read_source
 from orchestrator.pretrained import Base, stage_base
 from orchestrator.records import DataInfo
 from orchestrator.rundir import RunDir
@@ -31,10 +31,12 @@ TOKENIZE_BATCH_ROWS = 1024
 
 @dataclass
 class _Scan:
-    """Texts per split and labels per split, counted on the driver from the split texts."""
+    """Texts per split, labels per split and texts without a label, counted on the driver from
+    the split texts."""
 
     texts: Counter = field(default_factory=Counter)
     labels: dict[str, Counter] = field(default_factory=lambda: {s: Counter() for s in SPLITS})
+    unlabelled: int = 0
 
 
 def _blocks(refs: list[ray.ObjectRef]) -> Iterator[pa.Table]:
@@ -51,7 +53,11 @@ def _scan(refs: list[ray.ObjectRef]) -> _Scan:
         counts = block.select(columns).group_by(columns).aggregate([([], "count_all")])
         for row in counts.to_pylist():
             scan.texts[row["split"]] += row["count_all"]
-            if "label" in row:
+            if "label" not in row:
+                continue
+            if row["label"] is None:
+                scan.unlabelled += row["count_all"]
+            else:
                 scan.labels[row["split"]][row["label"]] += row["count_all"]
     return scan
 
@@ -64,6 +70,11 @@ def _training_texts(refs: list[ray.ObjectRef]) -> Iterator[list[str]]:
 
 def _check_scan(spec: JobSpec, scan: _Scan) -> None:
     total = sum(scan.texts.values())
+    if spec.model.task == Task.CLASSIFIER and scan.unlabelled:
+        raise SpecError(
+            f"data.label_column = {spec.data.label_column!r}: {scan.unlabelled} of the {total} "
+            f"texts in {spec.data.path!r} have no label (null); label them or remove them"
+        )
     if total == 0:
         raise SpecError(f"data.path = {spec.data.path!r}: the dataset has no non-empty texts "
                         f"in column {spec.data.text_column!r}")
@@ -167,17 +178,18 @@ def prepare_data(spec: JobSpec, run_dir: RunDir | str,
         progress(f"checking {spec.model.pretrained} and copying it into the run directory")
         base = stage_base(spec, run_dir.base)
     progress("reading, splitting and shuffling the texts")
+    source = read_source(data, check_columns=False)
     try:
         # One execution reads, splits and shuffles: no read of its own to learn the columns.
-        texts = read_source(data, check_columns=False).map_batches(
+        texts = source.map_batches(
             assign_splits, batch_format="pandas",
             fn_kwargs={"seed": data.split_seed, "val_fraction": data.val_fraction,
                        "test_fraction": data.test_fraction},
         ).random_shuffle(seed=data.split_seed).materialize()
     except SpecError:
         raise
-    except Exception:
-        read_source(data)  # a missing column or an unreadable file: the SpecError that says so
+    except Exception as error:
+        explain_read_failure(data, source, error)  # the SpecError that says why, if one does
         raise
     blocks = texts.to_arrow_refs()
     scan = _scan(blocks)

@@ -153,3 +153,71 @@ def test_unreadable_jsonl(ray_local, tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text('{"text": "a fine line"}\n{"text": "a broken\n')
     _rejects(tiny_spec("gpt", path=path), tmp_path / "run", "cannot read it as jsonl")
+
+
+def _write_jsonl(rows: list[dict], path):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_equal_numeric_labels_are_one_class(ray_local, tmp_path, frame):
+    """Each file is typed by its own values: 1 in a file of integers is 1.0 in a file that also
+    holds 0.5. Equal numbers are one class, in the labels and in the written split texts."""
+    from orchestrator.data.stage import read_split_texts
+
+    texts, half = frame["text"].tolist(), len(frame) // 2
+    (tmp_path / "numbers").mkdir()
+    _write_jsonl([{"text": t, "label": i % 2} for i, t in enumerate(texts[:half])],
+                 tmp_path / "numbers" / "a.jsonl")
+    _write_jsonl([{"text": t, "label": [0.0, 1.0, 0.5][i % 3]} for i, t in enumerate(texts[half:])],
+                 tmp_path / "numbers" / "b.jsonl")
+    spec = tiny_spec("classifier", path=tmp_path / "numbers", data={"format": "jsonl"})
+    info = prepare_data(parse_spec(spec), tmp_path / "run")
+    assert info.labels == ["0", "0.5", "1"]
+    written = read_split_texts(tmp_path / "run", "test").column("label").to_pylist()
+    assert set(written) == {"0", "0.5", "1"}
+
+
+def test_null_labels_are_refused_and_counted(ray_local, tmp_path, frame):
+    rows = [{"text": text, "label": None if i % 100 == 7 else f"c{i % 3}"}
+            for i, text in enumerate(frame["text"])]
+    path = _write_jsonl(rows, tmp_path / "nulls.jsonl")
+    _rejects(tiny_spec("classifier", path=path), tmp_path / "run",
+             "data.label_column = 'label'", str(path), f" {len(frame) // 100} of the ")
+
+
+MARKER, BAD = "<not utf-8>", b"caf\xe9"  # Latin-1 é: 0xe9 needs continuation bytes
+
+
+def _encoded(fmt: str, rows: list[dict]) -> bytes:
+    if fmt == "text":
+        lines = [row["text"] for row in rows]
+    elif fmt == "jsonl":
+        lines = [json.dumps(row) for row in rows]
+    else:
+        lines = ["text,label", *(f'"{row["text"]}",{row["label"]}' for row in rows)]
+    return "".join(line + "\n" for line in lines).encode()
+
+
+def _with_bad_byte(fmt: str, rows: list[dict], column: str) -> tuple[bytes, int]:
+    """A file's bytes with row 300's `column` not UTF-8, and the offset of the bad byte."""
+    content = _encoded(fmt, [*rows[:300], {**rows[300], column: MARKER}, *rows[301:]])
+    offset = content.index(MARKER.encode()) + BAD.index(b"\xe9")
+    return content.replace(MARKER.encode(), BAD), offset
+
+
+@pytest.mark.parametrize(("fmt", "column"), [("text", "text"), ("jsonl", "text"),
+                                             ("csv", "text"), ("csv", "label")])
+def test_a_file_that_is_not_utf8_is_named_with_its_byte(ray_local, tmp_path, frame, fmt, column):
+    """One bad byte among many files: a SpecError naming the file and the byte's offset."""
+    rows = [{"text": t.replace('"', "'").replace("\n", " "), "label": f"c{i % 3}"}
+            for i, t in enumerate(frame["text"])]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.data").write_bytes(_encoded(fmt, rows))
+    content, offset = _with_bad_byte(fmt, rows[::-1], column)
+    (corpus / "b.data").write_bytes(content)
+    family = "classifier" if column == "label" else "gpt"
+    _rejects(tiny_spec(family, path=corpus, data={"format": fmt}), tmp_path / "run",
+             f"file {corpus / 'b.data'} is not UTF-8 at byte {offset} (0xe9: invalid "
+             "continuation byte)")
