@@ -52,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 INCOMPLETE = "\ufffd"  # what a byte-level BPE decodes an unfinished UTF-8 sequence to
 LOGPROB_FLOOR = -9999.0  # as vLLM: -inf is not JSON
+MAX_PENDING_TOKENS = 6  # a character spans at most 4 tokens (4 UTF-8 bytes)
 
 
 class EngineError(Exception):
@@ -158,6 +159,29 @@ def _settled(text: str, stop: tuple[str, ...]) -> int:
         if any(s.startswith(text[-n:]) for s in stop):
             return len(text) - n
     return len(text)
+
+
+def text_offsets(tokenizer: Tokenizer, ids: list[int]) -> list[int]:
+    """len(tokenizer.decode(ids[:j])) for each j in 0..len(ids) - 1, in linear time.
+
+    After vLLM's incremental detokenizer: each offset decodes a window of a few tokens, from
+    the text settled before the latest settled point, instead of the whole prefix (quadratic:
+    every prompt prefix decoded on the engine thread). A character split over tokens, or a
+    decoder that treats a sequence's first token apart, comes out as the whole prefix's decode
+    gives it: the window's start cuts between whole characters, and both texts compared share it.
+    A window whose text ends unfinished waits for more tokens, at most MAX_PENDING_TOKENS (bytes
+    no token can finish, which a token-id prompt may hold, would otherwise grow it without end).
+    """
+    offsets = [0] * min(len(ids), 1)
+    start = settled = 0  # the window's first token; where the text is settled
+    settled_chars = head_chars = 0  # len(decode(ids[:settled])); len(decode(ids[start:settled]))
+    for j in range(1, len(ids)):
+        window = tokenizer.decode(ids[start:j])
+        offsets.append(settled_chars + len(window) - head_chars)
+        if not window.endswith(INCOMPLETE) or j - settled >= MAX_PENDING_TOKENS:
+            start, settled, settled_chars = settled, j, offsets[-1]
+            head_chars = len(tokenizer.decode(ids[start:settled]))
+    return offsets
 
 
 def _bytes_to_unicode() -> dict[str, int]:
@@ -370,11 +394,11 @@ class Engine:
         chosen = logprobs.gather(1, torch.tensor(prompt[1:], device=logits.device)[:, None])
         chosen = chosen[:, 0].tolist()
         tops = self._tops(logprobs, n)
+        offsets = text_offsets(self.tokenizer, prompt)
         entries = [TokenLogprob(self._token_str(prompt[0]), None, None, 0)]
         for j in range(1, len(prompt)):
-            offset = len(self.tokenizer.decode(prompt[:j]))
             entries.append(TokenLogprob(self._token_str(prompt[j]), chosen[j - 1],
-                                        tops[j - 1] if n else None, offset))
+                                        tops[j - 1] if n else None, offsets[j]))
         return entries
 
     def _tops(self, logprobs: torch.Tensor, n: int) -> list[dict[str, float]]:
@@ -503,6 +527,7 @@ class AsyncEngine:
         self.engine = engine
         self.max_waiting = max_waiting
         self.on_step = on_step  # called on the event loop with each decode step's row count
+        self.on_step_failures = 0
         self._queues: dict[int, asyncio.Queue[RequestOutput]] = {}
         self._ids = itertools.count()
         self._work = threading.Condition()
@@ -571,9 +596,21 @@ class AsyncEngine:
                     return
 
     def _deliver(self, outputs: list[RequestOutput], batch_size: int) -> None:
-        if self.on_step is not None and batch_size:
-            self.on_step(batch_size)
         for output in outputs:
             queue = self._queues.get(output.request_id)
             if queue is not None:
                 queue.put_nowait(output)
+        if self.on_step is not None and batch_size:
+            self._record_step(batch_size)
+
+    def _record_step(self, batch_size: int) -> None:
+        """Metrics are best effort: a failing callback (it dropped the step's outputs, and its
+        requests waited for their timeout) is counted and logged, the first time and every
+        1000th after, not at every step."""
+        try:
+            self.on_step(batch_size)
+        except Exception:  # whatever metrics raise, the outputs went out
+            self.on_step_failures += 1
+            if self.on_step_failures % 1000 == 1:
+                logger.exception("the engine's step callback failed (%d times so far)",
+                                 self.on_step_failures)

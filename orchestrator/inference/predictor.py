@@ -15,6 +15,7 @@ from orchestrator.data.datasets import pad_or_truncate
 from orchestrator.inference.engine import INCOMPLETE, ChoiceUpdate, Engine
 from orchestrator.inference.sampling import SamplingParams, request_generator, sampling_probs
 from orchestrator.models import GPT
+from orchestrator.spec import Task
 from orchestrator.weights.model import Bundle
 
 __all__ = ["INCOMPLETE", "ChoiceUpdate", "Completion", "Decoding", "Predictor", "SamplingParams",
@@ -66,8 +67,12 @@ class Predictor:
 
     @property
     def context_length(self) -> int:
-        """The LM's block_size: a prompt and its max_tokens must fit in it together."""
-        return self.model.block_size
+        """The tokens the model reads: a language model's block_size (a prompt and its
+        max_tokens must fit in it together), a classifier's max_length (a text is cut to it;
+        a classifier has no block_size, and asking it was a 500 on /v1/models)."""
+        if self.info.task == Task.LANGUAGE_MODEL:
+            return self.model.block_size
+        return self.info.context_length
 
     def encode(self, prompt: str) -> list[int]:
         """Token ids of the prompt; an empty prompt becomes EOS, the start of any document."""

@@ -7,15 +7,19 @@
   POST /v1/classify          classifier: {"input": [texts]} -> label, score, class probabilities
   POST /tokenize             vLLM's: text -> token ids; POST /detokenize: ids -> text
   GET  /tokenizer_info       vLLM's: the tokenizer's special tokens and sizes
-  GET  /openapi.json, /docs  the schema, behind the key like every route but /healthz
+  GET  /openapi.json        the schema, behind the key like every route but /healthz and /docs
+  GET  /docs                 Swagger UI; with keys configured, a page that asks for the key and
+                             sends it with every request it makes, the schema's included
 
-Two ASGI middlewares wrap the app: `Guard` reads a body up to serve.max_request_bytes (413
-beyond), parses it as JSON whatever its Content-Type says (curl -d sends a form type), and turns
-any unexpected exception into a JSON 500; `RequestMetrics` records each request.
+Three ASGI middlewares wrap the app, outermost first: `RequestMetrics` records each request;
+`RequireKey` answers 401 to a request without a valid key before anything reads its body;
+`Guard` reads a body up to serve.max_request_bytes (413 beyond), parses it as JSON whatever its
+Content-Type says (curl -d sends a form type), and turns any unexpected exception into a JSON 500.
 """
 
 # No `from __future__ import annotations`: FastAPI must see the request models as classes.
 import asyncio
+import html
 import json
 import logging
 import time
@@ -24,10 +28,10 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, StreamingResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from orchestrator import prometheus
@@ -64,14 +68,6 @@ def server_of(request: Request) -> ModelServer:
     return request.app.state.server
 
 
-async def require_key(request: Request) -> None:
-    server = server_of(request)
-    if not authorized(request.headers.get("authorization"), server.key_digests,
-                      server.auth_required):
-        raise APIError(401, "a valid API key is required: Authorization: Bearer KEY",
-                       code="invalid_api_key")
-
-
 def require_task(server: ModelServer, task: Task, route: str) -> None:
     if server.task != task:
         other = "/v1/completions" if server.task == Task.LANGUAGE_MODEL else "/v1/classify"
@@ -85,8 +81,8 @@ def require_model(server: ModelServer, name: str | None) -> None:
                             f"{server.model_name!r}", "model", "model_not_found")
 
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
-tokens_router = APIRouter(dependencies=[Depends(require_key)])
+router = APIRouter(prefix="/v1")
+tokens_router = APIRouter()
 
 
 # ---- /v1/models ---------------------------------------------------------------------------------
@@ -124,6 +120,7 @@ async def classify(body: ClassifyBody, request: Request) -> dict[str, Any]:
                        "input")
     if any(not text.strip() for text in texts):
         raise APIError(400, "input must not contain empty strings", "input")
+    server.check_text_lengths(texts)
     async with timeout_as_408(server):
         predictions = await server.classify(texts)
     return {"object": "list", "model": server.model_name,
@@ -241,7 +238,8 @@ async def detokenize(body: DetokenizeBody, request: Request) -> dict[str, Any]:
     if len(body.tokens) > server.context_length:
         raise APIError(400, f"at most {server.context_length} tokens", "tokens")
     server.check_token_ids(body.tokens, "tokens")
-    return {"prompt": server.tokenizer.decode(body.tokens)}
+    [text] = await server.detokenize([body.tokens])
+    return {"prompt": text}
 
 
 @tokens_router.get("/tokenizer_info")
@@ -371,13 +369,113 @@ class RequestMetrics:
                 finish()
 
 
+OPEN_PATHS = frozenset({"/healthz", "/docs"})  # what a load balancer or a browser gets keyless
+BEARER_SCHEME = "HTTPBearer"
+
+
+class RequireKey:
+    """The API key, checked before anything reads the body: a request without a valid key gets
+    401 whatever its body (a malformed one got 400, telling a stranger how it was parsed) and
+    costs no body read. Every path but OPEN_PATHS needs the key, unknown ones included, so a
+    route added later is keyed unless it is opened on purpose."""
+
+    def __init__(self, app: Any, server: ModelServer):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and route_path(scope) not in OPEN_PATHS and not authorized(
+                Headers(scope=scope).get("authorization"), self.server.key_digests,
+                self.server.auth_required):
+            await error_response(401, "a valid API key is required: Authorization: Bearer KEY",
+                                 code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})(
+                scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def route_path(scope: dict[str, Any]) -> str:
+    """The path within the app: Serve mounts an app at its route prefix, the scope's root_path,
+    which the path includes."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root + "/") else path
+
+
+def with_bearer_scheme(schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema with the key as an HTTP bearer scheme on every operation but the open ones, so
+    that Swagger UI's Authorize button sends the key it is given (changes the cached schema in
+    place, the same way each time)."""
+    schema.setdefault("components", {})["securitySchemes"] = {
+        BEARER_SCHEME: {"type": "http", "scheme": "bearer", "description": "an API key"}}
+    schema["security"] = [{BEARER_SCHEME: []}]
+    for path in OPEN_PATHS & set(schema["paths"]):
+        for operation in schema["paths"][path].values():
+            operation["security"] = []
+    return schema
+
+
+SWAGGER_UI = "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5"  # FastAPI's default assets
+
+
+def docs_page(title: str, openapi_url: str, keyed: bool) -> str:
+    """Swagger UI that loads /openapi.json with the key: a browser opening /docs sends no
+    Authorization header, so with keys configured the page asks for the key first and its
+    requestInterceptor adds it to every request Swagger makes (the schema, "Try it out") that
+    carries none of its own (a key given to Authorize wins). The key stays in the page."""
+    return f"""<!DOCTYPE html>
+<html>
+<head>
+<meta name="viewport" content="width=device-width, initial-scale=1.0">
+<link type="text/css" rel="stylesheet" href="{SWAGGER_UI}/swagger-ui.css">
+<title>{html.escape(title)}</title>
+</head>
+<body>
+<form id="api-key" hidden>
+<label>API key <input type="password" name="key" autocomplete="off" required></label>
+<button type="submit">Open the API</button>
+</form>
+<div id="swagger-ui"></div>
+<script src="{SWAGGER_UI}/swagger-ui-bundle.js"></script>
+<script>
+function start(key) {{
+  SwaggerUIBundle({{
+    url: {json.dumps(openapi_url)},
+    dom_id: "#swagger-ui",
+    layout: "BaseLayout",
+    deepLinking: true,
+    presets: [SwaggerUIBundle.presets.apis, SwaggerUIBundle.SwaggerUIStandalonePreset],
+    requestInterceptor: (request) => {{
+      if (key && !request.headers.Authorization) {{
+        request.headers.Authorization = "Bearer " + key;
+      }}
+      return request;
+    }},
+  }});
+}}
+const form = document.getElementById("api-key");
+if ({json.dumps(keyed)}) {{
+  form.hidden = false;
+  form.addEventListener("submit", (event) => {{
+    event.preventDefault();
+    form.hidden = true;
+    start(form.elements.key.value.trim());
+  }});
+}} else {{
+  start("");
+}}
+</script>
+</body>
+</html>
+"""
+
+
 def create_api(server: ModelServer) -> FastAPI:
     """The FastAPI app around one ModelServer (Serve builds it on each replica)."""
     api = FastAPI(title="orchestrator model service", openapi_url=None, docs_url=None,
                   redoc_url=None)
     api.state.server = server
     api.add_middleware(Guard, max_request_bytes=server.limits.max_request_bytes)
-    api.add_middleware(RequestMetrics, app_name=server.app_name)  # outermost: sees 413 and 500
+    api.add_middleware(RequireKey, server=server)
+    api.add_middleware(RequestMetrics, app_name=server.app_name)  # outermost: sees 401, 413, 500
     api.add_exception_handler(APIError, api_error)
     api.add_exception_handler(RequestValidationError, invalid_request)
     api.add_exception_handler(HTTPException, http_error)
@@ -387,13 +485,15 @@ def create_api(server: ModelServer) -> FastAPI:
         return {"status": "ok", "task": server.task, "model": server.model_name,
                 "version": server.version}
 
-    @api.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_key)])
+    @api.get("/openapi.json", include_in_schema=False)
     async def openapi() -> dict[str, Any]:
-        return api.openapi()
+        schema = api.openapi()
+        return with_bearer_scheme(schema) if server.auth_required else schema
 
-    @api.get("/docs", include_in_schema=False, dependencies=[Depends(require_key)])
-    async def docs() -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title=api.title)
+    @api.get("/docs", include_in_schema=False)
+    async def docs(request: Request) -> HTMLResponse:
+        openapi_url = request.scope.get("root_path", "") + "/openapi.json"  # as FastAPI's own
+        return HTMLResponse(docs_page(api.title, openapi_url, server.auth_required))
 
     api.include_router(router)
     api.include_router(tokens_router)

@@ -1,6 +1,7 @@
 """What one replica (or one plain uvicorn process) holds: the loaded bundle, its engine, and the
-work between an HTTP body and the engine: checking a request against the limits, tokenizing off
-the event loop after a cheap length check, and gathering the engine's outputs.
+work between an HTTP body and the engine: checking a request against the limits, tokenizing texts
+(or decoding token ids) off the event loop after a cheap length check, and gathering the engine's
+outputs.
 
 On Ray Serve the engine batches continuously up to `serve.max_batch_size` rows; `batching=False`
 (plain uvicorn, the serve benchmark's baseline) gives it batches of one, so requests take turns.
@@ -37,6 +38,7 @@ from orchestrator.weights.model import load_bundle
 logger = logging.getLogger(__name__)
 
 INLINE_TOKENIZE_CHARS = 1024
+INLINE_DECODE_TOKENS = 256  # about the text of INLINE_TOKENIZE_CHARS
 
 
 @dataclass
@@ -141,7 +143,7 @@ class ModelServer:
         flat = [text for texts in texts_per_request for text in texts]
         try:
             predictions = await asyncio.to_thread(self.predictor.classify, flat)
-        except Exception:
+        except Exception:  # noqa: BLE001 - whatever failed, each request is retried alone
             return [await self._classify_alone(texts) for texts in texts_per_request]
         out, start = [], 0
         for texts in texts_per_request:
@@ -174,10 +176,33 @@ class ModelServer:
             encodings = await asyncio.to_thread(self.tokenizer.encode_batch, texts)
         return [encoding.ids for encoding in encodings]
 
+    async def detokenize(self, prompts: list[list[int]]) -> list[str]:
+        """Each token-id list's text, decoded off the event loop as texts are tokenized (lists
+        already passed the length check; a few short ones are decoded inline)."""
+        if sum(map(len, prompts)) <= INLINE_DECODE_TOKENS:
+            return self.tokenizer.decode_batch(prompts)
+        return await asyncio.to_thread(self.tokenizer.decode_batch, prompts)
+
     def check_token_ids(self, ids: list[int], param: str) -> None:
-        if not all(0 <= token < self.info.vocab_size for token in ids):
+        """min and max run in C: cheap for a list that passed the length check."""
+        if ids and not (min(ids) >= 0 and max(ids) < self.info.vocab_size):
             raise APIError(400, f"token ids must be in 0..{self.info.vocab_size - 1}", param,
                            "invalid_token_id")
+
+    @property
+    def max_text_chars(self) -> int:
+        """A classifier reads the first context_length tokens of a text, which never cover more
+        characters than this: a longer text only costs tokenizing in a batch others share."""
+        return self.info.context_length * self.max_token_bytes
+
+    def check_text_lengths(self, texts: list[str]) -> None:
+        limit = self.max_text_chars
+        for index, text in enumerate(texts):
+            if len(text) > limit:
+                raise APIError(400, f"input[{index}] has {len(text)} characters; this model reads "
+                                    f"the first {self.info.context_length} tokens of a text, which "
+                                    f"never cover more than {limit} characters", "input",
+                               "input_too_long")
 
     # ---- completions ----------------------------------------------------------------------
 
@@ -204,27 +229,32 @@ class ModelServer:
             for text in prompts:
                 self.check_prompt_bytes(text, limits.max_prompt_tokens)
             encoded = [ids or [self.info.eos_id] for ids in await self.tokenize(prompts)]
+            for ids in encoded:
+                self.check_prompt_tokens(ids, max_tokens)
             echo_texts = list(prompts)
         else:
             for ids in prompts:
                 if not ids:
                     raise APIError(400, "a prompt of token ids must not be empty", "prompt")
+                self.check_prompt_tokens(ids, max_tokens)  # the cheap check first
                 self.check_token_ids(ids, "prompt")
             encoded = prompts
-            echo_texts = [self.tokenizer.decode(ids) for ids in prompts] if body.echo else []
-        for ids in encoded:
-            if len(ids) > limits.max_prompt_tokens:
-                raise APIError(400, f"a prompt of {len(ids)} tokens exceeds the limit of "
-                                    f"{limits.max_prompt_tokens}", "prompt", "prompt_too_long")
-            if len(ids) + max_tokens > self.context_length:
-                raise APIError(400, f"this model's context is {self.context_length} tokens; "
-                                    f"the prompt has {len(ids)} and max_tokens is {max_tokens}",
-                               "max_tokens", "context_length_exceeded")
+            echo_texts = await self.detokenize(prompts) if body.echo else []
         rows = [ids for ids in encoded for _ in range(body.n)]
         params = [body.to_sampling_params(max_tokens, i) for i in range(len(rows))]
         echo = [text for text in echo_texts for _ in range(body.n)] if body.echo else None
         return CompletionJob(rows, params, echo, body.logprobs is not None,
                              sum(len(ids) for ids in encoded))
+
+    def check_prompt_tokens(self, ids: list[int], max_tokens: int) -> None:
+        limit = self.limits.max_prompt_tokens
+        if len(ids) > limit:
+            raise APIError(400, f"a prompt of {len(ids)} tokens exceeds the limit of {limit}",
+                           "prompt", "prompt_too_long")
+        if len(ids) + max_tokens > self.context_length:
+            raise APIError(400, f"this model's context is {self.context_length} tokens; the "
+                                f"prompt has {len(ids)} and max_tokens is {max_tokens}",
+                           "max_tokens", "context_length_exceeded")
 
     async def outputs(self, job: CompletionJob) -> AsyncIterator[RequestOutput]:
         """The engine's outputs for this job; closing early aborts it. A full queue is 503."""

@@ -17,10 +17,19 @@ import numpy as np
 import pytest
 import torch
 from conftest import SAMPLE, tiny_spec
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from orchestrator.bench.bundles import initial_bundle
 from orchestrator.evaluate import ScoreBatch
-from orchestrator.inference.engine import AsyncEngine, Engine, QueueFull, RequestOutput
+from orchestrator.inference.engine import (
+    _UNICODE_TO_BYTE,
+    AsyncEngine,
+    Engine,
+    QueueFull,
+    RequestOutput,
+    text_offsets,
+)
 from orchestrator.inference.sampling import SamplingParams
 from orchestrator.spec import parse_spec
 from orchestrator.weights.model import Bundle, load_bundle
@@ -334,3 +343,78 @@ def test_a_vanishing_top_p_keeps_the_top_token_beside_an_ordinary_row(bundle: Bu
     assert not collector.errors
     assert collector.text["tiny"] == alone(bundle, PROMPTS[0], SamplingParams(8, 0.0))
     assert collector.text["plain"] == alone(bundle, PROMPTS[1], plain)
+
+
+def byte_token_ids(bundle: Bundle, lowest: int) -> list[int]:
+    """The ids of the single-byte tokens from `lowest` up (0x80: bytes no UTF-8 text starts
+    with alone; put together at random they split and break characters)."""
+    ids = {byte: bundle.tokenizer.token_to_id(char) for char, byte in _UNICODE_TO_BYTE.items()}
+    return [ids[byte] for byte in range(lowest, 256) if ids[byte] is not None]
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(data=st.data())
+def test_text_offsets_equal_the_decode_of_every_prefix(bundle: Bundle, data: st.DataObject) -> None:
+    """Any ids, valid text or not: characters split over byte tokens, bytes no token finishes,
+    EOS and padding, runs of U+FFFD."""
+    texts = st.text(alphabet=st.sampled_from("aé€😀漢\ufffd \n"), max_size=12).map(
+        lambda text: bundle.tokenizer.encode(text).ids)
+    any_ids = st.lists(st.integers(0, bundle.info.vocab_size - 1), max_size=40)
+    high_bytes = st.lists(st.sampled_from(byte_token_ids(bundle, 0x80)), max_size=40)
+    ids = data.draw(st.lists(texts | any_ids | high_bytes, max_size=4).map(
+        lambda parts: [token for part in parts for token in part]))
+    assert text_offsets(bundle.tokenizer, ids) == [len(bundle.tokenizer.decode(ids[:j]))
+                                                   for j in range(len(ids))]
+
+
+class CountingTokenizer:
+    """A tokenizer that counts the ids it is asked to decode."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.decoded = tokenizer, 0
+
+    def decode(self, ids: list[int]) -> str:
+        self.decoded += len(ids)
+        return self.tokenizer.decode(ids)
+
+    def __getattr__(self, name: str):
+        return getattr(self.tokenizer, name)
+
+
+def test_echo_offsets_take_linear_time(bundle: Bundle) -> None:
+    """Echo decoded every prompt prefix on the engine thread: n^2 / 2 ids for n tokens (2 million
+    for a 2,048-token prompt); each offset now decodes a window of a few tokens."""
+    tokenizer = CountingTokenizer(bundle.tokenizer)
+    ids = encode(bundle, " ".join(f"word{i} é😀" for i in range(400)))[:2048]
+    assert len(ids) == 2048
+    offsets = text_offsets(tokenizer, ids)
+    assert tokenizer.decoded < 8 * len(ids)
+    assert offsets[-1] == len(bundle.tokenizer.decode(ids[:-1]))
+    engine = engine_of(bundle)
+    engine.tokenizer = CountingTokenizer(bundle.tokenizer)
+    collector = Collector(engine)
+    prompt = encode(bundle, "Return the number of items in the list of events, sorted")[:30]
+    collector.add(0, prompt, SamplingParams(0, prompt_logprobs=1), bundle)
+    collector.run()
+    offsets = [entry.offset for entry in collector.prompt_logprobs[0]]
+    assert offsets == [len(bundle.tokenizer.decode(prompt[:j])) for j in range(len(prompt))]
+    assert engine.tokenizer.decoded < 8 * len(prompt)  # with n^2 / 2: 435 for these 30
+
+
+def test_a_failing_step_callback_loses_no_output(bundle: Bundle) -> None:
+    """Metrics are best effort: a callback that raises dropped the step's outputs, and every
+    request in the batch waited for its timeout."""
+    def broken_metrics(rows: int) -> None:
+        raise RuntimeError("the metrics backend is down")
+
+    async def scenario() -> tuple[str, int]:
+        driver = AsyncEngine(engine_of(bundle), max_waiting=4, on_step=broken_metrics)
+        params = [SamplingParams(6, 0.0)]
+        texts = []
+        async with asyncio.timeout(10):
+            async for output in driver.generate([encode(bundle, "B")], params):
+                texts += [update.text for _, update in output.updates]
+        return "".join(texts), driver.on_step_failures
+
+    text, failures = asyncio.run(scenario())
+    assert text == alone(bundle, "B", SamplingParams(6, 0.0)) and failures >= 5

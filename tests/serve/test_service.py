@@ -520,12 +520,14 @@ def test_a_full_queue_answers_503_with_retry_after(gpt_url: str) -> None:
     assert complete(gpt_url, **GOOD)["choices"]
 
 
-def test_schema_and_docs_need_the_key(gpt_url: str) -> None:
-    for route in ("/openapi.json", "/docs"):
-        assert_error(requests.get(f"{gpt_url}{route}", timeout=TIMEOUT_S), 401)
-        assert requests.get(f"{gpt_url}{route}", headers=AUTH, timeout=TIMEOUT_S).status_code == 200
-    assert "/v1/completions" in requests.get(f"{gpt_url}/openapi.json", headers=AUTH,
-                                             timeout=TIMEOUT_S).json()["paths"]
+def test_the_schema_needs_the_key_and_the_docs_page_asks_for_it(gpt_url: str) -> None:
+    """A browser opening /docs sends no key: the page asks for it and sends it to fetch the
+    schema (tests/serve/test_routes.py runs its script)."""
+    assert_error(requests.get(f"{gpt_url}/openapi.json", timeout=TIMEOUT_S), 401)
+    schema = requests.get(f"{gpt_url}/openapi.json", headers=AUTH, timeout=TIMEOUT_S).json()
+    assert "/v1/completions" in schema["paths"] and schema["security"] == [{"HTTPBearer": []}]
+    page = requests.get(f"{gpt_url}/docs", timeout=TIMEOUT_S)
+    assert page.status_code == 200 and "requestInterceptor" in page.text
 
 
 def test_classify_on_the_language_model_is_404(gpt_url: str) -> None:
@@ -542,8 +544,11 @@ def test_classify_on_the_language_model_is_404(gpt_url: str) -> None:
     pytest.param({"Authorization": API_KEYS[0]}, id="no-bearer-scheme"),
 ])
 def test_requests_without_a_valid_key_get_401(gpt_url: str, headers: dict) -> None:
-    for route, method in (("/v1/completions", "post"), ("/v1/models", "get")):
-        response = requests.request(method, f"{gpt_url}{route}", json=GOOD, headers=headers,
+    for route, method, body in (("/v1/completions", "post", json.dumps(GOOD)),
+                                ("/v1/models", "get", None),
+                                ("/v1/completions", "post", "{prompt: 1"),  # malformed: still 401
+                                ("/no-such-route", "get", None)):
+        response = requests.request(method, f"{gpt_url}{route}", data=body, headers=headers,
                                     timeout=TIMEOUT_S)
         error = assert_error(response, 401, None)
         assert error["code"] == "invalid_api_key"
