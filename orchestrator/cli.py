@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true",
                      help="continue this job's latest run if it did not finish (else start one)")
     run.add_argument("--json", action="store_true", help=JSON_HELP)
+    run.add_argument("--run-dir", help="create the run directory exactly here (path or URI; "
+                                       "`submit` passes the one it printed)")
     resume = commands.add_parser("resume", help="continue a run whose driver died: completed "
                                                 "stages are kept, an interrupted sweep resumes")
     resume.add_argument("run_dir", help="the run directory (local path or URI)")
@@ -244,10 +246,20 @@ def _stopped_line(received: signal.Signals, progress: Progress, log: Path | None
 
 def _run(args: argparse.Namespace) -> int:
     from orchestrator.runner import run
+    from orchestrator.submit import RUNS_DIR_ENV, runs_dir_in_submitted_job
 
     spec = load_spec(args.spec, args.overrides)
-    return _drive(spec.runs_dir, args, lambda progress: run(spec, args.address, progress,
-                                                           resume=args.resume))
+    if args.run_dir and args.resume:
+        raise SpecError("--run-dir starts a new run; --resume continues the latest: give one")
+    durable = None if args.run_dir else runs_dir_in_submitted_job(spec.runs_dir)
+    if durable:
+        print(f"run directories go under {durable}: runs_dir {spec.runs_dir!r} is relative and "
+              "this job runs in Ray's temporary copy of its working directory (set "
+              f"{RUNS_DIR_ENV}, or an absolute or object-storage runs_dir, to choose)", flush=True)
+        spec = spec.model_copy(update={"runs_dir": durable})
+    runs_dir = args.run_dir.rstrip("/").rsplit("/", 1)[0] if args.run_dir else spec.runs_dir
+    return _drive(runs_dir, args, lambda progress: run(spec, args.address, progress,
+                                                       resume=args.resume, run_dir=args.run_dir))
 
 
 def _resume(args: argparse.Namespace) -> int:
@@ -278,7 +290,7 @@ def _drive(runs_dir: str, args: argparse.Namespace,
         stop, stopped = StopSignals(), False
         try:
             stop.install()
-            embedded = connect(args.address)
+            embedded = connect(args.address, console.say)
             stop.install()  # ray.init installs a SIGTERM handler of its own
             report = pipeline(progress)
             serving = report["endpoint"] is not None
@@ -320,7 +332,7 @@ def _submit(args: argparse.Namespace) -> int:
     load_spec(args.spec, args.overrides)  # fail here, not on the cluster
     try:
         job = submit(Path(args.spec).resolve(), args.address, args.working_dir, args.overrides,
-                     args.token)
+                     args.token, say=lambda line: print(line, flush=True))
     except (AuthenticationError, ConnectionError) as error:
         print(f"error: cannot submit to {args.address}: {error}", file=sys.stderr)
         return 1
@@ -435,6 +447,6 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_SPEC_ERROR
-    except (FileNotFoundError, ValueError, DeployError) as error:
+    except (FileNotFoundError, ValueError, DeployError, ConnectionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from orchestrator.bundle import read_spec_and_info
 from orchestrator.cluster import cluster_capacity, inference_gpus
-from orchestrator.data.sources import TEXT, read_source
+from orchestrator.data.sources import TEXT, configure_ray_data, read_source
 from orchestrator.data.stage import read_split, read_splits
 from orchestrator.inference.predictor import Predictor, SamplingParams
 from orchestrator.records import DataInfo, Evaluation, SplitEvaluation
@@ -139,6 +139,7 @@ def predict(bundle_dir: str | Path, input_path: str, output_path: str,
         fn_constructor_kwargs={"bundle_dir": str(bundle_dir), "max_tokens": max_tokens,
                                "temperature": temperature, "seed": seed})
     predicted.write_parquet(output_path)
+    configure_ray_data()
     return ray.data.read_parquet(output_path).count()
 
 

@@ -87,12 +87,13 @@ class Progress:
 
 
 def run_pipeline(spec: JobSpec, say: Callable[[str], None] | Progress = print,
-                 resume: RunDir | None = None) -> dict[str, Any]:
+                 resume: RunDir | None = None, new_run_dir: str | None = None) -> dict[str, Any]:
     """Run every stage on the connected Ray cluster; return the report (also in report.json).
 
     `say` receives the progress lines; pass a Progress to follow the stage and the run directory
     from outside (the CLI does, to report an interrupted run). With `resume`, the stages that
-    run directory records as completed are not run again, and an interrupted sweep continues."""
+    run directory records as completed are not run again, and an interrupted sweep continues.
+    `new_run_dir`: where a new run directory goes (default: `<runs_dir>/<name>-<time>`)."""
     # What the cluster gives this job is decided here, once (trial drivers on other nodes see
     # other nodes); a job that cannot train fails at once, before any stage runs.
     plan = plan_cluster(spec)
@@ -101,7 +102,9 @@ def run_pipeline(spec: JobSpec, say: Callable[[str], None] | Progress = print,
     deploy_as = _service_name(spec)
     if spec.serve.enabled:  # a deploy that cannot succeed fails now, not after the sweep
         service.check_deployable(spec, deploy_as)
-    if resume is None:
+    if new_run_dir is not None:
+        run_dir = RunDir.create_at(new_run_dir)
+    elif resume is None:
         run_dir = RunDir.create(spec.runs_dir, spec.name)
     else:
         run_dir = resume

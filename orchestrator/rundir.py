@@ -53,6 +53,16 @@ class RunDir:
         return cls(root)
 
     @classmethod
+    def create_at(cls, location: str | os.PathLike) -> RunDir:
+        """A new, empty run directory exactly at `location` (what `submit` chose and printed
+        before the job started); fails at once when it exists or cannot be written."""
+        root = resolve(location)
+        check_writable(resolve(root.uri.rstrip("/").rsplit("/", 1)[0]))
+        if root.exists():
+            raise StorageError(f"{root.uri} exists already: a run directory is never reused")
+        return cls(root)
+
+    @classmethod
     def at(cls, location: RunDir | str | os.PathLike | Location) -> RunDir:
         """The run directory at a path or URI (or the one given), whatever it holds yet."""
         return location if isinstance(location, RunDir) else cls(resolve(location))

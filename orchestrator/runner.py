@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -14,29 +15,63 @@ from orchestrator.resume import resume_spec
 from orchestrator.rundir import RunDir
 from orchestrator.spec import JobSpec
 
+# How long a cluster named by an address gets to accept a connection: Ray's own connect retries
+# a dead address for minutes, printing only to its log.
+ANSWER_TIMEOUT_S = 15.0
 
-def connect(address: str | None = None) -> bool:
+
+def connect(address: str | None = None, say: Callable[[str], None] = print) -> bool:
     """Join the cluster at `address` (or Ray's own RAY_ADDRESS, which `ray job submit` sets),
-    else start an embedded local Ray. Returns True when Ray is embedded in this process."""
+    else start a local Ray embedded in this process: always a new one, never the cluster
+    Ray remembers in its temp folder (a head that died without `ray stop` leaves it named
+    there). Says which Ray it uses. Returns True when Ray is embedded in this process."""
     if ray.is_initialized():
         return False
-    embedded = address is None and not os.environ.get("RAY_ADDRESS")
-    ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is None:
+        ray.init(address="local", log_to_driver=False, logging_level="WARNING")
+        say("Ray: a local Ray embedded in this command (no --address or RAY_ADDRESS given)")
+    else:
+        check_answers(address)
+        ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+        say(f"Ray: the cluster at {address}")
     for name in ("ray.data", "ray.serve", "ray.tune", "ray.train"):  # our progress lines suffice
         logging.getLogger(name).setLevel(logging.WARNING)
-    return embedded
+    return address is None
+
+
+def check_answers(address: str, timeout_s: float = ANSWER_TIMEOUT_S) -> None:
+    """Fail in one line, within `timeout_s`, when nothing accepts a connection at the cluster's
+    address (`host:port`, `ray://host:port`, or `auto`: the cluster `ray start` last started
+    on this machine)."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    target = address.removeprefix("ray://")
+    if target == "auto":
+        target = canonicalize_bootstrap_address("auto") or ""
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConnectionError(f"--address {address!r}: no Ray cluster found there (give "
+                              "host:port of the head's GCS, e.g. 10.0.0.5:6379)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as error:
+        raise ConnectionError(
+            f"the Ray cluster at {address} does not answer ({host}:{port}: "
+            f"{error.strerror or error}); is its head running (`ray status --address "
+            f"{host}:{port}` on it) and its port open from here?") from None
 
 
 def run(spec: JobSpec, address: str | None = None, say: Callable[[str], None] | Progress = print,
-        resume: bool = False) -> dict[str, Any]:
+        resume: bool = False, run_dir: str | None = None) -> dict[str, Any]:
     """Run the whole job on the cluster at `address` (default: embedded) and return its report.
 
     With `resume`, the job's latest run directory (under spec.runs_dir) continues when it has not
-    finished; otherwise a new run starts."""
+    finished; otherwise a new run starts, in `run_dir` when given."""
     latest = RunDir.latest(spec.runs_dir, spec.name) if resume else None
     unfinished = latest if latest and not latest.completed().report else None
-    connect(address)
-    return run_pipeline(spec, say, resume=unfinished)
+    connect(address, say.say if isinstance(say, Progress) else say)
+    return run_pipeline(spec, say, resume=unfinished, new_run_dir=run_dir)
 
 
 def resume(run_dir: str | RunDir, address: str | None = None, overrides: list[str] | None = None,
@@ -46,5 +81,5 @@ def resume(run_dir: str | RunDir, address: str | None = None, overrides: list[st
     resumes the others from their latest checkpoints."""
     run_dir = RunDir.open(run_dir)
     spec = resume_spec(run_dir, overrides)
-    connect(address)
+    connect(address, say.say if isinstance(say, Progress) else say)
     return run_pipeline(spec, say, resume=run_dir)

@@ -207,8 +207,9 @@ def test_a_stopped_run_says_where_and_leaves_nothing_running(tmp_path: Path,
     assert "in the sweep stage" in stopped[0], stopped
     assert f"orchestrator resume {run_dir}" in stopped[0], stopped
     assert f"Ray's output: {run_dir / 'logs' / 'ray.log'}" in stopped[0], stopped
+    assert lines[0] == "Ray: a local Ray embedded in this command (no --address or RAY_ADDRESS given)"
     assert all(line.startswith(("run directory:", "[1/5 data]", "[2/5 sweep]", "stopped by"))
-               for line in lines), lines
+               for line in lines[1:]), lines
     for output in ("\n".join(lines), errors):
         assert "Traceback" not in output and "core_worker" not in output, output
     assert (run_dir / "logs" / "ray.log").stat().st_size > 0

@@ -16,7 +16,7 @@ import ray.data
 from tokenizers import Tokenizer
 
 from orchestrator.data.datasets import SPLITS, TokenizeBatch, assign_splits
-from orchestrator.data.sources import explain_read_failure, read_source
+from orchestrator.data.sources import configure_ray_data, explain_read_failure, read_source
 from orchestrator.pretrained import Base, stage_base
 from orchestrator.records import DataInfo
 from orchestrator.rundir import RunDir
@@ -92,13 +92,6 @@ def _check_scan(spec: JobSpec, scan: _Scan) -> None:
         )
 
 
-def quiet_progress() -> None:
-    """Ray Data's progress bars flood job logs; our own progress lines say what runs."""
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.enable_operator_progress_bars = False
-
-
 def read_split_texts(run_dir: RunDir | str, split: str) -> pa.Table:
     """One split's `text` (and `label`) columns, as the data stage wrote them: what the classical
     references of the evaluate stage train and score on."""
@@ -108,14 +101,14 @@ def read_split_texts(run_dir: RunDir | str, split: str) -> pa.Table:
 
 def read_split(run_dir: RunDir | str, split: str) -> ray.data.Dataset:
     """The tokenized rows of one split, as written by the data stage."""
-    quiet_progress()
+    configure_ray_data()
     location = RunDir.at(run_dir).split(split)
     return ray.data.read_parquet(location.path, filesystem=location.fs, partitioning=None)
 
 
 def read_splits(run_dir: RunDir | str, splits: tuple[str, ...]) -> ray.data.Dataset:
     """Rows of several splits, each with its `split` column (from the directory name)."""
-    quiet_progress()
+    configure_ray_data()
     run_dir = RunDir.at(run_dir)
     return ray.data.read_parquet([run_dir.split(s).path for s in splits],
                                  filesystem=run_dir.root.fs)
@@ -172,7 +165,7 @@ def prepare_data(spec: JobSpec, run_dir: RunDir | str,
     """
     run_dir = RunDir.at(run_dir)
     data = spec.data
-    quiet_progress()
+    configure_ray_data()
     base = None
     if spec.model.pretrained is not None:  # checked before any data is read
         progress(f"checking {spec.model.pretrained} and copying it into the run directory")

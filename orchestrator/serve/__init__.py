@@ -2,7 +2,8 @@
 
   protocol.py  request bodies, errors, conversion to sampling parameters
   server.py    ModelServer: a loaded bundle, its engine, tokenization off the event loop
-  routes.py    the FastAPI app: ~20-line routes, middleware (body limit, JSON 500, metrics)
+  routes.py    the FastAPI app: ~20-line routes, middleware (API key, body limit, JSON 500,
+               metrics)
   auth.py      API keys
   app.py       the Serve deployment, deploy, Serve config
   samples.py   the requests a run sends its freshly deployed service

@@ -170,7 +170,8 @@ def check_report(report: dict, head: Head, served: bool = True) -> None:
     if served:
         assert report["sample_responses"], "the service was never called"
         assert all(sample["status"] == 200 for sample in report["sample_responses"])
-    assert Path(report["run_dir"]).is_relative_to(head.root / "runs")
+    assert Path(report["run_dir"]).is_relative_to(head.root)
+    assert not Path(report["run_dir"]).is_relative_to(head.root / "ray")  # not Ray's temp folder
     assert (Path(report["run_dir"]) / "report.json").is_file()
     markdown = (Path(report["run_dir"]) / "report.md").read_text()
     for plot in ("learning_curves.png", "sweep_results.png", "winner_perplexity.png"):
@@ -317,6 +318,34 @@ def test_ray_job_submit_uploads_the_tree_and_runs_our_cli(head: Head) -> None:
     assert "jobs/quickstart.yaml: valid" in logs and "name: e2e-cli" in logs, logs[-2000:]
 
 
+def test_ray_job_submit_of_a_run_keeps_its_results_out_of_rays_copy(head: Head) -> None:
+    """`ray job submit -- python -m orchestrator run jobs/quickstart.yaml` with the shipped
+    relative runs_dir: the job says where its run directories go (ORCHESTRATOR_RUNS_DIR, set
+    cluster-wide; here in the job's runtime env) and creates its run directory there, not in Ray's
+    copy of the working directory. The job is made to fail in its data stage (a column the data
+    lacks), after the run directory exists: the whole pipeline runs in the SDK test."""
+    submission_id = f"e2e-cli-run-{uuid.uuid4().hex[:8]}"
+    results = head.root / "cli-run-results"
+    runtime_env = {"excludes": EXCLUDES, "env_vars": {"ORCHESTRATOR_RUNS_DIR": str(results)}}
+    submitted = ray_cli(
+        "job", "submit", "--address", head.dashboard, "--submission-id", submission_id,
+        "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env),
+        "--", "python", "-m", "orchestrator", "run", "jobs/quickstart.yaml",
+        "--set", "name=e2e-cli-run", "--set", "data.text_column=no_such_column",
+        env=base_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=head.token,
+                     HOME=str(head.root / "home-cli-run")),
+        timeout=JOB_TIMEOUT_S)
+    logs = head.client().get_job_logs(submission_id)
+    assert str(head.client().get_job_status(submission_id).value) == "FAILED", logs[-3000:]
+    assert submitted.returncode != 0
+    assert f"run directories go under {results / 'runs'}" in logs, logs[-3000:]
+    assert "no_such_column" in logs
+    made = list((results / "runs").glob("e2e-cli-run-*"))
+    assert len(made) == 1 and (made[0] / "spec.yaml").is_file(), made
+    copies = (head.root / "ray").glob("session_*/runtime_resources/working_dir_files/*/runs")
+    assert not list(copies)
+
+
 def stage_lines(logs: str) -> list[str]:
     """The job's progress lines (`[2/5 sweep] ...`): how far it got."""
     return [line for line in logs.splitlines() if re.match(r"\[\d+/\d+ \w+\]", line)]
@@ -348,20 +377,47 @@ class ProgressClock(threading.Thread):
         return [f"by {seconds:4.0f} s: {line}" for line, seconds in self.seen.items()]
 
 
+def failed_tasks(head: Head, job_id: str) -> dict[str, int]:
+    """The job's tasks that ended FAILED, by name, from the state API (the dashboard's job page
+    counts the same)."""
+    answer = requests.get(f"{head.dashboard}/api/v0/tasks/summarize", headers=head.auth(),
+                          params={"filter_keys": "job_id", "filter_predicates": "=",
+                                  "filter_values": job_id}, timeout=60)
+    answer.raise_for_status()
+    summary = answer.json()["data"]["result"]["result"]["node_id_to_summary"]["cluster"]["summary"]
+    return {name: row["state_counts"].get("FAILED", 0) for name, row in summary.items()
+            if row["state_counts"].get("FAILED", 0)}
+
+
 @pytest.mark.timeout(JOB_TIMEOUT_S + 300)  # so that JOB_TIMEOUT_S, with its message, comes first
 def test_sdk_submit_runs_the_quickstart_and_returns_results(
-        head: Head, prometheus: Prometheus, record_property) -> None:
+        head: Head, prometheus: Prometheus, record_property, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """The whole pipeline through our SDK: data, a 2-trial sweep, select, evaluate, deploy. The
-    service stays up for the metrics test that follows; Prometheus watches all of it. Its wall
-    time and stage times are printed in the run's summary (conftest.pytest_terminal_summary)."""
+    shipped spec's relative runs_dir goes under ORCHESTRATOR_RUNS_DIR, decided and said before
+    the upload, named in the Jobs API's metadata, and outlives Ray's copy of the working
+    directory. The service stays up for the metrics test that follows; Prometheus watches all of
+    it. Its wall time and stage times are printed in the run's summary."""
     import orchestrator
     from orchestrator.spec import load_spec
+    from orchestrator.submit import RUNS_DIR_ENV
 
     label = "e2e quickstart (SDK job, 2 trials)"
     spec = load_spec(REPO / "jobs" / "quickstart.yaml",
-                     [*head.shrink("e2e-sdk"), "serve.keep_running=true"])
+                     [*SHRINK, "name=e2e-sdk", f"serve.port={head.serve_port}",
+                      "serve.keep_running=true"])
+    assert spec.runs_dir == "runs"  # the shipped spec's, unchanged
+    monkeypatch.setenv(RUNS_DIR_ENV, str(head.root / "results"))
+    said: list[str] = []
     started = time.monotonic()
-    job = orchestrator.submit(spec, head.dashboard, working_dir=REPO, token=head.token)
+    job = orchestrator.submit(spec, head.dashboard, working_dir=REPO, token=head.token,
+                              say=said.append)
+    assert job.run_dir is not None and said == [f"run directory: {job.run_dir}"]
+    assert Path(job.run_dir).parent == head.root / "results" / "runs"
+    info = head.client().get_job_info(job.job_id)
+    assert info.metadata["job_name"] == Path(job.run_dir).name
+    assert info.metadata["job_name"].startswith("e2e-sdk-")
+    assert info.metadata["run_dir"] == job.run_dir and info.metadata["spec_sha256"]
     clock = ProgressClock(job, started)
     clock.start()
     try:
@@ -383,6 +439,7 @@ def test_sdk_submit_runs_the_quickstart_and_returns_results(
     report = job.report()
     record_property(TIMING, stage_times(label, seconds, report))
     check_report(report, head)
+    assert report["run_dir"] == job.run_dir
     results = job.results()
     assert len(results) == 2
     config_columns = [c for c in results.columns if c.startswith("config/")]
@@ -390,6 +447,18 @@ def test_sdk_submit_runs_the_quickstart_and_returns_results(
         config_columns)
     assert "best_val_loss" in results.columns
     assert results["best_val_loss"].notna().all() and (results["best_val_loss"] > 0).all()
+
+    # Ray's copy of the uploaded folder is a cache: the results do not live there.
+    copies = [path for path in (head.root / "ray").glob(
+        "session_*/runtime_resources/working_dir_files/*") if path.is_dir()]
+    assert copies
+    for copy in copies:  # Ray may be removing it too, once the job is over
+        shutil.rmtree(copy, ignore_errors=True)
+    fetched = job.download(tmp_path / "fetched")
+    assert json.loads((fetched / "report.json").read_text())["run_dir"] == job.run_dir
+    assert (fetched / "winner" / "model.pt").is_file()
+    ray_job_id = head.client().get_job_info(job.job_id).job_id  # set once its driver started
+    assert failed_tasks(head, ray_job_id) == {}
 
 
 def send_service_traffic(head: Head) -> None:
@@ -452,10 +521,14 @@ def test_orchestrator_submit_with_token_submits(head: Head) -> None:
         [sys.executable, "-m", "orchestrator", "submit", "jobs/quickstart.yaml",
          *[arg for override in SHRINK for arg in ("--set", override)],
          "--address", head.dashboard, "--token", head.token, "--no-wait"],
-        cwd=REPO, env=base_env(HOME=str(head.root / "home-orchestrator-cli")),
+        cwd=REPO, env=base_env(HOME=str(head.root / "home-orchestrator-cli"),
+                               ORCHESTRATOR_RUNS_DIR=str(head.root / "cli-results")),
         capture_output=True, text=True, timeout=CLI_TIMEOUT_S, check=False)
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    said = submitted.stdout.splitlines()
+    assert said[0].startswith(f"run directory: {head.root / 'cli-results' / 'runs'}/quickstart-")
     job_id = submitted.stdout.split("submitted job ", 1)[1].split()[0]
+    assert job_id.startswith(Path(said[0]).name)  # the dashboard's id reads as the run
     client = head.client()
     client.stop_job(job_id)
     deadline = time.monotonic() + 120
