@@ -86,6 +86,13 @@ def _parser() -> argparse.ArgumentParser:
                                     "without downtime")
     deploy.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or embedded)")
     deploy.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for it")
+    services = commands.add_parser("services", help="list the models a cluster serves")
+    services.add_argument("--address", default="auto", help="Ray cluster address (default: "
+                          "RAY_ADDRESS, else the cluster `ray start` started on this machine)")
+    undeploy = commands.add_parser("undeploy", help="stop serving a model (only that one)")
+    undeploy.add_argument("model", help="the model's name (the job's `name`)")
+    undeploy.add_argument("--address", default="auto", help="Ray cluster address (default: "
+                          "RAY_ADDRESS, else the cluster `ray start` started on this machine)")
     config = with_run_dir("serve-config", "write a Ray Serve config for `serve deploy`")
     config.add_argument("-o", "--output", required=True, help="YAML file to write")
     predict = with_run_dir("predict", "batch inference over a dataset with Ray Data")
@@ -372,6 +379,36 @@ def _deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _services(args: argparse.Namespace) -> int:
+    from orchestrator.runner import connect
+    from orchestrator.serve import services
+
+    connect(os.environ.get("RAY_ADDRESS") or args.address, say=lambda _: None)
+    rows = [("model", "task", "version", "replicas", "route", "state", "application", "bundle")]
+    for service in services():
+        served = service.served
+        rows.append((served.model if served else "-", served.task if served else "-",
+                     served.version[:12] if served else "-", service.replicas,
+                     service.route or "-", service.status, service.app,
+                     served.bundle if served else "-"))
+    if len(rows) == 1:
+        print("no application is served on this cluster")
+        return 0
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+    return 0
+
+
+def _undeploy(args: argparse.Namespace) -> int:
+    from orchestrator.runner import connect
+    from orchestrator.serve import undeploy
+
+    connect(os.environ.get("RAY_ADDRESS") or args.address, say=lambda _: None)
+    print(f"removed {undeploy(args.model)}; nothing else was touched")
+    return 0
+
+
 def _serve_config(args: argparse.Namespace) -> int:
     from orchestrator.serve import serve_config_yaml
 
@@ -440,7 +477,8 @@ def _wait_for_interrupt(say: Callable[[str], None] = print) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {"validate": _validate, "run": _run, "resume": _resume, "submit": _submit,
-                "deploy": _deploy, "serve-config": _serve_config, "predict": _predict,
+                "deploy": _deploy, "services": _services, "undeploy": _undeploy,
+                "serve-config": _serve_config, "predict": _predict,
                 "compress": _compress, "export": _export, "bench": _bench}
     try:
         return handlers[args.command](args)

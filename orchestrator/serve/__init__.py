@@ -16,7 +16,7 @@ from typing import Any
 
 __all__ = ["app_name", "build_app", "check_deployable", "deploy", "endpoint_url",
            "load_keys", "remove", "running_apps", "scratch_app_name", "serve_config_yaml",
-           "shutdown"]
+           "services", "shutdown", "undeploy"]
 
 
 class DeployError(RuntimeError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,26 @@ DEPLOYMENT_NAME = "ModelService"
 CHEAP_REQUEST_ROOM = 8  # ongoing requests beyond batch and queue: /v1/models, /tokenize, ...
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    model: str
+    task: str
+    version: str
+    bundle: str
+
+
+@dataclass(frozen=True)
+class Service:
+    """One Serve application on the cluster, as `orchestrator services` shows it; `served` is
+    None for an application that is not one of our models (or has no replica yet)."""
+
+    app: str
+    route: str | None
+    status: str
+    replicas: str  # running / target
+    served: ServedModel | None
+
+
 @serve.deployment(name=DEPLOYMENT_NAME)
 @serve.ingress()
 class ModelService:
@@ -42,6 +63,7 @@ class ModelService:
 
     def __init__(self, bundle_dir: str, serve_spec: dict[str, Any], key_digests: list[str]):
         limits = ServeSpec.model_validate(serve_spec)
+        self.bundle_dir = bundle_dir
         app_name = serve.get_replica_context().app_name
         self.server = ModelServer(bundle_dir, limits, key_digests, app_name=app_name)
         prometheus.record("serve_p99_latency_target_seconds", limits.p99_latency_target_s,
@@ -52,6 +74,11 @@ class ModelService:
 
     async def check_health(self) -> None:
         await self.server.check_health()
+
+    def describe(self) -> ServedModel:
+        """What `orchestrator services` lists: the model this replica serves and from where."""
+        return ServedModel(self.server.model_name, self.server.task.value, self.server.version,
+                           self.bundle_dir)
 
 
 def deployment_options(limits: ServeSpec) -> dict[str, Any]:
@@ -164,6 +191,37 @@ def deploy(spec: JobSpec, bundle_dir: str | Path, timeout_s: float = 180.0,
 def remove(name: str) -> None:
     """Remove one application (and only it), waiting until it is gone."""
     serve.delete(name)
+
+
+def services() -> list[Service]:
+    """Every application Serve runs on the connected cluster, with the model each serves."""
+    details = _serve_details()
+    if details is None:
+        return []
+    return [_service(name, app) for name, app in sorted(details.applications.items())]
+
+
+def _service(name: str, app: Any) -> Service:
+    ours = app.deployments.get(DEPLOYMENT_NAME)
+    served = None
+    if ours is not None and any(r.state == "RUNNING" for r in ours.replicas):
+        served = serve.get_app_handle(name).describe.remote().result(timeout_s=30)
+    running = sum(r.state == "RUNNING" for r in ours.replicas) if ours else 0
+    target = ours.target_num_replicas if ours else 0
+    return Service(name, app.route_prefix, str(app.status.value), f"{running}/{target}", served)
+
+
+def undeploy(model: str) -> str:
+    """Remove the service of `model` (its application `<model>-service`, or an application of
+    that exact name); DeployError naming what is deployed when there is none."""
+    apps = running_apps()
+    name = next((n for n in (model + APP_NAME_SUFFIX, model) if n in apps), None)
+    if name is None:
+        deployed = ", ".join(sorted(apps)) or "none"
+        raise DeployError(f"no service of model {model!r} on this cluster (applications: "
+                          f"{deployed})")
+    remove(name)
+    return name
 
 
 def wait_until_running(name: str, timeout_s: float) -> None:

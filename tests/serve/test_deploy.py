@@ -242,9 +242,10 @@ def test_a_bundle_that_cannot_load_is_refused_and_the_old_one_keeps_serving(
 def test_another_job_never_takes_over_a_live_service(serving, versions, tmp_path: Path) -> None:
     """A second job while `ops` serves at `/`: its deploy, the CLI's and a whole run are refused
     before anything is built, naming the app; a wrong port likewise; `ops` serves on, unchanged.
-    An app at a route of its own (what a run without keep_running deploys) serves beside it."""
+    An app at a route of its own (what a run without keep_running deploys) serves beside it;
+    `orchestrator services` lists both, `orchestrator undeploy` removes that one alone."""
     from orchestrator.pipeline import run_pipeline
-    from orchestrator.serve import remove, running_apps
+    from orchestrator.serve import running_apps
 
     spec, _, v2 = versions
     url = deploy(spec, v2)
@@ -267,7 +268,18 @@ def test_another_job_never_takes_over_a_live_service(serving, versions, tmp_path
     beside = deploy(other, v2, name="other-check")
     assert beside == f"{url}/other-check"
     assert complete(beside, prompt="a", max_tokens=2).status_code == 200
-    remove("other-check")
+    listed = orchestrator_cli("services")
+    assert listed.returncode == 0, listed.stderr[-3000:]
+    rows = {line.split()[6]: line.split() for line in listed.stdout.splitlines()[1:]}
+    assert set(rows) == {"ops-service", "other-check"}, listed.stdout
+    assert rows["ops-service"][:6] == ["ops", "language_model", serving_version[:12], "1/1", "/",
+                                       "RUNNING"]
+    assert rows["other-check"][4] == "/other-check" and rows["other-check"][7] == str(v2)
+    missing = orchestrator_cli("undeploy", "nosuch")
+    assert missing.returncode == 1 and "no service of model 'nosuch'" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    removed = orchestrator_cli("undeploy", "other-check")
+    assert removed.returncode == 0, removed.stderr[-3000:]
     assert set(running_apps()) == {"ops-service"}
     assert health(url)["version"] == serving_version
     assert complete(url, prompt="a", max_tokens=2).status_code == 200
