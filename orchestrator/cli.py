@@ -15,6 +15,7 @@ from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Self
 
 from orchestrator.bench import BENCHMARKS
+from orchestrator.k8s import K8sOptions, build, write
 from orchestrator.serve import DeployError
 from orchestrator.spec import (
     JobSpec,
@@ -126,6 +127,24 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true",
                         help="write into a non-empty --output, replacing only the files an "
                              "export writes")
+
+    k8s = with_spec("k8s", "write KubeRay manifests: a RayJob that runs the job, a RayService "
+                           "that serves its winner (runs_dir and data.path in object storage)")
+    k8s_defaults = K8sOptions()
+    k8s.add_argument("-o", "--output", help="directory to write (default: k8s/<job name>): new, "
+                                            "empty, or holding only these manifests")
+    k8s.add_argument("--image", default=k8s_defaults.image,
+                     help="image with Ray, torch and this project (default: %(default)s)")
+    k8s.add_argument("--working-dir", default=k8s_defaults.working_dir,
+                     help="the project's path in the image, or a .zip URI Ray downloads; the "
+                          "spec's path here is its path there (default: %(default)s)")
+    k8s.add_argument("--bundle", help="bundle URI the RayService serves (default: the RayJob's "
+                                      "run directory's winner/)")
+    k8s.add_argument("--auth-secret", default=k8s_defaults.auth_secret,
+                     help="Secret with the Ray auth token, key auth_token (default: %(default)s)")
+    k8s.add_argument("--storage-secret", default=k8s_defaults.storage_secret,
+                     help="Secret of object-storage credentials (AWS_* ...), '' for none "
+                          "(default: %(default)s)")
 
     bench = commands.add_parser("bench", help="run a benchmark and print its figures")
     bench.add_argument("name", choices=sorted(BENCHMARKS), help="; ".join(
@@ -453,6 +472,21 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _k8s(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec, args.overrides)
+    options = K8sOptions(image=args.image, working_dir=args.working_dir, bundle=args.bundle,
+                         auth_secret=args.auth_secret, storage_secret=args.storage_secret or None)
+    manifests = build(spec, Path(args.spec), args.overrides, options)
+    paths = write(manifests, Path(args.output or Path("k8s") / spec.name))
+    print(f"wrote {' and '.join(map(str, paths))} (image {options.image})")
+    print(f"the RayJob runs the job into {manifests.run_dir}; the RayService serves "
+          f"{manifests.bundle} (apply it once that exists)")
+    secrets = [name for name in (options.auth_secret, options.storage_secret) if name]
+    print(f"create these Secrets first: {', '.join(secrets)} (docs/operations.md, Kubernetes "
+          "(KubeRay))")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from orchestrator.bench import BenchmarkUnavailable, render, run_benchmark
 
@@ -479,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"validate": _validate, "run": _run, "resume": _resume, "submit": _submit,
                 "deploy": _deploy, "services": _services, "undeploy": _undeploy,
                 "serve-config": _serve_config, "predict": _predict,
-                "compress": _compress, "export": _export, "bench": _bench}
+                "compress": _compress, "export": _export, "bench": _bench, "k8s": _k8s}
     try:
         return handlers[args.command](args)
     except SpecError as error:
