@@ -59,9 +59,14 @@ class ClusterPlan:
     inference_gpus: int                # per batch-inference actor (evaluate, predict)
 
 
-def plan_for(spec: JobSpec, capacity: dict[str, float]) -> ClusterPlan:
-    """The plan for `spec` on a cluster that can hold `capacity`; a SpecError when one trial
-    needs more than the whole cluster, instead of waiting forever for it."""
+def plan_for(spec: JobSpec, capacity: dict[str, float],
+             held: dict[str, dict[str, float]] | None = None) -> ClusterPlan:
+    """The plan for `spec` on a cluster that can hold `capacity`, of which `held` (by name:
+    deployed services) is not free; a SpecError when one trial needs more than is free, instead
+    of waiting forever for it."""
+    held = held or {}
+    free = {resource: amount - sum(h.get(resource, 0) for h in held.values())
+            for resource, amount in capacity.items()}
     resources = spec.resources
     use_gpu = (capacity.get("GPU", 0) > 0 if resources.use_gpu == "auto"
                else bool(resources.use_gpu))
@@ -70,26 +75,39 @@ def plan_for(spec: JobSpec, capacity: dict[str, float]) -> ClusterPlan:
         needs["GPU"] = resources.num_workers * resources.gpus_per_worker
     data_cpus = 0.0 if spec.data.cache else resources.data_cpus
     for resource, amount in {**needs, "CPU": needs["CPU"] + data_cpus}.items():
-        if amount > capacity.get(resource, 0):
+        if amount > free.get(resource, 0):
             raise SpecError(
                 f"resources: one trial needs {amount:g} {resource} "
                 f"(num_workers = {resources.num_workers}, "
                 f"cpus_per_worker = {resources.cpus_per_worker:g}, "
                 f"gpus_per_worker = {resources.gpus_per_worker:g}, "
                 f"data_cpus = {data_cpus:g}) but the cluster has "
-                f"{capacity.get(resource, 0):g}; lower resources.num_workers or add nodes")
-    fits = math.floor((capacity.get("CPU", 0) - data_cpus) / needs["CPU"])
+                f"{capacity.get(resource, 0):g}{_held_note(held, resource, free)}; lower "
+                "resources.num_workers or add nodes")
+    fits = math.floor((free.get("CPU", 0) - data_cpus) / needs["CPU"])
     if needs.get("GPU", 0) > 0:
-        fits = min(fits, math.floor(capacity.get("GPU", 0) / needs["GPU"]))
+        fits = min(fits, math.floor(free.get("GPU", 0) / needs["GPU"]))
     concurrent = spec.sweep.max_concurrent_trials or max(1, fits)
     return ClusterPlan(use_gpu=use_gpu, trial_resources=needs, data_cpus=data_cpus,
                        concurrent_trials=min(concurrent, trial_count(spec)),
                        inference_gpus=inference_gpus(capacity))
 
 
-def plan_cluster(spec: JobSpec) -> ClusterPlan:
-    """The plan on the connected cluster, at the size it can grow to."""
-    return plan_for(spec, cluster_capacity())
+def _held_note(held: dict[str, dict[str, float]], resource: str, free: dict[str, float]) -> str:
+    holders = [f"{name} holds {amounts[resource]:g}" for name, amounts in sorted(held.items())
+               if amounts.get(resource, 0) > 0]
+    if not holders:
+        return ""
+    return (f", {max(0.0, free.get(resource, 0)):g} of them free beside what is deployed "
+            f"({'; '.join(holders)}: `orchestrator services` lists them, `orchestrator undeploy "
+            "MODEL` removes one)")
+
+
+def plan_cluster(spec: JobSpec, held: dict[str, dict[str, float]] | None = None) -> ClusterPlan:
+    """The plan on the connected cluster, at the size it can grow to. `held`: what deployed
+    services hold, by name; on a cluster that cannot grow it is not there for the job."""
+    autoscales = BOOTSTRAP_CONFIG.expanduser().is_file()
+    return plan_for(spec, cluster_capacity(), None if autoscales else held)
 
 
 def inference_gpus(capacity: dict[str, float]) -> int:

@@ -96,7 +96,7 @@ def run_pipeline(spec: JobSpec, say: Callable[[str], None] | Progress = print,
     `new_run_dir`: where a new run directory goes (default: `<runs_dir>/<name>-<time>`)."""
     # What the cluster gives this job is decided here, once (trial drivers on other nodes see
     # other nodes); a job that cannot train fails at once, before any stage runs.
-    plan = plan_cluster(spec)
+    plan = plan_cluster(spec, held=service.held_by_services())
     spec = with_device(spec, plan)
     refuse_untrainable(spec, plan.use_gpu)
     deploy_as = _service_name(spec)

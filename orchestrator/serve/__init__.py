@@ -14,7 +14,7 @@ names in __all__ load lazily, so that importing serve.auth or serve.protocol imp
 
 from typing import Any
 
-__all__ = ["app_name", "build_app", "check_deployable", "deploy", "endpoint_url",
+__all__ = ["app_name", "build_app", "check_deployable", "deploy", "endpoint_url", "held_by_services",
            "load_keys", "remove", "running_apps", "scratch_app_name", "serve_config_yaml",
            "services", "shutdown", "undeploy"]
 

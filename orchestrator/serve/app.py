@@ -211,6 +211,20 @@ def _service(name: str, app: Any) -> Service:
     return Service(name, app.route_prefix, str(app.status.value), f"{running}/{target}", served)
 
 
+def held_by_services() -> dict[str, dict[str, float]]:
+    """The resources each application's replicas hold (CPU, GPU), by application name."""
+    details = _serve_details()
+    held: dict[str, dict[str, float]] = {}
+    for name, app in (details.applications.items() if details else ()):
+        for deployment in app.deployments.values():
+            for resource in ("CPU", "GPU"):
+                amount = deployment.required_resources.get(resource, 0) * len(deployment.replicas)
+                if amount:
+                    held.setdefault(name, {})[resource] = \
+                        held.get(name, {}).get(resource, 0) + amount
+    return held
+
+
 def undeploy(model: str) -> str:
     """Remove the service of `model` (its application `<model>-service`, or an application of
     that exact name); DeployError naming what is deployed when there is none."""

@@ -29,7 +29,7 @@ from typing_extensions import Self
 
 from orchestrator.bench.bundles import initial_bundle
 from orchestrator.serve import DeployError, deploy
-from orchestrator.spec import JobSpec, parse_spec
+from orchestrator.spec import JobSpec, SpecError, parse_spec
 
 NAME = "ops"
 # On 2 CPUs with a replica holding 0.5, a 1-CPU actor would leave no CPU for the reads.
@@ -261,6 +261,9 @@ def test_another_job_never_takes_over_a_live_service(serving, versions, tmp_path
     with pytest.raises(DeployError, match="'ops-service'"):
         run_pipeline(parse_spec(raw), say=lambda _: None)
     assert not (tmp_path / "runs").exists()  # refused before the data stage
+    greedy = parse_spec({**raw, "resources": {"num_workers": 1, "cpus_per_worker": 2}})
+    with pytest.raises(SpecError, match=r"needs 2 CPU .*ops-service holds 0\.5"):
+        run_pipeline(greedy, say=lambda _: None)  # would wait forever beside the service
     moved = parse_spec({**raw, "serve": {**raw["serve"], "port": spec.serve.port + 1}})
     with pytest.raises(DeployError, match=f"listens on port {spec.serve.port}"):
         deploy(moved, v2, name="other-check")

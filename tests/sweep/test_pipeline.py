@@ -35,6 +35,22 @@ def test_concurrency_is_sized_to_the_cluster():
     assert plan_for(parse_spec(tiny_spec("gpt")), {"CPU": 16.0}).concurrent_trials == 1
 
 
+def test_what_deployed_services_hold_is_not_there_for_a_job():
+    """On a cluster that cannot grow, a job that does not fit beside the deployed services is
+    refused up front naming them (it waited forever for a CPU they held), and the sweep runs
+    fewer trials at once beside them."""
+    spec = parse_spec(tiny_spec("gpt", sweep={"num_samples": 4}))
+    held = {"quickstart-service": {"CPU": 1.5}}
+    with pytest.raises(SpecError) as refused:
+        plan_for(spec, TWO_CPUS, held)
+    assert "needs 1 CPU" in str(refused.value)
+    assert "0.5 of them free" in str(refused.value)
+    assert "quickstart-service holds 1.5" in str(refused.value)
+    assert "orchestrator undeploy" in str(refused.value)
+    assert plan_for(spec, {"CPU": 4.0}, held).concurrent_trials == 2  # 2.5 free: 2 at once
+    assert plan_for(spec, {"CPU": 4.0}).concurrent_trials == 4
+
+
 def test_an_autoscaling_cluster_is_sized_by_what_it_can_grow_to(ray_local, tmp_path, monkeypatch):
     """On a `ray up` head (~/ray_bootstrap_config.yaml), a job that does not fit the nodes that
     are up but fits the node types' max_workers goes ahead, and use_gpu 'auto' picks the GPU."""
