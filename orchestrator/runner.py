@@ -18,6 +18,8 @@ from orchestrator.spec import JobSpec
 # How long a cluster named by an address gets to accept a connection: Ray's own connect retries
 # a dead address for minutes, printing only to its log.
 ANSWER_TIMEOUT_S = 15.0
+TOKEN_HINT = ("set RAY_AUTH_TOKEN (`ray get-auth-token` prints it on the head), or "
+              "RAY_AUTH_TOKEN_PATH to the token's file, with RAY_AUTH_MODE=token")
 
 
 def connect(address: str | None = None, say: Callable[[str], None] = print) -> bool:
@@ -33,11 +35,30 @@ def connect(address: str | None = None, say: Callable[[str], None] = print) -> b
         say("Ray: a local Ray embedded in this command (no --address or RAY_ADDRESS given)")
     else:
         check_answers(address)
-        ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+        join(address)
         say(f"Ray: the cluster at {address}")
     for name in ("ray.data", "ray.serve", "ray.tune", "ray.train"):  # our progress lines suffice
         logging.getLogger(name).setLevel(logging.WARNING)
     return address is None
+
+
+def join(address: str) -> None:
+    """ray.init at `address`, with a refusal for want of the cluster's auth token said in one
+    line that names where the token goes (Ray raises a missing one with a traceback, and a
+    wrong one as a bare failure to connect)."""
+    from ray.exceptions import AuthenticationError
+
+    try:
+        ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+    except (AuthenticationError, ConnectionError) as error:
+        if isinstance(error, AuthenticationError):
+            raise ConnectionError(
+                f"the Ray cluster at {address} needs its auth token and this command has none: "
+                f"{TOKEN_HINT}") from None
+        # Something answered at the address (check_answers), but the join failed: a wrong token
+        # gets exactly this (Ray's "Unauthenticated" reaches only its log).
+        raise ConnectionError(f"the Ray cluster at {address} refused this command ({error}): "
+                              f"is its auth token right? {TOKEN_HINT}") from None
 
 
 def check_answers(address: str, timeout_s: float = ANSWER_TIMEOUT_S) -> None:

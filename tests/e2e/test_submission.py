@@ -56,6 +56,7 @@ class Head:
     token_path: Path
     root: Path
     serve_port: int
+    gcs: str  # host:port, what `--address` of run, deploy, services... takes
 
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
@@ -103,7 +104,7 @@ def head() -> Iterator[Head]:
     token = token_path.read_text().strip()
     assert generated.stdout.strip() == token and len(token) == 64
 
-    dashboard_port = free_port()
+    dashboard_port, gcs_port = free_port(), free_port()
     # Ray processes that call the state API with no address (Train V2's placement-group cleaner
     # does) look for "the" local Ray by its GCS processes and fail when this machine runs more
     # than one Ray (ray_local, other sessions): the cleaner's thread dies, the sweep's placement
@@ -115,14 +116,15 @@ def head() -> Iterator[Head]:
                    RAY_metrics_report_interval_ms="1000", **{MARKER: marker})
     started = ray_cli(
         "start", "--head", "--temp-dir", str(root / "ray"), "--num-cpus", "2",
-        "--port", str(free_port()), "--ray-client-server-port", str(free_port()),
+        "--port", str(gcs_port), "--ray-client-server-port", str(free_port()),
         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
         "--dashboard-agent-listen-port", str(free_port()),
         "--min-worker-port", "0", "--max-worker-port", "0",
         "--object-store-memory", str(300 * 1024**2), "--disable-usage-stats",
         env=env, timeout=300,
     )
-    cluster = Head(f"http://127.0.0.1:{dashboard_port}", token, token_path, root, free_port())
+    cluster = Head(f"http://127.0.0.1:{dashboard_port}", token, token_path, root, free_port(),
+                   f"127.0.0.1:{gcs_port}")
     patch = pytest.MonkeyPatch()
     for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):  # they override any client's address
         patch.delenv(name, raising=False)
@@ -291,6 +293,30 @@ def test_orchestrator_submit_without_token_fails_cleanly(head: Head) -> None:
     assert refused.returncode == 1, refused.stdout + refused.stderr
     assert "error:" in refused.stderr and "Authentication required" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+@pytest.mark.parametrize("token", ["none", "wrong", "right"])
+def test_orchestrator_services_joins_the_token_head_only_with_its_token(head: Head,
+                                                                        token: str) -> None:
+    """A command that joins the cluster (`services`, as `run`, `deploy`, `predict` and
+    `compress` with --address do): refused in one line naming RAY_AUTH_TOKEN without the
+    token or with a wrong one; with it, it answers."""
+    home = head.root / f"home-services-{token}"  # no ~/.ray/auth_token to find
+    home.mkdir()
+    env = base_env(HOME=str(home), RAY_AUTH_MODE="token")
+    if token != "none":
+        env["RAY_AUTH_TOKEN"] = head.token if token == "right" else "f" * 64
+    result = subprocess.run([sys.executable, "-m", "orchestrator", "services", "--address",
+                             head.gcs], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=CLI_TIMEOUT_S, check=False)
+    if token == "right":
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.startswith(("no application", "model")), result.stdout
+        return
+    assert result.returncode == 1, result.stdout + result.stderr[-3000:]
+    last = result.stderr.splitlines()[-1]  # Ray's core may log its own warning before it
+    assert last.startswith(f"error: the Ray cluster at {head.gcs}") and "RAY_AUTH_TOKEN" in last
+    assert "Traceback" not in result.stderr, result.stderr
 
 
 # --- whole pipeline ----------------------------------------------------------------------------
