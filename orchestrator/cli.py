@@ -151,6 +151,8 @@ def _parser() -> argparse.ArgumentParser:
         f"{name}: {what}" for name, what in BENCHMARKS.items()))
     bench.add_argument("--quick", action="store_true", help="short mode (what CI runs)")
     bench.add_argument("--json", action="store_true", help="one JSON object as the last line")
+    bench.add_argument("--mb", type=lambda text: tuple(float(x) for x in text.split(",")),
+                       help="data: corpus sizes in MB, comma-separated (default: 16,64,256)")
     return parser
 
 
@@ -491,7 +493,8 @@ def _bench(args: argparse.Namespace) -> int:
     from orchestrator.bench import BenchmarkUnavailable, render, run_benchmark
 
     try:
-        result = run_benchmark(args.name, quick=args.quick)
+        options = {"sizes_mb": args.mb} if args.mb else {}
+        result = run_benchmark(args.name, quick=args.quick, **options)
     except BenchmarkUnavailable as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

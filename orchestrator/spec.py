@@ -48,6 +48,10 @@ class DataSpec(_Section):
     test_fraction: float = Field(0.1, gt=0, lt=0.5)
     split_seed: int = 0
     vocab_size: int = Field(2048, ge=64, le=65536)
+    tokenizer_sample_mb: float = Field(
+        128.0, gt=0, description="Megabytes of the training split's text that the tokenizer "
+        "trains on: a seeded sample when the split is larger (as sentencepiece's "
+        "input_sentence_size), so a corpus of any size trains it in the same time and memory.")
     block_size: int = Field(64, ge=8, le=MAX_CONTEXT,
                             description="Tokens per training block (language model).")
     max_length: int = Field(128, ge=8, le=MAX_CONTEXT, description="Tokens per text (classifier).")

@@ -91,14 +91,17 @@ def test_metrics_bench_compares_the_loop_with_and_without_recording(ray_local) -
     assert result.notes["recording_share_of_step"].endswith("(target < 1%)")
 
 
-def test_data_bench_times_every_phase_of_the_stage(ray_local) -> None:
-    result = run_benchmark("data", quick=True)
-    *phases, total = result.rows
-    assert total["phase"] == "data stage, end to end" and total["seconds"] > 0
-    assert sum(row["seconds"] for row in phases) == pytest.approx(total["seconds"], rel=0.01)
+def test_data_bench_measures_each_size_in_a_driver_of_its_own(ray_local) -> None:
+    result = run_benchmark("data", quick=True, sizes_mb=(0.1, 0.5))
+    small, large = result.rows
+    assert small["mb"] < large["mb"] and all(row["rows_written"] > 0 for row in result.rows)
+    assert all(row["mb_per_s"] > 0 and row["encode_alone_mb_per_s"] > 0
+               and row["driver_peak_uss_mb"] >= row["driver_start_uss_mb"] > 0
+               for row in result.rows)
+    phases = result.notes[f"phases at {large['mb']} MB"]
+    assert sum(row["seconds"] for row in phases) == pytest.approx(large["stage_s"], rel=0.01)
     assert any("tokenizer" in row["phase"] for row in phases)
-    assert result.notes["mb_per_s_per_core"] > 0 and result.ratio > 0
-    assert all(count > 0 for count in result.notes["rows_written"].values())
+    assert result.ratio == large["stage_over_encode"] > 0
 
 
 def test_storage_bench_starts_its_own_s3_server_with_a_bucket_and_stops_it(monkeypatch) -> None:

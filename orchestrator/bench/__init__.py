@@ -20,7 +20,8 @@ BENCHMARKS = {
     "ingest": "rows/s of our Ray Data stream against a DataLoader and in-memory batches",
     "scaling": "1 against N training workers on one global batch: speedup, efficiency, bytes",
     "metrics": "what recording Prometheus metrics costs a training step (with and without)",
-    "data": "MB/s per core of raw text through the data stage against the tokenizer alone",
+    "data": "MB/s of raw text through the data stage by corpus size (--mb) against encoding "
+            "alone, and the driver's peak memory",
     "storage": "the quickstart with run_dir in an S3-compatible store against local disk",
     "mfu": "GPU only: GPT-2 small (124M) in bf16 with compile: tokens/s and MFU",
     "compress": "the quickstart LM against its int8, pruned and distilled variants: test "
@@ -45,11 +46,12 @@ class BenchResult:
     notes: dict[str, Any] = field(default_factory=dict)
 
 
-def run_benchmark(name: str, quick: bool) -> BenchResult:
+def run_benchmark(name: str, quick: bool, **options: Any) -> BenchResult:
+    """`options`: a benchmark's own, passed to its `run` (data: sizes_mb)."""
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
     module = importlib.import_module(f"orchestrator.bench.{name.replace('-', '_')}")
-    return module.run(quick=quick)
+    return module.run(quick=quick, **options)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from tokenizers import Tokenizer
 
 from orchestrator.spec import Task
@@ -70,6 +72,31 @@ def assign_splits(batch: pd.DataFrame, seed: int, val_fraction: float,
                                    dtype="string")
     batch["split"] = [split_of(t, seed, val_fraction, test_fraction) for t in batch["text"]]
     return batch
+
+
+def count_texts(block: pa.Table) -> pa.Table:
+    """Texts and bytes of text per split (and label) of one block: the stage sums these small
+    tables, so no text crosses to the driver to be counted."""
+    keys = ["split", "label"] if "label" in block.column_names else ["split"]
+    sized = block.select(keys).append_column("bytes", pc.binary_length(block["text"]))
+    counts = sized.group_by(keys).aggregate([([], "count_all"), ("bytes", "sum")])
+    return counts.rename_columns({"count_all": "texts", "bytes_sum": "bytes"})
+
+
+def in_sample(text: str, seed: int, fraction: float) -> bool:
+    """Whether the tokenizer's sample keeps `text`: a hash of the text and the seed (salted apart
+    from split_of's), so the sample is the same on every run and partitioning."""
+    return fraction >= 1 or zlib.crc32(f"sample:{seed}:{text}".encode()) / 2**32 < fraction
+
+
+def sample_training_texts(block: pa.Table, seed: int, fraction: float) -> pa.Table:
+    """The training split's texts of one block that the tokenizer's sample keeps (all at
+    fraction >= 1)."""
+    train = block.filter(pc.equal(block["split"], "train")).select(["text"])
+    if fraction >= 1:
+        return train
+    keep = [in_sample(text, seed, fraction) for text in train["text"].to_pylist()]
+    return train.filter(pa.array(keep, type=pa.bool_()))
 
 
 def pack_blocks(token_lists: list[list[int]], eos_id: int, block_size: int) -> np.ndarray:

@@ -15,57 +15,88 @@ import ray
 import ray.data
 from tokenizers import Tokenizer
 
-from orchestrator.data.datasets import SPLITS, TokenizeBatch, assign_splits
+from orchestrator.data.datasets import (
+    SPLITS,
+    TokenizeBatch,
+    assign_splits,
+    count_texts,
+    sample_training_texts,
+)
 from orchestrator.data.sources import configure_ray_data, explain_read_failure, read_source
 from orchestrator.pretrained import Base, stage_base
 from orchestrator.records import DataInfo
 from orchestrator.rundir import RunDir
-from orchestrator.spec import JobSpec, SpecError, Task
+from orchestrator.spec import DataSpec, JobSpec, SpecError, Task
 from orchestrator.storage import Location
 from orchestrator.tokenizer import EOS, PAD, save_tokenizer, train_tokenizer
 
 # Texts per tokenizer call. 4096 was no faster on the 8 MB bench corpus (Ray Data's cost per batch
 # is small beside the encoding), and a batch's Encoding objects grow with it (long documents).
 TOKENIZE_BATCH_ROWS = 1024
+# Texts per block of the split texts: the unit whose order is shuffled. Blocks far above Ray's
+# 100 KB inline limit (8192 texts of 50 bytes are 400 KB): a smaller object returned by a task is
+# held in its owner's memory, the driver's, which then grows with the corpus (Ray Data's
+# random_shuffle did so: +1.25 GB of driver memory for 256 MB of text).
+TEXTS_PER_BLOCK = 8192
 
 
 @dataclass
 class _Scan:
-    """Texts per split, labels per split and texts without a label, counted on the driver from
-    the split texts."""
+    """Texts and bytes of text per split, labels per split and texts without a label, summed on
+    the driver from per-block counts (datasets.count_texts)."""
 
     texts: Counter = field(default_factory=Counter)
+    bytes: Counter = field(default_factory=Counter)
     labels: dict[str, Counter] = field(default_factory=lambda: {s: Counter() for s in SPLITS})
     unlabelled: int = 0
 
 
-def _blocks(refs: list[ray.ObjectRef]) -> Iterator[pa.Table]:
-    """The materialized blocks one at a time (a block held in the local object store is read
-    without a copy; nothing else is held on the driver)."""
-    for ref in refs:
-        yield ray.get(ref)
-
-
-def _scan(refs: list[ray.ObjectRef]) -> _Scan:
+def _scan(texts: ray.data.Dataset) -> _Scan:
     scan = _Scan()
-    for block in _blocks(refs):
-        columns = ["split", "label"] if "label" in block.column_names else ["split"]
-        counts = block.select(columns).group_by(columns).aggregate([([], "count_all")])
-        for row in counts.to_pylist():
-            scan.texts[row["split"]] += row["count_all"]
-            if "label" not in row:
-                continue
-            if row["label"] is None:
-                scan.unlabelled += row["count_all"]
-            else:
-                scan.labels[row["split"]][row["label"]] += row["count_all"]
+    for row in texts.map_batches(count_texts, batch_format="pyarrow", batch_size=None).iter_rows():
+        scan.texts[row["split"]] += row["texts"]
+        scan.bytes[row["split"]] += row["bytes"]
+        if "label" not in row:
+            continue
+        if row["label"] is None:
+            scan.unlabelled += row["texts"]
+        else:
+            scan.labels[row["split"]][row["label"]] += row["texts"]
     return scan
 
 
-def _training_texts(refs: list[ray.ObjectRef]) -> Iterator[list[str]]:
-    """Batches of the training split's texts (the tokenizer trainer takes lists of strings)."""
-    for block in _blocks(refs):
-        yield block.filter(pc.equal(block["split"], "train"))["text"].to_pylist()
+@ray.remote(num_cpus=1)
+def _train_on_blocks(blocks: list[ray.ObjectRef], vocab_size: int) -> tuple[str, int, int]:
+    """(tokenizer JSON, texts, bytes) of a tokenizer trained on the sample's blocks, read one at
+    a time in this task: neither the sample nor the trainer's counts live in the driver."""
+    texts, size = 0, 0
+
+    def batches() -> Iterator[list[str]]:
+        nonlocal texts, size
+        for ref in blocks:
+            column = ray.get(ref)["text"]
+            texts, size = texts + len(column), size + pc.sum(pc.binary_length(column)).as_py()
+            yield column.to_pylist()
+
+    tokenizer = train_tokenizer(batches(), vocab_size)
+    return tokenizer.to_str(), texts, size
+
+
+def _trained_tokenizer(spec: JobSpec, texts: ray.data.Dataset, scan: _Scan,
+                       progress: Callable[[str], None]) -> Tokenizer:
+    """A BPE tokenizer trained on a seeded sample of the training split of at most
+    data.tokenizer_sample_mb (all of it when smaller)."""
+    data, train_mb = spec.data, scan.bytes["train"] / 1e6
+    fraction = data.tokenizer_sample_mb / train_mb if train_mb else 1.0
+    what = ("the training split" if fraction >= 1 else
+            f"a {data.tokenizer_sample_mb:g} MB sample of the training split")
+    progress(f"training the tokenizer on {what} ({train_mb:.3g} MB)")
+    sample = texts.map_batches(sample_training_texts, batch_format="pyarrow", batch_size=None,
+                               fn_kwargs={"seed": data.split_seed, "fraction": fraction})
+    blocks = sample.materialize().to_arrow_refs()
+    tokenizer_json, count, size = ray.get(_train_on_blocks.remote(blocks, data.vocab_size))
+    progress(f"tokenizer trained on {count} texts, {size / 1e6:.3g} MB")
+    return Tokenizer.from_str(tokenizer_json)
 
 
 def _check_scan(spec: JobSpec, scan: _Scan) -> None:
@@ -137,12 +168,11 @@ class _Vocabulary:
     architecture: dict[str, Any] | None = None
 
 
-def _vocabulary(spec: JobSpec, base: Base | None, blocks: list[ray.ObjectRef],
+def _vocabulary(spec: JobSpec, base: Base | None, texts: ray.data.Dataset, scan: _Scan,
                 progress: Callable[[str], None]) -> _Vocabulary:
     """A BPE tokenizer trained on the training split, or the pretrained checkpoint's own."""
     if base is None:
-        progress("training the tokenizer on the training split")
-        tokenizer = train_tokenizer(_training_texts(blocks), spec.data.vocab_size)
+        tokenizer = _trained_tokenizer(spec, texts, scan, progress)
         return _Vocabulary(tokenizer, tokenizer.get_vocab_size(), tokenizer.token_to_id(EOS),
                            tokenizer.token_to_id(PAD), {"eos_token": EOS, "bos_token": EOS,
                                                         "pad_token": PAD})
@@ -157,11 +187,13 @@ def prepare_data(spec: JobSpec, run_dir: RunDir | str,
                  progress: Callable[[str], None] = lambda _: None) -> DataInfo:
     """Validate, split, train the tokenizer, tokenize and write the splits; return DataInfo.
 
-    The source is read once: its texts, split and shuffled, are held in Ray's object store
-    (spilled to disk when larger) for the counts, the tokenizer and the tokenization. Texts are
-    shuffled before tokenizing and each tokenized batch's rows again: sources are often sorted
-    (by topic, date, label), and validation on the first few batches of a sorted split measures
-    one corner of the data.
+    The source is read once: its texts, split, are held in Ray's object store (spilled to disk
+    when larger) for the counts, the tokenizer's sample and the tokenization, all run in Ray
+    tasks: the driver holds per-block counts and object references, nothing that grows with the
+    corpus. Sources are often sorted (by topic, date, label), and validation on the first few
+    batches of a sorted split measures one corner of the data, so the order is shuffled in two
+    steps that never move the whole corpus: blocks of TEXTS_PER_BLOCK consecutive texts in a
+    seeded random order, and each tokenized batch's rows (TOKENIZE_BATCH_ROWS texts) permuted.
     """
     run_dir = RunDir.at(run_dir)
     data = spec.data
@@ -170,56 +202,37 @@ def prepare_data(spec: JobSpec, run_dir: RunDir | str,
     if spec.model.pretrained is not None:  # checked before any data is read
         progress(f"checking {spec.model.pretrained} and copying it into the run directory")
         base = stage_base(spec, run_dir.base)
-    progress("reading, splitting and shuffling the texts")
+    progress("reading, splitting and counting the texts")
     source = read_source(data, check_columns=False)
     try:
-        # One execution reads, splits and shuffles: no read of its own to learn the columns.
+        # One execution reads and splits: no read of its own to learn the columns.
         texts = source.map_batches(
             assign_splits, batch_format="pandas",
             fn_kwargs={"seed": data.split_seed, "val_fraction": data.val_fraction,
                        "test_fraction": data.test_fraction},
-        ).random_shuffle(seed=data.split_seed).materialize()
+        ).repartition(target_num_rows_per_block=TEXTS_PER_BLOCK) \
+            .randomize_block_order(seed=data.split_seed).materialize()
     except SpecError:
         raise
     except Exception as error:
         explain_read_failure(data, source, error)  # the SpecError that says why, if one does
         raise
-    blocks = texts.to_arrow_refs()
-    scan = _scan(blocks)
+    scan = _scan(texts)
     _check_scan(spec, scan)
-    vocab = _vocabulary(spec, base, blocks, progress)
-    tokenizer = vocab.tokenizer
+    vocab = _vocabulary(spec, base, texts, scan, progress)
     with run_dir.tokenizer.local_folder() as folder:
-        save_tokenizer(tokenizer, folder)
-
+        save_tokenizer(vocab.tokenizer, folder)
     labels = sorted(scan.labels["train"]) if spec.model.task == Task.CLASSIFIER else []
+    try:
+        rows = _write_splits(spec, run_dir, texts, vocab, labels, progress)
+        _check_rows(data, scan, rows)
+    except BaseException:
+        run_dir.data.remove()  # nothing half-written is left to look like a split
+        run_dir.texts.remove()
+        raise
+    finally:
+        del texts  # the texts leave the object store
     context_length = data.block_size if spec.model.task == Task.LANGUAGE_MODEL else data.max_length
-    run_dir.data.remove()
-    run_dir.texts.remove()
-    progress("writing the split texts (for the classical references)")
-    texts.select_columns(["text", "label", "split"] if labels else ["text", "split"]) \
-        .write_parquet(run_dir.texts.path, filesystem=run_dir.root.fs, partition_cols=["split"])
-    progress("tokenizing and writing the splits")
-    texts.map_batches(
-        TokenizeBatch, batch_format="numpy", batch_size=TOKENIZE_BATCH_ROWS,
-        compute=ray.data.ActorPoolStrategy(min_size=1),
-        fn_constructor_kwargs={"tokenizer_json": tokenizer.to_str(),
-                               "task": spec.model.task, "block_size": data.block_size,
-                               "max_length": data.max_length, "labels": labels,
-                               "seed": data.split_seed, "eos_id": vocab.eos_id,
-                               "pad_id": vocab.pad_id},
-    ).write_parquet(run_dir.data.path, filesystem=run_dir.root.fs, partition_cols=["split"])
-    del texts, blocks  # the texts leave the object store
-
-    progress("counting the rows written")
-    rows = {split: _rows_written(run_dir.split(split)) for split in SPLITS}
-    for split, count in rows.items():
-        if count == 0:
-            raise SpecError(
-                f"data.path = {data.path!r}: the {split} split has {scan.texts[split]} texts but "
-                f"no full block of data.block_size = {data.block_size} tokens; "
-                "add data or lower data.block_size"
-            )
     info = DataInfo(
         task=spec.model.task, vocab_size=vocab.size, eos_id=vocab.eos_id,
         pad_id=vocab.pad_id, context_length=context_length,
@@ -229,3 +242,37 @@ def prepare_data(spec: JobSpec, run_dir: RunDir | str,
     )
     run_dir.data_info.write_text(json.dumps(asdict(info), indent=2))
     return info
+
+
+def _check_rows(data: DataSpec, scan: _Scan, rows: dict[str, int]) -> None:
+    for split, count in rows.items():
+        if count == 0:
+            raise SpecError(
+                f"data.path = {data.path!r}: the {split} split has {scan.texts[split]} texts but "
+                f"no full block of data.block_size = {data.block_size} tokens; "
+                "add data or lower data.block_size"
+            )
+
+
+def _write_splits(spec: JobSpec, run_dir: RunDir, texts: ray.data.Dataset, vocab: _Vocabulary,
+                  labels: list[str], progress: Callable[[str], None]) -> dict[str, int]:
+    """Write the split texts and the tokenized splits, streamed by Ray Data; return the rows
+    written per split."""
+    data = spec.data
+    run_dir.data.remove()
+    run_dir.texts.remove()
+    progress("writing the split texts (for the classical references)")
+    texts.select_columns(["text", "label", "split"] if labels else ["text", "split"]) \
+        .write_parquet(run_dir.texts.path, filesystem=run_dir.root.fs, partition_cols=["split"])
+    progress("tokenizing and writing the splits")
+    texts.map_batches(
+        TokenizeBatch, batch_format="numpy", batch_size=TOKENIZE_BATCH_ROWS,
+        compute=ray.data.ActorPoolStrategy(min_size=1),
+        fn_constructor_kwargs={"tokenizer_json": vocab.tokenizer.to_str(),
+                               "task": spec.model.task, "block_size": data.block_size,
+                               "max_length": data.max_length, "labels": labels,
+                               "seed": data.split_seed, "eos_id": vocab.eos_id,
+                               "pad_id": vocab.pad_id},
+    ).write_parquet(run_dir.data.path, filesystem=run_dir.root.fs, partition_cols=["split"])
+    progress("counting the rows written")
+    return {split: _rows_written(run_dir.split(split)) for split in SPLITS}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -45,6 +46,30 @@ def test_the_stage_prepares_splits_tokenizer_and_info(ray_local, tmp_path, frame
     assert ids.shape == (4, spec.data.block_size + 1) and ids.max() < info.vocab_size
     assert (tmp_path / "run" / "tokenizer" / "tokenizer.json").is_file()
     assert load_data_info(tmp_path / "run") == info
+
+
+def _trained_on(lines: list[str]) -> tuple[float, float]:
+    """(MB of the training split, MB the tokenizer trained on) from the stage's progress."""
+    split = next(line for line in lines if line.startswith("training the tokenizer"))
+    trained = next(line for line in lines if line.startswith("tokenizer trained on"))
+    return (float(re.search(r"\(([\d.e+-]+) MB\)", split).group(1)),
+            float(re.search(r", ([\d.e+-]+) MB", trained).group(1)))
+
+
+def test_the_tokenizer_trains_on_a_bounded_seeded_sample(ray_local, tmp_path, frame):
+    """data.tokenizer_sample_mb bounds the tokenizer's sample; a smaller training split is
+    all of it."""
+    path = _write(frame, tmp_path, "jsonl")
+    whole: list[str] = []
+    prepare_data(parse_spec(tiny_spec("gpt", path=path)), tmp_path / "whole", whole.append)
+    split_mb, trained_mb = _trained_on(whole)
+    assert trained_mb == split_mb > 0.1
+    bounded: list[str] = []
+    spec = parse_spec(tiny_spec("gpt", path=path, data={"tokenizer_sample_mb": 0.05}))
+    info = prepare_data(spec, tmp_path / "bounded", bounded.append)
+    assert any("a 0.05 MB sample of the training split" in line for line in bounded), bounded
+    assert _trained_on(bounded)[0] == split_mb and 0.03 < _trained_on(bounded)[1] < 0.07
+    assert all(info.rows[s] > 0 for s in ("train", "val", "test"))
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet", "text"])

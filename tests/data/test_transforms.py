@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from orchestrator.data.datasets import (
     TokenizeBatch,
     assign_splits,
+    count_texts,
+    in_sample,
     label_name,
     pack_blocks,
     pad_or_truncate,
+    sample_training_texts,
     split_of,
 )
 from orchestrator.spec import Task
@@ -148,3 +152,25 @@ def test_tokenizer_trains_on_a_megabyte_without_whitespace():
     """Before the cut, 300 KB of this took 35 s and 1 MB did not finish in 500 s."""
     tokenizer = train_tokenizer(["ab" * 500_000], vocab_size=512)
     assert len(tokenizer.encode("ab" * 5_000).ids) <= 2 * 10_000 // MAX_RUN
+
+
+def test_count_texts_counts_texts_and_bytes_per_split_and_label():
+    block = pa.table({"text": ["né", "ab", "c", "d"], "label": ["x", "x", None, "y"],
+                      "split": ["train", "train", "train", "val"]})
+    rows = sorted(count_texts(block).to_pylist(), key=lambda r: (r["split"], r["label"] or ""))
+    assert rows == [{"split": "train", "label": None, "texts": 1, "bytes": 1},
+                    {"split": "train", "label": "x", "texts": 2, "bytes": 5},
+                    {"split": "val", "label": "y", "texts": 1, "bytes": 1}]
+    assert count_texts(block.drop_columns(["label"])).column_names == ["split", "texts", "bytes"]
+
+
+def test_the_tokenizer_sample_is_seeded_and_near_its_fraction(sample_rows):
+    texts = [r["text"] for r in sample_rows]
+    block = pa.table({"text": texts, "split": ["train"] * (len(texts) - 10) + ["val"] * 10})
+    train = texts[:-10]
+    assert sample_training_texts(block, 0, 1.0)["text"].to_pylist() == train  # all, in order
+    sample = sample_training_texts(block, 0, 0.3)["text"].to_pylist()
+    assert sample == [t for t in train if in_sample(t, 0, 0.3)]
+    assert 0.2 < len(sample) / len(train) < 0.4
+    assert sample == sample_training_texts(block, 0, 0.3)["text"].to_pylist()
+    assert sample != sample_training_texts(block, 1, 0.3)["text"].to_pylist()  # the seed matters
