@@ -1,4 +1,5 @@
-"""A byte-level BPE tokenizer trained on the training split and saved with the run."""
+"""A byte-level BPE tokenizer trained on the training split (or a bounded sample of it) and saved
+with the run."""
 
 from __future__ import annotations
 

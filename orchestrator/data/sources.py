@@ -6,8 +6,11 @@ import codecs
 import os
 from urllib.parse import urlparse
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+import ray
 import ray.data
 
 from orchestrator.spec import DataSpec, SpecError
@@ -17,6 +20,7 @@ TEXT, LABEL = "text", "label"
 # Formats read as text, whose files can hold bytes that are not UTF-8 (parquet strings are typed).
 TEXT_FORMATS = ("text", "jsonl", "csv")
 CHECK_CHUNK_BYTES = 1 << 20
+CHECK_CHUNK_ROWS = 10_000
 # How a read that met bytes that are not UTF-8 reaches the driver: Python's decoder failed in a
 # read task (text, JSONL) or in our transform (a CSV label column read as bytes), which Ray Data
 # keeps only as text; or Arrow could not parse a CSV file (Ray Data drops Arrow's reason, such as
@@ -62,7 +66,7 @@ def _read(data: DataSpec, fmt: str) -> ray.data.Dataset:
             types = pa_csv.ConvertOptions(column_types={data.text_column: pa.string()})
             return ray.data.read_csv(data.path, file_extensions=None, convert_options=types)
         return ray.data.read_text(data.path, file_extensions=None)
-    except Exception as error:  # pyarrow/fsspec raise many types for unreadable input
+    except Exception as error:  # noqa: BLE001 - pyarrow/fsspec raise many types for unreadable input
         raise SpecError(f"data.path = {data.path!r}: cannot read it as {fmt}: {error}") from None
 
 
@@ -97,6 +101,43 @@ def check_utf8(data: DataSpec, files: list[str]) -> None:
                             f"{offset} ({why}); save it as UTF-8")
 
 
+def file_error(path: str, file: str, fmt: str) -> str | None:
+    """Why `file` (in `path`'s filesystem) cannot be read through as `fmt`, decompressed (gzip,
+    zstd... by its suffix, as Ray Data reads it) and parsed, or None; a chunk at a time."""
+    fs = resolve(path).fs
+    try:
+        if fmt == "parquet":
+            with fs.open_input_file(file) as handle:
+                for _ in pq.ParquetFile(handle).iter_batches():
+                    pass
+            return None
+        with fs.open_input_stream(file, compression="detect") as stream:
+            if fmt == "jsonl":
+                for _ in pd.read_json(stream, lines=True, chunksize=CHECK_CHUNK_ROWS):
+                    pass
+            elif fmt == "csv":
+                for _ in pa_csv.open_csv(stream):
+                    pass
+            else:
+                while stream.read(CHECK_CHUNK_BYTES):
+                    pass
+    except Exception as error:  # noqa: BLE001 - any reason is the answer
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def check_files(data: DataSpec, files: list[str]) -> None:
+    """Refuse the first of `files` that cannot be read, naming it: each is read through in a Ray
+    task of its own (in parallel, off the driver), only after a read of the whole source failed."""
+    check = ray.remote(num_cpus=1)(file_error)
+    fmt = data.resolved_format
+    errors = ray.get([check.remote(data.path, file, fmt) for file in files])
+    for file, why in zip(files, errors):
+        if why is not None:
+            raise SpecError(f"data.path = {data.path!r}: cannot read it as {fmt}: file {file}: "
+                            f"{why}")
+
+
 def _is_decoding_error(error: BaseException) -> bool:
     """Whether a read may have failed on bytes that are not UTF-8 (see DECODING_FAILED)."""
     return isinstance(error, UnicodeDecodeError) or any(sign in str(error)
@@ -116,13 +157,15 @@ def explain_read_failure(data: DataSpec, ds: ray.data.Dataset, error: BaseExcept
     format. Returns otherwise, for the caller to raise `error`."""
     read_source(data)  # first: when its own read fails on a bad byte, it names the byte
     _check_decoding(data, ds, error)
+    check_files(data, ds.input_files())
 
 
 def _check_columns(data: DataSpec, fmt: str, ds: ray.data.Dataset) -> None:
     try:
         columns = ds.schema().names
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - a reader's error, explained or reraised
         _check_decoding(data, ds, error)
+        check_files(data, ds.input_files())
         raise SpecError(f"data.path = {data.path!r}: cannot read it as {fmt}: {error}") from None
     wanted = {"text_column": data.text_column, "label_column": data.label_column}
     for field, column in wanted.items():

@@ -7,6 +7,7 @@ import json
 import re
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 from conftest import tiny_spec
 
@@ -246,3 +247,46 @@ def test_a_file_that_is_not_utf8_is_named_with_its_byte(ray_local, tmp_path, fra
     _rejects(tiny_spec(family, path=corpus, data={"format": fmt}), tmp_path / "run",
              f"file {corpus / 'b.data'} is not UTF-8 at byte {offset} (0xe9: invalid "
              "continuation byte)")
+
+
+def _write_parts(rows: list[dict], directory, parts: int) -> None:
+    """`rows` as `parts` jsonl files, gzip and zstd compressed in turn."""
+    directory.mkdir()
+    for part in range(parts):
+        lines = "".join(json.dumps(row) + "\n" for row in rows[part::parts]).encode()
+        name = f"part-{part:02}.jsonl." + ("gz" if part % 2 else "zst")
+        with pa.CompressedOutputStream(str(directory / name), "gzip" if part % 2 else "zstd") as out:
+            out.write(lines)
+
+
+def test_many_compressed_files_make_the_same_splits_as_one_file(ray_local, tmp_path, frame):
+    """20 gzip and zstd jsonl files are read as the same texts as one plain file: the same
+    splits, counts, labels and split texts."""
+    from orchestrator.data.stage import read_split_texts
+
+    rows = frame[["text", "label"]].to_dict("records")
+    _write_parts(rows, tmp_path / "parts", 20)
+    one = prepare_data(parse_spec(tiny_spec("classifier", path=_write(frame, tmp_path, "jsonl"))),
+                       tmp_path / "one")
+    many = prepare_data(parse_spec(tiny_spec("classifier", path=tmp_path / "parts",
+                                             data={"format": "jsonl"})), tmp_path / "many")
+    assert (many.texts, many.rows, many.labels, many.label_counts) \
+        == (one.texts, one.rows, one.labels, one.label_counts)
+    for split in ("train", "val", "test"):
+        assert sorted(read_split_texts(tmp_path / "many", split).column("text").to_pylist()) \
+            == sorted(read_split_texts(tmp_path / "one", split).column("text").to_pylist())
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not json"])
+def test_a_file_that_cannot_be_read_is_named(ray_local, tmp_path, frame, damage):
+    rows = frame[["text", "label"]].to_dict("records")
+    _write_parts(rows, tmp_path / "parts", 20)
+    bad = tmp_path / "parts" / "part-07.jsonl.gz"
+    if damage == "truncated":
+        bad.write_bytes(bad.read_bytes()[:-100])
+    else:
+        with pa.CompressedOutputStream(str(bad), "gzip") as out:
+            out.write(b'{"text": "fine"}\n{"text": "cut\n')
+    _rejects(tiny_spec("gpt", path=tmp_path / "parts", data={"format": "jsonl"}),
+             tmp_path / "run", "cannot read it as jsonl", f"file {bad}:")
+    assert not (tmp_path / "run" / "data").exists() and not (tmp_path / "run" / "texts").exists()

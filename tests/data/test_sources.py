@@ -31,3 +31,32 @@ def test_check_utf8_names_the_file_and_reads_compressed_files_as_text(tmp_path):
     check_utf8(data, [str(good)])
     with pytest.raises(SpecError, match=rf"file {bad} is not UTF-8 at byte 12 \(0xe9: invalid"):
         check_utf8(data, [str(good), str(bad)])
+
+
+def _compressed(path, content: bytes, codec: str):
+    with pa.CompressedOutputStream(str(path), codec) as out:
+        out.write(content)
+    return path
+
+
+@pytest.mark.parametrize(("name", "fmt", "codec"), [
+    ("a.jsonl.gz", "jsonl", "gzip"), ("a.jsonl.zst", "jsonl", "zstd"),
+    ("a.txt.zst", "text", "zstd"), ("a.csv.gz", "csv", "gzip"),
+])
+def test_file_error_reads_compressed_files_through(tmp_path, name, fmt, codec):
+    content = {"jsonl": b'{"text": "a"}\n{"text": "b"}\n', "text": b"a\nb\n",
+               "csv": b"text,label\na,x\nb,y\n"}[fmt]
+    path = _compressed(tmp_path / name, content, codec)
+    assert sources.file_error(str(tmp_path), str(path), fmt) is None
+    cut = tmp_path / f"cut-{name}"
+    cut.write_bytes(path.read_bytes()[:-6])  # a truncated download
+    assert sources.file_error(str(tmp_path), str(cut), fmt) is not None
+
+
+def test_file_error_names_what_does_not_parse(tmp_path):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "fine"}\n{"text": "cut\n')
+    assert sources.file_error(str(tmp_path), str(broken), "jsonl").startswith("ValueError")
+    not_parquet = tmp_path / "x.parquet"
+    not_parquet.write_text("not parquet")
+    assert "ArrowInvalid" in sources.file_error(str(tmp_path), str(not_parquet), "parquet")
