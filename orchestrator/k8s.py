@@ -318,7 +318,8 @@ def serve_config_for(spec: JobSpec, bundle: str) -> dict[str, Any]:
     in_pod = spec.model_copy(update={"serve": spec.serve.model_copy(update={"host": "0.0.0.0"})})
     config = serve_config(in_pod, Path.cwd())
     for app in config["applications"]:
-        app["args"]["bundle_dir"] = bundle
+        if "bundle_dir" in app["args"]:  # the model's (the front's has none)
+            app["args"]["bundle_dir"] = bundle
     return config
 
 

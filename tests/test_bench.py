@@ -34,8 +34,9 @@ def test_serve_bench_measures_every_server_at_every_concurrency(ray_local) -> No
     serve.shutdown()  # a Serve left by an earlier module keeps its port and ignores the bench's
     result = run_benchmark("serve", quick=True)
     cells = {(row["server"], row["concurrency"]) for row in result.rows}
-    assert cells == {(server, c) for server in ("serve batched", "serve unbatched",
-                                                "plain uvicorn") for c in (1, 8, 32)}
+    assert cells == {(server, c) for server in (
+        "serve batched", "serve batched, through the front", "serve unbatched", "plain uvicorn")
+        for c in (1, 8, 32)}
     for row in result.rows:
         assert row["errors"] == 0, row
         assert row["requests_per_s"] > 0 and row["p50_ms"] <= row["p99_ms"]

@@ -247,7 +247,8 @@ def check_rayjob(spec: JobSpec, spec_path: Path, overrides: list[str], options: 
 
 def check_rayservice(spec: JobSpec, options: K8sOptions, manifests: Manifests) -> None:
     """serveConfigV2 is serve-config's config of the bundle (Ray Serve's own schema takes it),
-    listening on the pod's interfaces at serve.port, route /, which every pod names "serve";
+    listening on the pod's interfaces at serve.port, the model at /<model> and the front at /,
+    the port every pod names "serve";
     the worker group holds the replicas."""
     from ray.serve.schema import ServeDeploySchema
 
@@ -258,11 +259,11 @@ def check_rayservice(spec: JobSpec, options: K8sOptions, manifests: Manifests) -
     ServeDeploySchema.model_validate(config)
     expected = serve_config(spec, REPO)
     expected["http_options"]["host"] = "0.0.0.0"
-    (app,) = expected["applications"]
-    app["args"]["serve"]["host"] = "0.0.0.0"
-    app["args"]["bundle_dir"] = manifests.bundle
+    model, _front = expected["applications"]
+    model["args"]["serve"]["host"] = "0.0.0.0"
+    model["args"]["bundle_dir"] = manifests.bundle
     assert config == expected
-    assert [a["route_prefix"] for a in config["applications"]] == ["/"]
+    assert [a["route_prefix"] for a in config["applications"]] == [f"/{spec.name}", "/"]
     assert config["http_options"]["port"] == spec.serve.port
 
     cluster = service["rayClusterConfig"]

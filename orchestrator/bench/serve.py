@@ -83,12 +83,17 @@ def wait_healthy(url: str, timeout_s: float = 120) -> None:
 
 
 def serve_rows(variant: str, bundle_dir: Path, spec: JobSpec, seconds: float,
-               request: dict[str, Any], rates: tuple[float, ...] = ()) -> tuple[list[dict], list[dict]]:
-    from orchestrator.serve import deploy
+               request: dict[str, Any], rates: tuple[float, ...] = (),
+               through_front: bool = False) -> tuple[list[dict], list[dict]]:
+    """The model at its own route; with `through_front`, also through the front at `/` (the
+    same replicas, one more hop: what routing by `model` costs)."""
+    from orchestrator.serve import deploy, endpoint_url
 
     url = deploy(spec, bundle_dir)
-    closed = [{"server": variant, "concurrency": c, **measure(url, c, seconds, request)}
-              for c in CONCURRENCIES]
+    targets = [(variant, url)] + ([(f"{variant}, through the front", endpoint_url(spec))]
+                                  if through_front else [])
+    closed = [{"server": name, "concurrency": c, **measure(target, c, seconds, request)}
+              for name, target in targets for c in CONCURRENCIES]
     opened = [{"server": variant, "rate": rate, **measure_open(url, rate, seconds, request)}
               for rate in rates]
     return closed, opened
@@ -126,7 +131,7 @@ def run(quick: bool) -> BenchResult:
         bundle_dir = initial_bundle(Path(scratch) / "bundle", bench_spec(port, 32), rows_of_text)
         try:
             closed, opened = serve_rows("serve batched", bundle_dir, bench_spec(port, 32),
-                                        seconds, request, rates)
+                                        seconds, request, rates, through_front=True)
             rows += closed
             rows += serve_rows("serve unbatched", bundle_dir, bench_spec(port, 1), seconds,
                                request)[0]
@@ -155,6 +160,12 @@ def summarize(rows: list[dict[str, Any]], opened: list[dict[str, Any]], seconds:
                        cell("serve unbatched", top, "requests_per_s")), 2),
         "p50 at concurrency 1, serve batched minus plain uvicorn (ms)":
             round(cell("serve batched", 1, "p50_ms") - cell("plain uvicorn", 1, "p50_ms"), 2),
+        "p50 at concurrency 1, through the front minus the model's own route (ms)":
+            round(cell("serve batched, through the front", 1, "p50_ms")
+                  - cell("serve batched", 1, "p50_ms"), 2),
+        f"through the front / own route requests/s at concurrency {top}":
+            round(over(cell("serve batched, through the front", top, "requests_per_s"),
+                       cell("serve batched", top, "requests_per_s")), 2),
         "open loop (serve batched, streamed, Poisson arrivals)": opened,
         "request": json.dumps(request), "seconds per cell": seconds,
         # Ray Serve's own switch (user code on the replica's main loop, direct ingress, ...),

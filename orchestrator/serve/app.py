@@ -1,14 +1,17 @@
-"""The model service on Ray Serve: the deployment, the app builder that Serve configs import,
+"""The model services on Ray Serve: each model's deployment and application (at `/<model>`),
+the front that routes by `model` at `/` (front.py), the app builders that Serve configs import,
 deploying (a rolling update when the application already runs) and writing a Serve config.
 
 A Serve config from `serve_config()` names `orchestrator.serve.app:build_app` with the bundle and
-the serve section as arguments, so `serve deploy serve.yaml` builds the same app as `deploy()`.
+the serve section as arguments, and `orchestrator.serve.app:build_front`, so `serve deploy
+serve.yaml` builds the same applications as `deploy()`.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +25,10 @@ from ray.serve.schema import ApplicationStatus, ServeInstanceDetails
 
 from orchestrator import prometheus
 from orchestrator.bundle import read_spec_and_info
-from orchestrator.serve import DeployError
+from orchestrator.serve import DeployError, forwarding
 from orchestrator.serve.auth import load_key_digests
+from orchestrator.serve.forwarding import Answer, Forwarded
+from orchestrator.serve.front import Front, UnknownModel
 from orchestrator.serve.routes import create_api
 from orchestrator.serve.server import ModelServer
 from orchestrator.spec import JobSpec, ServeSpec
@@ -33,6 +38,12 @@ from orchestrator.weights.model import load_bundle
 APP_NAME_SUFFIX = "-service"
 BUILDER_IMPORT_PATH = "orchestrator.serve.app:build_app"
 DEPLOYMENT_NAME = "ModelService"
+FRONT_APP = "orchestrator-front"
+FRONT_BUILDER_IMPORT_PATH = "orchestrator.serve.app:build_front"
+FRONT_DEPLOYMENT = "Front"
+FRONT_CPUS = 0.0  # like Serve's proxy: it parses one field and hands the request on
+FRONT_ONGOING_REQUESTS = 1024
+MODEL_NAMES_TTL_S = 2.0
 CHEAP_REQUEST_ROOM = 8  # ongoing requests beyond batch and queue: /v1/models, /tokenize, ...
 
 
@@ -61,16 +72,27 @@ class Service:
 class ModelService:
     """One replica: the bundle loaded once; the FastAPI app is built around it on the replica."""
 
-    def __init__(self, bundle_dir: str, serve_spec: dict[str, Any], key_digests: list[str]):
+    def __init__(self, bundle_dir: str, serve_spec: dict[str, Any], key_digests: list[str],
+                 model: str | None = None):
         limits = ServeSpec.model_validate(serve_spec)
         self.bundle_dir = bundle_dir
         app_name = serve.get_replica_context().app_name
-        self.server = ModelServer(bundle_dir, limits, key_digests, app_name=app_name)
+        self.server = ModelServer(bundle_dir, limits, key_digests, app_name=app_name,
+                                  model_name=model)
+        self.api = create_api(self.server)
         prometheus.record("serve_p99_latency_target_seconds", limits.p99_latency_target_s,
                        app=app_name)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_api(self.server)
+        return self.api
+
+    async def forward(self, request: Forwarded) -> Answer:
+        """A request the front routed here, answered by this replica's own app."""
+        return await forwarding.whole(self.api, request)
+
+    async def forward_stream(self, request: Forwarded) -> AsyncIterator[Answer | bytes]:
+        async for part in forwarding.stream(self.api, request):
+            yield part
 
     async def check_health(self) -> None:
         await self.server.check_health()
@@ -79,6 +101,72 @@ class ModelService:
         """What `orchestrator services` lists: the model this replica serves and from where."""
         return ServedModel(self.server.model_name, self.server.task.value, self.server.version,
                            self.bundle_dir)
+
+
+class ServeModels:
+    """The front's models: the applications named `<model>-service`, reached by handles."""
+
+    def __init__(self) -> None:
+        self._handles: dict[str, Any] = {}
+        self._names: list[str] = []
+        self._listed_at = float("-inf")
+
+    def names(self) -> list[str]:
+        if time.monotonic() - self._listed_at > MODEL_NAMES_TTL_S:
+            self._names = sorted(name.removesuffix(APP_NAME_SUFFIX)
+                                 for name in serve.status().applications
+                                 if name.endswith(APP_NAME_SUFFIX))
+            self._listed_at = time.monotonic()
+        return self._names
+
+    def _handle(self, model: str) -> Any:
+        if model not in self._handles:
+            if model not in self.names():
+                self._listed_at = float("-inf")  # deployed since the last listing?
+                if model not in self.names():
+                    raise UnknownModel(model)
+            self._handles[model] = serve.get_app_handle(model + APP_NAME_SUFFIX)
+        return self._handles[model]
+
+    def _gone(self, model: str) -> bool:
+        """Whether a model whose call failed was undeployed (its handle forgotten)."""
+        self._handles.pop(model, None)
+        self._listed_at = float("-inf")
+        return model not in self.names()
+
+    async def whole(self, model: str, request: Forwarded) -> Answer:
+        try:
+            return await self._handle(model).forward.remote(request)
+        except Exception:
+            if self._gone(model):
+                raise UnknownModel(model) from None
+            raise
+
+    async def stream(self, model: str, request: Forwarded) -> AsyncIterator[Answer | bytes]:
+        parts = self._handle(model).options(stream=True).forward_stream.remote(request)
+        try:
+            first = await parts.__anext__()
+        except Exception:
+            if self._gone(model):
+                raise UnknownModel(model) from None
+            raise
+        yield first
+        async for part in parts:
+            yield part
+
+
+@serve.deployment(name=FRONT_DEPLOYMENT, ray_actor_options={"num_cpus": FRONT_CPUS},
+                  max_ongoing_requests=FRONT_ONGOING_REQUESTS)
+@serve.ingress()
+class FrontService:
+    """The front's replica: no model, the routing ASGI app of front.py."""
+
+    def __serve_build_asgi_app__(self) -> Front:
+        return Front(ServeModels())
+
+
+def build_front(_: dict[str, Any] | None = None) -> Application:
+    return FrontService.bind()
 
 
 def deployment_options(limits: ServeSpec) -> dict[str, Any]:
@@ -107,7 +195,8 @@ def build_app(args: dict[str, Any]) -> Application:
     limits = ServeSpec.model_validate(args.get("serve")
                                       or read_spec_and_info(bundle_dir)[0].serve.model_dump())
     deployment = ModelService.options(**deployment_options(limits))
-    return deployment.bind(bundle_dir, limits.model_dump(mode="json"), load_key_digests(limits))
+    return deployment.bind(bundle_dir, limits.model_dump(mode="json"), load_key_digests(limits),
+                           args.get("model"))
 
 
 def endpoint_url(spec: JobSpec) -> str:
@@ -115,7 +204,8 @@ def endpoint_url(spec: JobSpec) -> str:
 
 
 def app_name(spec: JobSpec) -> str:
-    """The job's own service: served at route `/`, updated in place by a later deploy."""
+    """The job's own service, the model `spec.name`: at route `/<model>` and through the front
+    at `/`; updated in place by a later deploy."""
     return spec.name + APP_NAME_SUFFIX
 
 
@@ -126,7 +216,7 @@ def scratch_app_name(spec: JobSpec, purpose: str) -> str:
 
 
 def route_of(name: str, spec: JobSpec) -> str:
-    return "/" if name == app_name(spec) else f"/{name}"
+    return f"/{spec.name}" if name == app_name(spec) else f"/{name}"
 
 
 def _serve_details() -> ServeInstanceDetails | None:
@@ -145,7 +235,8 @@ def running_apps() -> dict[str, str | None]:
 def check_deployable(spec: JobSpec, name: str) -> None:
     """Refuse, before anything is built, a deploy of app `name` that cannot succeed or would
     take over what another app serves: Serve already listening on another port than serve.port,
-    or the app's route held by another application."""
+    the app's route held by another application, or `/` (the front's) held by one that is not
+    the front."""
     details = _serve_details()
     if details is None:
         return
@@ -153,25 +244,26 @@ def check_deployable(spec: JobSpec, name: str) -> None:
     if port is not None and port != spec.serve.port:
         raise DeployError(f"serve.port = {spec.serve.port}, but Ray Serve on this cluster listens "
                           f"on port {port} (its port is fixed while it runs): set serve.port={port}")
-    route = route_of(name, spec)
-    holders = [other for other, prefix in running_apps().items()
-               if prefix == route and other != name]
-    if holders:
-        raise DeployError(f"route {route} on this cluster is served by application "
-                          f"{holders[0]!r}, which this job did not deploy; it is left as it is. "
-                          "Remove it first, or set serve.keep_running=false (the job then checks "
-                          "its model on a route of its own and removes it)")
+    apps = running_apps()
+    for route, owners in ((route_of(name, spec), {name}), ("/", {FRONT_APP, name})):
+        holders = [other for other, prefix in apps.items()
+                   if prefix == route and other not in owners]
+        if holders:
+            raise DeployError(f"route {route} on this cluster is served by application "
+                              f"{holders[0]!r}, which this job did not deploy; it is left as it "
+                              "is. Remove it first (`orchestrator undeploy`, or serve.delete)")
 
 
 def deploy(spec: JobSpec, bundle_dir: str | Path, timeout_s: float = 180.0,
            name: str | None = None) -> str:
     """Serve the bundle and return its URL once Serve reports the application RUNNING.
 
-    `name`: the application (default: the job's own service, at route `/`; any other name is
-    served at `/<name>`). When the application already runs, Serve replaces its replicas one by
-    one (a rolling update) and keeps the old ones serving until new ones are healthy. A bundle
-    that cannot load, a port Serve does not listen on or a route another app holds fail here,
-    before Serve is touched.
+    `name`: the application (default: the job's own service, the model `spec.name`, at route
+    `/<model>` and through the front at `/`; any other name is served at `/<name>` alone). When
+    the application already runs, Serve replaces its replicas one by one (a rolling update) and
+    keeps the old ones serving until new ones are healthy; other applications are not touched.
+    A bundle that cannot load, a port Serve does not listen on or a route another app holds fail
+    here, before Serve is touched.
     """
     name = name or app_name(spec)
     bundle_dir = resolve(bundle_dir).uri
@@ -180,12 +272,16 @@ def deploy(spec: JobSpec, bundle_dir: str | Path, timeout_s: float = 180.0,
     except Exception as error:
         raise DeployError(f"cannot serve {bundle_dir}: {type(error).__name__}: {error}") from error
     check_deployable(spec, name)
-    app = build_app({"bundle_dir": str(bundle_dir), "serve": spec.serve.model_dump(mode="json")})
+    app = build_app({"bundle_dir": str(bundle_dir), "serve": spec.serve.model_dump(mode="json"),
+                     "model": spec.name})
     serve.start(http_options={"host": spec.serve.host, "port": spec.serve.port})
     route = route_of(name, spec)
     serve._run(app, name=name, route_prefix=route, _blocking=False)
     wait_until_running(name, timeout_s)
-    return endpoint_url(spec) + route.rstrip("/")
+    if name == app_name(spec) and FRONT_APP not in running_apps():
+        serve._run(build_front(), name=FRONT_APP, route_prefix="/", _blocking=False)
+        wait_until_running(FRONT_APP, timeout_s)
+    return endpoint_url(spec) + route
 
 
 def remove(name: str) -> None:
@@ -235,6 +331,9 @@ def undeploy(model: str) -> str:
         raise DeployError(f"no service of model {model!r} on this cluster (applications: "
                           f"{deployed})")
     remove(name)
+    if not any(n.endswith(APP_NAME_SUFFIX) for n in running_apps()) and \
+            FRONT_APP in running_apps():
+        remove(FRONT_APP)  # it routes to no model now
     return name
 
 
@@ -259,18 +358,24 @@ def shutdown(spec: JobSpec) -> None:
 
 
 def serve_config(spec: JobSpec, bundle_dir: str | Path) -> dict[str, Any]:
-    """A Ray Serve config (what `serve deploy` takes) that serves this bundle as `deploy` does."""
+    """A Ray Serve config (what `serve deploy` takes) that serves this bundle as `deploy` does:
+    the model at `/<model>` and the front at `/`."""
     options = deployment_options(spec.serve)
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": spec.serve.host, "port": spec.serve.port},
         "applications": [{
             "name": app_name(spec),
-            "route_prefix": "/",
+            "route_prefix": route_of(app_name(spec), spec),
             "import_path": BUILDER_IMPORT_PATH,
             "args": {"bundle_dir": resolve(bundle_dir).uri,
-                     "serve": spec.serve.model_dump(mode="json")},
+                     "serve": spec.serve.model_dump(mode="json"), "model": spec.name},
             "deployments": [{"name": DEPLOYMENT_NAME, **options}],
+        }, {
+            "name": FRONT_APP,
+            "route_prefix": "/",
+            "import_path": FRONT_BUILDER_IMPORT_PATH,
+            "args": {},
         }],
     }
 

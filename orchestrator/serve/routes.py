@@ -120,9 +120,8 @@ async def classify(body: ClassifyBody, request: Request) -> dict[str, Any]:
                        "input")
     if any(not text.strip() for text in texts):
         raise APIError(400, "input must not contain empty strings", "input")
-    server.check_text_lengths(texts)
     async with timeout_as_408(server):
-        predictions = await server.classify(texts)
+        predictions = await server.classify(server.readable(texts))
     return {"object": "list", "model": server.model_name,
             "data": [{"index": i, **p} for i, p in enumerate(predictions)]}
 

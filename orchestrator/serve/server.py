@@ -33,6 +33,7 @@ from orchestrator.inference.predictor import Predictor
 from orchestrator.inference.sampling import SamplingParams
 from orchestrator.serve.protocol import DEFAULT_MAX_TOKENS, APIError, CompletionBody, overloaded
 from orchestrator.spec import ServeSpec, Task
+from orchestrator.tokenizer import MAX_RUN
 from orchestrator.weights.model import load_bundle
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,8 @@ class ModelServer:
 
     def __init__(self, bundle_dir: str, limits: ServeSpec, key_digests: list[str],
                  batching: bool = True, app_name: str | None = None,
-                 auth_required: bool | None = None):
+                 auth_required: bool | None = None, model_name: str | None = None):
+        """model_name: the name requests give (default: the bundle's job name)."""
         bundle = load_bundle(bundle_dir)
         if limits.replica_gpus > 0 and torch.cuda.is_available():
             bundle.model.to("cuda")
@@ -76,7 +78,7 @@ class ModelServer:
         self.tokenizer = bundle.tokenizer
         self.info = bundle.info
         self.task = bundle.info.task
-        self.model_name = bundle.spec.name
+        self.model_name = model_name or bundle.spec.name
         self.app_name = app_name or self.model_name  # the `app` tag of this server's metrics
         self.version = bundle.version  # which weights answer
         self.created = int(time.time())
@@ -192,17 +194,15 @@ class ModelServer:
     @property
     def max_text_chars(self) -> int:
         """A classifier reads the first context_length tokens of a text, which never cover more
-        characters than this: a longer text only costs tokenizing in a batch others share."""
+        characters than this."""
         return self.info.context_length * self.max_token_bytes
 
-    def check_text_lengths(self, texts: list[str]) -> None:
-        limit = self.max_text_chars
-        for index, text in enumerate(texts):
-            if len(text) > limit:
-                raise APIError(400, f"input[{index}] has {len(text)} characters; this model reads "
-                                    f"the first {self.info.context_length} tokens of a text, which "
-                                    f"never cover more than {limit} characters", "input",
-                               "input_too_long")
+    def readable(self, texts: list[str]) -> list[str]:
+        """Each text cut to what the model can read, plus one pre-token's run (MAX_RUN): it is
+        classified as the whole text is (as batch inference and training truncate it), without
+        tokenizing, in a batch others share, what the model would never read."""
+        keep = self.max_text_chars + MAX_RUN
+        return [text[:keep] for text in texts]
 
     # ---- completions ----------------------------------------------------------------------
 

@@ -154,7 +154,7 @@ def test_a_run_and_its_compression_beside_a_live_keyed_service_leave_it_serving(
         time.sleep(1)
     assert client.versions == {live_version}
     assert set(client.statuses) == {200} and client.statuses[200] > 10, client.statuses
-    assert set(running_apps()) == {"test-classifier-service"}
+    assert set(running_apps()) == {"test-classifier-service", "orchestrator-front"}
     assert report["endpoint"] is None
     assert [answer["status"] for answer in report["sample_responses"]] == [200]  # with the key
 

@@ -239,53 +239,77 @@ def test_a_bundle_that_cannot_load_is_refused_and_the_old_one_keeps_serving(
     assert complete(url, prompt="a", max_tokens=2).status_code == 200
 
 
-def test_another_job_never_takes_over_a_live_service(serving, versions, tmp_path: Path) -> None:
-    """A second job while `ops` serves at `/`: its deploy, the CLI's and a whole run are refused
-    before anything is built, naming the app; a wrong port likewise; `ops` serves on, unchanged.
-    An app at a route of its own (what a run without keep_running deploys) serves beside it;
-    `orchestrator services` lists both, `orchestrator undeploy` removes that one alone."""
+def test_models_serve_side_by_side_through_the_front_and_their_own_routes(
+        serving, versions, rows, port, tmp_path: Path) -> None:
+    """A language model and a classifier on one cluster: each at its own route and both through
+    the front at `/` by their `model` field; `orchestrator services` lists them, `undeploy`
+    removes one while the other serves on, unchanged. A job that cannot deploy (its route held
+    by another app, a wrong port, more CPU than the services leave) is refused before anything
+    is built, naming what is in the way."""
     from orchestrator.pipeline import run_pipeline
-    from orchestrator.serve import running_apps
+    from orchestrator.serve import endpoint_url, running_apps
 
     spec, _, v2 = versions
+    root = endpoint_url(spec)
     url = deploy(spec, v2)
+    assert url == f"{root}/{NAME}"
     serving_version = health(url)["version"]
-    other = parse_spec({**spec.model_dump(mode="json"), "name": "other"})
-    with pytest.raises(DeployError, match="served by application 'ops-service'"):
-        deploy(other, v2)
-    result = orchestrator_cli("deploy", str(v2), "--set", "name=other")
-    assert result.returncode == 1 and "'ops-service'" in result.stderr, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr
-    raw = {**tiny_spec("gpt", serve={"port": spec.serve.port, "keep_running": True}),
-           "name": "other", "runs_dir": str(tmp_path / "runs")}
-    with pytest.raises(DeployError, match="'ops-service'"):
-        run_pipeline(parse_spec(raw), say=lambda _: None)
-    assert not (tmp_path / "runs").exists()  # refused before the data stage
-    greedy = parse_spec({**raw, "resources": {"num_workers": 1, "cpus_per_worker": 2}})
-    with pytest.raises(SpecError, match=r"needs 2 CPU .*ops-service holds 0\.5"):
-        run_pipeline(greedy, say=lambda _: None)  # would wait forever beside the service
-    moved = parse_spec({**raw, "serve": {**raw["serve"], "port": spec.serve.port + 1}})
-    with pytest.raises(DeployError, match=f"listens on port {spec.serve.port}"):
-        deploy(moved, v2, name="other-check")
+    sorter = parse_spec({**make_spec("classifier", port).model_dump(mode="json"),
+                         "name": "sorter"})
+    sorter_url = deploy(sorter, initial_bundle(tmp_path / "sorter", sorter, rows))
+    assert sorter_url == f"{root}/sorter"
 
-    beside = deploy(other, v2, name="other-check")
-    assert beside == f"{url}/other-check"
-    assert complete(beside, prompt="a", max_tokens=2).status_code == 200
+    for base in (root, url):  # the front, by `model`; the model's own route
+        assert complete(base, prompt="a", max_tokens=2).status_code == 200
+    for base in (root, sorter_url):
+        answer = requests.post(f"{base}/v1/classify", json={"model": "sorter", "input": ["x"]},
+                               timeout=TIMEOUT_S)
+        assert answer.status_code == 200, answer.text
+    models = requests.get(f"{root}/v1/models", timeout=TIMEOUT_S).json()["data"]
+    assert {m["id"] for m in models} == {NAME, "sorter"}
+    unknown = requests.post(f"{root}/v1/completions", json={"model": "nobody", "prompt": "a"},
+                            timeout=TIMEOUT_S)
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+
     listed = orchestrator_cli("services")
     assert listed.returncode == 0, listed.stderr[-3000:]
-    rows = {line.split()[6]: line.split() for line in listed.stdout.splitlines()[1:]}
-    assert set(rows) == {"ops-service", "other-check"}, listed.stdout
-    assert rows["ops-service"][:6] == ["ops", "language_model", serving_version[:12], "1/1", "/",
-                                       "RUNNING"]
-    assert rows["other-check"][4] == "/other-check" and rows["other-check"][7] == str(v2)
+    rows_by_app = {line.split()[6]: line.split() for line in listed.stdout.splitlines()[1:]}
+    assert set(rows_by_app) == {"ops-service", "sorter-service", "orchestrator-front"}
+    assert rows_by_app["ops-service"][:6] == [NAME, "language_model", serving_version[:12],
+                                              "1/1", f"/{NAME}", "RUNNING"]
+    assert rows_by_app["sorter-service"][1] == "classifier"
+
+    blocker = deploy(spec, v2, name="blocker")  # an app at /blocker, not a model's service
+    assert complete(blocker, prompt="a", max_tokens=2).status_code == 200
+    raw = {**tiny_spec("gpt", serve={"port": spec.serve.port, "keep_running": True},
+                       resources={"cpus_per_worker": 0.25}),  # fits beside the services
+           "name": "blocker", "runs_dir": str(tmp_path / "runs")}
+    with pytest.raises(DeployError, match="route /blocker .* application 'blocker'"):
+        run_pipeline(parse_spec(raw), say=lambda _: None)
+    result = orchestrator_cli("deploy", str(v2), "--set", "name=blocker")
+    assert result.returncode == 1 and "'blocker'" in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()  # refused before the data stage
+    greedy = parse_spec({**raw, "name": "greedy",
+                         "resources": {"num_workers": 1, "cpus_per_worker": 2}})
+    with pytest.raises(SpecError, match=r"needs 2 CPU .*ops-service holds 0\.5"):
+        run_pipeline(greedy, say=lambda _: None)  # would wait forever beside the services
+    moved = parse_spec({**raw, "serve": {**raw["serve"], "port": spec.serve.port + 1}})
+    with pytest.raises(DeployError, match=f"listens on port {spec.serve.port}"):
+        deploy(moved, v2, name="moved")
+
     missing = orchestrator_cli("undeploy", "nosuch")
     assert missing.returncode == 1 and "no service of model 'nosuch'" in missing.stderr
     assert "Traceback" not in missing.stderr
-    removed = orchestrator_cli("undeploy", "other-check")
-    assert removed.returncode == 0, removed.stderr[-3000:]
-    assert set(running_apps()) == {"ops-service"}
+    for model in ("sorter", "blocker"):
+        removed = orchestrator_cli("undeploy", model)
+        assert removed.returncode == 0, removed.stderr[-3000:]
+    assert set(running_apps()) == {"ops-service", "orchestrator-front"}
     assert health(url)["version"] == serving_version
-    assert complete(url, prompt="a", max_tokens=2).status_code == 200
+    assert complete(root, prompt="a", max_tokens=2).status_code == 200
+    gone = requests.post(f"{root}/v1/classify", json={"model": "sorter", "input": ["x"]},
+                         timeout=TIMEOUT_S)
+    assert gone.status_code == 404
 
 
 # --- batch inference -------------------------------------------------------------------------------
@@ -307,6 +331,7 @@ def test_batch_predictions_match_the_service(serving, port, rows, tmp_path: Path
     for start in range(0, len(texts), 8):
         response = requests.post(f"{url}/v1/classify", json={"input": texts[start: start + 8]},
                                  timeout=TIMEOUT_S)
+        assert response.status_code == 200, response.text
         online += response.json()["data"]
     assert batch["label"].tolist() == [p["label"] for p in online]
     assert batch["score"].to_numpy() == pytest.approx([p["score"] for p in online], abs=1e-5)
@@ -357,5 +382,6 @@ def test_serve_deploy_accepts_the_generated_config(serving, versions, tmp_path: 
         except requests.RequestException:
             return False
 
-    wait_for(answers, 120, "the config-deployed service answering")
-    assert health(url)["model"] == NAME
+    wait_for(answers, 120, "the config-deployed service answering")  # through the front
+    assert health(f"{url}/{NAME}")["model"] == NAME  # the model at its own route
+    assert health(url)["models"] == [NAME]

@@ -51,7 +51,7 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[JobSpec
 
 
 class Services:
-    """Deploys one family's app at a time (both would claim the root route)."""
+    """Deploys one family's app at a time (each test module's models may share a name)."""
 
     def __init__(self, bundles: dict[str, tuple[JobSpec, Path]]):
         self.bundles = bundles
@@ -71,7 +71,13 @@ class Services:
         configured source yields no key): it must let nobody in."""
         from ray import serve
 
-        from orchestrator.serve.app import ModelService, app_name, deployment_options, wait_until_running
+        from orchestrator.serve.app import (
+            ModelService,
+            app_name,
+            deployment_options,
+            route_of,
+            wait_until_running,
+        )
 
         spec, bundle_dir = self.bundles["gpt"]
         if self.current is not None:
@@ -80,10 +86,12 @@ class Services:
                                                "api_keys_file": None})
         app = ModelService.options(**deployment_options(limits)).bind(
             str(bundle_dir), limits.model_dump(mode="json"), [])
-        serve._run(app, name=app_name(spec), route_prefix="/", _blocking=False)
+        route = route_of(app_name(spec), spec)
+        serve.start(http_options={"host": spec.serve.host, "port": spec.serve.port})
+        serve._run(app, name=app_name(spec), route_prefix=route, _blocking=False)
         wait_until_running(app_name(spec), 120)
         self.current = "gpt"
-        return f"http://{spec.serve.host}:{spec.serve.port}"
+        return f"http://{spec.serve.host}:{spec.serve.port}{route}"
 
     def close(self) -> None:
         from ray import serve
