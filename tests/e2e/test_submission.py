@@ -268,17 +268,21 @@ def test_entrypoint_names_specs_in_the_tree_and_carries_the_others(tmp_path: Pat
     from orchestrator.spec import load_spec, spec_to_yaml
     from orchestrator.submit import _entrypoint
 
-    assert _entrypoint("jobs/quickstart.yaml", REPO, ["train.lr=0.001"]) == (
-        "python -m orchestrator run jobs/quickstart.yaml --set train.lr=0.001")
+    assert _entrypoint("jobs/quickstart.yaml", REPO, ["train.lr=0.001"], "/runs/job-1") == (
+        "python -m orchestrator run jobs/quickstart.yaml --set train.lr=0.001 "
+        "--run-dir /runs/job-1")
     tricky = 'serve.sample_requests=["it\'s $HOME `id` \\\\n"]'  # quotes, $, backticks
     spec = load_spec(REPO / "jobs" / "quickstart.yaml", [tricky])
     assert spec.serve.sample_requests == ["it's $HOME `id` \\n"]
     outside = tmp_path / "spec.yaml"
     outside.write_text(spec_to_yaml(spec))
-    for command in (_entrypoint(spec, REPO, []), _entrypoint(outside, REPO, [])):
+    for command in (_entrypoint(spec, REPO, [], "/runs/job-1"),
+                    _entrypoint(outside, REPO, [], "/runs/job-1")):
         # Run the real shell command with `cat` standing in for the CLI: the spec round-trips.
+        assert " --run-dir /runs/job-1;" in command
         shown = subprocess.run(
-            ["/bin/sh", "-c", command.replace("python -m orchestrator run", "cat")],
+            ["/bin/sh", "-c", command.replace("python -m orchestrator run", "cat")
+                                     .replace(" --run-dir /runs/job-1", "")],
             cwd=tmp_path, capture_output=True, text=True, check=True)
         assert shown.stdout == spec_to_yaml(spec)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml"]
