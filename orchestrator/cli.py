@@ -88,12 +88,11 @@ def _parser() -> argparse.ArgumentParser:
     deploy.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or embedded)")
     deploy.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for it")
     services = commands.add_parser("services", help="list the models a cluster serves")
-    services.add_argument("--address", default="auto", help="Ray cluster address (default: "
-                          "RAY_ADDRESS, else the cluster `ray start` started on this machine)")
     undeploy = commands.add_parser("undeploy", help="stop serving a model (only that one)")
     undeploy.add_argument("model", help="the model's name (the job's `name`)")
-    undeploy.add_argument("--address", default="auto", help="Ray cluster address (default: "
-                          "RAY_ADDRESS, else the cluster `ray start` started on this machine)")
+    for command in (services, undeploy):  # they need a running cluster, never an embedded Ray
+        command.add_argument("--address", default="auto", help="Ray cluster address (default: "
+                             "RAY_ADDRESS, else the cluster `ray start` started on this machine)")
     config = with_run_dir("serve-config", "write a Ray Serve config for `serve deploy`")
     config.add_argument("-o", "--output", required=True, help="YAML file to write")
     predict = with_run_dir("predict", "batch inference over a dataset with Ray Data")

@@ -244,7 +244,7 @@ def check_deployable(spec: JobSpec, name: str) -> None:
     if port is not None and port != spec.serve.port:
         raise DeployError(f"serve.port = {spec.serve.port}, but Ray Serve on this cluster listens "
                           f"on port {port} (its port is fixed while it runs): set serve.port={port}")
-    apps = running_apps()
+    apps = {other: app.route_prefix for other, app in details.applications.items()}
     for route, owners in ((route_of(name, spec), {name}), ("/", {FRONT_APP, name})):
         holders = [other for other, prefix in apps.items()
                    if prefix == route and other not in owners]
@@ -316,8 +316,8 @@ def held_by_services() -> dict[str, dict[str, float]]:
             for resource in ("CPU", "GPU"):
                 amount = deployment.required_resources.get(resource, 0) * len(deployment.replicas)
                 if amount:
-                    held.setdefault(name, {})[resource] = \
-                        held.get(name, {}).get(resource, 0) + amount
+                    totals = held.setdefault(name, {})
+                    totals[resource] = totals.get(resource, 0) + amount
     return held
 
 
