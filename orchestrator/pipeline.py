@@ -33,6 +33,7 @@ from orchestrator.serve.samples import send_sample_requests
 from orchestrator.spec import JobSpec, spec_to_yaml
 from orchestrator.sweep.space import apply_trial_config
 from orchestrator.sweep.tuner import SweepResult, pick_winner, run_sweep
+from orchestrator.waits import watch_waits
 from orchestrator.weights.model import save_bundle
 
 STAGES = ("data", "sweep", "select", "evaluate", "compress", "deploy")
@@ -116,21 +117,21 @@ def run_pipeline(spec: JobSpec, say: Callable[[str], None] | Progress = print,
     started = datetime.now(timezone.utc)
     done = run_dir.completed()
 
-    info = _data_stage(spec, run_dir, done, progress)
-    sweep = _sweep_stage(spec, run_dir, info, plan, done, progress)
-    winner = sweep.winner
-    winner_spec = apply_trial_config(spec, winner.config)
-    bundle = _select_stage(spec, winner_spec, run_dir, info, sweep, done, progress)
-    evaluation = _evaluate_stage(run_dir, bundle, info, plan, done, progress)
-    compression = None
-    if spec.compress.variants:
-        compression = _compress_stage(winner_spec, run_dir, info, bundle, evaluation, plan,
-                                      done, progress)
-
-    endpoint, samples = None, []
-    if spec.serve.enabled:
-        endpoint, samples = _deploy_stage(winner_spec, deploy_as, compression.bundle
-                                          if compression else bundle.uri, info, progress)
+    with watch_waits(progress.note, service.held_by_services):
+        info = _data_stage(spec, run_dir, done, progress)
+        sweep = _sweep_stage(spec, run_dir, info, plan, done, progress)
+        winner = sweep.winner
+        winner_spec = apply_trial_config(spec, winner.config)
+        bundle = _select_stage(spec, winner_spec, run_dir, info, sweep, done, progress)
+        evaluation = _evaluate_stage(run_dir, bundle, info, plan, done, progress)
+        compression = None
+        if spec.compress.variants:
+            compression = _compress_stage(winner_spec, run_dir, info, bundle, evaluation, plan,
+                                          done, progress)
+        endpoint, samples = None, []
+        if spec.serve.enabled:
+            endpoint, samples = _deploy_stage(winner_spec, deploy_as, compression.bundle
+                                              if compression else bundle.uri, info, progress)
     report = json_safe({
         "name": spec.name, "run_dir": run_dir.uri, "task": info.task,
         "started": started.isoformat(), "finished": datetime.now(timezone.utc).isoformat(),
