@@ -26,6 +26,7 @@ PREFIX = "orchestrator_"
 Kind = Literal["counter", "gauge", "histogram"]
 TRAIN_TAGS = ("run", "trial")
 SERVE_TAGS = ("app", "route")
+KEY_TAGS = ("app", "key")
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 # Ray rebuilds a histogram's _sum from bucket midpoints, so batch sizes (integers) get bounds
 # halfway between them: batches of 1 and of 2 have buckets of their own and an exact mean.
@@ -79,6 +80,17 @@ METRICS: dict[str, MetricDef] = {
         LATENCY_BUCKETS_S),
     "serve_p99_latency_target_seconds": MetricDef(
         "gauge", "The spec's p99 latency target (serve.p99_latency_target_s).", ("app",)),
+    # usage per API key (`key`: the key's id, the start of its SHA-256, never the key)
+    "serve_key_requests": MetricDef(
+        "counter", "Requests a key made to routes that do work, admitted by its quota.",
+        KEY_TAGS),
+    "serve_key_prompt_tokens": MetricDef(
+        "counter", "Prompt tokens of a key's admitted requests (classify: tokens read).", KEY_TAGS),
+    "serve_key_completion_tokens": MetricDef(
+        "counter", "Completion tokens generated for a key.", KEY_TAGS),
+    "serve_key_rate_limited": MetricDef(
+        "counter", "A key's requests refused with 429 by its quota, by the limit reached.",
+        (*KEY_TAGS, "limit")),
 }
 
 

@@ -314,6 +314,40 @@ class AutoscalingSpec(_Section):
         return self
 
 
+KEY_ID_PATTERN = r"^[0-9a-f]{8,64}$"
+
+
+class QuotaLimits(_Section):
+    """What one API key may use per minute (a sliding 60-second window); null: no limit."""
+
+    requests_per_minute: int | None = Field(
+        None, ge=1, description="Requests to the routes that do work (completions, classify, "
+        "tokenize, detokenize); more get 429 with Retry-After.")
+    tokens_per_minute: int | None = Field(
+        None, ge=1, description="Prompt plus completion tokens (a completion reserves its "
+        "max_tokens until it ends; a classify charges the tokens the model reads).")
+
+
+class QuotasSpec(_Section):
+    """Per-key quotas, enforced across every replica of the model (one ledger per model app)."""
+
+    default: QuotaLimits = Field(default_factory=QuotaLimits,
+                                 description="The limits of every key without an override.")
+    keys: dict[str, QuotaLimits] = Field(
+        default_factory=dict, description="Overrides by key id: the start (8 to 64 hex digits) "
+        "of the key's SHA-256 (`printf %s KEY | sha256sum | cut -c1-12`), never the key; the "
+        "fields an override sets replace the default's, null included.")
+
+    @field_validator("keys")
+    @classmethod
+    def _key_ids(cls, keys: dict[str, QuotaLimits]) -> dict[str, QuotaLimits]:
+        for key_id in keys:
+            if not re.fullmatch(KEY_ID_PATTERN, key_id):
+                raise ValueError(f"{key_id!r} is not a key id: give the first 8 to 64 lower-case "
+                                 "hex digits of the key's SHA-256, not the key")
+        return keys
+
+
 class ServeSpec(_Section):
     enabled: bool = True
     keep_running: bool = Field(False, description="Leave the service up after the job.")
@@ -341,6 +375,9 @@ class ServeSpec(_Section):
     api_keys_env: str | None = Field(
         None, description="Environment variable with the API keys (comma separated).")
     api_keys_file: str | None = Field(None, description="File with one API key per line.")
+    quotas: QuotasSpec | None = Field(
+        None, description="Requests and tokens per minute per API key, with usage metered per "
+        "key; needs api_keys_env or api_keys_file.")
     sample_requests: list[str] = Field(
         default_factory=lambda: ["The event loop", "Return the number of"],
         description="Texts the quickstart sends to the service at the end of the run.",
@@ -350,6 +387,15 @@ class ServeSpec(_Section):
     def _one_way_to_size(self) -> ServeSpec:
         if self.autoscaling is not None and self.num_replicas != 1:
             raise ValueError("set serve.num_replicas or serve.autoscaling, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _quotas_need_keys(self) -> ServeSpec:
+        """serve.quotas needs API keys (serve.api_keys_env or serve.api_keys_file): quotas are
+        per key."""
+        if self.quotas is not None and not (self.api_keys_env or self.api_keys_file):
+            raise ValueError("serve.quotas needs API keys (serve.api_keys_env or "
+                             "serve.api_keys_file): quotas are per key")
         return self
 
 

@@ -145,11 +145,24 @@ def test_every_metric_is_documented_and_charted():
         assert name in charted, f"no dashboard panel shows {exported_name(name)}"
 
 
+def test_usage_per_key_is_charted_and_alerted_by_key_id():
+    """Every per-key metric is charted per `key` (the key's id) in the serving dashboard, and
+    the quota alert fires per app and key."""
+    dashboard = prom.load_dashboards()["serving.json"]
+    by_key = [target["expr"] for panel in prom.panels(dashboard)
+              for target in panel.get("targets", []) if "by (app, key" in target["expr"]]
+    for name in METRICS:
+        if name.startswith("serve_key_"):
+            assert any(exported_name(name) in expr for expr in by_key), name
+    rule = next(r for r in prom.alert_rules() if r["alert"] == "ServeKeyAtQuota")
+    assert "sum by (app, key)" in rule["expr"] and "rate_limited" in rule["expr"]
+
+
 def test_alerts_follow_the_signal_comparison_convention():
     rules = prom.alert_rules()
     assert {rule["alert"] for rule in rules} == {
         "TrainingStalled", "TrainingLossNaN", "TrainingLossDiverging", "DataWaitHigh",
-        "Serve5xxRateHigh", "ServeP99AboveTarget", "NodeMemoryNearFull"}
+        "Serve5xxRateHigh", "ServeP99AboveTarget", "ServeKeyAtQuota", "NodeMemoryNearFull"}
     for rule in rules:
         signal, _, rhs = prom.split_comparison(rule["expr"])
         assert prom.metric_names(signal) and rhs, rule["alert"]

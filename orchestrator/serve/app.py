@@ -21,14 +21,16 @@ from fastapi import FastAPI
 from ray import serve
 from ray.serve import Application
 from ray.serve.context import _get_global_client
+from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ApplicationStatus, ServeInstanceDetails
 
 from orchestrator import prometheus
 from orchestrator.bundle import read_spec_and_info
-from orchestrator.serve import DeployError, forwarding
+from orchestrator.serve import DeployError, forwarding, quotas
 from orchestrator.serve.auth import load_key_digests
 from orchestrator.serve.forwarding import Answer, Forwarded
 from orchestrator.serve.front import Front, UnknownModel
+from orchestrator.serve.quotas import Admission, Limits, default_limits, limits_by_key
 from orchestrator.serve.routes import create_api
 from orchestrator.serve.server import ModelServer
 from orchestrator.spec import JobSpec, ServeSpec
@@ -43,6 +45,7 @@ FRONT_BUILDER_IMPORT_PATH = "orchestrator.serve.app:build_front"
 FRONT_DEPLOYMENT = "Front"
 FRONT_CPUS = 0.0  # like Serve's proxy: it parses one field and hands the request on
 FRONT_ONGOING_REQUESTS = 1024
+QUOTA_DEPLOYMENT = "QuotaLedger"
 MODEL_NAMES_TTL_S = 2.0
 CHEAP_REQUEST_ROOM = 8  # ongoing requests beyond batch and queue: /v1/models, /tokenize, ...
 
@@ -73,12 +76,13 @@ class ModelService:
     """One replica: the bundle loaded once; the FastAPI app is built around it on the replica."""
 
     def __init__(self, bundle_dir: str, serve_spec: dict[str, Any], key_digests: list[str],
-                 model: str | None = None):
+                 model: str | None = None, quota_ledger: DeploymentHandle | None = None):
         limits = ServeSpec.model_validate(serve_spec)
         self.bundle_dir = bundle_dir
         app_name = serve.get_replica_context().app_name
+        quota = None if quota_ledger is None else LedgerHandle(quota_ledger)
         self.server = ModelServer(bundle_dir, limits, key_digests, app_name=app_name,
-                                  model_name=model)
+                                  model_name=model, quota=quota)
         self.api = create_api(self.server)
         prometheus.record("serve_p99_latency_target_seconds", limits.p99_latency_target_s,
                        app=app_name)
@@ -101,6 +105,36 @@ class ModelService:
         """What `orchestrator services` lists: the model this replica serves and from where."""
         return ServedModel(self.server.model_name, self.server.task.value, self.server.version,
                            self.bundle_dir)
+
+
+@serve.deployment(name=QUOTA_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0},
+                  max_ongoing_requests=FRONT_ONGOING_REQUESTS)
+class QuotaLedger:
+    """The one ledger of a model's quotas (quotas.Ledger), which every replica of the model
+    asks, so a key's limit holds across replicas. It lives and goes with the model's app; its
+    counts start afresh when Serve restarts it. Its methods never await: each runs whole."""
+
+    def __init__(self, limits: dict[str, Limits], default: Limits):
+        self.ledger = quotas.Ledger(limits, default)
+
+    async def admit(self, key: str, tokens: int) -> Admission:
+        return self.ledger.admit(key, tokens)
+
+    async def settle(self, key: str, ticket: int, tokens: int) -> None:
+        self.ledger.settle(key, ticket, tokens)
+
+
+class LedgerHandle:
+    """quotas.QuotaCheck through the app's QuotaLedger: one call per request that does work."""
+
+    def __init__(self, handle: DeploymentHandle):
+        self.handle = handle
+
+    async def admit(self, key: str, tokens: int) -> Admission:
+        return await self.handle.admit.remote(key, tokens)
+
+    async def settle(self, key: str, ticket: int, tokens: int) -> None:
+        await self.handle.settle.remote(key, ticket, tokens)
 
 
 class ServeModels:
@@ -195,8 +229,13 @@ def build_app(args: dict[str, Any]) -> Application:
     limits = ServeSpec.model_validate(args.get("serve")
                                       or read_spec_and_info(bundle_dir)[0].serve.model_dump())
     deployment = ModelService.options(**deployment_options(limits))
-    return deployment.bind(bundle_dir, limits.model_dump(mode="json"), load_key_digests(limits),
-                           args.get("model"))
+    digests = load_key_digests(limits)
+    ledger = None
+    if limits.quotas is not None:  # key ids that match no key fail here, before Serve is asked
+        ledger = QuotaLedger.bind(limits_by_key(limits.quotas, digests),
+                                  default_limits(limits.quotas))
+    return deployment.bind(bundle_dir, limits.model_dump(mode="json"), digests,
+                           args.get("model"), ledger)
 
 
 def endpoint_url(spec: JobSpec) -> str:
@@ -236,7 +275,9 @@ def check_deployable(spec: JobSpec, name: str) -> None:
     """Refuse, before anything is built, a deploy of app `name` that cannot succeed or would
     take over what another app serves: Serve already listening on another port than serve.port,
     the app's route held by another application, or `/` (the front's) held by one that is not
-    the front."""
+    the front. serve.quotas naming a key id that no configured key has is refused too."""
+    if spec.serve.quotas is not None:
+        limits_by_key(spec.serve.quotas, load_key_digests(spec.serve))
     details = _serve_details()
     if details is None:
         return

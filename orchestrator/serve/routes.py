@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException
 
 from orchestrator import prometheus
 from orchestrator.inference.engine import TokenLogprob
-from orchestrator.serve.auth import authorized
+from orchestrator.serve.auth import BEARER, authorized, digest
 from orchestrator.serve.protocol import (
     ERROR_TYPES,
     APIError,
@@ -50,6 +50,7 @@ from orchestrator.serve.protocol import (
     http_error,
     invalid_request,
 )
+from orchestrator.serve.quotas import key_id
 from orchestrator.serve.server import (
     CompletionChoice,
     CompletionJob,
@@ -66,6 +67,11 @@ logger = logging.getLogger(__name__)
 
 def server_of(request: Request) -> ModelServer:
     return request.app.state.server
+
+
+def key_of(request: Request) -> str | None:
+    """The caller's key id (RequireKey sets it), or None when no keys are configured."""
+    return request.scope.get("state", {}).get("key_id")
 
 
 def require_task(server: ModelServer, task: Task, route: str) -> None:
@@ -120,8 +126,10 @@ async def classify(body: ClassifyBody, request: Request) -> dict[str, Any]:
                        "input")
     if any(not text.strip() for text in texts):
         raise APIError(400, "input must not contain empty strings", "input")
+    texts, key = server.readable(texts), key_of(request)
+    await server.admit(key, await server.classify_tokens(texts) if key else 0)
     async with timeout_as_408(server):
-        predictions = await server.classify(server.readable(texts))
+        predictions = await server.classify(texts)
     return {"object": "list", "model": server.model_name,
             "data": [{"index": i, **p} for i, p in enumerate(predictions)]}
 
@@ -135,16 +143,19 @@ async def completions(body: CompletionBody, request: Request) -> dict[str, Any] 
     require_task(server, Task.LANGUAGE_MODEL, "/v1/completions")
     require_model(server, body.model)
     job = await server.completion_job(body)
+    key = key_of(request)
+    ticket = await server.admit(key, job.prompt_tokens, sum(p.max_tokens for p in job.params))
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
             "created": int(time.time()), "model": server.model_name}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(stream_events(server, job, head, include_usage, started),
-                                 media_type="text/event-stream")
-    async with timeout_as_408(server):
+        return StreamingResponse(stream_events(server, job, head, include_usage, started,
+                                               key, ticket), media_type="text/event-stream")
+    async with timeout_as_408(server):  # a request that fails keeps its reservation
         choices = await server.complete(job)
     tokens = sum(choice.completion_tokens for choice in choices)
     prometheus.record("serve_generated_tokens", tokens, app=server.app_name)
+    server.finish(key, ticket, job.prompt_tokens, tokens)
     return {**head, "choices": [choice_json(job, row, choice) for row, choice in enumerate(choices)],
             "usage": usage(job.prompt_tokens, tokens)}
 
@@ -172,7 +183,8 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 async def stream_events(server: ModelServer, job: CompletionJob, head: dict[str, Any],
-                        include_usage: bool, started: float) -> AsyncIterator[str]:
+                        include_usage: bool, started: float, key: str | None = None,
+                        ticket: int | None = None) -> AsyncIterator[str]:
     """Server-sent events as OpenAI sends them: a chunk per new text, then `data: [DONE]`.
     Once the stream has started its status cannot change: a failure (timeout, an error of this
     request, anything unexpected) sends an error event, then `data: [DONE]`."""
@@ -208,6 +220,7 @@ async def stream_events(server: ModelServer, job: CompletionJob, head: dict[str,
                                        code="internal_error")})
     finally:
         prometheus.record("serve_generated_tokens", sum(tokens), app=server.app_name)
+        server.finish(key, ticket, job.prompt_tokens, sum(tokens))
     yield "data: [DONE]\n\n"
 
 
@@ -222,6 +235,7 @@ async def tokenize(body: TokenizeBody, request: Request) -> dict[str, Any]:
     server = server_of(request)
     require_model(server, body.model)
     server.check_prompt_bytes(body.prompt, server.limits.max_prompt_tokens)
+    await server.admit(key_of(request))
     [ids] = await server.tokenize([body.prompt])
     out: dict[str, Any] = {"count": len(ids), "max_model_len": server.context_length,
                            "tokens": ids}
@@ -237,6 +251,7 @@ async def detokenize(body: DetokenizeBody, request: Request) -> dict[str, Any]:
     if len(body.tokens) > server.context_length:
         raise APIError(400, f"at most {server.context_length} tokens", "tokens")
     server.check_token_ids(body.tokens, "tokens")
+    await server.admit(key_of(request))
     [text] = await server.detokenize([body.tokens])
     return {"prompt": text}
 
@@ -376,19 +391,23 @@ class RequireKey:
     """The API key, checked before anything reads the body: a request without a valid key gets
     401 whatever its body (a malformed one got 400, telling a stranger how it was parsed) and
     costs no body read. Every path but OPEN_PATHS needs the key, unknown ones included, so a
-    route added later is keyed unless it is opened on purpose."""
+    route added later is keyed unless it is opened on purpose. A keyed request carries its
+    key's id (quotas.key_id) in scope["state"] for quotas and usage."""
 
     def __init__(self, app: Any, server: ModelServer):
         self.app, self.server = app, server
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and route_path(scope) not in OPEN_PATHS and not authorized(
-                Headers(scope=scope).get("authorization"), self.server.key_digests,
-                self.server.auth_required):
-            await error_response(401, "a valid API key is required: Authorization: Bearer KEY",
-                                 code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})(
-                scope, receive, send)
-            return
+        if scope["type"] == "http" and route_path(scope) not in OPEN_PATHS:
+            header = Headers(scope=scope).get("authorization")
+            if not authorized(header, self.server.key_digests, self.server.auth_required):
+                await error_response(401, "a valid API key is required: Authorization: Bearer "
+                                          "KEY", code="invalid_api_key",
+                                     headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+                return
+            if self.server.auth_required:
+                presented = digest(header[len(BEARER):].strip())
+                scope.setdefault("state", {})["key_id"] = key_id(presented)
         await self.app(scope, receive, send)
 
 

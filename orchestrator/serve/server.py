@@ -32,6 +32,7 @@ from orchestrator.inference.engine import (
 from orchestrator.inference.predictor import Predictor
 from orchestrator.inference.sampling import SamplingParams
 from orchestrator.serve.protocol import DEFAULT_MAX_TOKENS, APIError, CompletionBody, overloaded
+from orchestrator.serve.quotas import InProcess, QuotaCheck, ledger_for, refused
 from orchestrator.spec import ServeSpec, Task
 from orchestrator.tokenizer import MAX_RUN
 from orchestrator.weights.model import load_bundle
@@ -69,8 +70,10 @@ class ModelServer:
 
     def __init__(self, bundle_dir: str, limits: ServeSpec, key_digests: list[str],
                  batching: bool = True, app_name: str | None = None,
-                 auth_required: bool | None = None, model_name: str | None = None):
-        """model_name: the name requests give (default: the bundle's job name)."""
+                 auth_required: bool | None = None, model_name: str | None = None,
+                 quota: QuotaCheck | None = None):
+        """model_name: the name requests give (default: the bundle's job name). quota: the
+        ledger every replica shares (default, with serve.quotas set: one in this process)."""
         bundle = load_bundle(bundle_dir)
         if limits.replica_gpus > 0 and torch.cuda.is_available():
             bundle.model.to("cuda")
@@ -84,6 +87,10 @@ class ModelServer:
         self.created = int(time.time())
         self.limits = limits
         self.key_digests = key_digests
+        if quota is None and limits.quotas is not None:
+            quota = InProcess(ledger_for(limits.quotas, key_digests))
+        self.quota = quota
+        self.settling: set[asyncio.Task] = set()
         # Keys fail closed: a configured source that yielded no key lets nobody in.
         self.auth_required = (bool(limits.api_keys_env or limits.api_keys_file)
                               if auth_required is None else auth_required) or bool(key_digests)
@@ -159,6 +166,51 @@ class ModelServer:
         except Exception as error:
             logger.exception("classifying one request's inputs failed")
             return error
+
+    # ---- quotas and usage, per API key ----------------------------------------------------
+
+    async def admit(self, key: str | None, prompt_tokens: int = 0, reserved: int = 0
+                    ) -> int | None:
+        """Count a request of the key (its id; None when no keys are configured) against its
+        quota, charging its prompt tokens plus `reserved` (a completion's max_tokens), and meter
+        it; 429 past a limit. Returns the ticket `finish` settles, if any."""
+        if key is None:
+            return None
+        ticket = None
+        if self.quota is not None:
+            admission = await self.quota.admit(key, prompt_tokens + reserved)
+            if admission.refusal is not None:
+                prometheus.record("serve_key_rate_limited", 1, app=self.app_name, key=key,
+                                  limit=admission.refusal.limit)
+                raise refused(admission.refusal)
+            ticket = admission.ticket
+        prometheus.record("serve_key_requests", 1, app=self.app_name, key=key)
+        prometheus.record("serve_key_prompt_tokens", prompt_tokens, app=self.app_name, key=key)
+        return ticket
+
+    def finish(self, key: str | None, ticket: int | None, prompt_tokens: int,
+               completion_tokens: int) -> None:
+        """Meter a completion's tokens and settle its reservation to what it used (without
+        waiting for the ledger)."""
+        if key is None:
+            return
+        prometheus.record("serve_key_completion_tokens", completion_tokens, app=self.app_name,
+                          key=key)
+        if ticket is not None and self.quota is not None:
+            task = asyncio.create_task(self._settle(key, ticket,
+                                                    prompt_tokens + completion_tokens))
+            self.settling.add(task)
+            task.add_done_callback(self.settling.discard)
+
+    async def _settle(self, key: str, ticket: int, tokens: int) -> None:
+        try:
+            await self.quota.settle(key, ticket, tokens)
+        except Exception:  # the reservation stays charged until it leaves the window
+            logger.exception("settling a quota reservation failed")
+
+    async def classify_tokens(self, texts: list[str]) -> int:
+        """The tokens the classifier reads of these texts (each cut to its context)."""
+        return sum(min(len(ids), self.info.context_length) for ids in await self.tokenize(texts))
 
     # ---- tokens ----------------------------------------------------------------------------
 
