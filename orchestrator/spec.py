@@ -29,6 +29,19 @@ DATA_FORMATS = ("parquet", "jsonl", "csv", "text")
 MAX_CONTEXT = 32768
 FORMAT_BY_SUFFIX = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv",
                     ".txt": "text", ".text": "text"}
+# Whole-file compressions that Ray Data undoes by a file's last suffix (`a.jsonl.gz`); parquet
+# compresses inside the file.
+COMPRESSION_SUFFIXES = (".gz", ".zst", ".bz2", ".lz4")
+SUFFIXES_KNOWN = (f"known: {', '.join(FORMAT_BY_SUFFIX)}, each but .parquet optionally followed "
+                  f"by {', '.join(COMPRESSION_SUFFIXES)}")
+
+
+def format_of(name: str) -> str | None:
+    """The data format a file name's suffixes imply (`a.jsonl.zst`: jsonl), or None."""
+    path = Path(name.rstrip("/"))
+    compressed = path.suffix.lower() in COMPRESSION_SUFFIXES
+    fmt = FORMAT_BY_SUFFIX.get((path.with_suffix("") if compressed else path).suffix.lower())
+    return None if compressed and fmt == "parquet" else fmt
 
 
 class SpecError(ValueError):
@@ -41,7 +54,10 @@ class _Section(BaseModel):
 
 class DataSpec(_Section):
     path: str = Field(description="File, directory or URI (s3://, gs://, file://) of the text data.")
-    format: Literal["auto", "parquet", "jsonl", "csv", "text"] = "auto"
+    format: Literal["auto", "parquet", "jsonl", "csv", "text"] = Field(
+        "auto", description="auto: from the file's suffixes, or those of every file in a folder "
+        "or prefix (one format; files named . or _ first skipped): .parquet, .jsonl/.json, .csv, "
+        ".txt/.text, all but .parquet also compressed (.gz, .zst, .bz2, .lz4).")
     text_column: str = "text"
     label_column: str | None = Field(None, description="Required for the classifier.")
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
@@ -71,16 +87,18 @@ class DataSpec(_Section):
 
     @property
     def resolved_format(self) -> str:
-        """The explicit format, or the one the path's suffix implies."""
+        """The explicit format, or the one the path's suffixes imply (a folder's files are
+        looked at by data.sources.source_format)."""
         if self.format != "auto":
             return self.format
-        suffix = Path(self.path.rstrip("/")).suffix.lower()
-        if suffix not in FORMAT_BY_SUFFIX:
+        fmt = format_of(self.path)
+        if fmt is None:
             raise SpecError(
                 f"data.format: cannot infer the format of {self.path!r} from its suffix "
-                f"{suffix or '(none)'!r}; set data.format to one of {', '.join(DATA_FORMATS)}"
+                f"{Path(self.path.rstrip('/')).suffix.lower() or '(none)'!r} "
+                f"({SUFFIXES_KNOWN}); set data.format to one of {', '.join(DATA_FORMATS)}"
             )
-        return FORMAT_BY_SUFFIX[suffix]
+        return fmt
 
 
 class Task(str, Enum):

@@ -9,11 +9,13 @@ from urllib.parse import urlparse
 import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pa_csv
+import pyarrow.fs as pafs
+import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 import ray
 import ray.data
 
-from orchestrator.spec import DataSpec, SpecError
+from orchestrator.spec import DATA_FORMATS, SUFFIXES_KNOWN, DataSpec, SpecError, format_of
 from orchestrator.storage import resolve
 
 TEXT, LABEL = "text", "label"
@@ -26,6 +28,9 @@ CHECK_CHUNK_ROWS = 10_000
 # keeps only as text; or Arrow could not parse a CSV file (Ray Data drops Arrow's reason, such as
 # "invalid UTF8 data").
 DECODING_FAILED = ("UnicodeDecodeError", "Failed to read CSV file")
+# Files of a folder that Ray Data skips, as it does: their path in the folder starts with these
+# (_SUCCESS, .crc files and the like that writers leave).
+SKIPPED_PREFIXES = (".", "_")
 
 
 def _local_path(path: str) -> str | None:
@@ -40,6 +45,44 @@ def _check_exists(data: DataSpec) -> None:
     local = _local_path(data.path)
     if local is not None and not os.path.exists(local):
         raise SpecError(f"data.path = {data.path!r}: no such file or directory")
+
+
+def source_files(data: DataSpec) -> list[str]:
+    """The files data.path names: itself, or the files under a folder or prefix that Ray Data
+    reads (sorted, in the path's filesystem)."""
+    location = resolve(data.path)
+    if location.kind() != pafs.FileType.Directory:
+        return [location.path]
+    base = location.path.rstrip("/") + "/"
+    infos = location.fs.get_file_info(pafs.FileSelector(location.path, recursive=True))
+    return sorted(info.path for info in infos if info.is_file
+                  and not info.path[len(base):].startswith(SKIPPED_PREFIXES))
+
+
+def source_format(data: DataSpec) -> str:
+    """data.format, or with auto the one format the suffixes of the path's files imply; a folder
+    whose files name no format, or two, is refused naming them."""
+    if data.format != "auto" or resolve(data.path).kind() != pafs.FileType.Directory:
+        return data.resolved_format
+    files = source_files(data)
+    if not files:
+        raise SpecError(f"data.path = {data.path!r}: the folder holds no files")
+    found: dict[str, str] = {}  # format: its first file
+    for file in files:
+        fmt = format_of(file)
+        if fmt is None:
+            raise SpecError(
+                f"data.format: cannot infer the format of {file} in data.path = {data.path!r} "
+                f"from its suffix ({SUFFIXES_KNOWN}); set data.format to one of "
+                f"{', '.join(DATA_FORMATS)}, or move the file out")
+        found.setdefault(fmt, file)
+        if len(found) > 1:
+            (first, one), (second, other) = found.items()
+            raise SpecError(
+                f"data.path = {data.path!r} holds files of two formats: {one} ({first}) and "
+                f"{other} ({second}); keep one format in it, or set data.format to read every "
+                "file as that format")
+    return next(iter(found))
 
 
 def configure_ray_data() -> None:
@@ -130,7 +173,7 @@ def check_files(data: DataSpec, files: list[str]) -> None:
     """Refuse the first of `files` that cannot be read, naming it: each is read through in a Ray
     task of its own (in parallel, off the driver), only after a read of the whole source failed."""
     check = ray.remote(num_cpus=1)(file_error)
-    fmt = data.resolved_format
+    fmt = source_format(data)
     errors = ray.get([check.remote(data.path, file, fmt) for file in files])
     for file, why in zip(files, errors):
         if why is not None:
@@ -147,7 +190,7 @@ def _is_decoding_error(error: BaseException) -> bool:
 def _check_decoding(data: DataSpec, ds: ray.data.Dataset, error: BaseException) -> None:
     """After a failed read of `ds`: the SpecError naming the file and byte that are not UTF-8,
     when that is why. The files are read only then, so a good dataset is read once."""
-    if data.resolved_format in TEXT_FORMATS and _is_decoding_error(error):
+    if source_format(data) in TEXT_FORMATS and _is_decoding_error(error):
         check_utf8(data, ds.input_files())
 
 
@@ -188,7 +231,7 @@ def read_source(data: DataSpec, keep_other_columns: bool = False,
     check_columns=True when it fails, for the SpecError that says why.
     """
     _check_exists(data)
-    fmt = data.resolved_format
+    fmt = source_format(data)
     ds = _read(data, fmt)
     if fmt == "text":
         if data.label_column:

@@ -8,8 +8,8 @@ import pyarrow as pa
 import pytest
 
 from orchestrator.data import sources
-from orchestrator.data.sources import check_utf8
-from orchestrator.spec import DataSpec, SpecError
+from orchestrator.data.sources import check_utf8, source_files, source_format
+from orchestrator.spec import DataSpec, SpecError, format_of
 
 
 @pytest.mark.parametrize(("content", "found"), [
@@ -60,3 +60,47 @@ def test_file_error_names_what_does_not_parse(tmp_path):
     not_parquet = tmp_path / "x.parquet"
     not_parquet.write_text("not parquet")
     assert "ArrowInvalid" in sources.file_error(str(tmp_path), str(not_parquet), "parquet")
+
+
+@pytest.mark.parametrize(("name", "fmt"), [
+    ("a.jsonl.gz", "jsonl"), ("A.JSONL.ZST", "jsonl"), ("a.json.bz2", "jsonl"),
+    ("a.csv.gz", "csv"), ("a.txt.lz4", "text"), ("a.parquet", "parquet"), ("a.v2.jsonl", "jsonl"),
+    ("a.parquet.gz", None), ("a.tar.gz", None), ("a.gz", None), ("README", None),
+])
+def test_the_format_is_read_from_a_file_names_suffixes(name, fmt):
+    assert format_of(name) == fmt
+
+
+def _files(directory, *names: str):
+    for name in names:
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_bytes(b"")
+    return directory
+
+
+def test_a_folder_has_the_format_of_its_files(tmp_path):
+    """Compressed or not, nested or not; what Ray Data skips (_SUCCESS, .crc) is skipped."""
+    folder = _files(tmp_path, "a.jsonl.gz", "b.jsonl.zst", "sub/c.json", "_SUCCESS", ".a.crc")
+    assert source_format(DataSpec(path=str(folder))) == "jsonl"
+    assert source_files(DataSpec(path=str(folder))) == [
+        str(folder / name) for name in ("a.jsonl.gz", "b.jsonl.zst", "sub/c.json")]
+    assert source_format(DataSpec(path=str(folder / "a.jsonl.gz"))) == "jsonl"
+    assert source_format(DataSpec(path=str(_files(tmp_path / "p", "x.parquet")))) == "parquet"
+
+
+def test_a_folder_of_two_formats_is_refused_naming_a_file_of_each(tmp_path):
+    folder = _files(tmp_path, "a.jsonl.gz", "b.jsonl", "c.csv.gz", "d.jsonl")
+    with pytest.raises(SpecError, match=rf"data.path = '{folder}' holds files of two formats: "
+                       rf"{folder / 'a.jsonl.gz'} \(jsonl\) and {folder / 'c.csv.gz'} \(csv\)"):
+        source_format(DataSpec(path=str(folder)))
+    assert source_format(DataSpec(path=str(folder), format="jsonl")) == "jsonl"  # as the user says
+
+
+def test_a_file_whose_suffix_names_no_format_is_named(tmp_path):
+    folder = _files(tmp_path, "a.jsonl", "notes.md")
+    with pytest.raises(SpecError, match=rf"data.format: cannot infer the format of "
+                       rf"{folder / 'notes.md'} in data.path = '{folder}'.*known: \.parquet, "
+                       r"\.jsonl.*set data.format to one of parquet, jsonl, csv, text"):
+        source_format(DataSpec(path=str(folder)))
+    with pytest.raises(SpecError, match=r"data.path = .*: the folder holds no files"):
+        source_format(DataSpec(path=str(_files(tmp_path / "empty", "_SUCCESS"))))
