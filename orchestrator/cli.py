@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Self
 from orchestrator.bench import BENCHMARKS
 from orchestrator.k8s import K8sOptions, build, write
 from orchestrator.serve import DeployError
+from orchestrator.serve.ingress import Ingress
 from orchestrator.spec import (
     JobSpec,
     SpecError,
@@ -286,7 +287,8 @@ def _run(args: argparse.Namespace) -> int:
         spec = spec.model_copy(update={"runs_dir": durable})
     runs_dir = args.run_dir.rstrip("/").rsplit("/", 1)[0] if args.run_dir else spec.runs_dir
     return _drive(runs_dir, args, lambda progress: run(spec, args.address, progress,
-                                                       resume=args.resume, run_dir=args.run_dir))
+                                                       resume=args.resume, run_dir=args.run_dir),
+                  Ingress(spec.serve.ingress))
 
 
 def _resume(args: argparse.Namespace) -> int:
@@ -295,15 +297,16 @@ def _resume(args: argparse.Namespace) -> int:
     from orchestrator.runner import resume
 
     run_dir = RunDir.open(args.run_dir)
-    resume_spec(run_dir, args.overrides)  # a bad override fails here, before Ray starts
+    spec = resume_spec(run_dir, args.overrides)  # a bad override fails here, before Ray starts
     parent = run_dir.uri.rsplit("/", 1)[0]
     return _drive(parent, args, lambda progress: resume(run_dir, args.address, args.overrides,
-                                                        progress))
+                                                        progress), Ingress(spec.serve.ingress))
 
 
-def _drive(runs_dir: str, args: argparse.Namespace,
-           pipeline: Callable[[Progress], dict]) -> int:
-    """Run a job's stages with calm output, Ctrl-C and SIGTERM handling, and the summary."""
+def _drive(runs_dir: str, args: argparse.Namespace, pipeline: Callable[[Progress], dict],
+           ingress: Ingress) -> int:
+    """Run a job's stages with calm output, Ctrl-C and SIGTERM handling, and the summary;
+    `ingress`: how the Serve of an embedded Ray takes requests in (the spec's serve.ingress)."""
     import ray
 
     from orchestrator.pipeline import Progress
@@ -317,7 +320,7 @@ def _drive(runs_dir: str, args: argparse.Namespace,
         stop, stopped = StopSignals(), False
         try:
             stop.install()
-            embedded = connect(args.address, console.say)
+            embedded = connect(args.address, console.say, ingress)
             stop.install()  # ray.init installs a SIGTERM handler of its own
             report = pipeline(progress)
             serving = report["endpoint"] is not None
@@ -385,15 +388,20 @@ def _bundle_and_spec(args: argparse.Namespace) -> tuple[str, JobSpec]:
 def _deploy(args: argparse.Namespace) -> int:
     from orchestrator.runner import connect
     from orchestrator.serve import deploy
+    from orchestrator.serve.ingress import mismatch, running_ingress
 
     bundle_dir, spec = _bundle_and_spec(args)
-    embedded = connect(args.address)
+    embedded = connect(args.address, ingress=Ingress(spec.serve.ingress))
     try:
         url = deploy(spec, bundle_dir, timeout_s=args.timeout)
     except DeployError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"serving {spec.name} from {bundle_dir} at {url}", flush=True)
+    running = running_ingress()
+    print(f"serving {spec.name} from {bundle_dir} at {url} (ingress: "
+          f"{running.value if running else 'unknown'})", flush=True)
+    if (wrong := mismatch(Ingress(spec.serve.ingress), running)) is not None:
+        print(f"note: {wrong}", flush=True)
     if embedded:
         _wait_for_interrupt()
     return 0

@@ -29,6 +29,7 @@ from orchestrator.records import (
 from orchestrator.report import reference_verdict, write_report
 from orchestrator.resume import check_resumable
 from orchestrator.rundir import RunDir
+from orchestrator.serve.ingress import Ingress, mismatch, running_ingress
 from orchestrator.serve.samples import send_sample_requests
 from orchestrator.spec import JobSpec, spec_to_yaml
 from orchestrator.sweep.space import apply_trial_config
@@ -256,5 +257,7 @@ def _deploy_stage(winner_spec: JobSpec, name: str, bundle_uri: str, info: DataIn
         succeeded = True
     finally:
         if created and not (keep and succeeded):
+        if (wrong := mismatch(Ingress(winner_spec.serve.ingress), running_ingress())) is not None:
+            progress.note(wrong)
             service.remove(name)
     return (url if keep else None), samples

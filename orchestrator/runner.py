@@ -13,6 +13,7 @@ import ray
 from orchestrator.pipeline import Progress, run_pipeline
 from orchestrator.resume import resume_spec
 from orchestrator.rundir import RunDir
+from orchestrator.serve.ingress import Ingress, use_for_embedded_ray
 from orchestrator.spec import JobSpec
 
 # How long a cluster named by an address gets to accept a connection: Ray's own connect retries
@@ -22,15 +23,18 @@ TOKEN_HINT = ("set RAY_AUTH_TOKEN (`ray get-auth-token` prints it on the head), 
               "RAY_AUTH_TOKEN_PATH to the token's file, with RAY_AUTH_MODE=token")
 
 
-def connect(address: str | None = None, say: Callable[[str], None] = print) -> bool:
+def connect(address: str | None = None, say: Callable[[str], None] = print,
+            ingress: Ingress = Ingress.PROXY) -> bool:
     """Join the cluster at `address` (or Ray's own RAY_ADDRESS, which `ray job submit` sets),
     else start a local Ray embedded in this process: always a new one, never the cluster
     Ray remembers in its temp folder (a head that died without `ray stop` leaves it named
-    there). Says which Ray it uses. Returns True when Ray is embedded in this process."""
+    there), its Serve taking requests in by `ingress`. Says which Ray it uses. Returns True
+    when Ray is embedded in this process."""
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None:
+        use_for_embedded_ray(ingress)
         ray.init(address="local", log_to_driver=False, logging_level="WARNING")
         say("Ray: a local Ray embedded in this command (no --address or RAY_ADDRESS given)")
     else:
@@ -91,7 +95,7 @@ def run(spec: JobSpec, address: str | None = None, say: Callable[[str], None] | 
     finished; otherwise a new run starts, in `run_dir` when given."""
     latest = RunDir.latest(spec.runs_dir, spec.name) if resume else None
     unfinished = latest if latest and not latest.completed().report else None
-    connect(address, say.say if isinstance(say, Progress) else say)
+    connect(address, say.say if isinstance(say, Progress) else say, Ingress(spec.serve.ingress))
     return run_pipeline(spec, say, resume=unfinished, new_run_dir=run_dir)
 
 
@@ -102,5 +106,5 @@ def resume(run_dir: str | RunDir, address: str | None = None, overrides: list[st
     resumes the others from their latest checkpoints."""
     run_dir = RunDir.open(run_dir)
     spec = resume_spec(run_dir, overrides)
-    connect(address, say.say if isinstance(say, Progress) else say)
+    connect(address, say.say if isinstance(say, Progress) else say, Ingress(spec.serve.ingress))
     return run_pipeline(spec, say, resume=run_dir)

@@ -376,6 +376,11 @@ class ServeSpec(_Section):
         None, description="Scale replicas with load instead of a fixed num_replicas.")
     replica_cpus: float = Field(0.5, gt=0, description="CPUs reserved by each replica.")
     replica_gpus: float = Field(0.0, ge=0, description="GPUs per replica; the model runs on GPU.")
+    ingress: Literal["proxy", "haproxy"] = Field(
+        "proxy", description="How requests reach the replicas on a Ray this job starts (on a "
+        "running cluster, where its nodes start; see docs/operations.md): proxy, Serve's proxy "
+        "actor on each node; haproxy, HAProxy straight to the replicas with Serve's "
+        "throughput-optimized mode (RAY_SERVE_ENABLE_HA_PROXY, RAY_SERVE_THROUGHPUT_OPTIMIZED).")
     max_batch_size: int = Field(8, ge=1, description="Most rows (prompts x n) decoded together.")
     batch_wait_timeout_s: float = Field(
         0.01, ge=0, description="Classifier: how long a batch waits to fill (completions never "

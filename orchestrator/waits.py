@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import re
 import threading
-from collections import Counter
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -143,7 +143,7 @@ def watch_waits(say: Callable[[str], None], held: Callable[[], dict[str, dict[st
                 waited = tracker.due(load, time.monotonic())
                 if waited is not None:
                     say(describe_wait(load, held(), waited))
-            except Exception:  # noqa: BLE001 - a status call failing is no reason to stop a job
+            except Exception:  # noqa: BLE001, S112 - a failed look is no reason to stop a job
                 continue
 
     thread = threading.Thread(target=watch, name="orchestrator-wait-watch", daemon=True)

@@ -1,21 +1,15 @@
 """End to end: a real `ray start --head` with token auth, real job submissions, real HTTP.
 
-One head per module, started in a short temporary directory with free ports and its own
-freshly generated token (the user's ~/.ray/auth_token is never touched). `ray stop` cannot target
-one cluster (it stops every Ray on the machine), so the fixture tears down exactly the processes
-that carry this head's marker in their environment; Ray passes its environment down from the
-head's daemons to workers, the job supervisor and the job's driver.
+One head per module (heads.py), with its own freshly generated token.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -26,49 +20,18 @@ from pathlib import Path
 import prom
 import pytest
 import requests
-from conftest import REPO, TIMING, free_port, stage_times
-from processes import VENV_BIN, base_env, stop_marked, wait_for_dashboard
-from ray.job_submission import JobSubmissionClient
+from conftest import REPO, TIMING, stage_times
+from heads import CLI_TIMEOUT_S, SHRINK, Head, ray_cli, running_head
+from processes import base_env
 
 from orchestrator.submit import EXCLUDES, RESULT_MARKER
 
 pytestmark = pytest.mark.e2e
 
-RAY = str(VENV_BIN / "ray")
-MARKER = "ORCHESTRATOR_E2E_CLUSTER"
-USER_TOKEN = Path.home() / ".ray" / "auth_token"
-# Small enough for 2 cores, still every stage: data, a 2-trial sweep, select, evaluate, deploy.
-SHRINK = ["train.max_steps=20", "train.eval_interval=10", "train.warmup_steps=2",
-          "train.eval_batches=2", "sweep.num_samples=2", "data.vocab_size=512"]
 # Limits sized for a machine at half the speed of the fastest we get, inside the whole suite:
 # the quickstart job below did not end in 300 s there. Reaching one is a failure that says
 # where the job was; pytest-timeout's global limit (pyproject.toml) is only the last resort.
 JOB_TIMEOUT_S = 720
-CLI_TIMEOUT_S = 240  # a fresh `python -m orchestrator` or `ray` process: imports torch and Ray
-
-
-@dataclass(frozen=True)
-class Head:
-    """A running token-auth head and what a client needs to reach it."""
-
-    dashboard: str
-    token: str
-    token_path: Path
-    root: Path
-    serve_port: int
-    gcs: str  # host:port, what `--address` of run, deploy, services... takes
-
-    def auth(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
-
-    def client(self) -> JobSubmissionClient:
-
-        return JobSubmissionClient(self.dashboard, headers=self.auth())
-
-    def shrink(self, name: str) -> list[str]:
-        """Overrides: small run, outputs under this head's directory, Serve on its free port."""
-        return [*SHRINK, f"name={name}", f"runs_dir={self.root / 'runs'}",
-                f"serve.port={self.serve_port}"]
 
 
 def failure_excerpt(text: str, size: int = 4000) -> str:
@@ -78,66 +41,10 @@ def failure_excerpt(text: str, size: int = 4000) -> str:
     return text[start:start + size] if start >= 0 else text[-size:]
 
 
-def ray_cli(*args: str, env: dict[str, str], timeout: float = CLI_TIMEOUT_S,
-            cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([RAY, *args], env=env, cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, check=False)
-
-
-def _digest(path: Path) -> str | None:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-
-
 @pytest.fixture(scope="module")
 def head() -> Iterator[Head]:
-    """`ray start --head` with RAY_AUTH_MODE=token and a fresh token, torn down precisely."""
-    user_token_before = _digest(USER_TOKEN)
-    # Short on purpose: Ray's unix socket paths live under the temp dir (107-byte limit).
-    root = Path(tempfile.mkdtemp(prefix="orch-e2e-", dir="/tmp"))
-    marker = uuid.uuid4().hex
-    # `ray get-auth-token --generate` writes ~/.ray/auth_token: give it a throwaway home.
-    home = root / "home"
-    home.mkdir()
-    generated = ray_cli("get-auth-token", "--generate", env=base_env(HOME=str(home)))
-    assert generated.returncode == 0, generated.stderr
-    token_path = home / ".ray" / "auth_token"
-    token = token_path.read_text().strip()
-    assert generated.stdout.strip() == token and len(token) == 64
-
-    dashboard_port, gcs_port = free_port(), free_port()
-    # Ray processes that call the state API with no address (Train V2's placement-group cleaner
-    # does) look for "the" local Ray by its GCS processes and fail when this machine runs more
-    # than one Ray (ray_local, other sessions): the cleaner's thread dies, the sweep's placement
-    # groups are never removed and the next stage waits forever. Pin them to this head.
-    # Processes hand metrics to the node's exporter every second (Ray's default: 10 s), so that
-    # the short trials of this test are seen by Prometheus.
-    env = base_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path),
-                   RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dashboard_port}",
-                   RAY_metrics_report_interval_ms="1000", **{MARKER: marker})
-    started = ray_cli(
-        "start", "--head", "--temp-dir", str(root / "ray"), "--num-cpus", "2",
-        "--port", str(gcs_port), "--ray-client-server-port", str(free_port()),
-        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
-        "--dashboard-agent-listen-port", str(free_port()),
-        "--min-worker-port", "0", "--max-worker-port", "0",
-        "--object-store-memory", str(300 * 1024**2), "--disable-usage-stats",
-        env=env, timeout=300,
-    )
-    cluster = Head(f"http://127.0.0.1:{dashboard_port}", token, token_path, root, free_port(),
-                   f"127.0.0.1:{gcs_port}")
-    patch = pytest.MonkeyPatch()
-    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):  # they override any client's address
-        patch.delenv(name, raising=False)
-    try:
-        assert started.returncode == 0, f"ray start failed:\n{started.stdout}\n{started.stderr}"
-        wait_for_dashboard(cluster.dashboard, cluster.auth())
+    with running_head() as cluster:
         yield cluster
-    finally:
-        patch.undo()
-        leftover = stop_marked(MARKER, marker, root)
-        shutil.rmtree(root, ignore_errors=True)
-        assert not leftover, f"processes of the e2e head survived: {leftover}"
-        assert _digest(USER_TOKEN) == user_token_before, "the user's ~/.ray/auth_token changed"
 
 
 @dataclass(frozen=True)
