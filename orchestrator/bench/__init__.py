@@ -16,6 +16,7 @@ BENCHMARKS = {
     "decode": "tokens/s of KV-cache decoding against cache-less decoding",
     "serve": "requests/s and latency of the service: batched, unbatched, plain uvicorn; "
              "open-loop TTFT and inter-token latency",
+    "quotas": "what serve.quotas costs a request: p50 and requests/s with and without quotas",
     "train-overhead": "tokens/s and start-up of our training paths (1 worker) against a plain loop",
     "ingest": "rows/s of our Ray Data stream against a DataLoader and in-memory batches",
     "scaling": "1 against N training workers on one global batch: speedup, efficiency, bytes",

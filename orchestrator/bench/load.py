@@ -14,18 +14,28 @@ Open loop (Poisson arrivals, streamed answers):
 Requests arrive at RATE per second on average (exponential gaps) for SECONDS, whatever the
 server's speed, each streaming its answer. Prints one JSON line: offered and achieved requests/s,
 time to first token and inter-token latency (p50, p99, ms), and errors.
+
+With ORCHESTRATOR_BENCH_API_KEY set, every request carries it as `Authorization: Bearer KEY`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from typing import Any
 
 import aiohttp
 import numpy as np
+
+API_KEY_ENV = "ORCHESTRATOR_BENCH_API_KEY"
+
+
+def _headers() -> dict[str, str]:
+    key = os.environ.get(API_KEY_ENV)
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 async def _client(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
@@ -52,7 +62,8 @@ async def closed_loop(url: str, concurrency: int, seconds: float, body: dict[str
     errors: list[int] = []
     connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=120)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout,
+                                     headers=_headers()) as session:
         warm_until = time.perf_counter() + warmup_s
         stop_at = warm_until + seconds
         await asyncio.gather(*(_client(session, url, body, warm_until, stop_at, latencies, errors)
@@ -105,7 +116,8 @@ async def open_loop(url: str, rate: float, seconds: float, body: dict[str, Any],
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=300)
     body = {**body, "stream": True}
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout,
+                                     headers=_headers()) as session:
         start = time.perf_counter()
         tasks, at = [], 0.0
         while (at := at + rng.exponential(1 / rate)) < seconds:

@@ -191,7 +191,8 @@ class QuotaCheck(Protocol):
 
     async def admit(self, key: str, tokens: int) -> Admission: ...
 
-    async def settle(self, key: str, ticket: int, tokens: int) -> None: ...
+    def settle(self, key: str, ticket: int, tokens: int) -> None:
+        """Sent without waiting: nothing the caller answers depends on it."""
 
 
 class InProcess:
@@ -204,7 +205,7 @@ class InProcess:
     async def admit(self, key: str, tokens: int) -> Admission:
         return self.ledger.admit(key, tokens)
 
-    async def settle(self, key: str, ticket: int, tokens: int) -> None:
+    def settle(self, key: str, ticket: int, tokens: int) -> None:
         self.ledger.settle(key, ticket, tokens)
 
 

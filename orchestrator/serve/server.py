@@ -90,7 +90,6 @@ class ModelServer:
         if quota is None and limits.quotas is not None:
             quota = InProcess(ledger_for(limits.quotas, key_digests))
         self.quota = quota
-        self.settling: set[asyncio.Task] = set()
         # Keys fail closed: a configured source that yielded no key lets nobody in.
         self.auth_required = (bool(limits.api_keys_env or limits.api_keys_file)
                               if auth_required is None else auth_required) or bool(key_digests)
@@ -197,16 +196,7 @@ class ModelServer:
         prometheus.record("serve_key_completion_tokens", completion_tokens, app=self.app_name,
                           key=key)
         if ticket is not None and self.quota is not None:
-            task = asyncio.create_task(self._settle(key, ticket,
-                                                    prompt_tokens + completion_tokens))
-            self.settling.add(task)
-            task.add_done_callback(self.settling.discard)
-
-    async def _settle(self, key: str, ticket: int, tokens: int) -> None:
-        try:
-            await self.quota.settle(key, ticket, tokens)
-        except Exception:  # the reservation stays charged until it leaves the window
-            logger.exception("settling a quota reservation failed")
+            self.quota.settle(key, ticket, prompt_tokens + completion_tokens)
 
     async def classify_tokens(self, texts: list[str]) -> int:
         """The tokens the classifier reads of these texts (each cut to its context)."""
