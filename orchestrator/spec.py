@@ -356,10 +356,12 @@ class QuotasSpec(_Section):
         "of the key's SHA-256 (`printf %s KEY | sha256sum | cut -c1-12`), never the key; the "
         "fields an override sets replace the default's, null included.")
 
-    @field_validator("keys")
+    @field_validator("keys", mode="before")
     @classmethod
-    def _key_ids(cls, keys: dict[str, QuotaLimits]) -> dict[str, QuotaLimits]:
-        for key_id in keys:
+    def _key_ids(cls, keys: Any) -> Any:
+        for key_id in keys if isinstance(keys, dict) else ():
+            if not isinstance(key_id, str):  # YAML reads 123456789012 as a number
+                raise ValueError(f"key id {key_id!r} was read as a number: quote it in YAML")
             if not re.fullmatch(KEY_ID_PATTERN, key_id):
                 raise ValueError(f"{key_id!r} is not a key id: give the first 8 to 64 lower-case "
                                  "hex digits of the key's SHA-256, not the key")

@@ -157,6 +157,7 @@ def test_an_override_must_name_exactly_one_configured_key() -> None:
     ({"quotas": {"default": {"requests_per_minute": 5}}}, "serve.quotas needs API keys"),
     ({"api_keys_env": "K", "quotas": {"keys": {"alpha-key": {}}}}, "is not a key id"),
     ({"api_keys_env": "K", "quotas": {"keys": {"ABCDEF12": {}}}}, "lower-case hex"),
+    ({"api_keys_env": "K", "quotas": {"keys": {123456789012: {}}}}, "read as a number"),
     ({"api_keys_env": "K", "quotas": {"default": {"tokens_per_minute": 0}}},
      "serve.quotas.default.tokens_per_minute"),
     ({"api_keys_env": "K", "quotas": {"default": {"requests_per_hour": 5}}}, "requests_per_hour"),
