@@ -297,6 +297,8 @@ class SweepSpec(_Section):
     grace_period: int = Field(2, ge=1, description="ASHA: evaluations before a trial may stop.")
     reduction_factor: int = Field(2, ge=2)
     max_concurrent_trials: int = Field(0, ge=0, description="0: as many as the cluster fits.")
+    seed: int = Field(0, description="Seeds the values the search draws (the same trials on "
+                                     "every run and resume of the spec).")
 
     @field_validator("space")
     @classmethod

@@ -21,7 +21,7 @@ from orchestrator.rundir import TUNE_EXPERIMENT, RunDir
 from orchestrator.spec import JobSpec
 from orchestrator.storage import Location, resolve
 from orchestrator.sweep.progress import TrialProgress
-from orchestrator.sweep.space import apply_trial_config, search_space
+from orchestrator.sweep.space import TRIAL_KEY, apply_trial_config, sample_configs, trial_values
 from orchestrator.train.config import worker_config
 from orchestrator.train.hosts import train_in_trial
 from orchestrator.train.trainer import build_trainer, checkpoint_retention
@@ -69,9 +69,11 @@ def trains_in_trial(spec: JobSpec) -> bool:
     return spec.resources.num_workers == 1 and spec.data.cache
 
 
-def run_trial(values: dict[str, Any], spec: JobSpec, run_dir: str, info: DataInfo) -> None:
-    """One Tune trial of the sweep values `values`: training in this actor, or a Ray Train run
-    whose reports reach Tune through TuneReportCallback."""
+def run_trial(tune_config: dict[str, Any], spec: JobSpec, run_dir: str, info: DataInfo,
+              configs: list[dict[str, Any]]) -> None:
+    """One Tune trial (its sweep values: trial_values): training in this actor, or a Ray Train
+    run whose reports reach Tune through TuneReportCallback."""
+    values = trial_values(tune_config, configs)
     config = worker_config(apply_trial_config(spec, values), info, RunDir.at(run_dir))
     if trains_in_trial(config.spec):
         train_in_trial(config)
@@ -118,8 +120,8 @@ def _with_checkpoint_uris(history: pd.DataFrame, trial: Location) -> pd.DataFram
     return history.assign(checkpoint_path=paths)
 
 
-def _tables(results: tune.ResultGrid, spec: JobSpec,
-            run_dir: RunDir) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _tables(results: list[tune.Result], spec: JobSpec, run_dir: RunDir,
+            configs: list[dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:
     metric, ascending = spec.metric, spec.metric_mode == "min"
     rows, histories = [], []
     for result in results:
@@ -130,7 +132,7 @@ def _tables(results: tune.ResultGrid, spec: JobSpec,
         row: dict[str, Any] = {"trial_id": trial_id,
                                "status": "error" if result.error else "done",
                                "error": str(result.error) if result.error else None}
-        row.update({f"config/{k}": v for k, v in result.config.items()})
+        row.update({f"config/{k}": v for k, v in trial_values(result.config, configs).items()})
         if history is not None and metric in history:
             history = history.dropna(subset=[metric])
             best = _best_kept(history.sort_values(metric, ascending=ascending))
@@ -166,36 +168,68 @@ def run_sweep(spec: JobSpec, run_dir: RunDir | str, info: DataInfo,
 
     With `restore`, a sweep whose driver died continues: finished trials are kept, unfinished
     ones resume from their latest checkpoints (Tune's for one-worker trials; Train V2 picks up a
-    several-worker trial's latest one from its run's storage)."""
+    several-worker trial's latest one from its run's storage), and trials that Tune's restored
+    state does not know run in an experiment of their own (_missing_trials says why)."""
     plan = plan or plan_cluster(spec)
     spec = with_device(spec, plan)  # trials on other nodes must not decide again
     run_dir = RunDir.at(run_dir)
-    metric, mode = spec.metric, spec.metric_mode
-    concurrency = plan.concurrent_trials
+    configs = sample_configs(spec)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, spec=spec, run_dir=run_dir.uri, info=info),
+        tune.with_parameters(run_trial, spec=spec, run_dir=run_dir.uri, info=info,
+                             configs=configs),
         trial_actor_resources(spec),
     )
-    callbacks = [TrialProgress(progress, spec.name, metric, mode, spec.train.max_steps)]
-    experiment = run_dir.tune_experiment
-    if restore and tune.Tuner.can_restore(experiment.path, storage_filesystem=experiment.fs):
-        tuner = tune.Tuner.restore(experiment.path, trainable, resume_unfinished=True,
-                                   resume_errored=True, storage_filesystem=experiment.fs)
-        # The run config is restored from the dead driver's pickle, progress callback included:
-        # this driver's progress lines go where this driver prints. Tuner has no public setter.
-        tuner._local_tuner.get_run_config().callbacks = callbacks
-    else:
-        tuner = _new_tuner(spec, run_dir, trainable, concurrency, callbacks)
+    callbacks = [TrialProgress(progress, spec.name, spec.metric, spec.metric_mode,
+                               spec.train.max_steps)]
     started = time.monotonic()
-    results = tuner.fit()
+    results: list[tune.Result] = []
+    number = 1
+    while restore and (experiment := _experiment(run_dir, number)).exists():
+        if tune.Tuner.can_restore(experiment.path, storage_filesystem=experiment.fs):
+            results += _restored_tuner(experiment, trainable, callbacks).fit()
+        number += 1
+    missing = _missing_trials(results, configs)
+    if missing:
+        if results:
+            progress(f"{len(missing)} trials of the sweep were not in Tune's saved state; "
+                     f"running them now")
+        tuner = _new_tuner(spec, run_dir, _experiment(run_dir, number), trainable, missing,
+                           plan.concurrent_trials, callbacks)
+        results += tuner.fit()
     wall_s = time.monotonic() - started
     _wait_for_trial_resources()
-    trials, history = _tables(results, spec, run_dir)
+    trials, history = _tables(results, spec, run_dir, configs)
     trials.to_parquet(run_dir.trials.path, filesystem=run_dir.trials.fs)
     history.to_parquet(run_dir.history.path, filesystem=run_dir.history.fs)
-    timing = sweep_timing(history, spec.train.eval_interval, wall_s, concurrency)
+    timing = sweep_timing(history, spec.train.eval_interval, wall_s, plan.concurrent_trials)
     return SweepResult(trials=trials, history=history, winner=pick_winner(trials, spec),
                        timing=timing)
+
+
+def _experiment(run_dir: RunDir, number: int) -> Location:
+    """The sweep's Tune experiments: sweep/tune, then sweep/tune-2... for trials a resume adds."""
+    return run_dir.tune_experiment if number == 1 else run_dir.sweep.join(
+        f"{TUNE_EXPERIMENT}-{number}")
+
+
+def _missing_trials(results: list[tune.Result], configs: list[dict[str, Any]]) -> list[int]:
+    """The sampled trials no experiment has run. Tune saves its searcher's state and its trial
+    list as separate files and copies them to storage in the background, so a driver killed
+    mid-copy can leave a searcher that has already handed out trials the trial list lacks: the
+    restored sweep then never runs them (it ended with one trial of two)."""
+    ran = [result.config.get(TRIAL_KEY) for result in results]
+    left = [index for index in range(len(configs)) if index not in ran]
+    return left[ran.count(None):]  # a sweep begun before trials were numbered: by count
+
+
+def _restored_tuner(experiment: Location, trainable: Any,
+                    callbacks: list[tune.Callback]) -> tune.Tuner:
+    tuner = tune.Tuner.restore(experiment.path, trainable, resume_unfinished=True,
+                               resume_errored=True, storage_filesystem=experiment.fs)
+    # The run config is restored from the dead driver's pickle, progress callback included:
+    # this driver's progress lines go where this driver prints. Tuner has no public setter.
+    tuner._local_tuner.get_run_config().callbacks = callbacks
+    return tuner
 
 
 def pick_winner(trials: pd.DataFrame, spec: JobSpec) -> Winner:
@@ -222,15 +256,17 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-def _new_tuner(spec: JobSpec, run_dir: RunDir, trainable: Any, concurrency: int,
-               callbacks: list[tune.Callback]) -> tune.Tuner:
+def _new_tuner(spec: JobSpec, run_dir: RunDir, experiment: Location, trainable: Any,
+               trials: list[int], concurrency: int, callbacks: list[tune.Callback]) -> tune.Tuner:
+    """A Tune experiment at `experiment` (under sweep/) of the sampled trials numbered
+    `trials`."""
     in_trial = trains_in_trial(spec)
     return tune.Tuner(
         trainable,
-        param_space=search_space(spec),
+        param_space={TRIAL_KEY: tune.grid_search(trials)},
         tune_config=tune.TuneConfig(
-            metric=spec.metric, mode=spec.metric_mode, num_samples=spec.sweep.num_samples,
-            max_concurrent_trials=concurrency,
+            metric=spec.metric, mode=spec.metric_mode, num_samples=1,
+            max_concurrent_trials=min(concurrency, len(trials)),
             # One past the last evaluation: ASHA stopping a trial at max_t kills its driver while
             # trainer.fit() is still returning, and Train's placement groups (its CPUs) leaked,
             # starving the stages after the sweep. Trials that survive every rung end by returning.
@@ -241,7 +277,7 @@ def _new_tuner(spec: JobSpec, run_dir: RunDir, trainable: Any, concurrency: int,
             reuse_actors=in_trial,
         ),
         run_config=tune.RunConfig(
-            name=TUNE_EXPERIMENT, storage_path=run_dir.sweep.path,
+            name=experiment.name, storage_path=run_dir.sweep.path,
             storage_filesystem=run_dir.sweep.fs, verbose=0,
             # Trials that train in their actor keep checkpoints and recover from its death
             # through Tune, as Ray Train runs do through Train.

@@ -1,11 +1,14 @@
 """A job whose driver is killed (SIGKILL: no handler runs, nothing is flushed) in the middle of
 its sweep continues with `orchestrator resume`: the data stage is not run again, the trials go on
-from their latest checkpoints, and the job runs to its end."""
+from their latest checkpoints, and the job runs to its end. A sweep whose saved Tune state lacks
+trials its searcher handed out (what a kill between Tune's two state files leaves) still runs
+every trial the spec asks for, with the values they were drawn with."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +22,8 @@ import yaml
 from conftest import REPO, tiny_spec
 from processes import base_env
 
-pytestmark = pytest.mark.e2e
+from orchestrator.spec import parse_spec
+from orchestrator.sweep.tuner import run_sweep
 
 INTERVAL = 20
 STEPS = 200
@@ -46,6 +50,7 @@ def _ray_processes_of(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.e2e
 def test_a_run_whose_driver_was_killed_mid_sweep_resumes_to_its_end(tmp_path: Path) -> None:
     spec = tmp_path / "job.yaml"
     spec.write_text(yaml.safe_dump({
@@ -110,3 +115,26 @@ def test_a_run_whose_driver_was_killed_mid_sweep_resumes_to_its_end(tmp_path: Pa
         assert redone <= 1, (trial_id, steps)
         assert set(steps) == set(range(INTERVAL, STEPS + 1, INTERVAL)), (trial_id, steps)
     assert (run_dir / "winner" / "model.pt").is_file()
+
+
+def test_trials_missing_from_tunes_saved_state_run_on_resume(prepared_gpt, tmp_path: Path) -> None:
+    prepared, info = prepared_gpt
+    run_dir = tmp_path / "run"
+    shutil.copytree(prepared, run_dir, ignore=shutil.ignore_patterns("sweep"))
+    spec = parse_spec(tiny_spec("gpt", train={"max_steps": 20, "eval_interval": 10},
+                                sweep={"num_samples": 2, "grace_period": 2, "space": {
+                                    "train.lr": {"loguniform": [1e-4, 1e-2]}}}))
+    first = run_sweep(spec, run_dir, info)
+    drawn = first.trials.sort_values("trial_id")["config/train.lr"].tolist()
+    # The state a kill between Tune's two state files leaves: the searcher's says it handed out
+    # (and finished) both trials, the trial list knows the first one only.
+    for state in (run_dir / "sweep" / "tune").glob("experiment_state-*.json"):
+        saved = json.loads(state.read_text())
+        saved["trial_data"] = [t for t in saved["trial_data"]
+                               if not json.loads(t[0])["trial_id"].endswith("_00001")]
+        state.write_text(json.dumps(saved))
+
+    resumed = run_sweep(spec, run_dir, info, restore=True)
+    assert len(resumed.trials) == 2 and set(resumed.trials["status"]) == {"done"}
+    assert sorted(resumed.trials["config/train.lr"]) == sorted(drawn)  # drawn as before: seeded
+    assert (resumed.trials["last_step"] == 20).all()
