@@ -120,8 +120,10 @@ def _parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write a run's winner as a Hugging Face model "
                                                 "directory (transformers, vLLM, the Hub)")
     export.add_argument("run_dir", help="a run directory (its winner/ is used) or a bundle")
-    export.add_argument("--format", choices=["hf"], default="hf", help="hf: config.json, "
-                        "model.safetensors and the tokenizer's files")
+    export.add_argument("--format", choices=["hf", "peft"], default="hf", help="hf: "
+                        "config.json, model.safetensors and the tokenizer's files; peft: a GPT "
+                        "LoRA run's adapters (adapter_config.json, adapter_model.safetensors), "
+                        "for peft's PeftModel.from_pretrained over its model.pretrained")
     export.add_argument("-o", "--output", required=True,
                         help="directory (or URI) to write: new or empty, unless --overwrite")
     export.add_argument("--overwrite", action="store_true",
@@ -472,10 +474,15 @@ def _compress(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from orchestrator.export import export_hf
+    from orchestrator.export import export_hf, export_peft
 
-    export = export_hf(args.run_dir, args.output, overwrite=args.overwrite)
-    print(f"wrote {export.uri}: transformers' from_pretrained({export.uri!r}) loads it")
+    if args.format == "peft":
+        export = export_peft(args.run_dir, args.output, overwrite=args.overwrite)
+        print(f"wrote {export.uri}: peft's PeftModel.from_pretrained(BASE, {export.uri!r}) "
+              "loads it onto the run's model.pretrained")
+    else:
+        export = export_hf(args.run_dir, args.output, overwrite=args.overwrite)
+        print(f"wrote {export.uri}: transformers' from_pretrained({export.uri!r}) loads it")
     print(f"round trip: max |logit difference| {export.max_logit_difference:.2e} against our "
           f"model on {export.texts_checked} texts (serve.sample_requests)")
     return 0

@@ -89,6 +89,11 @@ def gpt2_config(model: GPT, eos_id: int) -> dict[str, Any]:
             "bos_token_id": eos_id, "eos_token_id": eos_id}
 
 
+def gpt2_module_name(ours: str) -> str:
+    """GPT-2's name for a module of one of our blocks (`attn.qkv` -> `attn.c_attn`)."""
+    return {name: theirs for theirs, name in _GPT2_NAMES.items()}[ours]
+
+
 def gpt_state_from_hf(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A GPT2LMHeadModel state dict renamed (and its Conv1D weights transposed) for our GPT."""
     ours: dict[str, torch.Tensor] = {}
