@@ -257,7 +257,8 @@ def quota_service(serving, bundles, monkeypatch_module) -> str:
     spec = parse_spec({**tiny_spec("gpt", serve={
         "port": serving, "num_replicas": 2, "replica_cpus": 0.25,
         "api_keys_env": "ORCH_TEST_QUOTA_KEYS",
-        "quotas": {"keys": {key_id(DIGESTS[0]): {"requests_per_minute": LIMIT}}}}),
+        "quotas": {"default": {"tokens_per_minute": 100_000},  # reserved and settled, never hit
+                   "keys": {key_id(DIGESTS[0]): {"requests_per_minute": LIMIT}}}}),
         "name": "quota"})
     return deploy(spec, bundles["gpt"], timeout_s=120)
 
@@ -290,7 +291,8 @@ def test_a_key_over_its_limit_gets_429_across_replicas_while_another_key_is_serv
     Retry-After. "Within 1% of the limit" is, for a limit of 50, within half a request: exactly
     50 (any count is exact, since one ledger counts for both replicas; replica-local counts would
     let up to 100 through). Meanwhile every request of another key succeeds, and the usage
-    metrics count both keys under their ids, never the keys."""
+    metrics count both keys under their ids, never the keys, with the tokens a completion
+    returned as its usage."""
     front = quota_service.rsplit("/", 1)[0]
 
     def send(args: tuple[str, int]) -> requests.Response:
@@ -309,19 +311,29 @@ def test_a_key_over_its_limit_gets_429_across_replicas_while_another_key_is_serv
     for answer in refused_:
         assert_rate_limited(answer)
     assert [b.status_code for b in beta] == [200] * OTHER_SENT
+    completion = requests.post(f"{front}/v1/completions", headers=bearer(BETA), timeout=30, json={
+        "model": "quota", "prompt": "The event loop", "max_tokens": 3, "temperature": 0})
+    assert completion.status_code == 200, completion.text
+    used = completion.json()["usage"]
 
     alpha_id, beta_id = key_id(digest(ALPHA)), key_id(digest(BETA))
     deadline = time.monotonic() + 30
     while True:
         text = scrape(ray_local)
-        admitted = series(text, "ray_orchestrator_serve_key_requests_total", alpha_id)
-        limited = series(text, "ray_orchestrator_serve_key_rate_limited_total", alpha_id)
-        others = series(text, "ray_orchestrator_serve_key_requests_total", beta_id)
-        if (sum(admitted.values()), sum(limited.values()), sum(others.values())) == (
-                LIMIT, SENT - LIMIT, OTHER_SENT) or time.monotonic() > deadline:
+        counts = {name: series(text, f"ray_orchestrator_serve_key_{name}_total", key)
+                  for name, key in (("requests", alpha_id), ("rate_limited", alpha_id))}
+        counts |= {f"other {name}": series(text, f"ray_orchestrator_serve_key_{name}_total",
+                                           beta_id)
+                   for name in ("requests", "prompt_tokens", "completion_tokens")}
+        totals = {name: sum(values.values()) for name, values in counts.items()}
+        wanted = {"requests": LIMIT, "rate_limited": SENT - LIMIT,
+                  "other requests": OTHER_SENT + 1,
+                  "other prompt_tokens": used["prompt_tokens"],
+                  "other completion_tokens": used["completion_tokens"]}
+        if totals == wanted or time.monotonic() > deadline:
             break
         time.sleep(1)
-    assert sum(admitted.values()) == LIMIT and sum(limited.values()) == SENT - LIMIT
-    assert sum(others.values()) == OTHER_SENT
-    assert len({*admitted, *limited, *others}) == 2, "one replica took every request"
+    assert totals == wanted
+    replicas = {worker for values in counts.values() for worker in values}
+    assert len(replicas) == 2, "one replica took every request"
     assert ALPHA not in text and BETA not in text
