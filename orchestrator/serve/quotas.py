@@ -5,8 +5,8 @@ A key is known by its id, the first KEY_ID_CHARS hex digits of its SHA-256 (the 
 of its usage, and how serve.quotas.keys names it): the key itself is never kept or shown.
 
 `Ledger` is plain Python with an injected clock. One ledger per model application holds every
-key's counts (on Ray Serve, a deployment of its own that each replica asks: app.py), so a limit
-holds whatever replica a request reaches. It keeps, per key, the time of each request and each
+key's counts, so a limit holds whatever replica a request reaches: in the replica when the model
+has one, else in an actor its replicas share (app.py). It keeps, per key, the time of each request and each
 token charge of the last minute (a sliding log, not a token bucket): a key with a limit of N per
 minute never gets more than N in any 60 seconds, and gets N when it asks for them, which a bucket
 refilling while it drains cannot promise.
@@ -187,7 +187,7 @@ class Ledger:
 
 
 class QuotaCheck(Protocol):
-    """The ledger as a replica reaches it: in this process, or a Serve deployment (app.py)."""
+    """The ledger as a replica reaches it: in this process, or the actor the replicas share."""
 
     async def admit(self, key: str, tokens: int) -> Admission: ...
 
@@ -196,8 +196,8 @@ class QuotaCheck(Protocol):
 
 
 class InProcess:
-    """A ledger in this process: right for one process (plain uvicorn, tests), not for the
-    replicas of a Serve app, which share one (app.py)."""
+    """A ledger in this process: right for one process (a model's only replica, plain uvicorn,
+    tests), not for several replicas, which share one (app.py)."""
 
     def __init__(self, ledger: Ledger):
         self.ledger = ledger
@@ -215,10 +215,10 @@ def refused(refusal: Refusal) -> APIError:
     helps)."""
     unit = "requests" if refusal.limit == "requests_per_minute" else "tokens"
     if refusal.retry_after_s is None:
-        return APIError(400, f"this request needs {refusal.requested} tokens (prompt plus "
-                             f"max_tokens for each completion), more than this key's limit of "
-                             f"{refusal.allowed} tokens per minute; lower max_tokens or n",
-                        "max_tokens", "rate_limit_exceeded")
+        return APIError(400, f"this request needs {refusal.requested} tokens (a completion: its "
+                             f"prompt plus max_tokens for each choice), more than this key's "
+                             f"limit of {refusal.allowed} tokens per minute",
+                        code="request_over_quota")
     retry = max(1, math.ceil(refusal.retry_after_s))
     return APIError(429, f"rate limit reached for this API key: {refusal.allowed} {unit} per "
                          f"minute; retry after {retry} s", code="rate_limit_exceeded",

@@ -116,7 +116,8 @@ def test_a_request_over_the_whole_minute_is_a_400_and_over_for_now_a_429() -> No
     never = ledger.admit("a", 101).refusal
     assert never.retry_after_s is None
     error = refused(never)
-    assert error.status == 400 and error.param == "max_tokens" and "100 tokens per" in error.message
+    assert error.status == 400 and error.code == "request_over_quota"
+    assert "limit of 100 tokens per minute" in error.message
     later = refused(ledger.admit("a", 100).refusal or ledger.admit("a", 1).refusal)
     assert later.status == 429 and later.code == "rate_limit_exceeded"
     assert later.headers == {"Retry-After": "60"}
@@ -240,7 +241,7 @@ def test_tokens_per_minute_count_prompt_and_completion_tokens(bundles) -> None:
     assert_rate_limited(client.post("/v1/completions", json=body, headers=bearer(GAMMA)))
     too_big = client.post("/v1/completions", json={**body, "max_tokens": 12, "n": 3},
                           headers=bearer(BETA))
-    assert too_big.status_code == 400 and too_big.json()["error"]["param"] == "max_tokens"
+    assert too_big.status_code == 400 and too_big.json()["error"]["code"] == "request_over_quota"
     assert client.post("/v1/completions", json=body, headers=bearer(BETA)).status_code == 200
 
 
