@@ -28,15 +28,13 @@ def test_decode_bench_cli_prints_json_with_a_ratio() -> None:
 
 
 @pytest.mark.bench
-def test_serve_bench_measures_every_server_at_every_concurrency(ray_local) -> None:
-    from ray import serve
-
-    serve.shutdown()  # a Serve left by an earlier module keeps its port and ignores the bench's
-    result = run_benchmark("serve", quick=True)
+@pytest.mark.ray
+def test_serve_bench_measures_every_server_at_every_concurrency_under_both_ingresses() -> None:
+    result = run_benchmark("serve", quick=True)  # each ingress in a Ray of its own
     cells = {(row["server"], row["concurrency"]) for row in result.rows}
-    assert cells == {(server, c) for server in (
-        "serve batched", "serve batched, through the front", "serve unbatched", "plain uvicorn")
-        for c in (1, 8, 32)}
+    servers = [f"{server} ({ingress})" for ingress in ("proxy", "haproxy") for server in (
+        "serve batched", "serve batched, through the front", "serve unbatched")]
+    assert cells == {(server, c) for server in [*servers, "plain uvicorn"] for c in (1, 8, 32)}
     for row in result.rows:
         assert row["errors"] == 0, row
         assert row["requests_per_s"] > 0 and row["p50_ms"] <= row["p99_ms"]
@@ -158,3 +156,17 @@ def test_linear_seconds_counts_only_the_linear_layers_and_unhooks_them() -> None
     assert 0 < once < inside[0]  # both layers, both calls
     model(x)  # after the block: no hook left to count it
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.bench
+@pytest.mark.ray
+def test_models_bench_measures_both_models_alone_beside_and_through_a_rolling_update() -> None:
+    result = run_benchmark("models", quick=True)
+    cells = [(row["model"], row["beside"]) for row in result.rows]
+    assert cells == [("writer", "nothing"), ("writer", "other, idle"), ("other", "writer, idle"),
+                     ("writer", "writer rolled to new weights"),
+                     ("other", "writer rolled to new weights"), ("other", "nothing")]
+    assert all(row["requests_per_s"] > 0 for row in result.rows)
+    assert set(result.notes["failed requests during writer's rolling update, by model"]) == \
+        {"writer", "other"}
+    assert 0 < result.ratio

@@ -17,6 +17,8 @@ BENCHMARKS = {
     "serve": "requests/s and latency of the service: batched, unbatched, plain uvicorn; "
              "open-loop TTFT and inter-token latency",
     "quotas": "what serve.quotas costs a request: p50 and requests/s with and without quotas",
+    "models": "two models side by side: each one's requests/s alone and beside the other idle; "
+              "failed requests on both while one is rolled to new weights",
     "train-overhead": "tokens/s and start-up of our training paths (1 worker) against a plain loop",
     "ingest": "rows/s of our Ray Data stream against a DataLoader and in-memory batches",
     "scaling": "1 against N training workers on one global batch: speedup, efficiency, bytes",

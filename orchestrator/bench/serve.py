@@ -8,6 +8,9 @@ latency (p50, p99). The load comes from a separate process (bench/load.py). The 
 quickstart's GPT with fresh weights (serving cost does not depend on training); the request is a
 16-token greedy completion. Every server gets one CPU for the model: the replica reserves 1 CPU
 (Ray sets its torch threads to match) and uvicorn runs with OMP_NUM_THREADS=1.
+
+(a) and (b) are measured under each ingress (serve/ingress.py): Serve's proxy, and HAProxy with
+Serve's throughput-optimized mode, each in a Ray of its own started by a child process.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import requests
 from orchestrator.bench import BenchResult
 from orchestrator.bench.bundles import initial_bundle
 from orchestrator.bench.repository import sample_corpus
+from orchestrator.serve.ingress import SWITCHES, Ingress, environment
 from orchestrator.spec import JobSpec, parse_spec
 
 CONCURRENCIES = (1, 8, 32)
@@ -113,33 +117,66 @@ def uvicorn_rows(bundle_dir: Path, seconds: float, request: dict[str, Any]) -> l
         server.wait(timeout=30)
 
 
-def run(quick: bool) -> BenchResult:
+def serve_rows_in_own_ray(quick: bool) -> dict[str, list[dict[str, Any]]]:
+    """Every Serve cell, in a Ray this process starts (with the ingress its environment sets):
+    batched (its own route, through the front, open loop) and unbatched."""
     import ray
     from ray import serve
 
-    # Quick: short cells and short answers, so that even unbatched requests at concurrency 32
-    # finish within a cell.
-    seconds, request = (1.0, {**REQUEST, "max_tokens": 4}) if quick else (10.0, REQUEST)
-    rates = QUICK_RATES if quick else RATES
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(log_to_driver=False, logging_level="WARNING")
+    seconds, request = cell_shape(quick)
+    ray.init(log_to_driver=False, logging_level="WARNING")
     port = free_port()
     rows_of_text = [json.loads(line) for line in sample_corpus().read_text().splitlines()]
-    rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory() as scratch:
-        bundle_dir = initial_bundle(Path(scratch) / "bundle", bench_spec(port, 32), rows_of_text)
-        try:
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            bundle_dir = initial_bundle(Path(scratch) / "bundle", bench_spec(port, 32), rows_of_text)
             closed, opened = serve_rows("serve batched", bundle_dir, bench_spec(port, 32),
-                                        seconds, request, rates, through_front=True)
-            rows += closed
-            rows += serve_rows("serve unbatched", bundle_dir, bench_spec(port, 1), seconds,
-                               request)[0]
-        finally:
+                                        seconds, request, QUICK_RATES if quick else RATES,
+                                        through_front=True)
+            closed += serve_rows("serve unbatched", bundle_dir, bench_spec(port, 1), seconds,
+                                 request)[0]
             serve.shutdown()
-        rows += uvicorn_rows(bundle_dir, seconds, request)
-    if started_ray:
+    finally:
         ray.shutdown()
+    return {"closed": closed, "opened": opened}
+
+
+def rows_with_ingress(ingress: Ingress, quick: bool) -> dict[str, list[dict[str, Any]]]:
+    """serve_rows_in_own_ray in a child process whose Ray takes requests in by `ingress`: Ray
+    reads the mode from the environment its processes start with, so each mode needs its own."""
+    with tempfile.TemporaryDirectory(prefix="bench-haproxy-") as files:
+        env = {**os.environ, **{name: "0" for name in SWITCHES[Ingress.HAPROXY]},
+               **environment(ingress, Path(files))}
+        out = subprocess.run([sys.executable, "-m", "orchestrator.bench.serve",
+                              "quick" if quick else "full"], env=env, capture_output=True,
+                             text=True, timeout=1800, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"serve bench with ingress {ingress.value} failed:\n{out.stderr[-3000:]}")
+    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    for row in measured["closed"] + measured["opened"]:
+        row["server"] = f"{row['server']} ({ingress.value})"
+    return measured
+
+
+def cell_shape(quick: bool) -> tuple[float, dict[str, Any]]:
+    """Seconds per cell and the request. Quick: short cells and short answers, so that even
+    unbatched requests at concurrency 32 finish within a cell."""
+    return (1.0, {**REQUEST, "max_tokens": 4}) if quick else (10.0, REQUEST)
+
+
+def run(quick: bool) -> BenchResult:
+    seconds, request = cell_shape(quick)
+    rows: list[dict[str, Any]] = []
+    opened: list[dict[str, Any]] = []
+    for ingress in Ingress:
+        measured = rows_with_ingress(ingress, quick)
+        rows += measured["closed"]
+        opened += measured["opened"]
+    rows_of_text = [json.loads(line) for line in sample_corpus().read_text().splitlines()]
+    with tempfile.TemporaryDirectory() as scratch:
+        bundle_dir = initial_bundle(Path(scratch) / "bundle", bench_spec(free_port(), 32),
+                                    rows_of_text)
+        rows += uvicorn_rows(bundle_dir, seconds, request)
     return summarize(rows, opened, seconds, request)
 
 
@@ -152,26 +189,35 @@ def summarize(rows: list[dict[str, Any]], opened: list[dict[str, Any]], seconds:
         return a / b if b else math.nan  # no request finished within the cell
 
     top = CONCURRENCIES[-1]
-    ratio = over(cell("serve batched", top, "requests_per_s"),
-                 cell("plain uvicorn", top, "requests_per_s"))
-    notes = {
-        f"batched / unbatched requests/s at concurrency {top}":
-            round(over(cell("serve batched", top, "requests_per_s"),
-                       cell("serve unbatched", top, "requests_per_s")), 2),
-        "p50 at concurrency 1, serve batched minus plain uvicorn (ms)":
-            round(cell("serve batched", 1, "p50_ms") - cell("plain uvicorn", 1, "p50_ms"), 2),
-        "p50 at concurrency 1, through the front minus the model's own route (ms)":
-            round(cell("serve batched, through the front", 1, "p50_ms")
-                  - cell("serve batched", 1, "p50_ms"), 2),
-        f"through the front / own route requests/s at concurrency {top}":
-            round(over(cell("serve batched, through the front", top, "requests_per_s"),
-                       cell("serve batched", top, "requests_per_s")), 2),
-        "open loop (serve batched, streamed, Poisson arrivals)": opened,
-        "request": json.dumps(request), "seconds per cell": seconds,
-        # Ray Serve's own switch (user code on the replica's main loop, direct ingress, ...),
-        # read by Ray from the environment it starts in; reported so figures say how they ran.
-        "RAY_SERVE_THROUGHPUT_OPTIMIZED": os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED", "0"),
-    }
+    plain = "plain uvicorn"
+    notes: dict[str, Any] = {}
+    for ingress in Ingress:
+        batched, front = f"serve batched ({ingress.value})", \
+            f"serve batched, through the front ({ingress.value})"
+        unbatched = f"serve unbatched ({ingress.value})"
+        notes |= {
+            f"{ingress.value}: batched / plain uvicorn requests/s at concurrency {top}":
+                round(over(cell(batched, top, "requests_per_s"),
+                           cell(plain, top, "requests_per_s")), 2),
+            f"{ingress.value}: p50 at concurrency 1, batched minus plain uvicorn (ms)":
+                round(cell(batched, 1, "p50_ms") - cell(plain, 1, "p50_ms"), 2),
+            f"{ingress.value}: batched / unbatched requests/s at concurrency {top}":
+                round(over(cell(batched, top, "requests_per_s"),
+                           cell(unbatched, top, "requests_per_s")), 2),
+            f"{ingress.value}: p50 at concurrency 1, through the front minus own route (ms)":
+                round(cell(front, 1, "p50_ms") - cell(batched, 1, "p50_ms"), 2),
+            f"{ingress.value}: through the front / own route requests/s at concurrency {top}":
+                round(over(cell(front, top, "requests_per_s"),
+                           cell(batched, top, "requests_per_s")), 2),
+        }
+    notes |= {"open loop (serve batched, streamed, Poisson arrivals)": opened,
+              "request": json.dumps(request), "seconds per cell": seconds}
+    ratio = over(cell(f"serve batched ({Ingress.HAPROXY.value})", top, "requests_per_s"),
+                 cell(f"serve batched ({Ingress.PROXY.value})", top, "requests_per_s"))
     return BenchResult("serve", rows, ratio,
-                       f"batched (continuous-batching engine) over plain uvicorn requests/s at "
-                       f"concurrency {top}", notes)
+                       f"batched requests/s at concurrency {top}, haproxy ingress over Serve's "
+                       "proxy", notes)
+
+
+if __name__ == "__main__":  # one ingress mode's cells, in this process's own Ray (see run)
+    print(json.dumps(serve_rows_in_own_ray(sys.argv[1] == "quick")))
