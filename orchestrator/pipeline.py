@@ -34,6 +34,7 @@ from orchestrator.serve.samples import send_sample_requests
 from orchestrator.spec import JobSpec, spec_to_yaml
 from orchestrator.sweep.space import apply_trial_config
 from orchestrator.sweep.tuner import SweepResult, pick_winner, run_sweep
+from orchestrator.tracking import Tracker
 from orchestrator.waits import watch_waits
 from orchestrator.weights.model import save_bundle
 
@@ -115,12 +116,14 @@ def run_pipeline(spec: JobSpec, say: Callable[[str], None] | Progress = print,
     progress = say if isinstance(say, Progress) else Progress(say)
     progress.stages = stages_of(spec)
     progress.begin(run_dir)
+    tracker = Tracker.for_job(spec, run_dir, progress.say)  # MLflow, with tracking.mlflow
     started = datetime.now(timezone.utc)
     done = run_dir.completed()
 
     with watch_waits(progress.note, service.held_by_services):
         info = _data_stage(spec, run_dir, done, progress)
         sweep = _sweep_stage(spec, run_dir, info, plan, done, progress)
+        tracker.log_sweep()  # the trials, while the next stages run
         winner = sweep.winner
         winner_spec = apply_trial_config(spec, winner.config)
         bundle = _select_stage(spec, winner_spec, run_dir, info, sweep, done, progress)
@@ -152,6 +155,7 @@ def run_pipeline(spec: JobSpec, say: Callable[[str], None] | Progress = print,
         "ray_version": ray.__version__,
     })
     write_report(run_dir, report, spec, sweep, evaluation, info)
+    tracker.log_result()
     run_dir.mark_completed(report=report["finished"])
     return report
 

@@ -492,6 +492,52 @@ class ResourcesSpec(_Section):
         1.0, ge=0, description="CPUs left free for Ray Data while training (data.cache false).")
 
 
+class MlflowSpec(_Section):
+    """Tracking in MLflow: the job is a parent run (the spec as parameters, the data and
+    tokenizer digests as tags, the report and its plots as artifacts), each trial a child run
+    (its sweep values as parameters, every validation report as metrics by step), and the winner
+    a logged model (the bundle, its metrics) registered as a new version of the model named
+    after the job. Tracking never fails the job: a failure prints one warning and the job goes
+    on."""
+
+    uri: str | None = Field(
+        None, description="http(s)://HOST[:PORT] of an MLflow server, or sqlite:///PATH of a "
+        "local MLflow database. None: sqlite database mlflow.db beside the run directories "
+        "(in runs_dir), artifacts in mlartifacts/ there (the full mlflow package's `mlflow ui "
+        "--backend-store-uri sqlite:///runs/mlflow.db` shows them).")
+    experiment: str | None = Field(
+        None, min_length=1, max_length=500, description="The MLflow experiment (created when "
+        "missing). None: the job's name.")
+
+    @field_validator("uri")
+    @classmethod
+    def _tracking_uri(cls, uri: str | None) -> str | None:
+        if uri is None:
+            return uri
+        scheme, _, rest = uri.partition("://")
+        if scheme == "sqlite" and rest.startswith("/") and len(rest) > 1:
+            return uri
+        if scheme in ("http", "https") and rest and not rest.startswith("/"):
+            return uri.rstrip("/")
+        raise ValueError("use http(s)://HOST[:PORT] (an MLflow server) or sqlite:///PATH (a "
+                         "local MLflow database); a folder (MLflow's file store) is refused by "
+                         "MLflow 3, which keeps it in maintenance mode")
+
+    @field_validator("experiment")
+    @classmethod
+    def _experiment_name(cls, name: str | None) -> str | None:
+        if name is not None and name != name.strip():
+            raise ValueError("an experiment name neither starts nor ends with whitespace")
+        return name
+
+
+class TrackingSpec(_Section):
+    """Where the job is recorded besides its run directory."""
+
+    mlflow: MlflowSpec | None = Field(
+        None, description="Set (`mlflow: {}` for the defaults) to track the job in MLflow.")
+
+
 class JobSpec(_Section):
     name: str = Field("job", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     runs_dir: str = Field("runs", description="Where this job's runs go: each run is a folder "
@@ -510,6 +556,19 @@ class JobSpec(_Section):
     serve: ServeSpec = Field(default_factory=ServeSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     compress: CompressSpec = Field(default_factory=CompressSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+
+    @model_validator(mode="after")
+    def _tracking_has_a_home(self) -> JobSpec:
+        """MLflow's default database (tracking.mlflow.uri unset) lives beside the run
+        directories: runs_dir must then be a local folder."""
+        mlflow = self.tracking.mlflow
+        if mlflow is not None and mlflow.uri is None and "://" in self.runs_dir:
+            raise ValueError(
+                f"tracking.mlflow.uri is unset and runs_dir = {self.runs_dir!r} is object "
+                "storage, where MLflow's default sqlite database cannot live; set "
+                "tracking.mlflow.uri to http(s)://HOST[:PORT] or sqlite:///PATH")
+        return self
 
     @model_validator(mode="after")
     def _task_needs(self) -> JobSpec:
