@@ -130,8 +130,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="write into a non-empty --output, replacing only the files an "
                              "export writes")
 
-    k8s = with_spec("k8s", "write KubeRay manifests: a RayJob that runs the job, a RayService "
-                           "that serves its winner (runs_dir and data.path in object storage)")
+    k8s = with_spec("k8s", "write KubeRay manifests: a RayJob that runs the job (a RayCronJob "
+                           "with --schedule), a RayService that serves its winner (runs_dir "
+                           "and data.path in object storage)")
     k8s_defaults = K8sOptions()
     k8s.add_argument("-o", "--output", help="directory to write (default: k8s/<job name>): new, "
                                             "empty, or holding only these manifests")
@@ -142,6 +143,11 @@ def _parser() -> argparse.ArgumentParser:
                           "spec's path here is its path there (default: %(default)s)")
     k8s.add_argument("--bundle", help="bundle URI the RayService serves (default: the RayJob's "
                                       "run directory's winner/)")
+    k8s.add_argument("--schedule", help="cron schedule (e.g. '0 3 * * *' or @daily): write a "
+                                        "RayCronJob that runs the job at each tick, each run "
+                                        "into a new run directory (needs --bundle)")
+    k8s.add_argument("--time-zone", help="time zone of --schedule (e.g. Europe/Berlin; "
+                                         "default: the KubeRay operator's)")
     k8s.add_argument("--auth-secret", default=k8s_defaults.auth_secret,
                      help="Secret with the Ray auth token, key auth_token (default: %(default)s)")
     k8s.add_argument("--storage-secret", default=k8s_defaults.storage_secret,
@@ -491,12 +497,17 @@ def _export(args: argparse.Namespace) -> int:
 def _k8s(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec, args.overrides)
     options = K8sOptions(image=args.image, working_dir=args.working_dir, bundle=args.bundle,
-                         auth_secret=args.auth_secret, storage_secret=args.storage_secret or None)
+                         auth_secret=args.auth_secret, storage_secret=args.storage_secret or None,
+                         schedule=args.schedule, time_zone=args.time_zone)
     manifests = build(spec, Path(args.spec), args.overrides, options)
     paths = write(manifests, Path(args.output or Path("k8s") / spec.name))
     print(f"wrote {' and '.join(map(str, paths))} (image {options.image})")
-    print(f"the RayJob runs the job into {manifests.run_dir}; the RayService serves "
-          f"{manifests.bundle} (apply it once that exists)")
+    if manifests.run_dir is None:
+        print(f"the RayCronJob runs the job at {options.schedule!r}, each time into a new run "
+              f"directory under {spec.runs_dir}; the RayService serves {manifests.bundle}")
+    else:
+        print(f"the RayJob runs the job into {manifests.run_dir}; the RayService serves "
+              f"{manifests.bundle} (apply it once that exists)")
     secrets = [name for name in (options.auth_secret, options.storage_secret) if name]
     print(f"create these Secrets first: {', '.join(secrets)} (docs/operations.md, Kubernetes "
           "(KubeRay))")

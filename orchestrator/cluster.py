@@ -53,7 +53,7 @@ class ClusterPlan:
     trial drivers and actors on other nodes see other nodes, and must not decide again."""
 
     use_gpu: bool
-    trial_resources: dict[str, float]  # one trial's workers together ("CPU", "GPU")
+    trial_resources: dict[str, float]  # one trial's workers together ("CPU", "GPU"), at most
     data_cpus: float                   # kept free for Ray Data while trials stream
     concurrent_trials: int             # trials that fit at once (at the cluster's largest)
     inference_gpus: int                # per batch-inference actor (evaluate, predict)
@@ -63,22 +63,23 @@ def plan_for(spec: JobSpec, capacity: dict[str, float],
              held: dict[str, dict[str, float]] | None = None) -> ClusterPlan:
     """The plan for `spec` on a cluster that can hold `capacity`, of which `held` (by name:
     deployed services) is not free; a SpecError when one trial needs more than is free, instead
-    of waiting forever for it."""
+    of waiting forever for it. An elastic trial (num_workers {min, max}) must fit with min
+    workers; how many trials run at once counts max, so that trials do not starve each other's
+    growth."""
     held = held or {}
     free = {resource: amount - sum(h.get(resource, 0) for h in held.values())
             for resource, amount in capacity.items()}
     resources = spec.resources
     use_gpu = (capacity.get("GPU", 0) > 0 if resources.use_gpu == "auto"
                else bool(resources.use_gpu))
-    needs = {"CPU": resources.num_workers * resources.cpus_per_worker}
-    if use_gpu:
-        needs["GPU"] = resources.num_workers * resources.gpus_per_worker
+    least, needs = (trial_needs(spec, workers, use_gpu)
+                    for workers in (resources.min_workers, resources.max_workers))
     data_cpus = 0.0 if spec.data.cache else resources.data_cpus
-    for resource, amount in {**needs, "CPU": needs["CPU"] + data_cpus}.items():
+    for resource, amount in {**least, "CPU": least["CPU"] + data_cpus}.items():
         if amount > free.get(resource, 0):
             raise SpecError(
                 f"resources: one trial needs {amount:g} {resource} "
-                f"(num_workers = {resources.num_workers}, "
+                f"(num_workers{'.min' if resources.elastic else ''} = {resources.min_workers}, "
                 f"cpus_per_worker = {resources.cpus_per_worker:g}, "
                 f"gpus_per_worker = {resources.gpus_per_worker:g}, "
                 f"data_cpus = {data_cpus:g}) but the cluster has "
@@ -91,6 +92,15 @@ def plan_for(spec: JobSpec, capacity: dict[str, float],
     return ClusterPlan(use_gpu=use_gpu, trial_resources=needs, data_cpus=data_cpus,
                        concurrent_trials=min(concurrent, trial_count(spec)),
                        inference_gpus=inference_gpus(capacity))
+
+
+def trial_needs(spec: JobSpec, workers: int, use_gpu: bool) -> dict[str, float]:
+    """What `workers` workers of one trial hold together."""
+    resources = spec.resources
+    needs = {"CPU": workers * resources.cpus_per_worker}
+    if use_gpu:
+        needs["GPU"] = workers * resources.gpus_per_worker
+    return needs
 
 
 def _held_note(held: dict[str, dict[str, float]], resource: str, free: dict[str, float]) -> str:
@@ -143,7 +153,7 @@ def training_spec(spec: JobSpec, use_gpu: bool) -> JobSpec:
     falls back to plain training, with a warning."""
     refuse_untrainable(spec, use_gpu)
     train = spec.train
-    if train.strategy == "fsdp" and spec.resources.num_workers == 1:
+    if train.strategy == "fsdp" and spec.resources.max_workers == 1:
         log.warning("train.strategy fsdp with resources.num_workers 1 has nothing to shard "
                     "over; training the whole model on the one worker")
         spec = spec.model_copy(update={"train": train.model_copy(update={"strategy": "ddp"})})

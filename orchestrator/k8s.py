@@ -1,5 +1,6 @@
 """KubeRay manifests from a job spec (`orchestrator k8s`): a RayJob that runs the job on a Ray
-cluster of its own, and a RayService that serves the winner the run writes.
+cluster of its own (or, with a schedule, a RayCronJob that creates one such RayJob at each tick),
+and a RayService that serves the winner the run writes.
 
 Both clusters have the shape of `cluster.yaml`: a head that advertises 0 CPUs (it runs the GCS,
 the dashboard, the job driver and Serve's controller, never training), worker groups that KubeRay's
@@ -9,7 +10,8 @@ ever written into a manifest: Secrets are referenced by name.
 
 Pods on Kubernetes share no disk, so the run directory and the data must be object storage; the
 RayJob names its run directory (`run --run-dir`), so that the RayService written beside it serves
-`<run directory>/winner` unless told another bundle.
+`<run directory>/winner` unless told another bundle. A scheduled job writes a new run directory
+each time (`<runs_dir>/<name>-<UTC time>`), so its RayService serves the bundle it is given.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import math
 import re
 import shlex
+import zoneinfo
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import version
@@ -30,10 +33,19 @@ from orchestrator.spec import JobSpec, SpecError
 from orchestrator.submit import join, spec_digest
 
 API_VERSION = "ray.io/v1"  # KubeRay's CRDs, checked against v1.7.0's
-FILES = ("rayjob.yaml", "rayservice.yaml")
+FILES = ("rayjob.yaml", "raycronjob.yaml", "rayservice.yaml")  # what `write` may rewrite
 OBJECT_STORAGE = ("s3", "gs", "gcs", "abfs", "abfss", "az")
 TOKEN_KEY = "auth_token"  # the Secret key KubeRay reads the Ray auth token from
 MAX_NAME = 47  # KubeRay 1.7: RayJob and RayService names (a RayCluster's 53, less a suffix)
+MAX_CRON_NAME = MAX_NAME - 11  # KubeRay 1.7: its RayJobs are named <name>-<tick's hash>
+# A 5-field schedule as KubeRay reads it (robfig/cron's ParseStandard): each field a list of *,
+# ?, numbers or names, ranges a-b, steps /n; or a descriptor.
+CRON_FIELDS = (("minute", 0, 59, ()), ("hour", 0, 23, ()), ("day of month", 1, 31, ()),
+               ("month", 1, 12, ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep",
+                                 "oct", "nov", "dec")),
+               ("day of week", 0, 6, ("sun", "mon", "tue", "wed", "thu", "fri", "sat")))
+CRON_DESCRIPTORS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight",
+                    "@hourly")
 GPU = "nvidia.com/gpu"
 # A plan on a cluster no sweep fills: what the job asks for at its widest.
 UNBOUNDED = 1e9
@@ -61,6 +73,8 @@ class K8sOptions:
     memory_per_cpu_gib: int = 4
     idle_timeout_s: int = 300  # an idle worker pod goes after this (cluster.yaml: 5 minutes)
     ttl_after_finished_s: int = 300  # the job's cluster stays this long for its logs
+    schedule: str | None = None  # cron: a RayCronJob instead of a RayJob
+    time_zone: str | None = None  # of the schedule; default: the KubeRay operator's
 
 
 @dataclass(frozen=True)
@@ -97,11 +111,18 @@ class ClusterShape:
 
 @dataclass(frozen=True)
 class Manifests:
-    rayjob: dict[str, Any]
+    rayjob: dict[str, Any]  # with a schedule, the RayCronJob's template (kind RayJob)
     rayservice: dict[str, Any]
-    run_dir: str  # what the RayJob's run creates
+    run_dir: str | None  # what the RayJob's run creates; None: a new one at each tick
     bundle: str  # what the RayService serves
     plan: ClusterPlan  # the job's plan on the RayJob's cluster at its largest
+    raycronjob: dict[str, Any] | None = None
+
+    def files(self) -> dict[str, dict[str, Any]]:
+        """What `write` writes, by file name."""
+        if self.raycronjob:
+            return {"raycronjob.yaml": self.raycronjob, "rayservice.yaml": self.rayservice}
+        return {"rayjob.yaml": self.rayjob, "rayservice.yaml": self.rayservice}
 
 
 def _pods(count: float, item: dict[str, float], pod: PodShape) -> int:
@@ -126,13 +147,13 @@ def require_object_storage(spec: JobSpec) -> None:
                         "--set runs_dir=s3://bucket/runs --set data.path=s3://bucket/data.jsonl")
 
 
-def k8s_name(name: str) -> str:
-    """The job's name as KubeRay takes it: a DNS-1035 label of at most MAX_NAME characters."""
+def k8s_name(name: str, longest: int = MAX_NAME) -> str:
+    """The job's name as KubeRay takes it: a DNS-1035 label of at most `longest` characters."""
     label = "".join(c if c.isascii() and c.isalnum() else "-" for c in name.lower())
     label = "-".join(part for part in label.split("-") if part)
     if not label[:1].isalpha():
         label = f"job-{label}"
-    return label[:MAX_NAME].rstrip("-")
+    return label[:longest].rstrip("-")
 
 
 def training_cluster(spec: JobSpec, options: K8sOptions) -> tuple[ClusterShape, ClusterPlan]:
@@ -142,9 +163,9 @@ def training_cluster(spec: JobSpec, options: K8sOptions) -> tuple[ClusterShape, 
     resources, serving = spec.resources, spec.serve
     widest = plan_for(spec, {"CPU": UNBOUNDED,
                              "GPU": UNBOUNDED if resources.use_gpu is True else 0})
-    worker = {key: amount / resources.num_workers
+    worker = {key: amount / resources.max_workers
               for key, amount in widest.trial_resources.items()}
-    workers = widest.concurrent_trials * resources.num_workers
+    workers = widest.concurrent_trials * resources.max_workers
     replica_cpus = serving.replica_cpus if serving.enabled else 0
     replica_gpus = serving.replica_gpus if serving.enabled else 0
     if replica_gpus > 0 and not widest.use_gpu:
@@ -245,17 +266,18 @@ def ray_cluster_spec(shape: ClusterShape, options: K8sOptions,
     }
 
 
-def _metadata(spec: JobSpec) -> dict[str, Any]:
-    name = k8s_name(spec.name)
+def _metadata(spec: JobSpec, longest: int = MAX_NAME) -> dict[str, Any]:
+    name = k8s_name(spec.name, longest)
     return {"name": name, "labels": {"app.kubernetes.io/name": "orchestrator",
                                      "app.kubernetes.io/instance": name}}
 
 
-def entrypoint(spec_path: Path, overrides: list[str], run_dir: str,
+def entrypoint(spec_path: Path, overrides: list[str], run_dir: str | None,
                working_dir: str) -> str:
     """`orchestrator run` of the spec in the image or the working directory (its path from the
     current directory here is its path from the working directory there), with the overrides
-    and the run directory chosen here.
+    and the run directory chosen here (None: the run names its own, as each scheduled run
+    must).
 
     KubeRay pastes the entrypoint into a bash line (`ray job submit ... -- ENTRYPOINT`) and
     Ray's job CLI joins the words bash gave it for /bin/sh, so a word that the second shell
@@ -269,7 +291,7 @@ def entrypoint(spec_path: Path, overrides: list[str], run_dir: str,
     in_image = relative if "://" in working_dir else f"{working_dir.rstrip('/')}/{relative}"
     words = ["python", "-m", "orchestrator", "run", in_image,
              *[word for override in overrides for word in ("--set", override)],
-             "--run-dir", run_dir]
+             *(["--run-dir", run_dir] if run_dir else [])]
     for word in words:
         if not _survives_both_shells(word):
             raise SpecError(f"{word!r} would not reach `orchestrator run` as written (KubeRay "
@@ -288,7 +310,7 @@ def _survives_both_shells(word: str) -> bool:
 
 
 def rayjob(spec: JobSpec, spec_path: Path, overrides: list[str], options: K8sOptions,
-           run_dir: str) -> tuple[dict[str, Any], ClusterPlan]:
+           run_dir: str | None) -> tuple[dict[str, Any], ClusterPlan]:
     """The RayJob: KubeRay starts the cluster, submits the entrypoint from a sidecar in the head
     pod (SidecarMode, KubeRay >= 1.5: no submitter Job), and deletes the cluster after the job."""
     shape, plan = training_cluster(spec, options)
@@ -297,14 +319,76 @@ def rayjob(spec: JobSpec, spec_path: Path, overrides: list[str], options: K8sOpt
         "submissionMode": "SidecarMode",
         "shutdownAfterJobFinishes": True,
         "ttlSecondsAfterFinished": options.ttl_after_finished_s,
-        "metadata": {"job_name": run_dir.rsplit("/", 1)[-1], "run_dir": run_dir,
-                     "spec_name": spec.name, "spec_sha256": spec_digest(spec)},
+        "metadata": {"spec_name": spec.name, "spec_sha256": spec_digest(spec)},
     }
+    if run_dir:
+        job["metadata"] = {"job_name": run_dir.rsplit("/", 1)[-1], "run_dir": run_dir,
+                           **job["metadata"]}
     if "://" in options.working_dir:
         job["runtimeEnvYAML"] = yaml.safe_dump({"working_dir": options.working_dir})
     job["rayClusterSpec"] = ray_cluster_spec(shape, options)
     return {"apiVersion": API_VERSION, "kind": "RayJob", "metadata": _metadata(spec),
             "spec": job}, plan
+
+
+def raycronjob(spec: JobSpec, job: dict[str, Any], options: K8sOptions) -> dict[str, Any]:
+    """The RayCronJob (KubeRay >= 1.6): a RayJob of `job`'s spec at each tick of the schedule."""
+    cron: dict[str, Any] = {"schedule": options.schedule}
+    if options.time_zone:
+        cron["timeZone"] = options.time_zone
+    cron["jobTemplate"] = job["spec"]
+    return {"apiVersion": API_VERSION, "kind": "RayCronJob",
+            "metadata": _metadata(spec, MAX_CRON_NAME), "spec": cron}
+
+
+def check_schedule(schedule: str, time_zone: str | None) -> None:
+    """Refuse, naming it, a schedule or time zone KubeRay would refuse (after `kubectl apply`
+    succeeded, in the operator's events)."""
+    allowed = ("5 fields (minute hour day-of-month month day-of-week: *, numbers or names, "
+               f"a-b ranges, /n steps, commas), {', '.join(CRON_DESCRIPTORS)} or @every "
+               "DURATION (e.g. @every 6h)")
+    fields = schedule.split()
+    if "TZ" in schedule:
+        raise SpecError(f"--schedule {schedule!r}: give the time zone as --time-zone, not in "
+                        "the schedule")
+    if len(fields) == 1 and fields[0] in CRON_DESCRIPTORS:
+        pass
+    elif len(fields) == 2 and fields[0] == "@every":
+        if not re.fullmatch(r"(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+", fields[1]):
+            raise SpecError(f"--schedule {schedule!r}: @every takes a duration such as 30m, "
+                            "6h or 1h30m")
+    elif len(fields) != 5:
+        raise SpecError(f"--schedule {schedule!r}: expected {allowed}")
+    else:
+        for text, (name, low, high, names) in zip(fields, CRON_FIELDS):
+            if not all(_cron_item(item, low, high, names) for item in text.split(",")):
+                raise SpecError(f"--schedule {schedule!r}: its {name} field {text!r} is not "
+                                f"{low}-{high}{' or a name' if names else ''} (*, a-b, /n, "
+                                "lists with commas)")
+    if time_zone is not None:
+        try:
+            zoneinfo.ZoneInfo(time_zone)
+        except (ValueError, zoneinfo.ZoneInfoNotFoundError):
+            raise SpecError(f"--time-zone {time_zone!r}: not a time zone name (e.g. UTC, "
+                            "Europe/Berlin)") from None
+
+
+def _cron_item(item: str, low: int, high: int, names: tuple[str, ...]) -> bool:
+    """One comma-separated item of a cron field: *, ?, a value or a range, with a /step."""
+    item, _, step = item.partition("/")
+    if step and not (step.isdigit() and int(step) > 0):
+        return False
+    if item in ("*", "?"):
+        return True
+
+    def value(text: str) -> int | None:
+        if text.lower() in names:
+            return low + names.index(text.lower())
+        return int(text) if text.isdigit() else None
+
+    ends = [value(text) for text in item.split("-")]
+    return (len(ends) in (1, 2) and None not in ends and all(low <= e <= high for e in ends)
+            and ends[0] <= ends[-1])
 
 
 def serve_config_for(spec: JobSpec, bundle: str) -> dict[str, Any]:
@@ -346,11 +430,20 @@ def build(spec: JobSpec, spec_path: Path, overrides: list[str], options: K8sOpti
     if "://" not in options.working_dir and not options.working_dir.startswith("/"):
         raise SpecError(f"--working-dir {options.working_dir!r}: give the project's absolute "
                         "path in the image (e.g. /app) or a .zip URI")
-    stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%d-%H%M%S")
-    run_dir = join(spec.runs_dir, f"{spec.name}-{stamp}")
-    bundle = (bundle or f"{run_dir}/winner").rstrip("/")
+    if options.schedule is None:
+        stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%d-%H%M%S")
+        run_dir: str | None = join(spec.runs_dir, f"{spec.name}-{stamp}")
+        bundle = (bundle or f"{run_dir}/winner").rstrip("/")
+    else:
+        check_schedule(options.schedule, options.time_zone)
+        if bundle is None:
+            raise SpecError(f"--schedule {options.schedule!r}: each scheduled run writes a new "
+                            f"run directory under {spec.runs_dir}, so the RayService cannot "
+                            "name one: give the bundle it serves with --bundle")
+        run_dir, bundle = None, bundle.rstrip("/")
     job, plan = rayjob(spec, spec_path, overrides, options, run_dir)
-    return Manifests(job, rayservice(spec, bundle, options), run_dir, bundle, plan)
+    cron = raycronjob(spec, job, options) if options.schedule is not None else None
+    return Manifests(job, rayservice(spec, bundle, options), run_dir, bundle, plan, cron)
 
 
 class _Dumper(yaml.SafeDumper):
@@ -370,8 +463,8 @@ def to_yaml(manifest: dict[str, Any]) -> str:
 
 
 def write(manifests: Manifests, directory: Path) -> list[Path]:
-    """Write rayjob.yaml and rayservice.yaml into a new or empty directory, or one holding only
-    these files (rewritten): nothing we did not write is touched."""
+    """Write rayjob.yaml (or raycronjob.yaml) and rayservice.yaml into a new or empty directory,
+    or one holding only files of FILES (rewritten): nothing we did not write is touched."""
     if directory.exists() and not directory.is_dir():
         raise SpecError(f"-o {str(directory)!r} is a file; give a directory")
     foreign = sorted(p.name for p in directory.iterdir() if p.name not in FILES) \
@@ -381,7 +474,7 @@ def write(manifests: Manifests, directory: Path) -> list[Path]:
                         f"({', '.join(foreign[:5])}); give a new or empty directory")
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, manifest in zip(FILES, (manifests.rayjob, manifests.rayservice)):
+    for name, manifest in manifests.files().items():
         path = directory / name
         path.write_text(to_yaml(manifest))
         paths.append(path)

@@ -7,6 +7,7 @@ path, the bad value and what is allowed, so a user can fix the YAML without read
 from __future__ import annotations
 
 import copy
+import math
 import re
 from enum import Enum
 from pathlib import Path
@@ -16,8 +17,10 @@ import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     PrivateAttr,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -224,8 +227,8 @@ class TrainSpec(_Section):
     global_batch_size: int = Field(
         0, ge=0, description="Rows per optimizer step over all workers. When set, "
         "grad_accum_steps follows from it (global / (batch_size × num_workers)), so the "
-        "effective batch stays the same for any worker count; 0: batch_size × num_workers × "
-        "grad_accum_steps.")
+        "effective batch stays the same for any worker count, also while an elastic group "
+        "resizes; 0: batch_size × num_workers (its max when elastic) × grad_accum_steps.")
     grad_clip: float = Field(1.0, ge=0, allow_inf_nan=False,
                              description="Max gradient norm; 0 disables clipping.")
     warmup_steps: int = Field(20, ge=0)
@@ -483,13 +486,65 @@ class CompressSpec(_Section):
         return variants
 
 
+class WorkerRange(_Section):
+    """Elastic training (Ray Train's ScalingConfig(num_workers=(min, max))): a trial starts with
+    as many workers as fit, from min to max, shrinks when a node is lost and grows when nodes
+    join, each time resuming from its latest checkpoint with the same global batch."""
+
+    min: int = Field(ge=1, description="Fewest workers a trial trains with; it waits for them.")
+    max: int = Field(ge=1, description="Most workers a trial trains with.")
+    resize_check_s: float = Field(
+        60.0, gt=0, description="How often a running trial looks for room to grow (Ray Train's "
+        "elastic_resize_monitor_interval_s); growing restarts the workers from the latest "
+        "checkpoint.")
+
+    @model_validator(mode="after")
+    def _min_below_max(self) -> WorkerRange:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must be at most max ({self.max})")
+        return self
+
+
+def _workers_form(value: Any) -> str | None:
+    """Which form of resources.num_workers `value` is written in (tags that error paths hide)."""
+    if isinstance(value, dict | WorkerRange):
+        return "tagged-range"
+    return None if isinstance(value, bool) or not isinstance(value, int) else "tagged-int"
+
+
+WorkerCount = Annotated[
+    Annotated[int, Field(ge=1), Tag("tagged-int")] | Annotated[WorkerRange, Tag("tagged-range")],
+    Discriminator(_workers_form, custom_error_type="workers",
+                  custom_error_message="expected a whole number ≥ 1 or {min: M, max: N}")]
+
+
 class ResourcesSpec(_Section):
-    num_workers: int = Field(1, ge=1, description="Ray Train workers per trial.")
+    num_workers: WorkerCount = Field(
+        1, description="Ray Train workers per trial: a number, or "
+        "{min: M, max: N} for elastic training (shrinks on node loss, which needs "
+        "train.max_failures, and grows when nodes join).")
     use_gpu: Literal["auto", True, False] = "auto"
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, ge=0)
     data_cpus: float = Field(
         1.0, ge=0, description="CPUs left free for Ray Data while training (data.cache false).")
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers.min if self.elastic else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers.max if self.elastic else self.num_workers
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, WorkerRange)
+
+    @property
+    def worker_counts(self) -> range:
+        """Every number of workers a trial may train with."""
+        return range(self.min_workers, self.max_workers + 1)
 
 
 class MlflowSpec(_Section):
@@ -670,26 +725,45 @@ class JobSpec(_Section):
 
     @model_validator(mode="after")
     def _global_batch_divides(self) -> JobSpec:
-        train, workers = self.train, self.resources.num_workers
-        if not train.global_batch_size:
-            return self
-        if train.grad_accum_steps != 1:
+        """The global batch is the same for every worker count a trial may train with (each
+        worker accumulates global / (batch_size × workers) micro-batches)."""
+        train, resources = self.train, self.resources
+        if train.global_batch_size and train.grad_accum_steps != 1:
             raise ValueError("set train.grad_accum_steps or train.global_batch_size, not both")
-        per_step = train.batch_size * workers
-        if train.global_batch_size % per_step:
-            raise ValueError(
-                f"train.global_batch_size ({train.global_batch_size}) must be a multiple of "
-                f"train.batch_size × resources.num_workers ({train.batch_size} × {workers} = "
-                f"{per_step}) so that every worker accumulates whole micro-batches")
+        if not resources.elastic:
+            workers, per_step = resources.num_workers, train.batch_size * resources.num_workers
+            if train.global_batch_size % per_step:
+                raise ValueError(
+                    f"train.global_batch_size ({train.global_batch_size}) must be a multiple of "
+                    f"train.batch_size × resources.num_workers ({train.batch_size} × {workers} = "
+                    f"{per_step}) so that every worker accumulates whole micro-batches")
+            return self
+        fits_all = math.lcm(*(train.batch_size * n for n in resources.worker_counts))
+        for workers in resources.worker_counts:
+            if self.global_batch_size % (train.batch_size * workers):
+                given = (f"train.global_batch_size ({train.global_batch_size})"
+                         if train.global_batch_size else
+                         f"the global batch (train.batch_size × train.grad_accum_steps × "
+                         f"resources.num_workers.max = {self.global_batch_size})")
+                raise ValueError(
+                    f"{given} must be a multiple of train.batch_size × every worker count of "
+                    f"resources.num_workers ({resources.min_workers} to "
+                    f"{resources.max_workers}), and {train.batch_size} × {workers} = "
+                    f"{train.batch_size * workers} does not divide it, so the global batch "
+                    f"would change with the group's size; set train.global_batch_size to "
+                    f"{fits_all} or a multiple of it")
         return self
 
     @property
-    def grad_accum_steps(self) -> int:
-        """Micro-batches per optimizer step on each worker."""
-        if self.train.global_batch_size:
-            return self.train.global_batch_size // (self.train.batch_size
-                                                    * self.resources.num_workers)
-        return self.train.grad_accum_steps
+    def global_batch_size(self) -> int:
+        """Rows per optimizer step over all workers, whatever their number."""
+        train = self.train
+        return (train.global_batch_size
+                or train.batch_size * train.grad_accum_steps * self.resources.max_workers)
+
+    def grad_accum_steps(self, workers: int) -> int:
+        """Micro-batches per optimizer step on each of `workers` workers."""
+        return self.global_batch_size // (self.train.batch_size * workers)
 
     @property
     def metric(self) -> str:

@@ -145,15 +145,21 @@ def field_comments(cls: type) -> dict[str, str]:
     return found
 
 
-def section_class(annotation: Any) -> type[BaseModel] | None:
-    """The spec section a field holds (also when it may be None), or None for a plain value."""
+def _alternatives(annotation: Any) -> list[Any]:
+    """The types a field may hold besides None, each without its Annotated metadata."""
     candidates = [annotation]
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         candidates = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
-    if len(candidates) == 1 and isinstance(candidates[0], type) \
-            and issubclass(candidates[0], BaseModel):
-        return candidates[0]
-    return None
+    return [typing.get_args(c)[0] if typing.get_origin(c) is typing.Annotated else c
+            for c in candidates]
+
+
+def section_class(annotation: Any) -> type[BaseModel] | None:
+    """The spec section a field holds (also when it may be None or a plain value instead, as
+    resources.num_workers: a number or {min, max}), or None for a plain value."""
+    models = [c for c in _alternatives(annotation)
+              if isinstance(c, type) and issubclass(c, BaseModel)]
+    return models[0] if len(models) == 1 else None
 
 
 def type_name(annotation: Any) -> str:
@@ -259,6 +265,8 @@ def walk(cls: type[BaseModel], prefix: str, out: list[str], undescribed: list[st
         if sub is not None:
             subsections.append((path, sub))
             kind = "section" + (", optional" if default_text(info) == "null" else "")
+            if len(_alternatives(info.annotation)) > 1:
+                kind = type_name(info.annotation)
             text = describe(path, name, info, comments) or _docstring(sub)
             rows.append((path, kind, default_text(info), "",
                          f"{text} See [{path}](#{_anchor(path)}).".strip()))

@@ -26,8 +26,8 @@ from conftest import REPO, TIMING
 from orchestrator.cli import _parser, main
 from orchestrator.cluster import plan_for, trial_count
 from orchestrator.k8s import (
-    FILES,
     GPU,
+    MAX_CRON_NAME,
     MAX_NAME,
     TOKEN_KEY,
     K8sOptions,
@@ -98,11 +98,37 @@ KubernetesValidator = jsonschema.validators.extend(
     validators={"x-kubernetes-list-type": _list_type, "x-kubernetes-validations": _cel_rules})
 
 
-def _crd_validator(file: str) -> Validate:
-    crd = yaml.load((CRDS / file).read_text(), Loader=getattr(yaml, "CSafeLoader",
-                                                                   yaml.SafeLoader))
+def _read_crd(file: str) -> dict[str, Any]:
+    return yaml.load((CRDS / file).read_text(), Loader=getattr(yaml, "CSafeLoader",
+                                                                yaml.SafeLoader))
+
+
+def _v1_schema(crd: dict[str, Any]) -> dict[str, Any]:
     (served,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-    validator = KubernetesValidator(_structural(served["schema"]["openAPIV3Schema"]))
+    return served["schema"]["openAPIV3Schema"]
+
+
+def _raycronjob_crd() -> dict[str, Any]:
+    """ray.io_raycronjobs.yaml when the folder has it; else the same CRD built from the RayJob
+    CRD: in KubeRay v1.7.0 (ray-operator/config/crd/bases/ray.io_raycronjobs.yaml at tag
+    v1.7.0) its schema is exactly this, with jobTemplate equal to the RayJob's spec schema."""
+    if (CRDS / "ray.io_raycronjobs.yaml").is_file():
+        return _read_crd("ray.io_raycronjobs.yaml")
+    rayjob = _v1_schema(_read_crd("ray.io_rayjobs.yaml"))
+    schema = {"type": "object", "properties": {
+        "apiVersion": {"type": "string"}, "kind": {"type": "string"},
+        "metadata": {"type": "object"},
+        "spec": {"type": "object", "required": ["jobTemplate", "schedule"], "properties": {
+            "jobTemplate": rayjob["properties"]["spec"], "schedule": {"type": "string"},
+            "suspend": {"type": "boolean"}, "timeZone": {"minLength": 1, "type": "string"}}},
+        "status": {"type": "object", "properties": {
+            "lastScheduleTime": {"format": "date-time", "type": "string"}}}}}
+    return {"spec": {"group": "ray.io", "names": {"kind": "RayCronJob"},
+                     "versions": [{"name": "v1", "schema": {"openAPIV3Schema": schema}}]}}
+
+
+def _crd_validator(crd: dict[str, Any]) -> Validate:
+    validator = KubernetesValidator(_structural(_v1_schema(crd)))
 
     def validate(manifest: dict[str, Any]) -> list[str]:
         assert manifest["apiVersion"] == f"{crd['spec']['group']}/v1"
@@ -118,8 +144,9 @@ def crds() -> dict[str, Validate]:
     if not CRDS.is_dir():
         pytest.skip(f"KubeRay v1.7.0's CRDs are not at {CRDS} (they sit beside the checkout in "
                     "CI, not in a clone): the manifests are not schema-checked")
-    return {"RayJob": _crd_validator("ray.io_rayjobs.yaml"),
-            "RayService": _crd_validator("ray.io_rayservices.yaml")}
+    return {"RayJob": _crd_validator(_read_crd("ray.io_rayjobs.yaml")),
+            "RayService": _crd_validator(_read_crd("ray.io_rayservices.yaml")),
+            "RayCronJob": _crd_validator(_raycronjob_crd())}
 
 
 # --- what a schema cannot say -----------------------------------------------------------------
@@ -199,9 +226,16 @@ def check_secrets(cluster: dict[str, Any], options: K8sOptions) -> None:
 
 def check_rayjob(spec: JobSpec, spec_path: Path, overrides: list[str], options: K8sOptions,
                  manifests: Manifests) -> None:
-    """The entrypoint is `orchestrator run` of the same spec into the printed run directory,
-    and the worker groups hold what the plan asks for at the sweep's widest."""
+    """The entrypoint is `orchestrator run` of the same spec into the printed run directory
+    (a new one at each tick of a schedule), and the worker groups hold what the plan asks for
+    at the sweep's widest."""
     job = manifests.rayjob["spec"]
+    if options.schedule is not None:
+        cron = manifests.raycronjob
+        assert cron["kind"] == "RayCronJob" and cron["spec"]["jobTemplate"] == job
+        assert cron["spec"]["schedule"] == options.schedule
+        assert cron["spec"].get("timeZone") == options.time_zone
+        assert len(cron["metadata"]["name"]) <= MAX_CRON_NAME
     words = through_kuberay_and_ray(job["entrypoint"])
     assert words[:3] == ["python", "-m", "orchestrator"]
     args = _parser().parse_args(words[3:])
@@ -212,8 +246,9 @@ def check_rayjob(spec: JobSpec, spec_path: Path, overrides: list[str], options: 
         assert "runtimeEnvYAML" not in job
         assert args.spec == f"{options.working_dir}/{spec_path.as_posix()}"
     assert (args.command, args.overrides) == ("run", overrides)
-    assert args.run_dir == manifests.run_dir == job["metadata"]["run_dir"]
-    assert args.run_dir.startswith(spec.runs_dir.rstrip("/") + "/")
+    assert args.run_dir == manifests.run_dir == job["metadata"].get("run_dir")
+    if options.schedule is None:
+        assert args.run_dir.startswith(spec.runs_dir.rstrip("/") + "/")
     assert spec_digest(load_spec(REPO / spec_path, args.overrides)) == spec_digest(spec) \
         == job["metadata"]["spec_sha256"]
     assert job["submissionMode"] == "SidecarMode" and job["shutdownAfterJobFinishes"] is True
@@ -236,7 +271,7 @@ def check_rayjob(spec: JobSpec, spec_path: Path, overrides: list[str], options: 
     worker = {"CPU": resources.cpus_per_worker,
               "GPU": resources.gpus_per_worker if use_gpu else 0}
     trainers = groups["gpu-workers" if use_gpu else "cpu-workers"]
-    assert trainers["maxReplicas"] * _fits(worker, _pod(trainers)) >= trials * resources.num_workers
+    assert trainers["maxReplicas"] * _fits(worker, _pod(trainers)) >= trials * resources.max_workers
     capacity = _capacity(cluster)
     assert capacity["CPU"] >= trials * plan.trial_resources["CPU"] + plan.data_cpus
     assert capacity["GPU"] >= trials * plan.trial_resources.get("GPU", 0)
@@ -302,6 +337,10 @@ VARIANTS = {  # options and overrides beyond the shipped jobs' own
     "gpu workers and gpu replicas": (
         K8sOptions(), ["resources.use_gpu=true", "resources.num_workers=2",
                        "serve.replica_gpus=1.5", "train.global_batch_size=0"]),
+    "nightly in a time zone, elastic workers": (
+        K8sOptions(schedule="0 3 * * 1-5", time_zone="Europe/Berlin",
+                   bundle="s3://orchestrator-test/runs/served/winner"),
+        ["resources.num_workers={min: 1, max: 2}", "train.global_batch_size=0"]),
 }
 
 
@@ -310,7 +349,7 @@ Case = tuple[JobSpec, Path, list[str], K8sOptions, Manifests]
 
 @pytest.fixture(scope="module")
 def every_case() -> list[Case]:
-    """Both manifests of every shipped job under every set of VARIANTS."""
+    """The manifests of every shipped job under every set of VARIANTS."""
     cases = []
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(REPO)
@@ -328,15 +367,15 @@ def test_every_manifest_for_every_shipped_job_is_valid_against_kuberays_crds(
         record_property: Callable[[str, object], None]) -> None:
     validated = 0
     for spec, *_, manifests in every_case:
-        for manifest in (manifests.rayjob, manifests.rayservice):
+        for manifest in manifests.files().values():
             written = yaml.safe_load(to_yaml(manifest))
             assert written == manifest
             errors = crds[manifest["kind"]](written)
             assert not errors, f"{spec.name} {manifest['kind']}:\n" + "\n".join(errors[:20])
             validated += 1
     assert validated == 2 * len(SHIPPED) * len(VARIANTS)
-    line = (f"KubeRay v1.7.0 CRDs: {validated} manifests valid (RayJob and RayService of "
-            f"{len(SHIPPED)} shipped jobs x {len(VARIANTS)} option sets)")
+    line = (f"KubeRay v1.7.0 CRDs: {validated} manifests valid (RayJob or RayCronJob, and "
+            f"RayService, of {len(SHIPPED)} shipped jobs x {len(VARIANTS)} option sets)")
     print(line)
     record_property(TIMING, line)
 
@@ -442,8 +481,9 @@ def test_the_cli_writes_both_files_and_rewrites_only_its_own(
                "--set", "data.path=s3://b/data.jsonl", "-o", str(output)]
     assert main(command) == 0
     printed = capsys.readouterr().out
-    assert sorted(p.name for p in output.iterdir()) == sorted(FILES)
-    manifests = {name: yaml.safe_load((output / name).read_text()) for name in FILES}
+    assert sorted(p.name for p in output.iterdir()) == ["rayjob.yaml", "rayservice.yaml"]
+    manifests = {name: yaml.safe_load((output / name).read_text())
+                 for name in ("rayjob.yaml", "rayservice.yaml")}
     assert [m["kind"] for m in manifests.values()] == ["RayJob", "RayService"]
     run_dir = manifests["rayjob.yaml"]["spec"]["metadata"]["run_dir"]
     assert run_dir in printed and f"{run_dir}/winner" in printed
@@ -506,3 +546,46 @@ def _worker(manifest: dict[str, Any]) -> dict[str, Any]:
 
 def _container(manifest: dict[str, Any]) -> dict[str, Any]:
     return _worker(manifest)["template"]["spec"]["containers"][0]
+
+
+@pytest.mark.parametrize(("options", "named"), [
+    (K8sOptions(schedule="0 3 * *", bundle="s3://b/w"), "--schedule '0 3 * *': expected 5 fields"),
+    (K8sOptions(schedule="0 24 * * *", bundle="s3://b/w"), "its hour field '24' is not 0-23"),
+    (K8sOptions(schedule="0 3 * * funday", bundle="s3://b/w"), "day of week field 'funday'"),
+    (K8sOptions(schedule="@every day", bundle="s3://b/w"), "@every takes a duration"),
+    (K8sOptions(schedule="CRON_TZ=UTC 0 3 * * *", bundle="s3://b/w"), "--time-zone, not in"),
+    (K8sOptions(schedule="@daily", time_zone="Mars/Olympus", bundle="s3://b/w"),
+     "--time-zone 'Mars/Olympus': not a time zone"),
+    (K8sOptions(schedule="@daily"), "give the bundle it serves with --bundle"),
+])
+def test_schedules_kuberay_would_refuse_are_refused_here(in_repo: None, options: K8sOptions,
+                                                         named: str) -> None:
+    """KubeRay refuses a bad schedule only in the operator's events, after `kubectl apply`
+    succeeded; here it is refused before anything is written."""
+    spec = load_spec("jobs/quickstart.yaml", IN_OBJECT_STORAGE)
+    with pytest.raises(SpecError, match=re.escape(named)):
+        build(spec, Path("jobs/quickstart.yaml"), IN_OBJECT_STORAGE, options, NOW)
+
+
+@pytest.mark.parametrize("schedule", ["*/15 0-6,22-23 ? JAN-MAR mon-fri", "@hourly",
+                                      "@every 1h30m", "0 0 1 */2 *"])
+def test_schedules_kuberay_takes_are_taken(in_repo: None, schedule: str) -> None:
+    spec = load_spec("jobs/quickstart.yaml", IN_OBJECT_STORAGE)
+    manifests = build(spec, Path("jobs/quickstart.yaml"), IN_OBJECT_STORAGE,
+                      K8sOptions(schedule=schedule, bundle="s3://b/runs/x/winner"), NOW)
+    assert manifests.raycronjob["spec"]["schedule"] == schedule
+
+
+def test_the_cli_writes_a_raycronjob_with_a_schedule(
+        in_repo: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    output = tmp_path / "k8s"
+    assert main(["k8s", "jobs/quickstart.yaml", "--set", "runs_dir=s3://b/runs",
+                 "--set", "data.path=s3://b/data.jsonl", "-o", str(output),
+                 "--schedule", "0 3 * * *", "--bundle", "s3://b/served/winner"]) == 0
+    printed = capsys.readouterr().out
+    assert sorted(p.name for p in output.iterdir()) == ["raycronjob.yaml", "rayservice.yaml"]
+    cron = yaml.safe_load((output / "raycronjob.yaml").read_text())
+    assert (cron["kind"], cron["spec"]["schedule"]) == ("RayCronJob", "0 3 * * *")
+    words = through_kuberay_and_ray(cron["spec"]["jobTemplate"]["entrypoint"])
+    assert _parser().parse_args(words[3:]).run_dir is None  # each run names its own
+    assert "s3://b/runs" in printed and "s3://b/served/winner" in printed

@@ -33,7 +33,7 @@ def run(quick: bool) -> BenchResult:
         base = base or tokens_per_s
         grad = gradient_bytes(spec, prepared.info)
         rows.append({"workers": workers, "threads_each": int(spec.resources.cpus_per_worker),
-                     "grad_accum": spec.grad_accum_steps, "tokens_per_s": tokens_per_s,
+                     "grad_accum": spec.grad_accum_steps(workers), "tokens_per_s": tokens_per_s,
                      "speedup": tokens_per_s / base, "efficiency": tokens_per_s / base / workers,
                      "allreduce_MB_per_step": grad / 1e6 if workers > 1 else 0.0,
                      "sent_MB_per_worker_step": 2 * (workers - 1) / workers * grad / 1e6,

@@ -209,7 +209,8 @@ def start_interval(run: TrainingRun) -> None:
 def train_step(run: TrainingRun) -> None:
     """One optimizer step: grad_accum micro-batches forward and backward (DDP all-reduces on the
     last only), the L1 penalty, clipping, the (scaled) step and the schedule."""
-    accum, train, interval = run.spec.grad_accum_steps, run.spec.train, run.interval
+    accum = run.spec.grad_accum_steps(run.session.world_size)
+    train, interval = run.spec.train, run.interval
     no_sync = getattr(run.model, "no_sync", None)  # DDP: no all-reduce on accumulation steps
     for micro in range(accum):
         batch = next(run.batches)
@@ -246,7 +247,8 @@ def end_interval(run: TrainingRun) -> None:
     seconds = time.perf_counter() - interval.started
     per_worker = gather([interval.tokens, interval.rows, seconds, run.batches.wait_s,
                          float(interval.loss_sum)], run.device, world)
-    metrics = {"step": run.step, "lr": run.scheduler.get_last_lr()[0],
+    # workers: this interval's group size, which changes under elastic training.
+    metrics = {"step": run.step, "lr": run.scheduler.get_last_lr()[0], "workers": world,
                "resumed_from_step": run.resumed_from, "epoch": run.batches.position.epoch,
                **throughput(per_worker, interval.steps, run.flops_per_token, run.peak)}
     metrics.update({f"val_{name}": value for name, value in validate(run).items()})

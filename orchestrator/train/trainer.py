@@ -34,16 +34,11 @@ def build_trainer(config: WorkerConfig, name: str,
     datasets = {split: read_split(run_dir, split) for split in ("train", "val")}
     if spec.data.cache:
         datasets = {split: ds.materialize() for split, ds in datasets.items()}
-    per_worker = {"CPU": spec.resources.cpus_per_worker}
-    if config.use_gpu:
-        per_worker["GPU"] = spec.resources.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
         # Ray Train takes a dict here (its dashboard shows each value as a string).
         train_loop_config={"worker": config},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=spec.resources.num_workers, use_gpu=config.use_gpu,
-            resources_per_worker=per_worker),
+        scaling_config=scaling_config(spec, config.use_gpu),
         datasets=datasets,
         # Ordered reads make every worker's shard the same after a restart, so a resumed run
         # can skip exactly the batches it already trained on.
@@ -60,6 +55,23 @@ def build_trainer(config: WorkerConfig, name: str,
             callbacks=callbacks or [],
         ),
     )
+
+
+def scaling_config(spec: JobSpec, use_gpu: bool) -> ray.train.ScalingConfig:
+    """A fixed number of workers, or Ray Train's elastic (min, max): the group starts with what
+    fits, and is restarted smaller after a failure (train.max_failures) or larger when room
+    appears, from the latest checkpoint each time (the loop keeps the global batch)."""
+    resources = spec.resources
+    per_worker = {"CPU": resources.cpus_per_worker}
+    if use_gpu:
+        per_worker["GPU"] = resources.gpus_per_worker
+    if not resources.elastic:
+        return ray.train.ScalingConfig(num_workers=resources.num_workers, use_gpu=use_gpu,
+                                       resources_per_worker=per_worker)
+    return ray.train.ScalingConfig(
+        num_workers=(resources.min_workers, resources.max_workers), use_gpu=use_gpu,
+        resources_per_worker=per_worker,
+        elastic_resize_monitor_interval_s=resources.num_workers.resize_check_s)
 
 
 def checkpoint_retention(spec: JobSpec) -> dict[str, Any]:

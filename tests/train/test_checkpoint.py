@@ -124,7 +124,7 @@ def _spec(train=None, workers=1):
 def test_global_batch_keeps_the_effective_batch_for_any_worker_count():
     for workers, accum in ((1, 4), (2, 2), (4, 1)):
         spec = _spec({"batch_size": 8, "global_batch_size": 32}, workers)
-        assert spec.grad_accum_steps == accum
+        assert spec.grad_accum_steps(workers) == accum
 
 
 def test_global_batch_that_does_not_divide_is_refused():

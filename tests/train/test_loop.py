@@ -304,7 +304,7 @@ def test_accumulated_micro_batches_make_the_update_of_one_big_batch(family, prep
         return weights(session.reports[-1]["checkpoint"], spec, data), \
             session.reports[-1]["train_loss"]
 
-    assert spec_of(family, train={"batch_size": 16, "global_batch_size": 32}).grad_accum_steps == 2
+    assert spec_of(family, train={"batch_size": 16, "global_batch_size": 32}).grad_accum_steps(1) == 2
     accumulated, accumulated_loss = trained("accumulated", batch_size=16, global_batch_size=32)
     big, big_loss = trained("big", batch_size=32)
     small, _ = trained("small", batch_size=16)
