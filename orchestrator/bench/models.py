@@ -57,7 +57,7 @@ def run(quick: bool) -> BenchResult:
     update_s = 15.0 if quick else 40.0  # long enough to cover the rolling update
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(log_to_driver=False, logging_level="WARNING")
+        ray.init(address="local", log_to_driver=False, logging_level="WARNING")
     port = free_port()
     writer, other = model_spec("writer", port), model_spec("other", port)
     texts = [json.loads(line) for line in sample_corpus().read_text().splitlines()]

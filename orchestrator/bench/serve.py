@@ -124,7 +124,7 @@ def serve_rows_in_own_ray(quick: bool) -> dict[str, list[dict[str, Any]]]:
     from ray import serve
 
     seconds, request = cell_shape(quick)
-    ray.init(log_to_driver=False, logging_level="WARNING")
+    ray.init(address="local", log_to_driver=False, logging_level="WARNING")  # never a running cluster
     port = free_port()
     rows_of_text = [json.loads(line) for line in sample_corpus().read_text().splitlines()]
     try:
