@@ -6,6 +6,7 @@ without Ray and runs unchanged inside Ray Data workers.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import zlib
@@ -175,3 +176,18 @@ class TokenizeBatch:
             order = rng.permutation(len(out["ids"]))
             out = {name: column[order] for name, column in out.items()}
         return out
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenize_batch(*settings: Any) -> TokenizeBatch:
+    return TokenizeBatch(*settings)
+
+
+def tokenize_batch(batch: Mapping[str, Any], tokenizer_json: str, task: Task, block_size: int,
+                   max_length: int, labels: tuple[str, ...], seed: int | None, eos_id: int,
+                   pad_id: int) -> dict[str, np.ndarray]:
+    """TokenizeBatch as a function, for Ray Data's tasks: a task fuses with the write that
+    follows (an actor pool's write takes a CPU of its own), and each worker process builds the
+    tokenizer once for all the blocks it takes."""
+    return _tokenize_batch(tokenizer_json, task, block_size, max_length, labels, seed, eos_id,
+                           pad_id)(batch)

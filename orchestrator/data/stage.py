@@ -17,10 +17,10 @@ from tokenizers import Tokenizer
 
 from orchestrator.data.datasets import (
     SPLITS,
-    TokenizeBatch,
     assign_splits,
     count_texts,
     sample_training_texts,
+    tokenize_batch,
 )
 from orchestrator.data.sources import configure_ray_data, explain_read_failure, read_source
 from orchestrator.pretrained import Base, stage_base
@@ -66,15 +66,17 @@ def _scan(texts: ray.data.Dataset) -> _Scan:
 
 
 @ray.remote(num_cpus=1)
-def _train_on_blocks(blocks: list[ray.ObjectRef], vocab_size: int) -> tuple[str, int, int]:
-    """(tokenizer JSON, texts, bytes) of a tokenizer trained on the sample's blocks, read one at
-    a time in this task: neither the sample nor the trainer's counts live in the driver."""
+def _train_on_blocks(blocks: list[ray.ObjectRef], vocab_size: int, seed: int,
+                     fraction: float) -> tuple[str, int, int]:
+    """(tokenizer JSON, texts, bytes) of a tokenizer trained on the sample of the split texts'
+    blocks (datasets.sample_training_texts), read one at a time in this task: neither the sample
+    nor the trainer's counts live in the driver."""
     texts, size = 0, 0
 
     def batches() -> Iterator[list[str]]:
         nonlocal texts, size
         for ref in blocks:
-            column = ray.get(ref)["text"]
+            column = sample_training_texts(ray.get(ref), seed, fraction)["text"]
             texts, size = texts + len(column), size + pc.sum(pc.binary_length(column)).as_py()
             yield column.to_pylist()
 
@@ -82,21 +84,19 @@ def _train_on_blocks(blocks: list[ray.ObjectRef], vocab_size: int) -> tuple[str,
     return tokenizer.to_str(), texts, size
 
 
-def _trained_tokenizer(spec: JobSpec, texts: ray.data.Dataset, scan: _Scan,
-                       progress: Callable[[str], None]) -> Tokenizer:
-    """A BPE tokenizer trained on a seeded sample of the training split of at most
-    data.tokenizer_sample_mb (all of it when smaller)."""
+def _start_training(spec: JobSpec, texts: ray.data.Dataset, scan: _Scan,
+                    progress: Callable[[str], None]) -> ray.ObjectRef:
+    """Start training a BPE tokenizer on a seeded sample of the training split of at most
+    data.tokenizer_sample_mb (all of it when smaller), in a task of one CPU: the stage writes
+    the split texts on the others meanwhile. ray.get the reference for _train_on_blocks'
+    result."""
     data, train_mb = spec.data, scan.bytes["train"] / 1e6
     fraction = data.tokenizer_sample_mb / train_mb if train_mb else 1.0
     what = ("the training split" if fraction >= 1 else
             f"a {data.tokenizer_sample_mb:g} MB sample of the training split")
     progress(f"training the tokenizer on {what} ({train_mb:.3g} MB)")
-    sample = texts.map_batches(sample_training_texts, batch_format="pyarrow", batch_size=None,
-                               fn_kwargs={"seed": data.split_seed, "fraction": fraction})
-    blocks = sample.materialize().to_arrow_refs()
-    tokenizer_json, count, size = ray.get(_train_on_blocks.remote(blocks, data.vocab_size))
-    progress(f"tokenizer trained on {count} texts, {size / 1e6:.3g} MB")
-    return Tokenizer.from_str(tokenizer_json)
+    return _train_on_blocks.remote(texts.to_arrow_refs(), data.vocab_size, data.split_seed,
+                                   fraction)
 
 
 def _check_scan(spec: JobSpec, scan: _Scan) -> None:
@@ -168,11 +168,13 @@ class _Vocabulary:
     architecture: dict[str, Any] | None = None
 
 
-def _vocabulary(spec: JobSpec, base: Base | None, texts: ray.data.Dataset, scan: _Scan,
+def _vocabulary(spec: JobSpec, base: Base | None, training: ray.ObjectRef | None,
                 progress: Callable[[str], None]) -> _Vocabulary:
-    """A BPE tokenizer trained on the training split, or the pretrained checkpoint's own."""
+    """The BPE tokenizer `training` (_start_training) trained, or the pretrained checkpoint's."""
     if base is None:
-        tokenizer = _trained_tokenizer(spec, texts, scan, progress)
+        tokenizer_json, count, size = ray.get(training)
+        progress(f"tokenizer trained on {count} texts, {size / 1e6:.3g} MB")
+        tokenizer = Tokenizer.from_str(tokenizer_json)
         return _Vocabulary(tokenizer, tokenizer.get_vocab_size(), tokenizer.token_to_id(EOS),
                            tokenizer.token_to_id(PAD), {"eos_token": EOS, "bos_token": EOS,
                                                         "pad_token": PAD})
@@ -190,7 +192,8 @@ def prepare_data(spec: JobSpec, run_dir: RunDir | str,
     The source is read once: its texts, split, are held in Ray's object store (spilled to disk
     when larger) for the counts, the tokenizer's sample and the tokenization, all run in Ray
     tasks: the driver holds per-block counts and object references, nothing that grows with the
-    corpus. Sources are often sorted (by topic, date, label), and validation on the first few
+    corpus. The tokenizer trains in a task of one CPU while the split texts are written on the
+    others; each block is then tokenized and written in one task. Sources are often sorted (by topic, date, label), and validation on the first few
     batches of a sorted split measures one corner of the data, so the order is shuffled in two
     steps that never move the whole corpus: blocks of TEXTS_PER_BLOCK consecutive texts in a
     seeded random order, and each tokenized batch's rows (TOKENIZE_BATCH_ROWS texts) permuted.
@@ -219,11 +222,13 @@ def prepare_data(spec: JobSpec, run_dir: RunDir | str,
         raise
     scan = _scan(texts)
     _check_scan(spec, scan)
-    vocab = _vocabulary(spec, base, texts, scan, progress)
-    with run_dir.tokenizer.local_folder() as folder:
-        save_tokenizer(vocab.tokenizer, folder)
+    training = _start_training(spec, texts, scan, progress) if base is None else None
     labels = sorted(scan.labels["train"]) if spec.model.task == Task.CLASSIFIER else []
     try:
+        _write_texts(run_dir, texts, labels, progress)
+        vocab = _vocabulary(spec, base, training, progress)
+        with run_dir.tokenizer.local_folder() as folder:
+            save_tokenizer(vocab.tokenizer, folder)
         rows = _write_splits(spec, run_dir, texts, vocab, labels, progress)
         _check_rows(data, scan, rows)
     except BaseException:
@@ -254,25 +259,28 @@ def _check_rows(data: DataSpec, scan: _Scan, rows: dict[str, int]) -> None:
             )
 
 
-def _write_splits(spec: JobSpec, run_dir: RunDir, texts: ray.data.Dataset, vocab: _Vocabulary,
-                  labels: list[str], progress: Callable[[str], None]) -> dict[str, int]:
-    """Write the split texts and the tokenized splits, streamed by Ray Data; return the rows
-    written per split."""
-    data = spec.data
+def _write_texts(run_dir: RunDir, texts: ray.data.Dataset, labels: list[str],
+                 progress: Callable[[str], None]) -> None:
+    """Write the split texts (what the classical references read), streamed by Ray Data."""
     run_dir.data.remove()
     run_dir.texts.remove()
     progress("writing the split texts (for the classical references)")
     texts.select_columns(["text", "label", "split"] if labels else ["text", "split"]) \
         .write_parquet(run_dir.texts.path, filesystem=run_dir.root.fs, partition_cols=["split"])
+
+
+def _write_splits(spec: JobSpec, run_dir: RunDir, texts: ray.data.Dataset, vocab: _Vocabulary,
+                  labels: list[str], progress: Callable[[str], None]) -> dict[str, int]:
+    """Tokenize and write the splits, each block in one task that reads, tokenizes and writes
+    it (streamed by Ray Data); return the rows written per split."""
+    data = spec.data
     progress("tokenizing and writing the splits")
     texts.map_batches(
-        TokenizeBatch, batch_format="numpy", batch_size=TOKENIZE_BATCH_ROWS,
-        compute=ray.data.ActorPoolStrategy(min_size=1),
-        fn_constructor_kwargs={"tokenizer_json": vocab.tokenizer.to_str(),
-                               "task": spec.model.task, "block_size": data.block_size,
-                               "max_length": data.max_length, "labels": labels,
-                               "seed": data.split_seed, "eos_id": vocab.eos_id,
-                               "pad_id": vocab.pad_id},
+        tokenize_batch, batch_format="numpy", batch_size=TOKENIZE_BATCH_ROWS,
+        fn_kwargs={"tokenizer_json": vocab.tokenizer.to_str(), "task": spec.model.task,
+                   "block_size": data.block_size, "max_length": data.max_length,
+                   "labels": tuple(labels), "seed": data.split_seed, "eos_id": vocab.eos_id,
+                   "pad_id": vocab.pad_id},
     ).write_parquet(run_dir.data.path, filesystem=run_dir.root.fs, partition_cols=["split"])
     progress("counting the rows written")
     return {split: _rows_written(run_dir.split(split)) for split in SPLITS}

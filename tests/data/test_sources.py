@@ -56,7 +56,8 @@ def test_file_error_reads_compressed_files_through(tmp_path, name, fmt, codec):
 def test_file_error_names_what_does_not_parse(tmp_path):
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"text": "fine"}\n{"text": "cut\n')
-    assert sources.file_error(str(tmp_path), str(broken), "jsonl").startswith("ValueError")
+    assert sources.file_error(str(tmp_path), str(broken), "jsonl").startswith(
+        "ArrowInvalid: JSON parse error")
     not_parquet = tmp_path / "x.parquet"
     not_parquet.write_text("not parquet")
     assert "ArrowInvalid" in sources.file_error(str(tmp_path), str(not_parquet), "parquet")

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from orchestrator.data import datasets
 from orchestrator.data.datasets import (
     TokenizeBatch,
     assign_splits,
@@ -16,6 +17,7 @@ from orchestrator.data.datasets import (
     pad_or_truncate,
     sample_training_texts,
     split_of,
+    tokenize_batch,
 )
 from orchestrator.spec import Task
 from orchestrator.tokenizer import (
@@ -124,6 +126,25 @@ def test_tokenize_batch_takes_numpy_batches_and_shuffles_rows_reproducibly(sampl
     unshuffled = TokenizeBatch(tokenizer.to_str(), Task.LANGUAGE_MODEL, 16, 0)(batch)
     assert sorted(map(tuple, lm["ids"].tolist())) == sorted(map(tuple, unshuffled["ids"].tolist()))
     assert lm["ids"].tolist() != unshuffled["ids"].tolist()
+
+
+def test_tokenize_batch_as_a_function_builds_the_tokenizer_once_per_process(sample_rows):
+    """The stage's tasks call tokenize_batch per batch: the same rows as TokenizeBatch, and the
+    tokenizer is built once for every batch that follows."""
+    tokenizer = train_tokenizer((r["text"] for r in sample_rows[:300]), vocab_size=300)
+    batch = {"text": np.array([r["text"] for r in sample_rows[:50]], dtype=object),
+             "split": np.array(["train", "val"] * 25, dtype=object)}
+    settings = {"tokenizer_json": tokenizer.to_str(), "task": Task.LANGUAGE_MODEL,
+                "block_size": 16, "max_length": 0, "labels": (), "seed": 3, "eos_id": 0,
+                "pad_id": 1}
+    first = tokenize_batch(batch, **settings)
+    built = datasets._tokenize_batch.cache_info().misses
+    second = tokenize_batch(batch, **settings)
+    assert datasets._tokenize_batch.cache_info().misses == built
+    expected = TokenizeBatch(tokenizer.to_str(), Task.LANGUAGE_MODEL, 16, 0, seed=3, eos_id=0,
+                             pad_id=1)(batch)
+    assert all((first[k] == expected[k]).all() and (second[k] == expected[k]).all()
+               for k in expected)
 
 
 def test_tokenizer_cuts_long_runs_and_encodes_as_it_trained(tmp_path, sample_rows):
