@@ -46,6 +46,7 @@ NOT_FIGURES = frozenset({"step", "resumed_from_step", "training_iteration", "tim
                          "episodes_total", "pid", "trial_id"})
 PARAMS_PER_BATCH, METRICS_PER_BATCH = 100, 1000  # MLflow's limits for one log_batch
 PROBE_TIMEOUT_S = 10.0
+ALREADY_EXISTS = "RESOURCE_ALREADY_EXISTS"  # MLflow's error code
 
 
 def tracking_uri(spec: JobSpec, run_dir: RunDir) -> str:
@@ -145,7 +146,10 @@ class Tracker:
             try:
                 self._experiment_id = client.create_experiment(
                     name, artifact_location=self._artifact_location())
-            except MlflowException:  # another job created it meanwhile
+            except MlflowException as error:
+                if error.error_code != ALREADY_EXISTS:
+                    raise
+                # another job created it meanwhile
                 self._experiment_id = client.get_experiment_by_name(name).experiment_id
         else:
             self._experiment_id = experiment.experiment_id
@@ -204,10 +208,9 @@ class Tracker:
         figures = [c for c in reports.columns if c not in NOT_FIGURES
                    and pd.api.types.is_numeric_dtype(reports[c])
                    and not pd.api.types.is_bool_dtype(reports[c])]
-        metrics = [Metric(name, float(value), at, int(step))
+        metrics = [Metric(name, float(report[name]), at, int(report["step"]))
                    for (_, report), at in zip(reports.iterrows(), times)
-                   for name in figures for step, value in [(report["step"], report[name])]
-                   if _finite(value)]
+                   for name in figures if _finite(report[name])]
         best = f"best_{self.spec.metric}"
         if _finite(trial.get(best)):
             metrics.append(Metric(best, float(trial[best]), max(times, default=0),
@@ -229,7 +232,7 @@ class Tracker:
         client = self._client
         if client.get_run(parent).info.status == "FINISHED":
             return  # tracked to the end by an earlier driver
-        from mlflow.entities import LoggedModelStatus, Metric
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric, RunTag
         from mlflow.exceptions import MlflowException
 
         report = json.loads(self.run_dir.report_json.read_text())
@@ -240,7 +243,7 @@ class Tracker:
                    **{f"seconds_{stage}": s for stage, s in report["stage_seconds"].items()}}
         client.log_batch(parent, metrics=[Metric(k, v, now, 0) for k, v in figures.items()
                                           if _finite(v)],
-                         tags=[_tag(k, v) for k, v in self._digests(report).items()])
+                         tags=[RunTag(k, v) for k, v in self._digests(report).items()])
         with tempfile.TemporaryDirectory(prefix="orchestrator-mlflow-") as scratch:
             for source in (self.run_dir.report_json, self.run_dir.report_md,
                            self.run_dir.spec_file):
@@ -261,10 +264,11 @@ class Tracker:
         client.log_batch(parent, metrics=[Metric(k, v, now, 0, model_id=model.model_id)
                                           for k, v in model_metrics.items() if _finite(v)])
         client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+        client.log_outputs(parent, [LoggedModelOutput(model.model_id, step=0)])  # the run's model
         try:
             client.create_registered_model(name)
         except MlflowException as error:
-            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            if error.error_code != ALREADY_EXISTS:
                 raise
         client.create_model_version(
             name, source=model.artifact_location, run_id=parent, model_id=model.model_id,
@@ -320,12 +324,6 @@ def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, str]:
 def _text(value: Any) -> str:
     value = value.item() if hasattr(value, "item") else value
     return value if isinstance(value, str) else json.dumps(value)
-
-
-def _tag(key: str, value: str) -> Any:
-    from mlflow.entities import RunTag
-
-    return RunTag(key, value)
 
 
 def _finite(value: Any) -> bool:

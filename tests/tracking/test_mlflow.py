@@ -123,6 +123,8 @@ def _check_tracked(uri: str, experiment: str, report: dict) -> None:
     assert float(version.tags["test_accuracy"]) == pytest.approx(test["model"]["accuracy"])
     model = client.search_logged_models([parent.info.experiment_id])[0]
     assert model.source_run_id == parent.info.run_id
+    assert [m.model_id for m in client.get_run(parent.info.run_id).outputs.model_outputs] == \
+        [model.model_id]
     assert model.tags[TRIAL_TAG] == report["winner"]["trial_id"]
     assert {m.key: m.value for m in model.metrics}["test_accuracy"] == \
         pytest.approx(test["model"]["accuracy"])
