@@ -12,7 +12,8 @@ trials never talk to MLflow from inside Ray workers and a run directory can be t
 
 Tracking never fails the job: the first failure prints one warning line and tracking stops for
 the rest of the run. The trials are logged in a thread of their own while the next stages run;
-mlflow is imported only when tracking is on.
+mlflow is imported only when tracking is on, with its telemetry off unless
+MLFLOW_DISABLE_TELEMETRY=false says otherwise.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import hashlib
 import json
 import math
 import numbers
+import os
 import tempfile
 import threading
 import time
@@ -136,6 +138,9 @@ class Tracker:
             except requests.RequestException as error:
                 raise ConnectionError(f"no MLflow server answers at {self.uri} "
                                       f"({type(error).__name__})") from None
+        # MLflow's telemetry would send usage records from the job's driver to MLflow's own
+        # servers, which the spec does not name: off unless MLFLOW_DISABLE_TELEMETRY says.
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 

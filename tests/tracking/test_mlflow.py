@@ -28,7 +28,8 @@ LRS = [0.003, 0.01]
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`mlflow server` as a user starts it, one worker (no job runner: it needs huey)."""
+    """`mlflow server` as a user starts it, one worker (no job runner: it needs huey; no
+    telemetry: nothing leaves this machine)."""
     folder = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     log = open(folder / "server.log", "wb")  # noqa: SIM115 - the server writes it until the end
@@ -36,7 +37,8 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
          "--artifacts-destination", str(folder / "artifacts")],
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+             "MLFLOW_DISABLE_TELEMETRY": "true"},
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -156,7 +158,8 @@ def test_a_server_that_is_down_is_one_warning_and_no_error(tracked) -> None:
     assert f"no MLflow server answers at {down}" in lines[0]
 
 
-def test_by_default_a_sqlite_database_beside_the_run_directories(tracked) -> None:
+def test_by_default_a_sqlite_database_beside_the_run_directories(tracked, monkeypatch) -> None:
+    monkeypatch.delenv("MLFLOW_DISABLE_TELEMETRY", raising=False)
     report = tracked[0]
     run_dir = RunDir.open(report["run_dir"])
     spec = _spec_of(Path(run_dir.uri), {})
@@ -168,6 +171,7 @@ def test_by_default_a_sqlite_database_beside_the_run_directories(tracked) -> Non
         tracker.log_sweep()
         tracker.log_result()
     assert lines == []
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"  # nothing sent to MLflow's servers
     _check_tracked(uri, report["name"], report)
     assert (Path(run_dir.uri).parent / "mlartifacts").is_dir()
 
