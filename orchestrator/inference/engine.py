@@ -15,6 +15,12 @@ prompt is longer than the columns so far), and columns that every row has as pad
 when the cache needs room. A row's keys and values depend only on its own tokens and positions,
 so where a row sits changes nothing it computes.
 
+Adapters: with an AdapterPool (weights/adapters.py), a request may name one of the base's LoRA
+adapters. Each row carries the slot its adapter was loaded into (0: none) from admission to
+retirement, and every forward (prefill and decode) is told each row's slot, so rows of different
+adapters decode in one batch. A request whose adapter has no free slot (every slot held by an
+adapter that running rows use) waits at the head of the queue until one frees.
+
 Isolation: anything that belongs to one request (non-finite logits, probabilities that cannot be
 sampled, a detokenization error) fails that request alone, with an `EngineError`; the other rows
 keep decoding. A failure of the shared forward itself fails the rows in it and the engine goes on.
@@ -47,6 +53,7 @@ from orchestrator.inference.sampling import (
     valid_probs,
 )
 from orchestrator.models.decoding import Decoder, DecodingCache
+from orchestrator.weights.adapters import AdapterPool, NoFreeSlot
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +109,7 @@ class _Request:
     rows: list[_Row]
     unfinished: int
     error: EngineError | None = None
+    adapter: str | None = None  # the LoRA adapter its rows decode with; None: the base
 
     @property
     def done(self) -> bool:
@@ -118,6 +126,7 @@ class _Row:
     prompt: list[int]
     params: SamplingParams
     generator: torch.Generator | None
+    slot: int = 0  # its adapter's slot in the AdapterPool while it runs (0: the base)
     ids: list[int] = field(default_factory=list)
     text: str = ""
     sent: int = 0
@@ -209,9 +218,12 @@ def model_device(model: nn.Module) -> torch.device:
 class Engine:
     """Continuous batching over one language model and its cache; see the module docstring."""
 
-    def __init__(self, model: Decoder, tokenizer: Tokenizer, eos_id: int, max_batch_size: int = 8):
+    def __init__(self, model: Decoder, tokenizer: Tokenizer, eos_id: int, max_batch_size: int = 8,
+                 adapters: AdapterPool | None = None):
+        """adapters: the LoRA adapters requests may name, already put in the model's layers."""
         self.model, self.tokenizer, self.eos_id = model, tokenizer, eos_id
         self.max_batch_size = max_batch_size
+        self.adapters = adapters
         self.vocab_size = model.wte.num_embeddings
         self.context_length = model.block_size
         self._device = model_device(model)
@@ -241,10 +253,14 @@ class Engine:
                 raise ValueError(f"prompt {index} holds token ids outside 0..{self.vocab_size - 1}")
 
     def add(self, request_id: Hashable, prompts: list[list[int]],
-            params: list[SamplingParams]) -> None:
-        """Queue a request of one or more rows (its prompts; n choices are n rows)."""
+            params: list[SamplingParams], adapter: str | None = None) -> None:
+        """Queue a request of one or more rows (its prompts; n choices are n rows), decoded
+        with the LoRA adapter named `adapter` (None: the base model)."""
         self.check(prompts, params)
-        request = _Request(request_id, [], len(prompts))
+        if adapter is not None and (self.adapters is None or adapter not in self.adapters.configs):
+            served = self.adapters.names if self.adapters else []
+            raise ValueError(f"unknown adapter {adapter!r}; this engine serves {served}")
+        request = _Request(request_id, [], len(prompts), adapter=adapter)
         request.rows = [_Row(request, index, list(prompt), p,
                              None if p.greedy else request_generator(p.seed))
                         for index, (prompt, p) in enumerate(zip(prompts, params))]
@@ -325,20 +341,43 @@ class Engine:
         admitted: list[_Request] = []
         rows = 0
         while self._waiting:
-            size = len(self._waiting[0].rows)
+            request = self._waiting[0]
+            size = len(request.rows)
             alone = not self._running and not admitted  # a request larger than a batch runs alone
             if not alone and len(self._running) + rows + size > self.max_batch_size:
                 break
+            try:
+                slot = self._slot(request, admitted)
+            except NoFreeSlot:  # it waits, first in line, until a running adapter's rows end
+                break
+            except Exception as error:  # an adapter that cannot be loaded fails its request alone
+                logger.exception("loading adapter %r failed", request.adapter)
+                self._waiting.popleft()
+                self._fail(request, EngineError(f"adapter {request.adapter!r} could not be "
+                                                f"loaded: {error}", "adapter_unavailable"), outputs)
+                continue
+            for row in request.rows:
+                row.slot = slot
             admitted.append(self._waiting.popleft())
             rows += size
         if admitted:
             self._prefill(admitted, outputs)
 
+    def _slot(self, request: _Request, admitted: list[_Request]) -> int:
+        """The slot of the request's adapter, loaded if it must be; the slots of running and
+        just admitted rows are not evicted."""
+        if self.adapters is None or request.adapter is None:
+            return 0
+        busy = {row.slot for row in self._running}
+        busy |= {other.rows[0].slot for other in admitted}
+        return self.adapters.slot(request.adapter, busy)
+
     def _prefill(self, requests: list[_Request], outputs: dict[Hashable, RequestOutput]) -> None:
         """One forward over the new prompts, left-padded; then their rows join the running batch."""
         rows = [row for request in requests for row in request.rows]
         try:
-            cache, logits = self._forward_prompts([row.prompt for row in rows])
+            cache, logits = self._forward_prompts([row.prompt for row in rows],
+                                                  [row.slot for row in rows])
         except Exception as error:
             if len(requests) > 1:  # find the one that cannot be prefilled; the others go on
                 for request in requests:
@@ -378,13 +417,21 @@ class Engine:
         self._running += [rows[i] for i in going]
         self._logits = last if self._logits is None else torch.cat([self._logits, last])
 
-    def _forward_prompts(self, prompts: list[list[int]]) -> tuple[DecodingCache, torch.Tensor]:
+    def _forward_prompts(self, prompts: list[list[int]], slots: list[int]
+                         ) -> tuple[DecodingCache, torch.Tensor]:
         width = max(map(len, prompts))
         ids = torch.tensor([[self.eos_id] * (width - len(p)) + p for p in prompts],
                            device=self._device)
         pad = torch.tensor([width - len(p) for p in prompts], device=self._device)
         cache = self.model.new_cache(len(prompts), width, pad)
-        return cache, self.model(ids, cache)
+        return cache, self._forward(ids, cache, slots)
+
+    def _forward(self, ids: torch.Tensor, cache: DecodingCache, slots: list[int]) -> torch.Tensor:
+        """The model's forward, each row with its adapter's slot when there are adapters."""
+        if self.adapters is None:
+            return self.model(ids, cache)
+        with self.adapters.rows(slots, self._device):
+            return self.model(ids, cache)
 
     def _prompt_logprobs(self, row: _Row, logits: torch.Tensor) -> list[TokenLogprob]:
         """The prompt's tokens with their log-probabilities under the model: token j given the
@@ -459,7 +506,8 @@ class Engine:
             ids = torch.tensor([[tokens[i]] for i in going], device=self._device)
             self._make_room(1)
             try:
-                self._logits = self.model(ids, self._cache)[:, -1]
+                self._logits = self._forward(ids, self._cache,
+                                             [row.slot for row in self._running])[:, -1]
             except Exception as error:
                 logger.exception("decode forward failed")
                 for row in self._running:
@@ -541,10 +589,11 @@ class AsyncEngine:
         free = max(0, self.engine.max_batch_size - self.engine.num_running)
         return self.engine.num_waiting >= self.max_waiting + free
 
-    async def generate(self, prompts: list[list[int]],
-                       params: list[SamplingParams]) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompts: list[list[int]], params: list[SamplingParams],
+                       adapter: str | None = None) -> AsyncIterator[RequestOutput]:
         """Raises QueueFull when the waiting queue is full, ValueError for rows the engine cannot
-        decode. Closing the generator early (timeout, disconnect) aborts the request."""
+        decode (or an adapter it does not serve). Closing the generator early (timeout,
+        disconnect) aborts the request."""
         if self.full:
             raise QueueFull(f"{self.engine.num_waiting} requests are waiting on this replica")
         self._start()
@@ -552,7 +601,7 @@ class AsyncEngine:
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._queues[request_id] = queue
         try:
-            self.engine.add(request_id, prompts, params)
+            self.engine.add(request_id, prompts, params, adapter)
         except BaseException:
             del self._queues[request_id]
             raise
