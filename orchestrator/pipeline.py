@@ -257,11 +257,11 @@ def _deploy_stage(winner_spec: JobSpec, name: str, bundle_uri: str, info: DataIn
         url = service.deploy(winner_spec, bundle_uri, name=name)
         progress.note(f"serving at {url}" if keep else
                       f"answering at {url} until the samples are sent (serve.keep_running false)")
+        if (wrong := mismatch(Ingress(winner_spec.serve.ingress), running_ingress())) is not None:
+            progress.note(wrong)
         samples = send_sample_requests(winner_spec, url, info.task)
         succeeded = True
     finally:
         if created and not (keep and succeeded):
-        if (wrong := mismatch(Ingress(winner_spec.serve.ingress), running_ingress())) is not None:
-            progress.note(wrong)
             service.remove(name)
     return (url if keep else None), samples
