@@ -40,7 +40,7 @@ RUN_TIMEOUT_S = 600
 # One worker a node: the head holds one, each worker node one more.
 SPEC = tiny_spec(
     "gpt",
-    train={"max_steps": 3000, "eval_interval": 200, "warmup_steps": 2, "batch_size": 8,
+    train={"max_steps": 4000, "eval_interval": 200, "warmup_steps": 2, "batch_size": 8,
            "global_batch_size": 16, "max_failures": 3, "checkpoint_keep": "latest",
            "checkpoints_to_keep": 100},
     resources={"num_workers": {"min": 1, "max": 2, "resize_check_s": 1},
