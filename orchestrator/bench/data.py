@@ -7,13 +7,15 @@ rotated by a different number of words so that copies are distinct texts (each h
 split), and kept in source order (sorted by module), as real corpora often are. Each size runs in
 a driver process of its own (joined to this Ray), so no size inherits another's memory; its USS
 is sampled every SAMPLE_S. The stage's seconds per phase are the intervals between its progress
-lines.
+lines. CPU seconds (user + system) are the whole process tree's, this Ray's daemons and workers
+included: unlike wall seconds, they say something on a machine shared with other work.
 """
 
 from __future__ import annotations
 
 import json
 import multiprocessing
+import resource
 import tempfile
 import threading
 import time
@@ -107,9 +109,12 @@ def time_stage(spec: JobSpec, run_dir: Path) -> StageRun:
                     uss.start, uss.peak)
 
 
-def _stage_in_own_driver(address: str, corpus: str, run_dir: str) -> StageRun:
-    """time_stage in a fresh driver process joined to the bench's Ray (the spawned child)."""
+def _join(address: str) -> None:
+    """Join the spawned child, a fresh driver process, to the bench's Ray."""
     ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+
+
+def _stage_in_own_driver(corpus: str, run_dir: str) -> StageRun:
     return time_stage(bench_spec(Path(corpus)), Path(run_dir))
 
 
@@ -124,15 +129,34 @@ def _text_batches(corpus: Path) -> Iterator[list[str]]:
     yield batch
 
 
-def time_encoding_alone(tokenizer: Tokenizer, corpus: Path) -> float:
-    """Seconds the tokenizer takes to encode every text of the corpus, batch by batch, on all
-    of this machine's cores (tokenizers' own threads), reading excluded."""
-    seconds = 0.0
+def _own_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def tree_cpu_s() -> float:
+    """CPU seconds of this process and every process under it (Ray's daemons and workers, a
+    driver of its own), with the children each of them has reaped."""
+    total = 0.0
+    for process in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:  # ended meanwhile
+            continue
+        total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
+def time_encoding_alone(tokenizer: Tokenizer, corpus: Path) -> tuple[float, float]:
+    """(wall, CPU) seconds the tokenizer takes to encode every text of the corpus, batch by
+    batch, on all of this machine's cores (tokenizers' own threads), reading excluded."""
+    seconds = cpu = 0.0
     for batch in _text_batches(corpus):
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), _own_cpu_s()
         tokenizer.encode_batch_fast(batch)
         seconds += time.perf_counter() - started
-    return seconds
+        cpu += _own_cpu_s() - started_cpu
+    return seconds, cpu
 
 
 def _measure(size_mb: float, work: Path, address: str) -> tuple[dict, StageRun]:
@@ -140,13 +164,17 @@ def _measure(size_mb: float, work: Path, address: str) -> tuple[dict, StageRun]:
     texts, size = build_corpus(corpus, size_mb)
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as child:
-        stage = child.submit(_stage_in_own_driver, address, str(corpus), str(run_dir)).result()
-    encode = time_encoding_alone(load_tokenizer(run_dir / "tokenizer"), corpus)
+        child.submit(_join, address).result()  # the driver's start is not the stage's
+        started_cpu = tree_cpu_s()
+        stage = child.submit(_stage_in_own_driver, str(corpus), str(run_dir)).result()
+        stage_cpu = tree_cpu_s() - started_cpu
+    encode, encode_cpu = time_encoding_alone(load_tokenizer(run_dir / "tokenizer"), corpus)
     megabytes = size / 1e6
     rows_written = json.loads((run_dir / "data" / "meta.json").read_text())["rows"]
     row = {"mb": round(megabytes, 2), "texts": texts, "stage_s": stage.seconds,
            "mb_per_s": megabytes / stage.seconds, "encode_alone_mb_per_s": megabytes / encode,
            "stage_over_encode": encode / stage.seconds,
+           "stage_cpu_s": stage_cpu, "encode_alone_cpu_s": encode_cpu,
            "driver_start_uss_mb": stage.start_uss / 2**20,
            "driver_peak_uss_mb": stage.peak_uss / 2**20,
            "rows_written": sum(rows_written.values())}
