@@ -20,7 +20,7 @@ from processes import VENV_BIN
 
 from orchestrator.pipeline import run_pipeline
 from orchestrator.rundir import RunDir
-from orchestrator.spec import SpecError, parse_spec
+from orchestrator.spec import JobSpec, SpecError, parse_spec
 from orchestrator.tracking import RUN_DIR_TAG, TRIAL_TAG, Tracker, tracking_uri
 
 LRS = [0.003, 0.01]
@@ -141,7 +141,8 @@ def test_a_job_is_tracked_in_a_real_mlflow_server(tracked, mlflow_server) -> Non
     _check_tracked(mlflow_server, "tracked", report)
 
 
-def _spec_of(run_dir: Path, mlflow: dict) -> object:
+def _spec_of(run_dir: Path, mlflow: dict) -> JobSpec:
+    """The run's own spec with `tracking.mlflow` set to `mlflow`."""
     raw = yaml.safe_load((run_dir / "spec.yaml").read_text())
     return parse_spec({**raw, "tracking": {"mlflow": mlflow}})
 
