@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from orchestrator.cluster import ClusterPlan, plan_for
+from orchestrator.serve.ingress import SWITCHES, Ingress
 from orchestrator.spec import JobSpec, SpecError
 from orchestrator.submit import join, spec_digest
 
@@ -208,16 +209,18 @@ def serving_cluster(spec: JobSpec, options: K8sOptions) -> ClusterShape:
                                      _pods(most, replica, pod)),))
 
 
-def _env(options: K8sOptions) -> list[dict[str, Any]]:
+def _env(options: K8sOptions, ingress: Ingress) -> list[dict[str, Any]]:
     """Token auth on every Ray container, the token from the Secret (KubeRay injects the same
-    from authOptions; written here so the manifest says it)."""
+    from authOptions; written here so the manifest says it), and the variables of Serve's
+    ingress (serve.ingress), which Ray reads where its processes start."""
     return [{"name": "RAY_AUTH_MODE", "value": "token"},
             {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {
-                "name": options.auth_secret, "key": TOKEN_KEY}}}]
+                "name": options.auth_secret, "key": TOKEN_KEY}}},
+            *({"name": name, "value": value} for name, value in SWITCHES[ingress].items())]
 
 
 def _container(name: str, pod: PodShape, memory_gib: int, options: K8sOptions,
-               ports: dict[str, int]) -> dict[str, Any]:
+               ports: dict[str, int], ingress: Ingress) -> dict[str, Any]:
     """A Ray container: requests equal to limits (Ray sizes its node from the limits)."""
     def amounts() -> dict[str, Any]:
         return {"cpu": pod.cpus, "memory": f"{memory_gib}Gi", **({GPU: pod.gpus} if pod.gpus else {})}
@@ -225,7 +228,7 @@ def _container(name: str, pod: PodShape, memory_gib: int, options: K8sOptions,
     container: dict[str, Any] = {
         "name": name, "image": options.image,
         "resources": {"requests": amounts(), "limits": amounts()},
-        "env": _env(options),
+        "env": _env(options, ingress),
     }
     if options.storage_secret:
         container["envFrom"] = [{"secretRef": {"name": options.storage_secret}}]
@@ -235,11 +238,11 @@ def _container(name: str, pod: PodShape, memory_gib: int, options: K8sOptions,
     return container
 
 
-def ray_cluster_spec(shape: ClusterShape, options: K8sOptions,
+def ray_cluster_spec(shape: ClusterShape, options: K8sOptions, ingress: Ingress,
                      serve_port: int | None = None) -> dict[str, Any]:
     """A RayCluster spec: the 0-CPU head, the worker groups autoscaled between their replica
-    bounds, token auth. `serve_port`: the port Serve listens on (RayService), named "serve" on
-    every pod for KubeRay's Serve Service and readiness checks."""
+    bounds, token auth, Serve's `ingress`. `serve_port`: the port Serve listens on
+    (RayService), named "serve" on every pod for KubeRay's Serve Service and readiness checks."""
     serve_ports = {"serve": serve_port} if serve_port else {}
     head = PodShape(options.head_cpus)
     return {
@@ -252,7 +255,7 @@ def ray_cluster_spec(shape: ClusterShape, options: K8sOptions,
             "rayStartParams": {"num-cpus": "0"},
             "template": {"spec": {"containers": [_container(
                 "ray-head", head, options.head_memory_gib, options,
-                {**HEAD_PORTS, **serve_ports} if serve_ports else {})]}},
+                {**HEAD_PORTS, **serve_ports} if serve_ports else {}, ingress)]}},
         },
         "workerGroupSpecs": [{
             "groupName": group.name,
@@ -261,7 +264,7 @@ def ray_cluster_spec(shape: ClusterShape, options: K8sOptions,
             "rayStartParams": {},
             "template": {"spec": {"containers": [_container(
                 "ray-worker", group.pod, options.memory_per_cpu_gib * group.pod.cpus, options,
-                serve_ports)]}},
+                serve_ports, ingress)]}},
         } for group in shape.groups],
     }
 
@@ -326,7 +329,7 @@ def rayjob(spec: JobSpec, spec_path: Path, overrides: list[str], options: K8sOpt
                            **job["metadata"]}
     if "://" in options.working_dir:
         job["runtimeEnvYAML"] = yaml.safe_dump({"working_dir": options.working_dir})
-    job["rayClusterSpec"] = ray_cluster_spec(shape, options)
+    job["rayClusterSpec"] = ray_cluster_spec(shape, options, Ingress(spec.serve.ingress))
     return {"apiVersion": API_VERSION, "kind": "RayJob", "metadata": _metadata(spec),
             "spec": job}, plan
 
@@ -412,8 +415,9 @@ def rayservice(spec: JobSpec, bundle: str, options: K8sOptions) -> dict[str, Any
     config = serve_config_for(spec, bundle)
     return {"apiVersion": API_VERSION, "kind": "RayService", "metadata": _metadata(spec),
             "spec": {"serveConfigV2": yaml.safe_dump(config, sort_keys=False),
-                     "rayClusterConfig": ray_cluster_spec(serving_cluster(spec, options), options,
-                                                          spec.serve.port)}}
+                     "rayClusterConfig": ray_cluster_spec(
+                         serving_cluster(spec, options), options, Ingress(spec.serve.ingress),
+                         spec.serve.port)}}
 
 
 def build(spec: JobSpec, spec_path: Path, overrides: list[str], options: K8sOptions,

@@ -35,6 +35,7 @@ from orchestrator.k8s import (
     build,
     to_yaml,
 )
+from orchestrator.serve.ingress import SWITCHES, Ingress
 from orchestrator.spec import JobSpec, SpecError, load_spec
 from orchestrator.submit import spec_digest
 
@@ -209,15 +210,17 @@ def check_kuberay_rules(manifest: dict[str, Any]) -> None:
         assert 0 <= group["minReplicas"] <= group["maxReplicas"]
 
 
-def check_secrets(cluster: dict[str, Any], options: K8sOptions) -> None:
-    """Token auth and credentials on every Ray container, from Secrets; no value inlined."""
+def check_secrets(cluster: dict[str, Any], options: K8sOptions, spec: JobSpec) -> None:
+    """Token auth and credentials on every Ray container, from Secrets; no value inlined but
+    the auth mode and the switches of Serve's ingress (serve.ingress), on every container."""
     assert cluster["authOptions"] == {"mode": "token", "secretName": options.auth_secret}
     for container in _containers(cluster):
         env = {item["name"]: item for item in container["env"]}
         assert env["RAY_AUTH_MODE"]["value"] == "token"
         assert env["RAY_AUTH_TOKEN"]["valueFrom"] == {"secretKeyRef": {
             "name": options.auth_secret, "key": TOKEN_KEY}}
-        assert [item for item in container["env"] if "value" in item] == [env["RAY_AUTH_MODE"]]
+        inlined = {item["name"]: item["value"] for item in container["env"] if "value" in item}
+        assert inlined == {"RAY_AUTH_MODE": "token", **SWITCHES[Ingress(spec.serve.ingress)]}
         if options.storage_secret:
             assert container["envFrom"] == [{"secretRef": {"name": options.storage_secret}}]
         else:
@@ -330,8 +333,9 @@ VARIANTS = {  # options and overrides beyond the shipped jobs' own
         K8sOptions(working_dir="s3://orchestrator-test/code/orchestrator.zip",
                    bundle="s3://orchestrator-test/runs/earlier/winner/", storage_secret=None,
                    image="registry.example/orchestrator:test", auth_secret="team-token"), []),
-    "autoscaled replicas on port 8001, fixed concurrency": (
+    "autoscaled replicas on port 8001 behind haproxy, fixed concurrency": (
         K8sOptions(), ["serve.autoscaling={min_replicas: 1, max_replicas: 6}", "serve.port=8001",
+                       "serve.ingress=haproxy",
                        "serve.replica_cpus=1.5", "sweep.max_concurrent_trials=2",
                        "data.cache=false", "resources.data_cpus=3"]),
     "gpu workers and gpu replicas": (
@@ -387,7 +391,7 @@ def test_every_manifest_says_what_a_schema_cannot(in_repo: None,
             check_kuberay_rules(manifest)
             cluster = manifest["spec"].get("rayClusterSpec") or manifest["spec"][
                 "rayClusterConfig"]
-            check_secrets(cluster, options)
+            check_secrets(cluster, options, spec)
         check_rayjob(spec, path, overrides, options, manifests)
         check_rayservice(spec, options, manifests)
 
