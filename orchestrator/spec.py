@@ -413,6 +413,24 @@ class ServeSpec(_Section):
         description="Texts the quickstart sends to the service at the end of the run.",
     )
 
+    adapters: dict[str, str] = Field(
+        default_factory=dict, description="LoRA adapters of the run's base served beside it, "
+        "by name: PEFT adapter directories (orchestrator export RUN --format peft), local or in "
+        "object storage. With adapters the model answered is the run's pretrained checkpoint "
+        "(model.pretrained, as staged in the run directory), not its merged winner; a request's "
+        "`model` names an adapter as `<adapter>` or `<model>:<adapter>`.")
+    max_adapters: int = Field(8, ge=1, description="Adapters each replica holds loaded at once; "
+                              "the least recently used one no running request uses makes room.")
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names(cls, adapters: dict[str, str]) -> dict[str, str]:
+        for name in adapters:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+                raise ValueError(f"adapter name {name!r}: letters, digits, '_', '.' and '-', "
+                                 "starting with a letter or digit (':' joins model and adapter)")
+        return adapters
+
     @model_validator(mode="after")
     def _one_way_to_size(self) -> ServeSpec:
         if self.autoscaling is not None and self.num_replicas != 1:

@@ -33,6 +33,8 @@ BENCHMARKS = {
             "the Linear layers' share of a step puts on any int8 speed-up",
     "finetune": "LoRA against full fine-tuning: share of parameters trained, checkpoint bytes; "
                 "export round trip",
+    "adapters": "8 LoRA adapters of one base on 1 replica, requests spread evenly at "
+                "concurrency 32: requests/s against the base alone; memory per added adapter",
 }
 
 

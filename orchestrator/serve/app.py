@@ -9,6 +9,7 @@ serve.yaml` builds the same applications as `deploy()`.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -38,7 +39,10 @@ from orchestrator.serve.routes import create_api
 from orchestrator.serve.server import ModelServer
 from orchestrator.spec import JobSpec, ServeSpec
 from orchestrator.storage import resolve
+from orchestrator.weights.adapters import AdapterError, base_bundle, check_adapters
 from orchestrator.weights.model import load_bundle
+
+logger = logging.getLogger(__name__)
 
 APP_NAME_SUFFIX = "-service"
 BUILDER_IMPORT_PATH = "orchestrator.serve.app:build_app"
@@ -59,6 +63,7 @@ class ServedModel:
     task: str
     version: str
     bundle: str
+    adapters: tuple[str, ...] = ()  # the LoRA adapters served on it, by name
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,7 @@ class ModelService:
     def describe(self) -> ServedModel:
         """What `orchestrator services` lists: the model this replica serves and from where."""
         return ServedModel(self.server.model_name, self.server.task.value, self.server.version,
-                           self.bundle_dir)
+                           self.bundle_dir, tuple(self.server.adapter_names))
 
 
 @ray.remote(num_cpus=0)
@@ -163,12 +168,18 @@ class LedgerHandle:
 
 
 class ServeModels:
-    """The front's models: the applications named `<model>-service`, reached by handles."""
+    """The front's models: the applications named `<model>-service`, reached by handles. A
+    LoRA adapter is reached through its base's application: `<model>:<adapter>` by its prefix,
+    an adapter's own name by asking the models which adapters they serve (only when a name is
+    unknown, at most every MODEL_NAMES_TTL_S)."""
 
     def __init__(self) -> None:
-        self._handles: dict[str, Any] = {}
+        self._handles: dict[str, Any] = {}  # by the name requests give
+        self._targets: dict[str, str] = {}  # the name requests give -> the model that answers
         self._names: list[str] = []
         self._listed_at = float("-inf")
+        self._adapters: dict[str, str] = {}  # adapter -> its model
+        self._adapters_at = float("-inf")
 
     def names(self) -> list[str]:
         if time.monotonic() - self._listed_at > MODEL_NAMES_TTL_S:
@@ -178,31 +189,62 @@ class ServeModels:
             self._listed_at = time.monotonic()
         return self._names
 
-    def _handle(self, model: str) -> Any:
+    async def _handle(self, model: str) -> Any:
         if model not in self._handles:
-            if model not in self.names():
-                self._listed_at = float("-inf")  # deployed since the last listing?
-                if model not in self.names():
-                    raise UnknownModel(model)
-            self._handles[model] = serve.get_app_handle(model + APP_NAME_SUFFIX)
+            target = await self._served_by(model)
+            self._handles[model] = serve.get_app_handle(target + APP_NAME_SUFFIX)
+            self._targets[model] = target
         return self._handles[model]
+
+    async def _served_by(self, model: str) -> str:
+        """The model whose application answers `model`: itself, or an adapter's base."""
+        base, colon, _ = model.partition(":")
+        for fresh in (False, True):
+            if fresh:
+                self._listed_at = float("-inf")  # deployed since the last listing?
+                await self._list_adapters()
+            names = self.names()
+            if model in names:
+                return model
+            if colon and base in names:
+                return base
+            if self._adapters.get(model) in names:
+                return self._adapters[model]
+        raise UnknownModel(model)
+
+    async def _list_adapters(self) -> None:
+        if time.monotonic() - self._adapters_at <= MODEL_NAMES_TTL_S:
+            return
+        self._adapters_at = time.monotonic()
+        found: dict[str, str] = {}
+        for name in self.names():
+            try:
+                served = await serve.get_app_handle(name + APP_NAME_SUFFIX).describe.remote()
+            except Exception as error:  # noqa: BLE001 - a model with no replica names none
+                logger.info("model %s did not say its adapters: %s", name, error)
+                continue
+            found.update({adapter: name for adapter in served.adapters})
+        self._adapters = found
 
     def _gone(self, model: str) -> bool:
         """Whether a model whose call failed was undeployed (its handle forgotten)."""
         self._handles.pop(model, None)
+        target = self._targets.pop(model, model)
         self._listed_at = float("-inf")
-        return model not in self.names()
+        return target not in self.names()
 
     async def whole(self, model: str, request: Forwarded) -> Answer:
         try:
-            return await self._handle(model).forward.remote(request)
+            return await (await self._handle(model)).forward.remote(request)
+        except UnknownModel:
+            raise
         except Exception:
             if self._gone(model):
                 raise UnknownModel(model) from None
             raise
 
     async def stream(self, model: str, request: Forwarded) -> AsyncIterator[Answer | bytes]:
-        parts = self._handle(model).options(stream=True).forward_stream.remote(request)
+        parts = (await self._handle(model)).options(stream=True).forward_stream.remote(request)
         try:
             first = await parts.__anext__()
         except Exception:
@@ -308,9 +350,14 @@ def check_deployable(spec: JobSpec, name: str) -> None:
     """Refuse, before anything is built, a deploy of app `name` that cannot succeed or would
     take over what another app serves: Serve already listening on another port than serve.port,
     the app's route held by another application, or `/` (the front's) held by one that is not
-    the front. serve.quotas naming a key id that no configured key has is refused too."""
+    the front. serve.quotas naming a key id that no configured key has is refused too, and
+    serve.adapters that cannot be served on the run's base."""
     if spec.serve.quotas is not None:
         limits_by_key(spec.serve.quotas, load_key_digests(spec.serve))
+    try:
+        check_adapters(spec)
+    except AdapterError as error:
+        raise DeployError(str(error)) from None
     details = _serve_details()
     if details is None:
         return
@@ -342,7 +389,7 @@ def deploy(spec: JobSpec, bundle_dir: str | Path, timeout_s: float = 180.0,
     name = name or app_name(spec)
     bundle_dir = resolve(bundle_dir).uri
     try:
-        load_bundle(bundle_dir)
+        base_bundle(bundle_dir) if spec.serve.adapters else load_bundle(bundle_dir)
     except Exception as error:
         raise DeployError(f"cannot serve {bundle_dir}: {type(error).__name__}: {error}") from error
     check_deployable(spec, name)

@@ -1,7 +1,8 @@
 """The model service's HTTP routes, OpenAI-compatible, independent of how they are hosted.
 
   GET  /healthz              liveness, no key needed (for load balancers)
-  GET  /v1/models            the one model served; GET /v1/models/{id} for one
+  GET  /v1/models            the model served and its LoRA adapters (each with its `parent`);
+                             GET /v1/models/{id} for one
   POST /v1/completions       language model: OpenAI's completions (logprobs, echo, scoring with
                              max_tokens 0, token-id prompts, penalties), server-sent events
   POST /v1/classify          classifier: {"input": [texts]} -> label, score, class probabilities
@@ -81,10 +82,9 @@ def require_task(server: ModelServer, task: Task, route: str) -> None:
                        code="unsupported_route")
 
 
-def require_model(server: ModelServer, name: str | None) -> None:
-    if name is not None and name != server.model_name:
-        raise APIError(404, f"model {name!r} does not exist; this service serves "
-                            f"{server.model_name!r}", "model", "model_not_found")
+def require_model(server: ModelServer, name: str | None) -> str | None:
+    """The adapter `name` picks (None: the model itself); 404 naming what is served."""
+    return server.adapter_of(name)
 
 
 router = APIRouter(prefix="/v1")
@@ -95,20 +95,28 @@ tokens_router = APIRouter()
 
 @router.get("/models")
 async def list_models(request: Request) -> dict[str, Any]:
-    return {"object": "list", "data": [model_card(server_of(request))]}
+    server = server_of(request)
+    return {"object": "list", "data": [model_card(server), *(
+        model_card(server, adapter) for adapter in server.adapter_names)]}
 
 
 @router.get("/models/{model_id}")
 async def get_model(model_id: str, request: Request) -> dict[str, Any]:
     server = server_of(request)
-    require_model(server, model_id)
-    return model_card(server)
+    return model_card(server, require_model(server, model_id))
 
 
-def model_card(server: ModelServer) -> dict[str, Any]:
-    return {"id": server.model_name, "object": "model", "created": server.created,
+def model_card(server: ModelServer, adapter: str | None = None) -> dict[str, Any]:
+    """A model's card; an adapter's names its base as `parent` (as vLLM's LoRA cards do), and
+    a base with adapters lists them."""
+    card = {"id": adapter or server.model_name, "object": "model", "created": server.created,
             "owned_by": "orchestrator", "task": server.task,
-            "max_model_len": server.context_length}
+            "max_model_len": server.context_length, "version": server.version}
+    if adapter is not None:
+        card["parent"] = server.model_name
+    elif server.adapter_names:
+        card["adapters"] = server.adapter_names
+    return card
 
 
 # ---- /v1/classify ------------------------------------------------------------------------------
@@ -146,7 +154,7 @@ async def completions(body: CompletionBody, request: Request) -> dict[str, Any] 
     key = key_of(request)
     ticket = await server.admit(key, job.prompt_tokens, sum(p.max_tokens for p in job.params))
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
-            "created": int(time.time()), "model": server.model_name}
+            "created": int(time.time()), "model": job.adapter or server.model_name}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(stream_events(server, job, head, include_usage, started,

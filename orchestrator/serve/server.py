@@ -3,6 +3,9 @@ work between an HTTP body and the engine: checking a request against the limits,
 (or decoding token ids) off the event loop after a cheap length check, and gathering the engine's
 outputs.
 
+With serve.adapters, the model is the run's pretrained base and each adapter another name a
+request may give (`<adapter>` or `<model>:<adapter>`); the engine decodes them in one batch.
+
 On Ray Serve the engine batches continuously up to `serve.max_batch_size` rows; `batching=False`
 (plain uvicorn, the serve benchmark's baseline) gives it batches of one, so requests take turns.
 """
@@ -35,6 +38,7 @@ from orchestrator.serve.protocol import DEFAULT_MAX_TOKENS, APIError, Completion
 from orchestrator.serve.quotas import InProcess, QuotaCheck, ledger_for, refused
 from orchestrator.spec import ServeSpec, Task
 from orchestrator.tokenizer import MAX_RUN
+from orchestrator.weights.adapters import AdapterPool, base_bundle
 from orchestrator.weights.model import load_bundle
 
 logger = logging.getLogger(__name__)
@@ -52,6 +56,7 @@ class CompletionJob:
     echo: list[str] | None  # per row, the prompt text to put before the completion
     logprobs: bool
     prompt_tokens: int
+    adapter: str | None = None  # the LoRA adapter it decodes with; None: the model itself
 
 
 @dataclass
@@ -74,9 +79,11 @@ class ModelServer:
                  quota: QuotaCheck | None = None):
         """model_name: the name requests give (default: the bundle's job name). quota: the
         ledger every replica shares (default, with serve.quotas set: one in this process)."""
-        bundle = load_bundle(bundle_dir)
+        bundle = base_bundle(bundle_dir) if limits.adapters else load_bundle(bundle_dir)
         if limits.replica_gpus > 0 and torch.cuda.is_available():
             bundle.model.to("cuda")
+        self.adapters = (AdapterPool(bundle.model, limits.adapters, limits.max_adapters)
+                         if limits.adapters else None)
         self.predictor = Predictor(bundle)
         self.tokenizer = bundle.tokenizer
         self.info = bundle.info
@@ -102,7 +109,7 @@ class ModelServer:
         self.engine: AsyncEngine | None = None
         if self.task == Task.LANGUAGE_MODEL:
             engine = Engine(bundle.model, bundle.tokenizer, bundle.info.eos_id,
-                            limits.max_batch_size if batching else 1)
+                            limits.max_batch_size if batching else 1, self.adapters)
             self.engine = AsyncEngine(engine, limits.max_queued_requests, self.record_batch)
         elif batching:
             self.classify_batch.set_max_batch_size(limits.max_batch_size)
@@ -114,6 +121,23 @@ class ModelServer:
     @property
     def context_length(self) -> int:
         return self.predictor.context_length
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return self.adapters.names if self.adapters is not None else []
+
+    def adapter_of(self, model: str | None) -> str | None:
+        """The adapter a request's `model` names: None for the model itself (or no name),
+        `<adapter>` or `<model>:<adapter>` for one of its adapters; 404 naming what is served
+        for anything else."""
+        if model is None or model == self.model_name:
+            return None
+        adapter = model.removeprefix(f"{self.model_name}:")
+        if adapter in self.adapter_names:
+            return adapter
+        served = ", ".join(repr(name) for name in [self.model_name, *self.adapter_names])
+        raise APIError(404, f"model {model!r} does not exist; this service serves {served}",
+                       "model", "model_not_found")
 
     async def check_health(self) -> None:
         """Raises when the model cannot answer; Serve then replaces the replica. It decodes on
@@ -286,7 +310,7 @@ class ModelServer:
         params = [body.to_sampling_params(max_tokens, i) for i in range(len(rows))]
         echo = [text for text in echo_texts for _ in range(body.n)] if body.echo else None
         return CompletionJob(rows, params, echo, body.logprobs is not None,
-                             sum(len(ids) for ids in encoded))
+                             sum(len(ids) for ids in encoded), self.adapter_of(body.model))
 
     def check_prompt_tokens(self, ids: list[int], max_tokens: int) -> None:
         limit = self.limits.max_prompt_tokens
@@ -301,7 +325,8 @@ class ModelServer:
     async def outputs(self, job: CompletionJob) -> AsyncIterator[RequestOutput]:
         """The engine's outputs for this job; closing early aborts it. A full queue is 503."""
         try:
-            async with aclosing(self.engine.generate(job.prompts, job.params)) as outputs:
+            async with aclosing(self.engine.generate(job.prompts, job.params,
+                                                     job.adapter)) as outputs:
                 async for output in outputs:
                     yield output
         except QueueFull:

@@ -17,6 +17,7 @@ over to our GPT unchanged (scaled by lora_alpha / r, or / sqrt(r) with rslora).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -24,14 +25,17 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from orchestrator.models import GPT
+from orchestrator.models import GPT, build_model
 from orchestrator.models.hf import gpt2_module_name
-from orchestrator.storage import resolve
+from orchestrator.spec import JobSpec, Task
+from orchestrator.storage import Location, resolve
+from orchestrator.weights.base import load_base_weights
+from orchestrator.weights.model import Bundle, load_bundle
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -103,6 +107,53 @@ def read_config(name: str, path: str) -> AdapterConfig:
     scaling = alpha / math.sqrt(rank) if raw.get("use_rslora") else alpha / rank
     return AdapterConfig(name, path, raw.get("base_model_name_or_path"), rank, scaling,
                          tuple(modules))
+
+
+def check_adapters(spec: JobSpec) -> list[AdapterConfig]:
+    """serve.adapters checked before anything is served: a GPT language model fine-tuned from
+    a pretrained checkpoint, adapter names apart from the model's, and each adapter a PEFT LoRA
+    directory trained on that checkpoint (its base_model_name_or_path)."""
+    adapters = spec.serve.adapters
+    if not adapters:
+        return []
+    if spec.model.task != Task.LANGUAGE_MODEL or spec.model.pretrained is None:
+        raise AdapterError(f"serve.adapters = {sorted(adapters)}: adapters are served on the "
+                           "pretrained checkpoint of a language model (model.pretrained); this "
+                           f"run is a {spec.model.task} with model.pretrained "
+                           f"{spec.model.pretrained!r}")
+    if spec.name in adapters:
+        raise AdapterError(f"serve.adapters.{spec.name}: an adapter cannot have the model's own "
+                           "name (`name`), which requests use for the base")
+    configs = [read_config(name, path) for name, path in adapters.items()]
+    for config in configs:
+        if config.base is not None and resolve(config.base).uri != resolve(spec.model.pretrained).uri:
+            raise AdapterError(f"serve.adapters.{config.name} = {config.path!r} was trained on "
+                               f"{config.base!r} (its base_model_name_or_path), but this run's "
+                               f"model.pretrained is {spec.model.pretrained!r}")
+    return configs
+
+
+def base_bundle(bundle_dir: str | Location) -> Bundle:
+    """A run's winner bundle with its model replaced by the run's pretrained checkpoint as the
+    run directory staged it (RUN/base), unmerged: what the adapters apply to. Its version is
+    the base weights' (the first 12 hex digits of their SHA-256)."""
+    bundle = resolve(bundle_dir)
+    run, _, leaf = bundle.uri.rstrip("/").rpartition("/")
+    if leaf != "winner":
+        raise AdapterError(f"serve.adapters: {bundle.uri} is not a run's winner/; adapters are "
+                           "served on the run's staged base checkpoint: deploy the run directory "
+                           "(or its winner/)")
+    loaded = load_bundle(bundle)
+    if loaded.spec.model.pretrained is None or not isinstance(loaded.model, GPT):
+        raise AdapterError(f"serve.adapters: {bundle.uri} is not a GPT fine-tuned from a "
+                           "pretrained checkpoint (model.pretrained), which adapters apply to")
+    base = resolve(run).join("base")
+    model = build_model(loaded.spec, loaded.info)
+    load_base_weights(model, base, loaded.info.labels)
+    weights = base.join("model.safetensors")
+    version = (hashlib.sha256(weights.read_bytes()).hexdigest()[:12] if weights.is_file()
+               else loaded.version)
+    return replace(loaded, model=model.eval(), version=version)
 
 
 def _targeted(module: str, targets: str | list[str]) -> bool:

@@ -1,7 +1,9 @@
 """Many LoRA adapters of one base GPT: the engine decodes rows of different adapters (and of the
 base) in one continuous batch, each giving what the adapter merged into the base gives alone;
-adapters load into slots on demand and the least recently used idle one is evicted. Adapters
-are made here with peft on a tiny GPT-2 (random weights) and saved as peft saves them."""
+adapters load into slots on demand and the least recently used idle one is evicted. Then on a
+real Serve: one app serves the base and two adapters, picked by `model` on its own route and
+through the front. Adapters are made with peft on a tiny GPT-2 (random weights) and saved as
+peft saves them."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
+from orchestrator.bench.adapters import lora_family, make_adapter
 from orchestrator.bench.checkpoints import tiny_gpt2
 from orchestrator.inference.engine import Engine
 from orchestrator.inference.sampling import SamplingParams
@@ -21,23 +24,6 @@ from orchestrator.weights.adapters import AdapterError, AdapterPool
 
 PROMPTS = ["Return the", "A", "Return a new list of", "Create a new"]
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-
-
-def make_adapter(base: Path, out: Path, seed: int, targets: list[str], r: int = 4) -> Path:
-    """A LoRA adapter of random (non-zero) factors, saved by peft as safetensors."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, fan_in_fan_out=True,
-                        init_lora_weights=False, task_type="CAUSAL_LM")
-    model = get_peft_model(GPT2LMHeadModel.from_pretrained(base), config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.mul_(0.2)
-    model.save_pretrained(out)
-    return out
 
 
 def our_gpt(hf_model) -> GPT:
@@ -68,9 +54,9 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("family")
     base = tiny_gpt2(root / "base")
     return {"base": base,
-            "qkv": make_adapter(base, root / "qkv", 1, ["c_attn"]),
+            "qkv": make_adapter(base, root / "qkv", 1, ["c_attn"], r=4),
             "all": make_adapter(base, root / "all", 2, ["c_attn", "c_proj", "c_fc"], r=8),
-            "mlp": make_adapter(base, root / "mlp", 3, ["c_fc"])}
+            "mlp": make_adapter(base, root / "mlp", 3, ["c_fc"], r=4)}
 
 
 @pytest.fixture(scope="module")
@@ -81,12 +67,12 @@ def tokenizer(family: dict[str, Path]) -> Tokenizer:
 class Decoded:
     """Steps an engine to the end and gathers each request's text."""
 
-    def __init__(self, engine: Engine):
-        self.engine, self.text = engine, {}
+    def __init__(self, engine: Engine, params: SamplingParams = GREEDY):
+        self.engine, self.params, self.text = engine, params, {}
 
     def add(self, rid, prompt: str, adapter: str | None) -> None:
         tokenizer = self.engine.tokenizer
-        self.engine.add(rid, [tokenizer.encode(prompt).ids], [GREEDY], adapter)
+        self.engine.add(rid, [tokenizer.encode(prompt).ids], [self.params], adapter)
         self.text[rid] = ""
 
     def step(self) -> None:
@@ -101,8 +87,8 @@ class Decoded:
         return dict(self.text)
 
 
-def alone(model: GPT, tokenizer: Tokenizer, prompt: str) -> list[int]:
-    decoded = Decoded(Engine(model, tokenizer, tokenizer.token_to_id("<|endoftext|>"), 1))
+def alone(model: GPT, tokenizer: Tokenizer, prompt: str, params: SamplingParams = GREEDY) -> str:
+    decoded = Decoded(Engine(model, tokenizer, tokenizer.token_to_id("<|endoftext|>"), 1), params)
     decoded.add(0, prompt, None)
     return decoded.run()[0]
 
@@ -178,3 +164,57 @@ def test_an_unknown_adapter_and_a_pickled_one_are_refused_by_name(
         (family["qkv"] / "adapter_model.safetensors").read_bytes())
     with pytest.raises(AdapterError, match="use_dora True"):
         AdapterPool(base_gpt(family["base"]), {"dora": str(pickled)}, max_adapters=1)
+
+
+def test_one_app_serves_a_base_and_two_adapters_by_model_on_its_route_and_through_the_front(
+        serving: int, tmp_path: Path) -> None:
+    import requests
+
+    from orchestrator.bundle import read_spec_and_info
+    from orchestrator.serve import DeployError, deploy, endpoint_url, services
+    from orchestrator.spec import ServeSpec
+
+    family = lora_family(tmp_path, 2, name="fam", targets=("c_attn", "c_proj", "c_fc"))
+    winner = family.run_dir / "winner"
+    spec, _ = read_spec_and_info(winner)
+    adapters = {name: str(path) for name, path in family.adapters.items()}
+    serve = ServeSpec.model_validate({**spec.serve.model_dump(), "port": serving,
+                                      "adapters": adapters, "max_adapters": 2})
+    spec = spec.model_copy(update={"serve": serve})
+    wrong = spec.model_copy(update={"serve": serve.model_copy(update={
+        "adapters": {**adapters, "fam": adapters["a0"]}})})
+    with pytest.raises(DeployError, match="serve.adapters.fam: an adapter cannot have the "
+                                          "model's own name"):
+        deploy(wrong, winner)
+    own = deploy(spec, winner)
+    front = endpoint_url(spec)
+
+    def completion(url: str, model: str) -> requests.Response:
+        return requests.post(f"{url}/v1/completions", timeout=60, json={
+            "model": model, "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0})
+
+    tokenizer = Tokenizer.from_file(str(family.base / "tokenizer.json"))
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    expected = {name: alone(model, tokenizer, PROMPTS[0], params) for name, model in (
+        ("fam", base_gpt(family.base)),
+        *((n, merged_gpt(family.base, p)) for n, p in family.adapters.items()))}
+    assert len(set(expected.values())) == 3
+    for url, model, answers in ((own, "a0", "a0"), (front, "a1", "a1"), (front, "fam:a0", "a0"),
+                                (own, "fam", "fam"), (front, "fam", "fam")):
+        answer = completion(url, model)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["text"] == expected[answers], (url, model)
+        assert answer.json()["model"] == model.removeprefix("fam:")
+
+    listed = {card["id"]: card for card in requests.get(f"{front}/v1/models", timeout=60)
+              .json()["data"]}
+    assert listed["fam"]["adapters"] == ["a0", "a1"]
+    assert listed["a0"]["parent"] == listed["a1"]["parent"] == "fam"
+    unknown = completion(own, "fam:a9")
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["message"] == ("model 'fam:a9' does not exist; this service "
+                                                  "serves 'fam', 'a0', 'a1'")
+    assert completion(front, "fam:a9").json()["error"]["code"] == "model_not_found"
+    assert completion(front, "a9").json()["error"]["code"] == "model_not_found"
+    [served] = [s.served for s in services() if s.served and s.served.model == "fam"]
+    assert served.adapters == ("a0", "a1")
