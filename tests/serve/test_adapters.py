@@ -218,3 +218,11 @@ def test_one_app_serves_a_base_and_two_adapters_by_model_on_its_route_and_throug
     assert completion(front, "a9").json()["error"]["code"] == "model_not_found"
     [served] = [s.served for s in services() if s.served and s.served.model == "fam"]
     assert served.adapters == ("a0", "a1")
+
+
+def test_an_adapter_name_that_a_model_field_could_not_carry_is_refused_by_the_spec() -> None:
+    from orchestrator.spec import ServeSpec
+
+    with pytest.raises(ValueError, match=r"adapter name 'fam:a0': letters, digits"):
+        ServeSpec(adapters={"fam:a0": "adapters/a0"})
+    assert ServeSpec(adapters={"support-v2": "adapters/s"}).max_adapters == 8
