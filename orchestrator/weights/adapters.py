@@ -261,15 +261,14 @@ class AdapterPool:
         if name in self._loaded:
             self._loaded.move_to_end(name)
             return self._loaded[name]
-        weights = read_weights(self.configs[name])
         free = set(range(1, self.max_adapters + 1)) - set(self._loaded.values())
-        if free:
-            slot = min(free)
-        else:
+        victim = None
+        if not free:  # found before reading anything: a request that waits reads nothing
             victim = next((n for n, s in self._loaded.items() if s not in busy), None)
             if victim is None:
                 raise NoFreeSlot(f"all {self.max_adapters} adapter slots are in use")
-            slot = self._loaded.pop(victim)
+        weights = read_weights(self.configs[name])
+        slot = min(free) if free else self._loaded.pop(victim)
         self._fill(slot, weights)
         self._loaded[name] = slot
         self.loads += 1

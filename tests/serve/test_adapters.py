@@ -134,7 +134,9 @@ def test_adapters_load_on_demand_and_the_least_recently_used_idle_one_is_evicted
     decoded.add("a", PROMPTS[0], "all")
     decoded.add("m", PROMPTS[0], "mlp")  # no free slot while qkv and all run: it waits
     decoded.step()
+    decoded.step()
     assert sorted(pool.loaded) == ["all", "qkv"] and engine.num_waiting == 1
+    assert pool.loads == 2  # waiting for a slot reads nothing
     got = decoded.run()
     assert pool.loaded == ["all", "mlp"]  # qkv, least recently used, made room
     decoded.add("q2", PROMPTS[0], "qkv")  # back again: evicts all, loaded again
