@@ -22,6 +22,7 @@ class TrialProgress(tune.Callback):
         self.better = min if mode == "min" else max
         self.best = math.nan
         self.done = 0
+        self.workers: dict[str, int] = {}  # each trial's worker count at its last report
 
     def record_states(self, trials: list[Trial]) -> None:
         """Every state's count, zeros included, so a state that empties drops to 0."""
@@ -46,8 +47,20 @@ class TrialProgress(tune.Callback):
                  f"{result.get('data_wait_share', 0):.0%} waiting for data")
         if "mfu" in result:
             speed += f", MFU {result['mfu']:.0%}"
+        speed += self._workers(trial.trial_id, result)
         self.say(f"trial {trial.trial_id} step {result.get('step', '?')}/{self.max_steps} "
                  f"{self.metric} {value:.4f} ({speed})")
+
+    def _workers(self, trial_id: str, result: dict) -> str:
+        """`, on 2 workers` for a trial training on several, and whenever a trial's count
+        changed since its last report (an elastic group that grew or shrank)."""
+        workers = int(result.get("workers", 1))
+        before = self.workers.get(trial_id, workers)
+        self.workers[trial_id] = workers
+        if workers == 1 and before == 1:
+            return ""
+        return f", on {workers} worker{'s' if workers > 1 else ''}" + (
+            f" (was {before})" if before != workers else "")
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self.done += 1

@@ -1,0 +1,20 @@
+"""The sweep's progress lines say how many workers an interval trained on when it is more than
+one, and when an elastic trial's group grew or shrank."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from orchestrator.sweep.progress import TrialProgress
+
+
+def test_progress_lines_name_the_workers_of_each_interval_and_every_resize() -> None:
+    lines: list[str] = []
+    progress = TrialProgress(lines.append, "job", "val_loss", "min", max_steps=40)
+    trial = SimpleNamespace(trial_id="t1")
+    for step, workers in ((10, 1), (20, 2), (30, 2), (40, 1)):
+        progress.on_trial_result(0, [trial], trial, {"step": step, "val_loss": 1.0,
+                                                     "workers": workers})
+    assert [line.split("waiting for data")[1] for line in lines] == [
+        ")", ", on 2 workers (was 1))", ", on 2 workers)", ", on 1 worker (was 2))"]
+    assert lines[0].startswith("trial t1 step 10/40 val_loss 1.0000")
