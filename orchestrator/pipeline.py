@@ -26,7 +26,7 @@ from orchestrator.records import (
     Evaluation,
     json_safe,
 )
-from orchestrator.report import reference_verdict, write_report
+from orchestrator.report import reference_verdict, sweep_section, write_report
 from orchestrator.resume import check_resumable
 from orchestrator.rundir import RunDir
 from orchestrator.serve.ingress import Ingress, mismatch, running_ingress
@@ -141,6 +141,7 @@ def run_pipeline(spec: JobSpec, say: Callable[[str], None] | Progress = print,
         "started": started.isoformat(), "finished": datetime.now(timezone.utc).isoformat(),
         "resumed": resume is not None, "stage_seconds": progress.finish(), "metric": spec.metric,
         "sweep_timing": {**asdict(sweep.timing), "overhead": sweep.timing.overhead},
+        "sweep": sweep_section(spec, sweep),
         "data": {"texts": info.texts, "rows": info.rows, "vocab_size": info.vocab_size,
                  "labels": info.labels},
         "winner": {"trial_id": winner.trial_id, "arch": winner_spec.model.arch,

@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.cluster import trial_count
 from orchestrator.plots import PLOTS_DIR, plots_markdown, write_report_plots
 from orchestrator.spec import Task
 
@@ -26,6 +27,34 @@ def _format(value: Any) -> str:
 # The figure the winner is judged on against the classical reference, and whether higher is
 # better: a classifier's accuracy against TF-IDF + LR, a language model's bits per byte against xz.
 VERDICT_METRIC = {Task.CLASSIFIER: ("accuracy", True), Task.LANGUAGE_MODEL: ("bits_per_byte", False)}
+
+
+SCHEDULERS = {"random": "ASHA", "tpe": "ASHA", "bohb": "HyperBand for BOHB",
+              "pbt": "population-based training"}
+
+
+def sweep_section(spec: JobSpec, sweep: SweepResult) -> dict[str, Any]:
+    """How the sweep searched and spent its time: the searcher and its schedule, what early
+    stopping compared trials at, the trials run of those asked, and the budget against the wall
+    and training time."""
+    from orchestrator.sweep.search import comparison  # Ray Tune: only once a sweep has run
+
+    timing, budget_s = sweep.timing, spec.sweep.time_budget_s or None
+    return {"search": spec.sweep.search, "seed": spec.sweep.seed,
+            "scheduler": SCHEDULERS[spec.sweep.search], "compared_at": comparison(spec).words,
+            "trials_asked": trial_count(spec), "trials_run": len(sweep.trials),
+            "time_budget_s": budget_s, "wall_s": timing.wall_s, "training_s": timing.training_s,
+            "budget_used": timing.wall_s / budget_s if budget_s else None,
+            "max_time_s_per_trial": spec.train.max_time_s or None}
+
+
+def _sweep_line(sweep: dict[str, Any]) -> str:
+    line = (f"- sweep: {sweep['search']} search, {sweep['scheduler']}, trials compared at "
+            f"{sweep['compared_at']}; {sweep['trials_run']} of {sweep['trials_asked']} trials in "
+            f"{sweep['wall_s']:.0f} s ({sweep['training_s']:.0f} s of training steps)")
+    if sweep["time_budget_s"]:
+        line += f"; budget {sweep['time_budget_s']:g} s, {sweep['budget_used']:.0%} used"
+    return line
 
 
 def reference_verdict(evaluation: Evaluation, task: Task,
@@ -94,6 +123,7 @@ def render_markdown(report: dict[str, Any]) -> str:
          + f" with {report['winner']['config']}"),
         f"- bundle: `{report['winner']['bundle']}`",
         f"- endpoint: {report['endpoint'] or 'not kept running'}",
+        *([_sweep_line(report["sweep"])] if report.get("sweep") else []),
         f"- stage seconds: {report['stage_seconds']}", "",
         "## Winner against the trivial baseline and the classical reference", "",
         f"**Verdict: {verdict['text']}.**" if verdict else "(no reference was computed)", "",

@@ -233,6 +233,11 @@ class TrainSpec(_Section):
                              description="Max gradient norm; 0 disables clipping.")
     warmup_steps: int = Field(20, ge=0)
     max_steps: int = Field(200, ge=1, description="Optimizer steps per trial.")
+    max_time_s: float = Field(
+        0, ge=0, description="Seconds of training steps per trial (not counting validation or "
+        "checkpoints): the trial ends at the first step past it, with a last evaluation; 0: "
+        "max_steps alone. With the sweep drawing model.arch or sizes, early stopping compares "
+        "trials at equal training time.")
     eval_interval: int = Field(50, ge=1, description="Validate and checkpoint every N steps.")
     eval_batches: int = Field(8, ge=1, description="Validation batches per evaluation.")
     strategy: Literal["ddp", "fsdp"] = Field(
@@ -293,6 +298,19 @@ SWEEPABLE = ("train.optimizer", "train.lr", "train.momentum", "train.weight_deca
              "train.lora.alpha", "train.lora.dropout")
 
 
+# What population-based training may change in a live trial: the optimizer's step and the
+# regularization, which a checkpoint's weights and optimizer state do not fix.
+PBT_MUTABLE = ("train.lr", "train.weight_decay", "train.l1", "train.momentum", "model.dropout")
+
+
+def _bohb_missing() -> str | None:
+    """The package BOHB needs that this Python cannot import, if any."""
+    import importlib.util
+
+    return next((name for name in ("hpbandster", "ConfigSpace")
+                 if importlib.util.find_spec(name) is None), None)
+
+
 class SweepSpec(_Section):
     num_samples: int = Field(4, ge=1, description="Trials to sample (times each grid point).")
     space: dict[str, Distribution] = Field(default_factory=dict)
@@ -302,6 +320,39 @@ class SweepSpec(_Section):
     max_concurrent_trials: int = Field(0, ge=0, description="0: as many as the cluster fits.")
     seed: int = Field(0, description="Seeds the values the search draws (the same trials on "
                                      "every run and resume of the spec).")
+    search: Literal["random", "tpe", "bohb", "pbt"] = Field(
+        "random", description="random: values drawn from sweep.seed, ASHA ends the weak trials "
+        "early; tpe: Optuna's TPE proposes each trial from the results so far (with ASHA); bohb: "
+        "TuneBOHB with HyperBand for BOHB; pbt: population-based training, every grace_period "
+        "evaluations the worst quarter of the trials continue from a best one's checkpoint with "
+        "its lr and regularization perturbed.")
+    time_budget_s: float = Field(
+        0, ge=0, description="Wall-clock seconds for the whole sweep: no trial starts after it "
+        "and running trials end at it, each keeping its best checkpoint; 0: no budget.")
+
+    @model_validator(mode="after")
+    def _search_fits_space(self) -> SweepSpec:
+        """Combinations a searcher cannot run, refused naming the fields."""
+        if self.search == "random":
+            return self
+        for key, dist in self.space.items():
+            if isinstance(dist, Grid):
+                raise ValueError(f"sweep.space.{key}: a grid runs every value, and sweep.search "
+                                 f"{self.search!r} proposes the values itself; use {{choice: "
+                                 f"[...]}} or sweep.search 'random'")
+            if self.search == "pbt" and key not in PBT_MUTABLE:
+                raise ValueError(
+                    f"sweep.space.{key}: sweep.search 'pbt' changes the settings of live trials, "
+                    f"which continue from their checkpoints, so it sweeps only "
+                    f"{', '.join(PBT_MUTABLE)} (an architecture, sizes or an optimizer fix "
+                    f"what a checkpoint holds); use sweep.search 'random', 'tpe' or 'bohb'")
+        if self.search == "pbt" and not self.space:
+            raise ValueError(f"sweep.search 'pbt' needs sweep.space to draw at least one of "
+                             f"{', '.join(PBT_MUTABLE)}")
+        if self.search == "bohb" and (missing := _bohb_missing()):
+            raise ValueError(f"sweep.search 'bohb' needs {missing}, which is not installed "
+                             f"(pip install hpbandster ConfigSpace); or use sweep.search 'tpe'")
+        return self
 
     @field_validator("space")
     @classmethod

@@ -180,3 +180,33 @@ def test_a_bad_set_value_and_a_duplicate_key_are_refused_in_one_line(tmp_path, c
 def test_unbounded_and_infinite_values_are_refused(field, value):
     with pytest.raises(SpecError, match=re.escape(field)):
         parse_spec(apply_overrides(tiny_spec("gpt"), [f"{field}={value}"]))
+
+
+@pytest.mark.parametrize("sweep, words", [
+    ({"search": "tpe", "space": {"train.lr": {"grid": [1e-3, 1e-2]}}},
+     ["sweep.space.train.lr", "grid", "'tpe'", "{choice: [...]}"]),
+    ({"search": "bohb", "space": {"model.dropout": {"grid": [0.0, 0.1]}}},
+     ["sweep.space.model.dropout", "grid", "'bohb'"]),
+    ({"search": "pbt", "space": {"model.arch": {"choice": ["transformer", "lstm"]}}},
+     ["sweep.space.model.arch", "'pbt'", "train.lr", "model.dropout"]),
+    ({"search": "pbt", "space": {"model.d_model": {"choice": [32, 64]}}},
+     ["sweep.space.model.d_model", "'pbt'", "sizes"]),
+    ({"search": "pbt"}, ["sweep.search 'pbt' needs sweep.space", "train.lr"]),
+    ({"search": "hyperopt"}, ["sweep.search", "'random'", "'tpe'", "'bohb'", "'pbt'"]),
+    ({"time_budget_s": -1}, ["sweep.time_budget_s", "-1"]),
+])
+def test_a_search_that_cannot_run_its_space_is_refused_naming_the_fields(sweep, words):
+    with pytest.raises(SpecError) as error:
+        parse_spec(tiny_spec("gpt", sweep=sweep))
+    for word in words:
+        assert word in str(error.value), (word, str(error.value))
+
+
+def test_each_search_with_a_space_it_can_run_validates():
+    space = {"train.lr": {"loguniform": [1e-4, 1e-2]}, "model.dropout": {"uniform": [0, 0.2]}}
+    for search in ("random", "tpe", "bohb", "pbt"):
+        spec = parse_spec(tiny_spec("gpt", sweep={"search": search, "space": space,
+                                                  "time_budget_s": 60},
+                                    train={"max_time_s": 30}))
+        assert (spec.sweep.search, spec.sweep.time_budget_s, spec.train.max_time_s) == (
+            search, 60, 30)

@@ -60,8 +60,13 @@ def trial_values(config: dict[str, Any], configs: list[dict[str, Any]]) -> dict[
     """The sweep values of a trial whose Tune config is `config`: its sampled configs entry
     when it names one, with any value Tune set itself (a searcher's draw, PBT's mutation)."""
     values = dict(configs[config[TRIAL_KEY]]) if TRIAL_KEY in config else {}
-    values.update({k: v for k, v in config.items() if k != TRIAL_KEY})
+    values.update({k: _plain(v) for k, v in config.items() if k != TRIAL_KEY})
     return values
+
+
+def _plain(value: Any) -> Any:
+    """A Python value for a numpy scalar (BOHB proposes numpy strings)."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def apply_trial_config(spec: JobSpec, config: dict[str, Any]) -> JobSpec:

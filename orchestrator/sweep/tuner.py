@@ -3,7 +3,7 @@ of several is a driver that fits one TorchTrainer (Train V2). See train/session.
 
 from __future__ import annotations
 
-import math
+import io
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,7 +12,6 @@ from typing import Any
 import pandas as pd
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
-from ray.tune.schedulers import ASHAScheduler
 from ray.util.placement_group import placement_group_table
 
 from orchestrator.cluster import ClusterPlan, plan_cluster, with_device
@@ -20,6 +19,7 @@ from orchestrator.records import DataInfo, SweepTiming
 from orchestrator.rundir import TUNE_EXPERIMENT, RunDir
 from orchestrator.spec import JobSpec
 from orchestrator.storage import Location, resolve
+from orchestrator.sweep import search
 from orchestrator.sweep.progress import TrialProgress
 from orchestrator.sweep.space import TRIAL_KEY, apply_trial_config, sample_configs, trial_values
 from orchestrator.train.config import worker_config
@@ -93,10 +93,6 @@ def trial_actor_resources(spec: JobSpec) -> dict[str, float]:
     return needs
 
 
-def _evaluations_per_trial(spec: JobSpec) -> int:
-    return math.ceil(spec.train.max_steps / spec.train.eval_interval)
-
-
 def _best_kept(ranked: pd.DataFrame) -> pd.Series:
     """The best report whose checkpoint is still in storage (train.checkpoint_keep 'latest'
     deletes older ones, the best among them too); the best report when none is."""
@@ -120,15 +116,27 @@ def _with_checkpoint_uris(history: pd.DataFrame, trial: Location) -> pd.DataFram
     return history.assign(checkpoint_path=paths)
 
 
+def _reports(result: tune.Result, trial: Location) -> pd.DataFrame | None:
+    """Every report of a trial, from Tune's progress.csv: its result.json (what
+    Result.metrics_dataframe reads) loses reports when PBT restarts the trial, whose last
+    result (Result.metrics) then also names the trial it was copied from."""
+    progress = trial.join("progress.csv")
+    if progress.exists():
+        return pd.read_csv(io.BytesIO(progress.read_bytes()), dtype={"trial_id": str})
+    return result.metrics_dataframe
+
+
 def _tables(results: list[tune.Result], spec: JobSpec, run_dir: RunDir,
             configs: list[dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:
     metric, ascending = spec.metric, spec.metric_mode == "min"
     rows, histories = [], []
     for result in results:
-        trial_id = result.metrics.get("trial_id") if result.metrics else None
-        history = result.metrics_dataframe
+        trial = run_dir.root.of(result.path)
+        history = _reports(result, trial)
+        trial_id = (history["trial_id"].iloc[0] if history is not None and "trial_id" in history
+                    else result.metrics.get("trial_id") if result.metrics else None)
         if history is not None:
-            history = _with_checkpoint_uris(history, run_dir.root.of(result.path))
+            history = _with_checkpoint_uris(history, trial)
         row: dict[str, Any] = {"trial_id": trial_id,
                                "status": "error" if result.error else "done",
                                "error": str(result.error) if result.error else None}
@@ -188,13 +196,14 @@ def run_sweep(spec: JobSpec, run_dir: RunDir | str, info: DataInfo,
         if tune.Tuner.can_restore(experiment.path, storage_filesystem=experiment.fs):
             results += _restored_tuner(experiment, trainable, callbacks).fit()
         number += 1
-    missing = _missing_trials(results, configs)
-    if missing:
+    missing = _missing_trials(results, configs, numbered=spec.sweep.search == "random")
+    budget_s = spec.sweep.time_budget_s - (time.monotonic() - started)
+    if missing and (budget_s > 0 or not spec.sweep.time_budget_s):
         if results:
             progress(f"{len(missing)} trials of the sweep were not in Tune's saved state; "
                      f"running them now")
-        tuner = _new_tuner(spec, run_dir, _experiment(run_dir, number), trainable, missing,
-                           plan.concurrent_trials, callbacks)
+        tuner = _new_tuner(spec, run_dir, number, trainable, missing, plan.concurrent_trials,
+                           callbacks, configs, budget_s if spec.sweep.time_budget_s else None)
         results += tuner.fit()
     wall_s = time.monotonic() - started
     _wait_for_trial_resources()
@@ -212,12 +221,15 @@ def _experiment(run_dir: RunDir, number: int) -> Location:
         f"{TUNE_EXPERIMENT}-{number}")
 
 
-def _missing_trials(results: list[tune.Result], configs: list[dict[str, Any]]) -> list[int]:
+def _missing_trials(results: list[tune.Result], configs: list[dict[str, Any]],
+                    numbered: bool) -> list[int]:
     """The sampled trials no experiment has run. Tune saves its searcher's state and its trial
     list as separate files and copies them to storage in the background, so a driver killed
     mid-copy can leave a searcher that has already handed out trials the trial list lacks: the
-    restored sweep then never runs them (it ended with one trial of two)."""
-    ran = [result.config.get(TRIAL_KEY) for result in results]
+    restored sweep then never runs them (it ended with one trial of two). Counted when trials
+    are not `numbered` by their config (a searcher's own proposals; PBT copies the source
+    trial's config, number included, into the trial it exploits)."""
+    ran = [result.config.get(TRIAL_KEY) if numbered else None for result in results]
     left = [index for index in range(len(configs)) if index not in ran]
     return left[ran.count(None):]  # a sweep begun before trials were numbered: by count
 
@@ -256,28 +268,26 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-def _new_tuner(spec: JobSpec, run_dir: RunDir, experiment: Location, trainable: Any,
-               trials: list[int], concurrency: int, callbacks: list[tune.Callback]) -> tune.Tuner:
-    """A Tune experiment at `experiment` (under sweep/) of the sampled trials numbered
-    `trials`."""
+def _new_tuner(spec: JobSpec, run_dir: RunDir, number: int, trainable: Any, trials: list[int],
+               concurrency: int, callbacks: list[tune.Callback], configs: list[dict[str, Any]],
+               budget_s: float | None) -> tune.Tuner:
+    """Tune experiment `number` (_experiment) of the sampled trials numbered `trials` (as many
+    new ones, for a searcher that proposes its own), ended at `budget_s` seconds if given."""
     in_trial = trains_in_trial(spec)
+    proposes = search.searcher(spec, spec.sweep.seed + number - 1)  # a later one draws anew
     return tune.Tuner(
         trainable,
-        param_space={TRIAL_KEY: tune.grid_search(trials)},
+        param_space=search.param_space(spec, configs, trials),
         tune_config=tune.TuneConfig(
-            metric=spec.metric, mode=spec.metric_mode, num_samples=1,
-            max_concurrent_trials=min(concurrency, len(trials)),
-            # One past the last evaluation: ASHA stopping a trial at max_t kills its driver while
-            # trainer.fit() is still returning, and Train's placement groups (its CPUs) leaked,
-            # starving the stages after the sweep. Trials that survive every rung end by returning.
-            scheduler=ASHAScheduler(max_t=_evaluations_per_trial(spec) + 1,
-                                    grace_period=spec.sweep.grace_period,
-                                    reduction_factor=spec.sweep.reduction_factor),
+            metric=spec.metric, mode=spec.metric_mode,
+            num_samples=len(trials) if proposes else 1,
+            search_alg=proposes, max_concurrent_trials=min(concurrency, len(trials)),
+            scheduler=search.scheduler(spec), time_budget_s=budget_s,
             # A finished trial's actor (torch imported, threads warm) starts the next trial.
             reuse_actors=in_trial,
         ),
         run_config=tune.RunConfig(
-            name=experiment.name, storage_path=run_dir.sweep.path,
+            name=_experiment(run_dir, number).name, storage_path=run_dir.sweep.path,
             storage_filesystem=run_dir.sweep.fs, verbose=0,
             # Trials that train in their actor keep checkpoints and recover from its death
             # through Tune, as Ray Train runs do through Train.

@@ -5,6 +5,7 @@ its host (train/session.py) is Ray Train, a Tune trial actor, or this process.""
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import tempfile
 import time
@@ -28,6 +29,7 @@ from orchestrator.train.optim import (
     add_l1_gradient,
     build_optimizer,
     build_scheduler,
+    set_hyperparameters,
     split_decay_parameters,
 )
 from orchestrator.train.parallel import (
@@ -62,6 +64,20 @@ def gather(values: list[float], device: torch.device, world_size: int) -> torch.
     everyone = [torch.empty_like(mine) for _ in range(world_size)]
     dist.all_gather(everyone, mine)
     return torch.stack(everyone).cpu()
+
+
+def weights_norm(model: torch.nn.Module, device: torch.device, world_size: int) -> float:
+    """Collective: the L2 norm of every weight, a fingerprint of the weights: reported at each
+    evaluation and for the weights a run (re)started from, it shows where a trial continued from
+    (its own checkpoint, or the one population-based training copied from another trial)."""
+    total, sharded = torch.zeros((), dtype=torch.float64, device=device), False
+    for value in model.state_dict().values():
+        if hasattr(value, "to_local"):  # an FSDP shard: the other ranks hold the rest
+            value, sharded = value.to_local(), True
+        total += value.detach().double().square().sum()
+    if sharded and world_size > 1:
+        dist.all_reduce(total)
+    return math.sqrt(float(total))
 
 
 def throughput(per_worker: torch.Tensor, steps: int, flops_per_token: float | None,
@@ -123,8 +139,16 @@ class TrainingRun:
     step: int = 0
     resumed_from: int = -1
     restarts: int = 0
+    train_time_s: float = 0.0  # seconds of training steps so far, over restarts
+    start_weights_norm: float = 0.0  # weights_norm of what this run (re)started from
     interval: Interval | None = None
     val_batches: list[dict[str, torch.Tensor]] | None = None
+
+    @property
+    def out_of_time(self) -> bool:
+        """train.max_time_s of training steps spent (validation and checkpoints not counted),
+        by the slowest worker's clock, so that every worker stops at the same evaluation."""
+        return 0 < self.spec.train.max_time_s <= self.train_time_s
 
     @property
     def interval_ended(self) -> bool:
@@ -141,6 +165,8 @@ def train_loop(config: WorkerConfig, session: Session) -> None:
         train_step(run)
         if run.interval_ended:
             end_interval(run)
+            if run.out_of_time:
+                return
 
 
 def set_up(config: WorkerConfig, session: Session) -> TrainingRun:
@@ -189,9 +215,12 @@ def set_up(config: WorkerConfig, session: Session) -> TrainingRun:
               else resolve(config.resume_from).local_copy()) as directory:
             state = load_checkpoint(directory, model, optimizer, rank)
         run.scheduler.load_state_dict(state["scheduler"])
+        set_hyperparameters(optimizer, run.scheduler, train)
         run.step = run.resumed_from = state["step"]
+        run.train_time_s = state.get("train_time_s", 0.0)
         position = resumed_position(state["data"], world, train.batch_size)
         run.restarts = state.get("restarts", 0) + bool(failed_over)
+    run.start_weights_norm = weights_norm(run.plain_model, device, world)
     if run.tags:
         prometheus.record("train_restarts", run.restarts, **run.tags)
     run.batches = BatchStream(session.train_source(train.shuffle_buffer, train.seed + rank),
@@ -247,16 +276,19 @@ def end_interval(run: TrainingRun) -> None:
     seconds = time.perf_counter() - interval.started
     per_worker = gather([interval.tokens, interval.rows, seconds, run.batches.wait_s,
                          float(interval.loss_sum)], run.device, world)
+    run.train_time_s += float(per_worker[:, 2].max())
     # workers: this interval's group size, which changes under elastic training.
     metrics = {"step": run.step, "lr": run.scheduler.get_last_lr()[0], "workers": world,
                "resumed_from_step": run.resumed_from, "epoch": run.batches.position.epoch,
+               "train_time_s": run.train_time_s, "start_weights_norm": run.start_weights_norm,
+               "weights_norm": weights_norm(run.plain_model, run.device, world),
                **throughput(per_worker, interval.steps, run.flops_per_token, run.peak)}
     metrics.update({f"val_{name}": value for name, value in validate(run).items()})
     position, train = run.batches.position, run.spec.train
     report_with_checkpoint(run.session, metrics, run.model, run.optimizer, run.tags,
                            trainer_state={
         "step": run.step, "scheduler": run.scheduler.state_dict(), "world_size": world,
-        "restarts": run.restarts,
+        "restarts": run.restarts, "train_time_s": run.train_time_s,
         "data": {"epoch": position.epoch, "batches": position.batches,
                  "batch_size": train.batch_size, "world_size": world}})
     start_interval(run)

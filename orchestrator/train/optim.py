@@ -34,6 +34,22 @@ def build_optimizer(model: nn.Module, train: TrainSpec,
     return adam(groups, lr=train.lr, betas=train.betas, **({"fused": True} if fused else {}))
 
 
+def set_hyperparameters(optimizer: torch.optim.Optimizer,
+                        scheduler: torch.optim.lr_scheduler.LambdaLR, train: TrainSpec) -> None:
+    """The spec's lr, weight decay and momentum on a restored optimizer and schedule (groups as
+    build_optimizer makes them): a checkpoint holds the values it was saved with, and
+    population-based training continues a trial from another's checkpoint with its own."""
+    for group, decay in zip(optimizer.param_groups, (train.weight_decay, 0.0)):
+        group["weight_decay"] = decay
+        group["initial_lr"] = train.lr
+        if "momentum" in group:
+            group["momentum"] = train.momentum
+    scheduler.base_lrs = [train.lr] * len(optimizer.param_groups)
+    for group, scale in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["lr"] = train.lr * scale(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # get_last_lr's
+
+
 def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_ratio: float = 0.1) -> float:
     """LR multiplier: linear warmup to 1, then cosine decay to min_ratio at max_steps."""
     if step < warmup_steps:

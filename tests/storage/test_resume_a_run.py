@@ -105,6 +105,7 @@ def test_a_run_whose_driver_was_killed_mid_sweep_resumes_to_its_end(tmp_path: Pa
     report = json.loads((run_dir / "report.json").read_text())
     assert report["resumed"] is True
     assert [t["status"] for t in report["trials"]] == ["done", "done"], report["trials"]
+    assert report["sweep"]["trials_run"] == report["sweep"]["trials_asked"] == 2
     assert all(t["last_step"] == STEPS for t in report["trials"]), report["trials"]
     history = pd.read_parquet(run_dir / "sweep" / "history.parquet")
     for trial_id, reports in history.groupby("trial_id"):
