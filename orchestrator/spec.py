@@ -429,16 +429,16 @@ class ServeSpec(_Section):
     keep_running: bool = Field(False, description="Leave the service up after the job.")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    num_replicas: int = Field(1, ge=1, description="Fixed replica count (without autoscaling).")
-    autoscaling: AutoscalingSpec | None = Field(
-        None, description="Scale replicas with load instead of a fixed num_replicas.")
-    replica_cpus: float = Field(0.5, gt=0, description="CPUs reserved by each replica.")
-    replica_gpus: float = Field(0.0, ge=0, description="GPUs per replica; the model runs on GPU.")
     ingress: Literal["proxy", "haproxy"] = Field(
         "proxy", description="How requests reach the replicas on a Ray this job starts (on a "
         "running cluster, where its nodes start; see docs/operations.md): proxy, Serve's proxy "
         "actor on each node; haproxy, HAProxy straight to the replicas with Serve's "
         "throughput-optimized mode (RAY_SERVE_ENABLE_HA_PROXY, RAY_SERVE_THROUGHPUT_OPTIMIZED).")
+    num_replicas: int = Field(1, ge=1, description="Fixed replica count (without autoscaling).")
+    autoscaling: AutoscalingSpec | None = Field(
+        None, description="Scale replicas with load instead of a fixed num_replicas.")
+    replica_cpus: float = Field(0.5, gt=0, description="CPUs reserved by each replica.")
+    replica_gpus: float = Field(0.0, ge=0, description="GPUs per replica; the model runs on GPU.")
     max_batch_size: int = Field(8, ge=1, description="Most rows (prompts x n) decoded together.")
     batch_wait_timeout_s: float = Field(
         0.01, ge=0, description="Classifier: how long a batch waits to fill (completions never "
@@ -463,7 +463,6 @@ class ServeSpec(_Section):
         default_factory=lambda: ["The event loop", "Return the number of"],
         description="Texts the quickstart sends to the service at the end of the run.",
     )
-
     adapters: dict[str, str] = Field(
         default_factory=dict, description="LoRA adapters of the run's base served beside it, "
         "by name: PEFT adapter directories (orchestrator export RUN --format peft), local or in "
