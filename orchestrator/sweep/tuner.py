@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,6 +126,16 @@ def _reports(result: tune.Result, trial: Location) -> pd.DataFrame | None:
     return result.metrics_dataframe
 
 
+def group_sizes(workers: Iterable[int]) -> str:
+    """A trial's worker counts in the order its intervals trained, repeats collapsed: `2`, or
+    `1→2→1` for an elastic group that grew and shrank (the report's trials table shows it)."""
+    sizes: list[int] = []
+    for count in map(int, workers):
+        if not sizes or sizes[-1] != count:
+            sizes.append(count)
+    return "→".join(map(str, sizes))
+
+
 def _tables(results: list[tune.Result], spec: JobSpec, run_dir: RunDir,
             configs: list[dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:
     metric, ascending = spec.metric, spec.metric_mode == "min"
@@ -149,6 +159,8 @@ def _tables(results: list[tune.Result], spec: JobSpec, run_dir: RunDir,
                         "checkpoint_path": best.get("checkpoint_path")})
             for column in [c for c in best.index if c.startswith("val_")]:
                 row[f"best/{column}"] = best[column]
+            if "workers" in history and (history["workers"] != 1).any():
+                row["workers"] = group_sizes(history.sort_values("step")["workers"])
             history = history.assign(trial_id=trial_id)
             histories.append(history[[c for c in history.columns if not c.startswith("config/")]])
         rows.append(row)

@@ -1,5 +1,5 @@
-"""The sweep's progress lines say how many workers an interval trained on when it is more than
-one, and when an elastic trial's group grew or shrank."""
+"""The sweep's progress lines, and its trials table, say how many workers an interval trained
+on when it is more than one, and when an elastic trial's group grew or shrank."""
 
 from __future__ import annotations
 
@@ -18,3 +18,10 @@ def test_progress_lines_name_the_workers_of_each_interval_and_every_resize() -> 
     assert [line.split("waiting for data")[1] for line in lines] == [
         ")", ", on 2 workers (was 1))", ", on 2 workers)", ", on 1 worker (was 2))"]
     assert lines[0].startswith("trial t1 step 10/40 val_loss 1.0000")
+
+
+def test_the_trials_table_names_each_group_size_in_the_order_the_intervals_trained() -> None:
+    from orchestrator.sweep.tuner import group_sizes
+
+    assert group_sizes([2, 2, 2]) == "2"
+    assert group_sizes([1, 1, 2, 2, 1]) == "1→2→1"
