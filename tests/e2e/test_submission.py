@@ -32,6 +32,8 @@ pytestmark = pytest.mark.e2e
 # the quickstart job below did not end in 300 s there. Reaching one is a failure that says
 # where the job was; pytest-timeout's global limit (pyproject.toml) is only the last resort.
 JOB_TIMEOUT_S = 720
+SERVICE_KEY = "e2e-service-key-0123456789abcdef"
+QUOTA_PER_MINUTE = 12  # the job's 2 sample requests and the traffic's 6 fit; a dozen more do not
 
 
 def failure_excerpt(text: str, size: int = 4000) -> str:
@@ -340,9 +342,12 @@ def test_sdk_submit_runs_the_quickstart_and_returns_results(
     from orchestrator.submit import RUNS_DIR_ENV
 
     label = "e2e quickstart (SDK job, 2 trials)"
+    keys = head.root / "service-keys.txt"  # the service keys its callers; the usage panels
+    keys.write_text(f"{SERVICE_KEY}\n")   # and the quota alert watch them
     spec = load_spec(REPO / "jobs" / "quickstart.yaml",
                      [*SHRINK, "name=e2e-sdk", f"serve.port={head.serve_port}",
-                      "serve.keep_running=true"])
+                      "serve.keep_running=true", f"serve.api_keys_file={keys}",
+                      f"serve.quotas={{default: {{requests_per_minute: {QUOTA_PER_MINUTE}}}}}"])
     assert spec.runs_dir == "runs"  # the shipped spec's, unchanged
     monkeypatch.setenv(RUNS_DIR_ENV, str(head.root / "results"))
     said: list[str] = []
@@ -399,15 +404,24 @@ def test_sdk_submit_runs_the_quickstart_and_returns_results(
 
 
 def send_service_traffic(head: Head) -> None:
-    """What the serving panels need to see: plain and streamed completions, and a bad request."""
+    """What the serving panels need to see: plain and streamed completions, a bad request, and
+    the key held at its quota (the per-key panels and the ServeKeyAtQuota alert)."""
     url = f"http://127.0.0.1:{head.serve_port}/v1/completions"
+    auth = {"Authorization": f"Bearer {SERVICE_KEY}"}
     body = {"model": "e2e-sdk", "prompt": "The event loop", "max_tokens": 4}
     for _ in range(3):
-        assert requests.post(url, json=body, timeout=60).status_code == 200
-        with requests.post(url, json={**body, "stream": True}, stream=True, timeout=60) as streamed:
+        assert requests.post(url, json=body, headers=auth, timeout=60).status_code == 200
+        with requests.post(url, json={**body, "stream": True}, headers=auth, stream=True,
+                           timeout=60) as streamed:
             assert streamed.status_code == 200
             assert b"[DONE]" in b"".join(streamed.iter_content(None))
-    assert requests.post(url, json={**body, "max_tokens": -1}, timeout=60).status_code == 400
+    assert requests.post(url, json={**body, "max_tokens": -1}, headers=auth,
+                         timeout=60).status_code == 400
+    statuses = [requests.post(url, json=body, headers=auth, timeout=60)
+                for _ in range(QUOTA_PER_MINUTE)]  # more than the minute has left
+    refused = [r for r in statuses if r.status_code == 429]
+    assert refused and int(refused[0].headers["Retry-After"]) >= 1, [
+        r.status_code for r in statuses]
 
 
 def series_of(prometheus: Prometheus, expr: str) -> list[dict]:

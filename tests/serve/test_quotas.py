@@ -275,11 +275,13 @@ def scrape(ray_local) -> str:
     return requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
 
 
-def series(text: str, name: str, key: str) -> dict[str, float]:
-    """The values of one metric for one key id, by the replica (WorkerId) that recorded them."""
+def series(text: str, name: str, key: str, app: str = "quota-service") -> dict[str, float]:
+    """The values of one metric for one key id of the app, by the replica (WorkerId) that
+    recorded them. The app matters: the Ray-free tests of this module serve the same keys from
+    pytest's own process, whose metrics the node exports too once Ray runs in it."""
     out = {}
     for line in text.splitlines():
-        if line.startswith(name + "{") and f'key="{key}"' in line:
+        if line.startswith(name + "{") and f'key="{key}"' in line and f'app="{app}"' in line:
             worker = re.search(r'WorkerId="(\w+)"', line)
             out[worker.group(1) if worker else ""] = float(line.rsplit(" ", 1)[1])
     return out
