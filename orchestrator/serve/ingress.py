@@ -23,20 +23,21 @@ SWITCHES: dict[Ingress, dict[str, str]] = {
     Ingress.PROXY: {},
     Ingress.HAPROXY: {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
 }
-# The actor that takes requests in on each node, by mode.
+# The actors that take requests in on each node, by the mode they say.
 INGRESS_ACTORS = {"HAProxyManager": Ingress.HAPROXY, "ProxyActor": Ingress.PROXY}
 
 
 def environment(ingress: Ingress, files: Path | None = None) -> dict[str, str]:
     """The variables Ray's processes need for `ingress`; for haproxy with `files`, HAProxy's
-    config, admin socket and server state go in that folder (Ray's default is one fixed folder
-    in /tmp, which two clusters on one machine would share)."""
+    config, sockets and server state go in that folder (Ray's default is one fixed folder in
+    /tmp, which two clusters on one machine would share)."""
     env = dict(SWITCHES[ingress])
     if ingress is Ingress.HAPROXY and files is not None:
         env |= {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(files / "haproxy.cfg"),
                 "RAY_SERVE_HAPROXY_SOCKET_PATH": str(files / "admin.sock"),
                 "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(files),
-                "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(files / "server-state")}
+                "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(files / "server-state"),
+                "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(files / "metrics.sock")}
     return env
 
 
@@ -56,15 +57,14 @@ def as_environment_line(ingress: Ingress) -> str:
 
 
 def running_ingress() -> Ingress | None:
-    """The mode Serve runs in on the connected cluster (from its live ingress actors), or None
-    when Serve has not started there."""
+    """The mode Serve runs in on the connected cluster, from its live ingress actors (HAProxy
+    mode runs Serve's proxy actors beside its HAProxyManager ones), or None when Serve has not
+    started there."""
     from ray._private import state
 
-    for actor in state.actors(actor_state_name="ALIVE").values():
-        mode = INGRESS_ACTORS.get(actor["ActorClassName"].rsplit(".", 1)[-1])
-        if mode is not None:
-            return mode
-    return None
+    found = {INGRESS_ACTORS.get(actor["ActorClassName"].rsplit(".", 1)[-1])
+             for actor in state.actors(actor_state_name="ALIVE").values()}
+    return next((mode for mode in (Ingress.HAPROXY, Ingress.PROXY) if mode in found), None)
 
 
 def mismatch(wanted: Ingress, running: Ingress | None) -> str | None:

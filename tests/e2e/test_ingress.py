@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import REPO, SAMPLE, tiny_spec
+from conftest import REPO, SAMPLE, free_port, tiny_spec
 from heads import CLI_TIMEOUT_S, Head, running_head
 from processes import base_env
 
@@ -32,11 +33,35 @@ pytestmark = pytest.mark.e2e
 TIMEOUT_S = 60
 
 
+def free_block(low: int, high: int, size: int = 50) -> int:
+    """The first port of `size` consecutive free ones in [low, high): Serve hands replicas
+    direct-ingress ports from a fixed range (30000 and 40000 up, the latter among the ports the
+    kernel gives outgoing connections) without asking the kernel whether they are free."""
+    for base in range(low, high, size):
+        try:
+            for port in range(base, base + size):
+                with socket.socket() as sock:
+                    sock.bind(("0.0.0.0", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError(f"no {size} free ports in [{low}, {high})")
+
+
 @pytest.fixture(scope="module")
 def head() -> Iterator[Head]:
     files = Path(tempfile.mkdtemp(prefix="orch-haproxy-", dir="/tmp"))
+    http, grpc = free_block(21000, 25000), free_block(25000, 29000)
+    # HAProxy's stats and metrics ports are fixed too (8404, 9101): free ones, so that a second
+    # cluster in this mode on the machine (a benchmark) cannot take them from this one.
+    ports = {"RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+             "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+             "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(http),
+             "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(http + 49),
+             "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc),
+             "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc + 49)}
     try:
-        with running_head(**environment(Ingress.HAPROXY, files)) as cluster:
+        with running_head(**environment(Ingress.HAPROXY, files), **ports) as cluster:
             yield cluster
     finally:
         shutil.rmtree(files, ignore_errors=True)
