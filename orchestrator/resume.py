@@ -8,12 +8,10 @@ only later stages read (serve.*, for instance) may change.
 
 from __future__ import annotations
 
-from typing import Any
-
 import yaml
 
 from orchestrator.rundir import RunDir
-from orchestrator.spec import JobSpec, SpecError, apply_overrides, parse_spec
+from orchestrator.spec import JobSpec, SpecError, apply_overrides, flat_fields, parse_spec
 
 # The spec fields (dotted prefixes) each stage's outputs depend on.
 STAGE_INPUTS = {
@@ -30,16 +28,6 @@ def resume_spec(run_dir: RunDir, overrides: list[str] | None = None) -> JobSpec:
     return parse_spec(apply_overrides(raw, overrides or []))
 
 
-def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def frozen_fields(run_dir: RunDir) -> tuple[str, ...]:
     """Prefixes of the fields that completed or started stages were made from."""
     started = run_dir.completed().names()
@@ -52,8 +40,8 @@ def check_resumable(run_dir: RunDir, spec: JobSpec) -> None:
     """Refuse, before anything runs, a spec whose edits change what completed stages made."""
     if run_dir.completed().report:
         raise SpecError(f"{run_dir.uri} has finished (its report is written); nothing to resume")
-    stored = _flatten(resume_spec(run_dir).model_dump(mode="json"))
-    given = _flatten(spec.model_dump(mode="json"))
+    stored = flat_fields(resume_spec(run_dir).model_dump(mode="json"))
+    given = flat_fields(spec.model_dump(mode="json"))
     frozen = frozen_fields(run_dir)
     edits = [key for key in sorted({*stored, *given}) if stored.get(key) != given.get(key)
              and any(key == p or key.startswith(f"{p}.") for p in frozen)]

@@ -36,7 +36,7 @@ import pandas as pd
 import requests
 
 from orchestrator.rundir import RunDir
-from orchestrator.spec import JobSpec, SpecError
+from orchestrator.spec import JobSpec, SpecError, flat_fields
 
 RUN_DIR_TAG, TRIAL_TAG = "orchestrator.run_dir", "orchestrator.trial_id"
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: the UI nests a child under its parent
@@ -192,7 +192,8 @@ class Tracker:
             tags={RUN_DIR_TAG: self.run_dir.uri, "orchestrator.job": self.spec.name,
                   "orchestrator.task": self.spec.model.task.value})
         self._parent_id = run.info.run_id
-        params = [Param(k, v) for k, v in _flat(self.spec.model_dump(mode="json")).items()]
+        params = [Param(k, _text(v))  # every leaf as text (lists and empty dicts as JSON)
+                  for k, v in flat_fields(self.spec.model_dump(mode="json")).items()]
         for start in range(0, len(params), PARAMS_PER_BATCH):
             self._client.log_batch(self._parent_id, params=params[start:start + PARAMS_PER_BATCH])
         return self._parent_id
@@ -313,17 +314,6 @@ def _evaluation_metrics(report: dict[str, Any], which: str) -> dict[str, float]:
             for split, result in report["evaluation"].items()
             for name, value in result.get(which, {}).items()
             if _finite(value)}
-
-
-def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """A nested dict as dotted keys; every leaf as text (lists and empty dicts as JSON)."""
-    flat: dict[str, str] = {}
-    for key, value in values.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = _text(value)
-    return flat
 
 
 def _text(value: Any) -> str:
