@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
+from orchestrator.data.line_ranges import LINE_FORMATS, LineRangeDatasource
 from orchestrator.spec import DATA_FORMATS, SUFFIXES_KNOWN, DataSpec, SpecError, format_of
 from orchestrator.storage import resolve
 
@@ -99,17 +100,16 @@ def _read(data: DataSpec, fmt: str) -> ray.data.Dataset:
     try:
         if fmt == "parquet":
             return ray.data.read_parquet(data.path)
-        if fmt == "jsonl":
-            # Arrow's reader (lines=True is pandas': 10x the CPU, one core for a whole file);
-            # it reads a file whole, so its types unify over all its rows (1 and 0.5: double).
-            return ray.data.read_json(data.path, file_extensions=None,
-                                      read_options=pa_json.ReadOptions(use_threads=True))
-        if fmt == "csv":
-            # Typed as string, the text column refuses bytes that are not UTF-8 (inferred, it
-            # would become a column of bytes).
-            types = pa_csv.ConvertOptions(column_types={data.text_column: pa.string()})
-            return ray.data.read_csv(data.path, file_extensions=None, convert_options=types)
-        return ray.data.read_text(data.path, file_extensions=None)
+        if fmt in LINE_FORMATS:
+            # In line ranges, so that a large file is read by several tasks at once; JSONL by
+            # Arrow's reader (lines=True is pandas': 10x the CPU), whose types unify over a
+            # range's rows (1 and 0.5: double).
+            return ray.data.read_datasource(
+                LineRangeDatasource(data.path, source_files(data), fmt))
+        # CSV is read a file a task (a quoted field may hold newlines). Typed as string, the
+        # text column refuses bytes that are not UTF-8 (inferred, it would be bytes).
+        types = pa_csv.ConvertOptions(column_types={data.text_column: pa.string()})
+        return ray.data.read_csv(data.path, file_extensions=None, convert_options=types)
     except Exception as error:  # noqa: BLE001 - pyarrow/fsspec raise many types for unreadable input
         raise SpecError(f"data.path = {data.path!r}: cannot read it as {fmt}: {error}") from None
 
