@@ -20,6 +20,7 @@ from orchestrator.rundir import TUNE_EXPERIMENT, RunDir
 from orchestrator.spec import JobSpec
 from orchestrator.storage import Location, resolve
 from orchestrator.sweep import search
+from orchestrator.sweep.budget import BUDGET_FILE, RecordSpend, SweepClock
 from orchestrator.sweep.progress import TrialProgress
 from orchestrator.sweep.space import TRIAL_KEY, apply_trial_config, sample_configs, trial_values
 from orchestrator.train.config import worker_config
@@ -199,25 +200,26 @@ def run_sweep(spec: JobSpec, run_dir: RunDir | str, info: DataInfo,
                              configs=configs),
         trial_actor_resources(spec),
     )
+    clock = SweepClock.start(run_dir.sweep.join(BUDGET_FILE), spec.sweep.time_budget_s, restore)
     callbacks = [TrialProgress(progress, spec.name, spec.metric, spec.metric_mode,
-                               spec.train.max_steps)]
-    started = time.monotonic()
+                               spec.train.max_steps), RecordSpend(clock)]
     results: list[tune.Result] = []
     number = 1
     while restore and (experiment := _experiment(run_dir, number)).exists():
         if tune.Tuner.can_restore(experiment.path, storage_filesystem=experiment.fs):
-            results += _restored_tuner(experiment, trainable, callbacks).fit()
+            results += _restored_results(experiment, trainable, callbacks, clock.left_s())
         number += 1
     missing = _missing_trials(results, configs, numbered=spec.sweep.search == "random")
-    budget_s = spec.sweep.time_budget_s - (time.monotonic() - started)
-    if missing and (budget_s > 0 or not spec.sweep.time_budget_s):
+    budget_s = clock.left_s()
+    if missing and budget_s != 0:
         if results:
             progress(f"{len(missing)} trials of the sweep were not in Tune's saved state; "
                      f"running them now")
         tuner = _new_tuner(spec, run_dir, number, trainable, missing, plan.concurrent_trials,
-                           callbacks, configs, budget_s if spec.sweep.time_budget_s else None)
+                           callbacks, configs, budget_s)
         results += tuner.fit()
-    wall_s = time.monotonic() - started
+    clock.record()
+    wall_s = clock.spent_s()
     _wait_for_trial_resources()
     trials, history = _tables(results, spec, run_dir, configs)
     trials.to_parquet(run_dir.trials.path, filesystem=run_dir.trials.fs)
@@ -246,14 +248,22 @@ def _missing_trials(results: list[tune.Result], configs: list[dict[str, Any]],
     return left[ran.count(None):]  # a sweep begun before trials were numbered: by count
 
 
-def _restored_tuner(experiment: Location, trainable: Any,
-                    callbacks: list[tune.Callback]) -> tune.Tuner:
+def _restored_results(experiment: Location, trainable: Any, callbacks: list[tune.Callback],
+                      budget_s: float | None) -> list[tune.Result]:
+    """The trials of a saved experiment, its unfinished ones run on for `budget_s` seconds (the
+    sweep's budget left; None: no budget). With none left they stay as they are, each with its
+    best checkpoint so far, as when a budget ends a sweep."""
+    if budget_s == 0:
+        analysis = tune.ExperimentAnalysis(experiment.path, storage_filesystem=experiment.fs)
+        return list(tune.ResultGrid(analysis))
     tuner = tune.Tuner.restore(experiment.path, trainable, resume_unfinished=True,
                                resume_errored=True, storage_filesystem=experiment.fs)
-    # The run config is restored from the dead driver's pickle, progress callback included:
-    # this driver's progress lines go where this driver prints. Tuner has no public setter.
+    # The run and tune configs are restored from the dead driver's pickle, with its progress
+    # callback and its whole time budget: this driver's progress lines go where this driver
+    # prints, and the sweep gets what is left of its budget. Tuner has no public setter.
     tuner._local_tuner.get_run_config().callbacks = callbacks
-    return tuner
+    tuner._local_tuner._tune_config.time_budget_s = budget_s
+    return list(tuner.fit())
 
 
 def pick_winner(trials: pd.DataFrame, spec: JobSpec) -> Winner:
