@@ -5,7 +5,10 @@ what it asks for (a service beside it may hold the CPUs for days). The driver wa
 unplaced actors and the cluster's pending placement groups while the stages run; one that stays
 unplaced for `after_s` is said on the progress line, with what Ray is asked for (what `ray
 status` shows as pending demands), what is free and what holds the rest, and said again every
-`every_s` while it lasts."""
+`every_s` while it lasts. Tasks are not in the GCS's tables, and queue briefly in any busy stage:
+a request is said as a waiting task only when it cannot be placed beside what services hold (Ray
+Data's file listing asks for a whole CPU; a head whose services leave half of one free held a
+job's data stage silently for good)."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 WATCHED = ("CPU", "GPU")  # what stages wait for; memory and node labels are noise in a line
 
@@ -27,9 +30,23 @@ class ClusterLoad:
     there is."""
 
     waiting: tuple[str, ...]  # e.g. "actor MapWorker(evaluate)", "placement group of 2 CPU"
-    asked: tuple[str, ...] = ()  # the resources of every pending request, e.g. "1 CPU"
+    asked: tuple[dict[str, float], ...] = ()  # every pending request's resources, e.g. {"CPU": 1}
     free: dict[str, float] = field(default_factory=dict)
     total: dict[str, float] = field(default_factory=dict)
+
+    def beside(self, held: dict[str, dict[str, float]]) -> ClusterLoad:
+        """This look with every request that cannot be placed beside what services hold (a
+        task's, when nothing of this job is seen waiting) counted as waiting: it waits until a
+        service goes, however long the rest of the cluster takes to free up."""
+        if self.waiting:
+            return self
+        room = {resource: self.total.get(resource, 0)
+                - sum(amounts.get(resource, 0) for amounts in held.values())
+                for resource in WATCHED}
+        blocked = tuple(f"a task of {_resources(request)}" for request in self.asked
+                        if any(request.get(resource, 0) > room[resource] + 1e-9
+                               for resource in WATCHED))
+        return replace(self, waiting=blocked)
 
 
 def _amount(value: float) -> str:
@@ -54,7 +71,7 @@ def describe_wait(load: ClusterLoad, held: dict[str, dict[str, float]], waited_s
     waiting = ", ".join(_counted(load.waiting))
     line = f"waiting {waited_s:.0f} s to place {waiting}"
     if load.asked:
-        line += f" (Ray is asked for {', '.join(_counted(load.asked))})"
+        line += f" (Ray is asked for {', '.join(_counted(tuple(map(_resources, load.asked))))})"
     for resource in WATCHED:
         total = load.total.get(resource, 0)
         if not total:
@@ -120,7 +137,7 @@ def cluster_load() -> ClusterLoad:
                     total[key] = total.get(key, 0) + value
             waiting.append(f"placement group of {_resources(total)}")
     demands = get_cluster_status(ray.get_runtime_context().gcs_address).resource_demands
-    asked = [_resources(request.bundle) for demand in demands.ray_task_actor_demand
+    asked = [dict(request.bundle) for demand in demands.ray_task_actor_demand
              for request in demand.bundles_by_count for _ in range(request.count)]
     return ClusterLoad(tuple(waiting), tuple(asked), ray.available_resources(),
                        ray.cluster_resources())
@@ -140,9 +157,11 @@ def watch_waits(say: Callable[[str], None], held: Callable[[], dict[str, dict[st
         while not stop.wait(interval_s):
             try:
                 load = look()
+                holders = held() if load.waiting or load.asked else {}
+                load = load.beside(holders)
                 waited = tracker.due(load, time.monotonic())
                 if waited is not None:
-                    say(describe_wait(load, held(), waited))
+                    say(describe_wait(load, holders, waited))
             except Exception:  # noqa: BLE001, S112 - a failed look is no reason to stop a job
                 continue
 

@@ -4,13 +4,14 @@ what is free and who holds the rest, and keeps saying it while the wait lasts.""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 import ray
 
 from orchestrator.waits import ClusterLoad, WaitTracker, cluster_load, describe_wait, watch_waits
 
-STUCK = ClusterLoad(waiting=("actor MapWorker(evaluate)",), asked=("1 CPU",),
+STUCK = ClusterLoad(waiting=("actor MapWorker(evaluate)",), asked=({"CPU": 1.0},),
                     free={"CPU": 0.5}, total={"CPU": 2.0})
 
 
@@ -23,13 +24,26 @@ def test_the_line_names_what_waits_what_is_free_and_who_holds_the_rest() -> None
 
 def test_equal_waits_are_counted_and_gpus_are_named_when_the_cluster_has_them() -> None:
     load = ClusterLoad(waiting=("placement group of 1 CPU + 1 GPU",) * 2,
-                       asked=("1 CPU + 1 GPU",) * 2, free={"CPU": 3, "GPU": 0},
+                       asked=({"CPU": 1, "GPU": 1, "memory": 2**30},) * 2, free={"CPU": 3, "GPU": 0},
                        total={"CPU": 4, "GPU": 1})
     line = describe_wait(load, {"chat-service": {"GPU": 1.0, "CPU": 1.0}}, waited_s=30)
     assert "2 x placement group of 1 CPU + 1 GPU" in line
     assert "Ray is asked for 2 x 1 CPU + 1 GPU" in line
     assert "3 of 4 CPU free (service chat-service holds 1)" in line
     assert "0 of 1 GPU free (service chat-service holds 1)" in line
+
+
+def test_a_task_is_said_to_wait_only_when_it_cannot_be_placed_beside_what_services_hold() -> None:
+    """Tasks queue in any busy stage: one is a wait worth a line when the services leave no
+    room for it, however long the rest takes to free up."""
+    queued = ClusterLoad(waiting=(), asked=({"CPU": 1.0},) * 3, free={"CPU": 0}, total={"CPU": 2})
+    assert queued.beside({"small-service": {"CPU": 0.5}}).waiting == ()
+    blocked = replace(queued, free={"CPU": 0.5}).beside({"big-service": {"CPU": 1.5}})
+    assert blocked.waiting == ("a task of 1 CPU",) * 3
+    assert describe_wait(blocked, {"big-service": {"CPU": 1.5}}, waited_s=20) == (
+        "waiting 20 s to place 3 x a task of 1 CPU (Ray is asked for 3 x 1 CPU); 0.5 of 2 CPU "
+        "free (service big-service holds 1.5)")
+    assert STUCK.beside({"big-service": {"CPU": 1.5}}) == STUCK  # this job's own waits say more
 
 
 def test_a_wait_is_said_after_its_threshold_then_every_interval_and_forgotten_when_over() -> None:
