@@ -1,7 +1,8 @@
 """Elastic training on a real multi-node Ray cluster: a head and worker nodes started as separate
 `ray start` processes on this machine, a trial of `resources.num_workers: {min: 1, max: 2}`,
-a node added mid-run (the group grows) and a node killed mid-run (the group shrinks and trains
-to the end), with the global batch kept and each restart resuming from the latest checkpoint.
+a node added mid-run (the group grows) and a node killed mid-run (the group shrinks, resumes from
+a checkpoint the two workers wrote, and trains to the end), with the global batch kept and each
+restart resuming from the latest checkpoint.
 
 The resized run's final validation loss must be within 2% of an unresized run's: the same spec
 (data, seed, steps, global batch) on one worker, trained by the same loop in this process
@@ -288,12 +289,15 @@ def test_elastic_trial_grows_onto_a_new_node_and_rides_a_node_loss(cluster, reco
         assert first.workers == 1
         # A node joins: the group grows onto it, from the latest checkpoint.
         node = cluster.add_node()
-        grown = reports.wait_for("the group grown to 2 workers",
-                                 lambda rs: any(r.workers == 2 for r in rs))
+        grown = reports.wait_for("two reports of the group grown to 2 workers",
+                                 lambda rs: sum(r.workers == 2 for r in rs) >= 2)
         before_growth = max(r.step for r in grown if r.workers == 1)
         first_grown = next(r for r in grown if r.workers == 2)
         assert first_grown.resumed_from >= first.step
-        # The node is lost: the group shrinks to the head's worker and trains to the end.
+        # The node is lost after the grown group's second report, by when its first checkpoint
+        # is registered (right after a report it may not be yet, and the shrunk group would
+        # resume from before the growth): the group shrinks to the head's worker, continues
+        # from what the two workers trained, and trains to the end.
         last_before_loss = max(r.step for r in grown)
         cluster.kill_node(node)
         killed_at = time.monotonic() - reports.started
@@ -304,12 +308,13 @@ def test_elastic_trial_grows_onto_a_new_node_and_rides_a_node_loss(cluster, reco
             reports.driver.kill()
     final = result["metrics"]
     assert final["step"] == SPEC["train"]["max_steps"] and final["workers"] == 1
-    # The shrunk group: one worker, resumed from a checkpoint at most one interval
-    # older than the last one seen before the loss.
+    # The shrunk group: one worker, resumed from a checkpoint at most one interval older than
+    # the last one seen before the loss: one the two workers wrote.
     after = [r for r in everything if r.workers == 1 and r.seen_s > first_grown.seen_s]
     assert after, everything
     resumed = min(r.resumed_from for r in after)
     assert resumed >= last_before_loss - SPEC["train"]["eval_interval"], (resumed, after)
+    assert resumed >= first_grown.step, (resumed, first_grown)
     # Resizing cost no quality: the final loss is within 2% of an unresized run's.
     started = time.monotonic()
     unresized = unresized_val_loss(SPEC, cluster.root / "run", cluster.root / "unresized")
