@@ -9,24 +9,32 @@ all interfaces (so that HAProxy on other nodes reaches them); the test talks to 
 
 from __future__ import annotations
 
+import inspect
 import json
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
-from conftest import REPO, SAMPLE, free_port, tiny_spec
-from heads import CLI_TIMEOUT_S, Head, running_head
+import yaml
+from conftest import REPO, SAMPLE, TIMING, free_port, tiny_spec
+from heads import CLI_TIMEOUT_S, Head, ray_cli, running_head
 from processes import base_env
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "serve"))
+import test_service as service_tests  # its language-model tests run below, through HAProxy
 
 from orchestrator.bench.bundles import initial_bundle
 from orchestrator.serve.ingress import Ingress, environment
-from orchestrator.spec import parse_spec
+from orchestrator.spec import JobSpec, parse_spec
 
 pytestmark = pytest.mark.e2e
 
@@ -75,9 +83,9 @@ def orchestrator_cli(head: Head, *args: str) -> subprocess.CompletedProcess[str]
                           timeout=CLI_TIMEOUT_S, check=False)
 
 
-def bundle(tmp_path: Path, family: str, name: str, port: int) -> Path:
+def bundle(tmp_path: Path, family: str, name: str, port: int, **serve: object) -> Path:
     rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()]
-    spec = parse_spec({**tiny_spec(family, serve={"port": port, "ingress": "haproxy"}),
+    spec = parse_spec({**tiny_spec(family, serve={"port": port, "ingress": "haproxy", **serve}),
                        "name": name})
     return initial_bundle(tmp_path / name, spec, rows)
 
@@ -116,3 +124,107 @@ def test_two_models_side_by_side_behind_haproxy(head: Head, tmp_path: Path) -> N
     after = requests.post(f"{front}/writer/v1/completions", json=completion, timeout=TIMEOUT_S)
     assert after.status_code == 200 and after.json()["choices"][0]["text"] == \
         texts[front].json()["choices"][0]["text"]
+
+
+# --- a job beside a service that holds most of the head ------------------------------------------
+# On this head too (one head less to start): nothing below depends on the ingress.
+
+JOB_TIMEOUT_S = 600  # a tiny job on a busy 2-core machine, after its wait
+
+
+def free_cpus(head: Head) -> float:
+    """The head's unused CPUs, as `ray status` reports them (what this module deployed before
+    holds some)."""
+    status = ray_cli("status", "--address", head.gcs,
+                     env=base_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(head.token_path)))
+    assert status.returncode == 0, status.stderr[-2000:]
+    used, total = map(float, re.search(r"([\d.]+)/([\d.]+) CPU\b", status.stdout).groups())
+    return total - used
+
+
+class Output:
+    """A process's output lines (stderr with stdout), read as they come."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(process.stdout or ()),
+                                       daemon=True)
+        self.reader.start()
+
+    def first(self, text: str, timeout_s: float) -> str:
+        """The first line with `text`; fails with what was said when the process's output
+        ends or the time runs out first."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            ended = not self.reader.is_alive()  # before looking: then every line is in
+            if found := next((line for line in self.lines if text in line), None):
+                return found
+            if ended:
+                break
+            time.sleep(0.5)
+        raise AssertionError(f"no line with {text!r}:\n{''.join(self.lines)[-4000:]}")
+
+
+def test_a_job_beside_a_service_says_what_it_waits_for_and_finishes_once_it_is_undeployed(
+        head: Head, tmp_path: Path, record_property: pytest.RecordProperty) -> None:
+    """The issue's case: a service holds all but half a CPU of the head; a tiny job whose trial
+    fits in that half (so the plan lets it start) needs a whole CPU for Ray Data's reads. It says
+    what it waits for and who holds the rest while it waits, and finishes once the service is
+    undeployed."""
+    hog_cpus = round(free_cpus(head) - 0.5, 2)
+    assert hog_cpus > 0
+    deployed = orchestrator_cli(head, "deploy", str(bundle(tmp_path, "gpt", "hog", head.serve_port,
+                                                           replica_cpus=hog_cpus)))
+    assert deployed.returncode == 0, deployed.stderr[-3000:]
+    spec = tmp_path / "beside.yaml"
+    spec.write_text(yaml.safe_dump({
+        **tiny_spec("gpt", resources={"cpus_per_worker": 0.5}, serve={"enabled": False}),
+        "name": "beside", "runs_dir": str(head.root / "runs")}))
+    env = base_env(HOME=str(head.root / "home-ingress"), RAY_AUTH_MODE="token",
+                   RAY_AUTH_TOKEN=head.token)
+    job = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", str(spec),
+                            "--address", head.gcs], cwd=REPO, env=env, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = Output(job)
+    try:
+        output.first("run directory:", CLI_TIMEOUT_S)
+        began = time.monotonic()
+        waiting = output.first(" waiting ", JOB_TIMEOUT_S)
+        record_property(TIMING, f"job beside a service: said {time.monotonic() - began:.0f} s "
+                                f"after its run began: {waiting.strip()}")
+        assert "to place a task of 1 CPU (Ray is asked for" in waiting, waiting
+        assert f"0.5 of 2 CPU free (service hog-service holds {hog_cpus:g}" in waiting, waiting
+        removed = orchestrator_cli(head, "undeploy", "hog")
+        assert removed.returncode == 0, removed.stderr[-3000:]
+        assert job.wait(timeout=JOB_TIMEOUT_S) == 0, "".join(output.lines)[-4000:]
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+
+
+# --- the completions tests, unchanged, through HAProxy --------------------------------------------
+# Every test of tests/serve/test_service.py that calls the language model at its URL (`gpt_url`,
+# or the openai `client` built on it) runs here as it is, against the same bundle and limits
+# deployed on this head. Bound last: pytest runs a module's tests in the order of its names.
+
+@pytest.fixture(scope="module")
+def gpt_url(head: Head, bundles: dict[str, tuple[JobSpec, Path]]) -> Iterator[str]:
+    _, bundle_dir = bundles["gpt"]
+    deployed = orchestrator_cli(head, "deploy", str(bundle_dir), "--set",
+                                f"serve.port={head.serve_port}", "--set", "serve.ingress=haproxy")
+    assert deployed.returncode == 0, deployed.stderr[-3000:]
+    url = f"http://127.0.0.1:{head.serve_port}/{service_tests.GPT_NAME}"
+    assert f"at {url} (ingress: haproxy)" in deployed.stdout, deployed.stdout
+    yield url
+    removed = orchestrator_cli(head, "undeploy", service_tests.GPT_NAME)
+    assert removed.returncode == 0, removed.stderr[-3000:]
+
+
+def _calls_the_language_model(test: object) -> bool:
+    return callable(test) and bool({"gpt_url", "client"} & set(inspect.signature(test).parameters))
+
+
+bundles, client = service_tests.bundles, service_tests.client
+globals().update({name: test for name, test in vars(service_tests).items()
+                  if name.startswith("test_") and _calls_the_language_model(test)})
