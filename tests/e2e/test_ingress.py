@@ -1,7 +1,10 @@
 """Serve's HAProxy ingress with its throughput-optimized mode (`serve.ingress: haproxy`), end to
 end on a real `ray start --head` started with the mode's variables, as a cluster's nodes must be:
 two models deployed side by side answer through the front by `model` and at their own routes,
-`deploy` says which ingress serves, and undeploying one leaves the other serving.
+`deploy` says which ingress serves, and undeploying one leaves the other serving; every
+language-model test of tests/serve/test_service.py passes unchanged through HAProxy. On the same
+head (no second one to start), a job beside a service that leaves it too little says what it waits
+for and finishes once the service is undeployed.
 
 HAProxy's files go under this test's directory (Ray's default is one fixed folder in /tmp, which
 two clusters on a machine would share). In this mode Ray binds the replicas' own HTTP ports to
@@ -186,6 +189,7 @@ def test_a_job_beside_a_service_says_what_it_waits_for_and_finishes_once_it_is_u
                             "--address", head.gcs], cwd=REPO, env=env, text=True,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     output = Output(job)
+    removed = None
     try:
         output.first("run directory:", CLI_TIMEOUT_S)
         began = time.monotonic()
@@ -201,6 +205,8 @@ def test_a_job_beside_a_service_says_what_it_waits_for_and_finishes_once_it_is_u
         if job.poll() is None:
             job.kill()
             job.wait()
+        if removed is None:  # the tests after this one need the CPUs
+            orchestrator_cli(head, "undeploy", "hog")
 
 
 # --- the completions tests, unchanged, through HAProxy --------------------------------------------
