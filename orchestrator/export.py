@@ -158,7 +158,8 @@ def export_peft(location: str | Path, out: str | Path, field: str = "RUN_DIR",
     target = _output(out, overwrite)
     quiet_transformers()
     try:
-        run_dir = RunDir.open(location)
+        latest = RunDir.of_job(location)  # runs/<job name>: that job's latest run
+        run_dir = RunDir.open(latest.root if latest else location)
     except StorageError as error:
         raise SpecError(f"{field} = {str(location)!r}: {error} (a PEFT export reads the "
                         "winner's adapters from its run directory)") from None
