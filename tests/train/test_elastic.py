@@ -8,7 +8,7 @@ The resized run's final validation loss must be within 2% of an unresized run's:
 (data, seed, steps, global batch) on one worker, trained by the same loop in this process
 without Ray (LocalSession: what a one-worker trial runs in its Tune trial actor, with each epoch
 a seeded permutation of the split instead of Ray Data's shuffle buffer). 2% leaves room for
-the data order: two seeds of that run end 0.45% apart, of Ray Train's fixed 1-worker run 1.2%
+the data order: two seeds of that run end 0.44% apart, of Ray Train's fixed 1-worker run 1.2%
 (docs/benchmarks.md, *Elastic training*).
 
 Each node is a raylet with its workers; killing a node SIGKILLs every process that carries that
