@@ -14,11 +14,12 @@ from orchestrator.spec import SpecError, Task, apply_overrides, load_spec, parse
 
 
 def test_shipped_jobs_validate():
-    """Every shipped job validates and reads the shipped sample, or the real corpus that
-    scripts/build_pydocs_corpus.py builds (too large to ship)."""
+    """Every shipped job validates and reads the shipped sample, or a real corpus that
+    scripts/build_pydocs_corpus.py or build_debian_corpus.py builds (too large to ship)."""
     for path in (REPO / "jobs").glob("*.yaml"):
         spec = load_spec(path)
-        assert spec.data.path.endswith(("stdlib_docs.jsonl", "runs/corpora/pydocs.jsonl")), path
+        assert spec.data.path.endswith(("stdlib_docs.jsonl", "runs/corpora/pydocs.jsonl",
+                                        "runs/corpora/debian.jsonl")), path
 
 
 def test_defaults_live_in_the_model():
