@@ -112,6 +112,10 @@ def test_a_gpt2_lora_run_exports_as_a_peft_adapter_that_peft_loads_onto_its_base
                                                      "adapter_model.safetensors"]
     assert (out / "adapter_model.safetensors").stat().st_size * 10 < \
         sum(f.stat().st_size for f in gpt2.iterdir() if f.suffix == ".safetensors")
+    by_job = tmp_path / "by-job"  # runs/<job name>: that job's latest run, as in the README
+    export_peft(Path(report["run_dir"]).parent / report["name"], by_job, check_texts=["a"])
+    assert (by_job / "adapter_model.safetensors").read_bytes() == \
+        (out / "adapter_model.safetensors").read_bytes()
 
     winner = load_bundle(Path(report["run_dir"]) / "winner")
     base = GPT2LMHeadModel.from_pretrained(gpt2)
