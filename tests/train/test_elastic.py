@@ -244,8 +244,9 @@ class Reports:
 
     def result(self) -> dict:
         """The driver's RESULT line ({metrics, fit_s}) once it has exited; its output if it failed."""
+        returncode = self.driver.wait()
         output = self.log.read_text()
-        assert self.driver.wait() == 0, output[-4000:]
+        assert returncode == 0, output[-4000:]
         return json.loads(output.split("RESULT ", 1)[1].splitlines()[0])
 
     def wait_for(self, what: str, done) -> list[Report]:
