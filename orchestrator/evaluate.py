@@ -103,9 +103,11 @@ def scoring_cpus() -> float:
     """CPUs for each scoring actor: one, or less when less is free beside a CPU for the reads.
     A service on the cluster holds its replicas' CPUs for good, and Ray Data's file listing
     asks for a whole CPU: an actor that took the last one would leave the reads, and the stage,
-    waiting forever (a 2-CPU head serving a 0.5-CPU replica did)."""
-    free = ray.available_resources().get("CPU", 0.0)
-    return max(MIN_SCORING_CPUS, min(1.0, free - READ_CPUS))
+    waiting forever (a 2-CPU head serving a 0.5-CPU replica did). With less than
+    MIN_SCORING_CPUS beside that CPU, the actor reserves none: a quarter CPU held by the actor
+    left 0.75 of the read's whole one on a 2-CPU head serving two 0.5-CPU replicas, for good."""
+    spare = min(1.0, ray.available_resources().get("CPU", 0.0) - READ_CPUS)
+    return spare if spare >= MIN_SCORING_CPUS else 0.0
 
 
 def on_actor_pool(replicas: int, cpus: float = 1.0, gpus: int = 0) -> dict[str, Any]:

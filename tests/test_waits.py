@@ -1,14 +1,21 @@
 """A stage that waits for resources says so on its progress line within 30 s, with what waits,
-what is free and who holds the rest, and keeps saying it while the wait lasts."""
+what is free and who holds the rest, and keeps saying it while the wait lasts; and a stage that
+fits beside what holds the rest does not wait for good."""
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import ray
+from conftest import tiny_spec
 
+from orchestrator.bench.bundles import initial_bundle
+from orchestrator.evaluate import evaluate_bundle
+from orchestrator.spec import parse_spec
 from orchestrator.waits import ClusterLoad, WaitTracker, cluster_load, describe_wait, watch_waits
 
 STUCK = ClusterLoad(waiting=("actor MapWorker(evaluate)",), asked=({"CPU": 1.0},),
@@ -90,3 +97,30 @@ def test_an_actor_that_cannot_be_placed_beside_what_holds_the_cpus_is_said_while
     while cluster_load().waiting and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not cluster_load().waiting  # nothing of this job waits once the waiter is gone
+
+
+@ray.remote
+class Holder:
+    """Stands for what holds CPUs for good beside a job: a service's replicas."""
+
+    def ready(self) -> bool:
+        return True
+
+
+def test_an_evaluation_with_one_cpu_left_to_it_finishes(prepared_gpt, sample_rows,
+                                                        tmp_path: Path) -> None:
+    """Ray Data's reads ask for a whole CPU: a scoring actor that reserved a quarter of the last
+    one left them 0.75 for good (a 2-CPU head serving two 0.5-CPU replicas: the stage never
+    ended, and said nothing)."""
+    run_dir, info = prepared_gpt
+    bundle_dir = initial_bundle(tmp_path / "bundle", parse_spec(tiny_spec("gpt")), sample_rows)
+    holder = Holder.options(num_cpus=ray.available_resources()["CPU"] - 1).remote()
+    ray.get(holder.ready.remote())
+    with ThreadPoolExecutor(1) as pool:
+        evaluation = pool.submit(evaluate_bundle, run_dir, str(bundle_dir), info)
+        try:
+            result = evaluation.result(timeout=300)  # minutes on a busy machine; it waited for good
+        finally:
+            ray.kill(holder)  # a stuck evaluation ends too, so the pool can close
+    assert set(result.splits) == {"val", "test"}
+    assert all(split.rows > 0 for split in result.splits.values())
