@@ -16,9 +16,11 @@ import torch
 from torch import nn
 
 from orchestrator.cluster import training_spec
+from orchestrator.models.bow import BagOfNgrams
 from orchestrator.records import DataInfo
 from orchestrator.rundir import RunDir
 from orchestrator.spec import JobSpec
+from orchestrator.tokenizer import load_tokenizer
 from orchestrator.train.objectives import Objective, objective_for
 from orchestrator.weights.model import starting_model
 
@@ -46,6 +48,9 @@ class FromSpec:
 
     def begin(self, config: WorkerConfig, device: torch.device) -> Beginning:
         model = starting_model(config.spec, config.info, config.run_dir.base)
+        if isinstance(model, BagOfNgrams):  # its character n-grams come from the vocabulary
+            with config.run_dir.tokenizer.local_copy() as tokenizer:
+                model.read_vocabulary(load_tokenizer(tokenizer).get_vocab())
         return Beginning(model, objective_for(config.info))
 
 
