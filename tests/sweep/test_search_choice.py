@@ -43,6 +43,13 @@ def test_trials_of_different_cost_per_step_are_compared_at_equal_training_time(
         assert compare.grace == pytest.approx(60 * 2 / 10) and compare.max_t > 60
 
 
+def test_a_trial_that_trains_to_its_time_is_first_compared_after_a_share_of_it():
+    spec = parse_spec(tiny_spec("gpt", train={"max_steps": 100_000, "eval_interval": 250,
+                                              "max_time_s": 300},
+                                sweep={"space": SPACE, "grace_period": 2}))
+    assert comparison(spec).grace == pytest.approx(300 * 2 / 10)  # not 300 * 2 / 400
+
+
 def test_a_restored_optimizer_takes_the_specs_lr_and_regularization():
     spec = parse_spec(tiny_spec("gpt", train={"lr": 1e-3, "weight_decay": 0.1}))
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
