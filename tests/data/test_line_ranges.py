@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+from itertools import pairwise
 
 import pyarrow.fs as pafs
 import pytest
@@ -37,7 +38,7 @@ def _jsonl(path, rows, final_newline: bool = True):
 def _read_in(path, cuts: list[int], fmt: str) -> list:
     bounds = [0, *cuts, None]
     rows = []
-    for start, end in zip(bounds, bounds[1:], strict=False):
+    for start, end in pairwise(bounds):
         rows += parse_lines(range_bytes(LOCAL, LineRange(str(path), start, end)), fmt).to_pylist()
     return rows
 
@@ -84,7 +85,7 @@ def test_compressed_files_are_read_whole_and_large_ones_split_in_bounds():
         LineRange("b.txt.zst", 0, None)]
     big = [r for r in ranges if r.file == "big.jsonl"]
     assert big[0].start == 0 and big[-1].end is None
-    assert all(a.end == b.start for a, b in zip(big, big[1:], strict=False))
+    assert all(a.end == b.start for a, b in pairwise(big))
     sizes = [(r.end or 100 * mib) - r.start for r in big]
     assert min(sizes) > line_ranges.MIN_RANGE_BYTES / 2 and max(sizes) <= line_ranges.MAX_RANGE_BYTES
     # Few tasks asked for: ranges no larger than the maximum all the same.

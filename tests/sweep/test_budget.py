@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from pathlib import Path
 
 from conftest import tiny_spec
 
