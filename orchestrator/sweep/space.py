@@ -56,9 +56,11 @@ def sample_configs(spec: JobSpec) -> list[dict[str, Any]]:
     return configs
 
 
-def trial_values(config: dict[str, Any], configs: list[dict[str, Any]]) -> dict[str, Any]:
+def trial_values(config: dict[str, Any] | None, configs: list[dict[str, Any]]) -> dict[str, Any]:
     """The sweep values of a trial whose Tune config is `config`: its sampled configs entry
-    when it names one, with any value Tune set itself (a searcher's draw, PBT's mutation)."""
+    when it names one, with any value Tune set itself (a searcher's draw, PBT's mutation).
+    A trial Tune restored without ever having drawn one has no config, and no values."""
+    config = config or {}
     values = dict(configs[config[TRIAL_KEY]]) if TRIAL_KEY in config else {}
     values.update({k: _plain(v) for k, v in config.items() if k != TRIAL_KEY})
     return values

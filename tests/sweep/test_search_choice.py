@@ -10,7 +10,7 @@ from conftest import tiny_spec
 
 from orchestrator.spec import parse_spec
 from orchestrator.sweep.search import TRAIN_TIME, comparison
-from orchestrator.sweep.space import sample_configs
+from orchestrator.sweep.space import TRIAL_KEY, sample_configs, trial_values
 from orchestrator.train.optim import build_optimizer, build_scheduler, set_hyperparameters
 
 SPACE = {"train.lr": {"loguniform": [1e-4, 1e-2]}, "model.arch": {"grid": ["transformer", "lstm"]},
@@ -25,6 +25,15 @@ def test_random_search_draws_the_same_trials_for_a_seed_and_others_for_another()
     assert all(1e-4 <= t["train.lr"] <= 1e-2 for t in trials)
     other = parse_spec(tiny_spec("gpt", sweep={"num_samples": 3, "space": SPACE, "seed": 1}))
     assert sample_configs(other) != trials
+
+
+def test_a_trials_values_are_its_draw_with_what_tune_set_and_none_without_a_config():
+    spec = parse_spec(tiny_spec("gpt", sweep={"num_samples": 2, "space": SPACE}))
+    trials = sample_configs(spec)
+    assert trial_values({TRIAL_KEY: 1, "train.lr": 0.5}, trials) == {**trials[1], "train.lr": 0.5}
+    # A trial restored after a driver kill that Tune never gave a config to (the report's
+    # table of a resumed sweep read it, and raised TypeError).
+    assert trial_values(None, trials) == {}
 
 
 @pytest.mark.parametrize("space, max_time_s, attribute", [
