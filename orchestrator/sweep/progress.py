@@ -17,8 +17,9 @@ TRIAL_STATES = (Trial.PENDING, Trial.RUNNING, Trial.PAUSED, Trial.TERMINATED, Tr
 
 class TrialProgress(tune.Callback):
     def __init__(self, say: Callable[[str], None], run: str, metric: str, mode: str,
-                 max_steps: int):
+                 max_steps: int, planned: int):
         self.say, self.run, self.metric, self.max_steps = say, run, metric, max_steps
+        self.planned = planned  # the sweep's trials: Tune creates them only as room frees up
         self.better = min if mode == "min" else max
         self.best = math.nan
         self.done = 0
@@ -64,7 +65,7 @@ class TrialProgress(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self.done += 1
-        self.say(f"trial {trial.trial_id} finished ({self.done}/{len(trials)} trials done)")
+        self.say(f"trial {trial.trial_id} finished ({self.done} of {self.planned} trials done)")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.done += 1

@@ -202,7 +202,7 @@ def run_sweep(spec: JobSpec, run_dir: RunDir | str, info: DataInfo,
     )
     clock = SweepClock.start(run_dir.sweep.join(BUDGET_FILE), spec.sweep.time_budget_s, restore)
     callbacks = [TrialProgress(progress, spec.name, spec.metric, spec.metric_mode,
-                               spec.train.max_steps), RecordSpend(clock)]
+                               spec.train.max_steps, len(configs)), RecordSpend(clock)]
     results: list[tune.Result] = []
     number = 1
     while restore and (experiment := _experiment(run_dir, number)).exists():
@@ -243,7 +243,7 @@ def _missing_trials(results: list[tune.Result], configs: list[dict[str, Any]],
     restored sweep then never runs them (it ended with one trial of two). Counted when trials
     are not `numbered` by their config (a searcher's own proposals; PBT copies the source
     trial's config, number included, into the trial it exploits)."""
-    ran = [result.config.get(TRIAL_KEY) if numbered else None for result in results]
+    ran = [(result.config or {}).get(TRIAL_KEY) if numbered else None for result in results]
     left = [index for index in range(len(configs)) if index not in ran]
     return left[ran.count(None):]  # a sweep begun before trials were numbered: by count
 
