@@ -9,6 +9,8 @@
   winner/provenance.json   trial id, checkpoint, Ray / torch / Python versions, git commit
   compression.json         a compressed variant only (compress/): how it was made; int8
                            weights are quantized modules' state, rebuilt by quantizing first
+  ensemble.json            an ensemble only (sweep.ensemble): its member trials, each with
+                           the model section that builds its part of model.pt
 """
 
 from __future__ import annotations
@@ -27,12 +29,14 @@ import yaml
 
 from orchestrator.records import (
     COMPRESSION_FILE,
+    ENSEMBLE_FILE,
     INFO_FILE,
     METRICS_FILE,
     MODEL_FILE,
     PROVENANCE_FILE,
     SPEC_FILE,
     DataInfo,
+    EnsembleMember,
 )
 from orchestrator.spec import JobSpec, parse_spec, spec_to_yaml
 from orchestrator.storage import Location, resolve
@@ -51,7 +55,8 @@ def git_commit(cwd: str | Path = ".") -> str | None:
 def write_bundle(directory: str | Path | Location, spec: JobSpec, info: DataInfo,
                  state_dict: dict[str, torch.Tensor], tokenizer_file: str | Path,
                  metrics: dict[str, Any], provenance: dict[str, Any],
-                 compression: dict[str, Any] | None = None) -> str:
+                 compression: dict[str, Any] | None = None,
+                 ensemble: list[EnsembleMember] | None = None) -> str:
     """Write a bundle folder (local or in object storage) from weights in memory; see the
     module docstring for its files. Returns its path or URI."""
     target = resolve(directory)
@@ -67,11 +72,22 @@ def write_bundle(directory: str | Path | Location, spec: JobSpec, info: DataInfo
         (folder / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
         if compression is not None:
             (folder / COMPRESSION_FILE).write_text(json.dumps(compression, indent=2))
+        if ensemble is not None:
+            (folder / ENSEMBLE_FILE).write_text(
+                json.dumps([asdict(member) for member in ensemble], indent=2, default=float))
     return target.uri
 
 
 def write_metrics(directory: str | Location, metrics: dict[str, Any]) -> None:
     resolve(directory).join(METRICS_FILE).write_text(json.dumps(metrics, indent=2, default=float))
+
+
+def read_ensemble(directory: str | Path | Location) -> list[EnsembleMember] | None:
+    """An ensemble bundle's members, in the order of their weights; None for one model."""
+    file = resolve(directory).join(ENSEMBLE_FILE)
+    if not file.is_file():
+        return None
+    return [EnsembleMember.from_dict(raw) for raw in json.loads(file.read_text())]
 
 
 def read_spec_and_info(directory: str | Path | Location) -> tuple[JobSpec, DataInfo]:

@@ -13,7 +13,7 @@ import pandas as pd
 import ray
 
 from orchestrator import serve as service
-from orchestrator.bundle import write_metrics
+from orchestrator.bundle import read_ensemble, write_metrics
 from orchestrator.cluster import ClusterPlan, plan_cluster, refuse_untrainable, with_device
 from orchestrator.compress.stage import compress_winner, measure_latency
 from orchestrator.data.stage import prepare_data
@@ -29,6 +29,7 @@ from orchestrator.records import (
 from orchestrator.report import reference_verdict, sweep_section, write_report
 from orchestrator.resume import check_resumable
 from orchestrator.rundir import RunDir
+from orchestrator.select import select_winner
 from orchestrator.serve.ingress import Ingress, mismatch, running_ingress
 from orchestrator.serve.samples import send_sample_requests
 from orchestrator.spec import JobSpec, spec_to_yaml
@@ -36,7 +37,6 @@ from orchestrator.sweep.space import apply_trial_config
 from orchestrator.sweep.tuner import SweepResult, pick_winner, run_sweep
 from orchestrator.tracking import Tracker
 from orchestrator.waits import watch_waits
-from orchestrator.weights.model import save_bundle
 
 STAGES = ("data", "sweep", "select", "evaluate", "compress", "deploy")
 
@@ -126,7 +126,7 @@ def run_pipeline(spec: JobSpec, say: Callable[[str], None] | Progress = print,
         tracker.log_sweep()  # the trials, while the next stages run
         winner = sweep.winner
         winner_spec = apply_trial_config(spec, winner.config)
-        bundle = _select_stage(spec, winner_spec, run_dir, info, sweep, done, progress)
+        bundle = _select_stage(spec, run_dir, info, sweep, done, progress)
         evaluation = _evaluate_stage(run_dir, bundle, info, plan, done, progress)
         compression = None
         if spec.compress.variants:
@@ -145,7 +145,8 @@ def run_pipeline(spec: JobSpec, say: Callable[[str], None] | Progress = print,
         "data": {"texts": info.texts, "rows": info.rows, "vocab_size": info.vocab_size,
                  "labels": info.labels},
         "winner": {"trial_id": winner.trial_id, "arch": winner_spec.model.arch,
-                   "config": winner.config, "bundle": bundle.uri, "best_step": winner.best_step},
+                   "config": winner.config, "bundle": bundle.uri, "best_step": winner.best_step,
+                   "ensemble": [asdict(m) for m in read_ensemble(bundle.uri) or []]},
         "evaluation": evaluation.to_json(),
         "verdict": reference_verdict(evaluation, info.task),
         "compression": compression.to_json() if compression else None,
@@ -192,17 +193,15 @@ def _sweep_stage(spec: JobSpec, run_dir: RunDir, info: DataInfo, plan: ClusterPl
     return sweep
 
 
-def _select_stage(spec: JobSpec, winner_spec: JobSpec, run_dir: RunDir, info: DataInfo,
+def _select_stage(spec: JobSpec, run_dir: RunDir, info: DataInfo,
                   sweep: SweepResult, done: Completed, progress: Progress) -> BundleRef:
     winner = sweep.winner
     if done.select:
         progress.done_earlier("select", f"winner {winner.trial_id}")
         return BundleRef(run_dir.winner.uri)  # the layout's, not a path stages.json names
     progress.stage("select")
-    bundle = save_bundle(run_dir.winner, winner_spec, info, winner.checkpoint,
-                         run_dir.tokenizer, {"val": winner.val_metrics}, winner.trial_id,
-                         base=run_dir.base)
     progress.note(f"winner {winner.trial_id} {winner.config} {spec.metric} {winner.metric:.4f}")
+    bundle = select_winner(spec, run_dir, info, sweep.trials, winner, progress.note)
     run_dir.mark_completed(select=bundle)
     return bundle
 

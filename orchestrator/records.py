@@ -18,6 +18,7 @@ from orchestrator.spec import FAMILY_TASKS, Task
 MODEL_FILE, SPEC_FILE, INFO_FILE = "model.pt", "spec.yaml", "data_info.json"
 METRICS_FILE, PROVENANCE_FILE = "metrics.json", "provenance.json"
 COMPRESSION_FILE = "compression.json"
+ENSEMBLE_FILE = "ensemble.json"
 # The variants the compress stage builds (compress.variants), each in compressed/<variant>/.
 COMPRESSED_VARIANTS = ("int8", "prune", "distill")
 
@@ -78,6 +79,21 @@ class BundleRef:
 
     def __str__(self) -> str:
         return self.uri
+
+
+@dataclass(frozen=True)
+class EnsembleMember:
+    """One trial of an ensemble bundle (ensemble.json): its model section builds its part of
+    the weights in model.pt (`members.<i>.`), in this order."""
+
+    trial_id: str
+    values: dict[str, Any]   # its sweep values, by dotted spec key
+    model: dict[str, Any]    # its spec's model section, as JSON
+    val_metric: float        # its own best value of the sweep metric
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> EnsembleMember:
+        return cls(**raw)
 
 
 @dataclass

@@ -121,6 +121,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         (f"- winner: trial `{report['winner']['trial_id']}`"
          + (f" ({report['winner']['arch']})" if report["winner"].get("arch") else "")
          + f" with {report['winner']['config']}"),
+        *_ensemble_line(report["winner"]),
         f"- bundle: `{report['winner']['bundle']}`",
         f"- endpoint: {report['endpoint'] or 'not kept running'}",
         *([_sweep_line(report["sweep"])] if report.get("sweep") else []),
@@ -141,11 +142,24 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _ensemble_line(winner: dict[str, Any]) -> list[str]:
+    """With sweep.ensemble: the trials that answer together, each with its own metric."""
+    members = winner.get("ensemble") or []
+    if not members:
+        return []
+    shown = ", ".join(f"`{m['trial_id']}` ({_format(m['val_metric'])} alone)" for m in members)
+    return [(f"- served as an ensemble of {len(members)} trials averaging their class "
+            f"probabilities: {shown}")]
+
+
 def summary(report: dict[str, Any]) -> str:
     """The lines the CLI prints at the end of a run."""
     arch = report["winner"].get("arch")
     lines = [f"winner: trial {report['winner']['trial_id']}" + (f" ({arch})" if arch else "")
              + f" {report['winner']['config']}"]
+    if members := report["winner"].get("ensemble"):
+        lines.append(f"served as an ensemble of {len(members)} trials: "
+                     + ", ".join(m["trial_id"] for m in members))
     for split, result in report["evaluation"].items():
         baseline, reference = result["baseline"], result.get("reference", {})
         shown = ", ".join(

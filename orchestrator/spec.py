@@ -329,6 +329,10 @@ class SweepSpec(_Section):
     time_budget_s: float = Field(
         0, ge=0, description="Wall-clock seconds for the whole sweep: no trial starts after it "
         "and running trials end at it, each keeping its best checkpoint; 0: no budget.")
+    ensemble: int = Field(
+        1, ge=1, description="Classifiers: up to this many trials serve as one model that "
+        "averages their class probabilities, chosen on the validation split from the best "
+        "trial on, each added only while it improves the sweep metric; 1: the best trial alone.")
 
     @model_validator(mode="after")
     def _search_fits_space(self) -> SweepSpec:
@@ -700,6 +704,21 @@ class JobSpec(_Section):
         if self.model.task is Task.LANGUAGE_MODEL and self.sweep.metric in ("val_accuracy",
                                                                             "val_f1"):
             raise ValueError(f"sweep.metric {self.sweep.metric!r} needs model.task 'classifier'")
+        return self
+
+    @model_validator(mode="after")
+    def _ensemble_fits(self) -> JobSpec:
+        """An ensemble averages class probabilities, and is served and evaluated as a whole."""
+        if self.sweep.ensemble == 1:
+            return self
+        if self.model.task is not Task.CLASSIFIER:
+            raise ValueError(f"sweep.ensemble = {self.sweep.ensemble} averages class "
+                             f"probabilities, and model.task is {self.model.task.value!r}; "
+                             "use it with model.task 'classifier', or set it to 1")
+        if self.compress.variants:
+            raise ValueError(f"sweep.ensemble = {self.sweep.ensemble} and compress.variants "
+                             f"{list(self.compress.variants)}: compression works on one model; "
+                             "set one of them aside (sweep.ensemble 1, or no variants)")
         return self
 
     @model_validator(mode="after")

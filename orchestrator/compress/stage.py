@@ -22,7 +22,7 @@ from typing import Any
 
 import ray
 
-from orchestrator.bundle import read_spec_and_info, write_bundle
+from orchestrator.bundle import read_ensemble, read_spec_and_info, write_bundle
 from orchestrator.compress.distill import (
     Distillation,
     parameter_count,
@@ -251,7 +251,13 @@ def compress_finished_run(location: str, overrides: list[str],
     if "family" in report:  # written before model.task replaced model.family
         report["task"] = FAMILY_TASKS[report.pop("family")]
     winner_spec, info = read_spec_and_info(run_dir.winner)
-    spec = parse_spec(apply_overrides(winner_spec.model_dump(mode="json"), overrides))
+    if members := read_ensemble(run_dir.winner):
+        raise SpecError(f"RUN_DIR = {run_dir.uri!r}: its winner is an ensemble of "
+                        f"{len(members)} trials (sweep.ensemble), and compression works on one "
+                        "model")
+    raw = winner_spec.model_dump(mode="json")
+    raw["sweep"]["ensemble"] = 1  # the bundle is one model, whatever the job asked
+    spec = parse_spec(apply_overrides(raw, overrides))
     spec = with_device(spec, plan_cluster(spec))  # decided once, here: workers must not
     if not spec.compress.variants:
         raise SpecError("compress.variants is empty: name the variants to build, e.g. "

@@ -274,7 +274,14 @@ def pick_winner(trials: pd.DataFrame, spec: JobSpec) -> Winner:
     if finished.empty:
         errors = "; ".join(str(e) for e in trials.get("error", pd.Series()).dropna().unique())
         raise RuntimeError(f"no sweep trial reported {spec.metric}: {errors or 'no trial ran'}")
-    row = finished.sort_values(best_column, ascending=spec.metric_mode == "min").iloc[0]
+    return winner_of_row(
+        finished.sort_values(best_column, ascending=spec.metric_mode == "min",
+                             kind="stable").iloc[0], spec)
+
+
+def winner_of_row(row: pd.Series, spec: JobSpec) -> Winner:
+    """A trial of the trials table, as the select stage needs it."""
+    best_column = f"best_{spec.metric}"
     return Winner(
         trial_id=str(row["trial_id"]),
         config={k.removeprefix("config/"): _plain(v) for k, v in row.items()

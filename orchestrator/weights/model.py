@@ -20,10 +20,18 @@ import torch
 from tokenizers import Tokenizer
 from torch import nn
 
-from orchestrator.bundle import read_spec_and_info, write_bundle
+from orchestrator.bundle import read_ensemble, read_spec_and_info, write_bundle
 from orchestrator.models import build_model
-from orchestrator.records import COMPRESSION_FILE, METRICS_FILE, MODEL_FILE, BundleRef, DataInfo
-from orchestrator.spec import JobSpec
+from orchestrator.models.ensemble import Ensemble
+from orchestrator.records import (
+    COMPRESSION_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    BundleRef,
+    DataInfo,
+    EnsembleMember,
+)
+from orchestrator.spec import JobSpec, ModelSpec
 from orchestrator.storage import Location, resolve
 from orchestrator.tokenizer import TOKENIZER_FILE
 from orchestrator.weights.base import load_base_weights
@@ -60,20 +68,49 @@ def save_bundle(directory: str | Location, spec: JobSpec, info: DataInfo, checkp
     """The winner's bundle, from the checkpoint (path or URI) of its best validation step; a
     fine-tuning's checkpoint holds only what trained, over the staged pretrained model at
     `base`. LoRA adapters are merged: the bundle is a plain model."""
-    model = starting_model(spec, info, base)
-    with resolve(checkpoint).local_copy() as local_checkpoint:
-        load_model_weights(local_checkpoint, model)
-    model = merge_adapters(model)
+    model = trained_model(spec, info, checkpoint, base)
     with resolve(tokenizer_dir).local_copy() as tokenizer:
         return BundleRef(write_bundle(directory, spec, info, model.state_dict(),
                                       tokenizer / TOKENIZER_FILE, metrics,
                                       {"trial_id": trial_id, "checkpoint": checkpoint}))
 
 
+def trained_model(spec: JobSpec, info: DataInfo, checkpoint: str,
+                  base: str | Location | None = None) -> nn.Module:
+    """A trial's model at a checkpoint (path or URI), LoRA adapters merged: a plain model."""
+    model = starting_model(spec, info, base)
+    with resolve(checkpoint).local_copy() as local_checkpoint:
+        load_model_weights(local_checkpoint, model)
+    return merge_adapters(model)
+
+
+def save_ensemble_bundle(directory: str | Location, spec: JobSpec, info: DataInfo,
+                         members: list[tuple[EnsembleMember, nn.Module]],
+                         tokenizer_dir: str | Location, metrics: dict[str, Any]) -> BundleRef:
+    """An ensemble's bundle: the members' weights in one model.pt, their model sections in
+    ensemble.json; `spec` is the first member's (serving, limits and the rest are the job's)."""
+    model = Ensemble([trained for _, trained in members])
+    chosen = [member for member, _ in members]
+    with resolve(tokenizer_dir).local_copy() as tokenizer:
+        return BundleRef(write_bundle(directory, spec, info, model.state_dict(),
+                                      tokenizer / TOKENIZER_FILE, metrics,
+                                      {"trial_id": chosen[0].trial_id,
+                                       "ensemble": [m.trial_id for m in chosen]},
+                                      ensemble=chosen))
+
+
+def bundle_model(spec: JobSpec, info: DataInfo, ensemble: list[EnsembleMember] | None) -> nn.Module:
+    """A bundle's model of fresh weights: the spec's, or one per ensemble member."""
+    if ensemble is None:
+        return build_model(spec, info)
+    return Ensemble([build_model(spec.model_copy(update={"model": ModelSpec.model_validate(
+        member.model)}), info) for member in ensemble])
+
+
 def load_bundle(directory: str | Path | Location) -> Bundle:
     """Load a bundle (local or in object storage) for inference: model in eval mode, on CPU."""
     spec, info = read_spec_and_info(directory)
-    model = build_model(spec, info)
+    model = bundle_model(spec, info, read_ensemble(directory))
     with resolve(directory).local_copy() as folder:
         compression = None
         if (folder / COMPRESSION_FILE).is_file():

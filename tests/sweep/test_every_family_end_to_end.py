@@ -21,7 +21,9 @@ from conftest import SAMPLE, TIMING, stage_times, tiny_spec
 from orchestrator.data.datasets import split_of
 from orchestrator.data.stage import load_data_info
 from orchestrator.evaluate import predict
+from orchestrator.models.ensemble import Ensemble, choose_members
 from orchestrator.pipeline import run_pipeline
+from orchestrator.select import class_probabilities, metric_scorer
 from orchestrator.spec import parse_spec
 from orchestrator.sweep.space import apply_trial_config
 from orchestrator.train.objectives import lm_loss
@@ -33,9 +35,10 @@ SIZES = {"lstm": {"d_model": 32}, "bow": {"d_model": 16, "buckets": 1024}}
 PROMPTS = ["The event loop", "Return the number of"]
 
 
-def _run(family: str, archs: list[str], port: int, tmp_path: Path, record_property) -> dict:
+def _run(family: str, archs: list[str], port: int, tmp_path: Path, record_property,
+         **sweep: object) -> dict:
     raw = tiny_spec(family, train=STEPS, model={**SIZES, "arch": archs[0]},
-                    sweep={"num_samples": 1, "space": {"model.arch": {"grid": archs}}},
+                    sweep={"num_samples": 1, "space": {"model.arch": {"grid": archs}}, **sweep},
                     serve={"port": port, "sample_requests": PROMPTS[:1]})
     raw["runs_dir"] = str(tmp_path)
     started = time.monotonic()
@@ -74,7 +77,8 @@ def _digest(texts: list[str]) -> str:
 
 def test_classifier_families_swept_together_evaluated_served_and_predicted(
         serving, tmp_path, record_property):
-    report = _run("classifier", ["transformer", "lstm", "bow"], serving, tmp_path, record_property)
+    report = _run("classifier", ["transformer", "lstm", "bow"], serving, tmp_path, record_property,
+                  ensemble=3)
     assert sorted(t["config/model.arch"] for t in report["trials"]) == ["bow", "lstm", "transformer"]
     assert all(t["status"] == "done" and t["evaluations"] == 2 for t in report["trials"])
     assert report["sample_responses"][0]["status"] == 200  # the winner, whichever, served
@@ -97,10 +101,32 @@ def test_classifier_families_swept_together_evaluated_served_and_predicted(
     inputs.write_text("".join(json.dumps({"id": i, "text": t}) + "\n"
                               for i, t in enumerate(_split_texts("test")[:10])))
     labels = set(report["data"]["labels"])
-    for arch, bundle in _trial_bundles(report, tmp_path).items():
+    bundles = _trial_bundles(report, tmp_path)
+    for arch, bundle in bundles.items():
         assert predict(bundle, str(inputs), str(tmp_path / f"out-{arch}")) == 10
         predicted = pd.read_parquet(tmp_path / f"out-{arch}").sort_values("id")
         assert predicted["id"].tolist() == list(range(10)) and set(predicted["label"]) <= labels
+
+    # sweep.ensemble 3: the winner is the trials greedy selection picks on the validation rows
+    # from the trials' own bundles (one trial when none improves on the best), and an ensemble
+    # bundle answers their mean probabilities.
+    run_dir = Path(report["run_dir"])
+    spec = parse_spec(yaml.safe_load((run_dir / "spec.yaml").read_text()))
+    rows = read_split_tensors(run_dir, "val", first=STEPS["eval_batches"] * spec.train.batch_size)
+    probabilities = {arch: class_probabilities(load_bundle(b).model, [rows])
+                     for arch, b in bundles.items()}
+    ranked = [t["config/model.arch"] for t in sorted(report["trials"],
+                                                     key=lambda t: -t["best_val_accuracy"])]
+    score = metric_scorer("val_accuracy", rows["label"].numpy(), len(labels))
+    chosen = [ranked[i] for i in choose_members([probabilities[a] for a in ranked], score, 3)]
+    members = report["winner"]["ensemble"]
+    winner = load_bundle(run_dir / "winner").model
+    if len(chosen) == 1:
+        assert members == [] and not isinstance(winner, Ensemble)
+    else:
+        assert [m["model"]["arch"] for m in members] == chosen
+        mean = torch.stack([probabilities[a] for a in chosen]).mean(0)
+        assert torch.allclose(class_probabilities(winner, [rows]), mean, atol=1e-5)
 
 
 def test_language_model_families_swept_together_evaluated_served_and_predicted(
