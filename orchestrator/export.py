@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from orchestrator.models import GPT, EncoderClassifier
+from orchestrator.models.ensemble import Ensemble
 from orchestrator.models.hf import gpt2_config, gpt2_module_name, gpt_state_to_hf, quiet_transformers
 from orchestrator.records import PROVENANCE_FILE
 from orchestrator.rundir import RunDir, find_bundle
@@ -113,6 +114,10 @@ def export_hf(location: str | Path, out: str | Path, field: str = "RUN_DIR",
         max_length = model.block_size
     elif isinstance(model, EncoderClassifier):
         hf_model, max_length = model.hf, model.max_length
+    elif isinstance(model, Ensemble):
+        raise SpecError(f"{field} = {str(location)!r}: its winner is an ensemble of "
+                        f"{len(model.members)} trials (sweep.ensemble), which has no Hugging "
+                        "Face form; run the job with sweep.ensemble 1 to export its best trial")
     else:
         spec = bundle.spec
         raise SpecError(f"{field} = {str(location)!r}: its winner is a {spec.model.task} of "

@@ -18,6 +18,7 @@ from conftest import SAMPLE, tiny_spec
 
 from orchestrator.bench.bundles import initial_bundle
 from orchestrator.bundle import read_ensemble
+from orchestrator.export import export_hf
 from orchestrator.models import build_model
 from orchestrator.models.ensemble import Ensemble, choose_members
 from orchestrator.records import ENSEMBLE_FILE
@@ -119,6 +120,8 @@ def test_select_builds_the_ensemble_of_trials_from_their_checkpoints(tmp_path: P
     assert metrics["val"][spec.metric] > max(score(probs[a]) for a in expected)
     raw = json.loads((Path(bundle.uri) / ENSEMBLE_FILE).read_text())
     assert [r["trial_id"] for r in raw] == [m.trial_id for m in members]  # plain JSON
+    with pytest.raises(SpecError, match=f"an ensemble of {len(expected)} trials"):
+        export_hf(bundle.uri, tmp_path / "exported")  # no Hugging Face form
 
 
 def _fit(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> None:
