@@ -2,9 +2,9 @@
 `sweep.ensemble` above 1, from the trials chosen on the validation split to answer together
 (models/ensemble.py), when any improves on the best trial alone.
 
-Candidates are the best trials by the sweep metric, at most CANDIDATES_PER_MEMBER for each
-member asked, each at its best checkpoint; they are scored on the validation rows the trials
-were scored on (the first train.eval_batches batches).
+Candidates are the `sweep.ensemble` best trials by the sweep metric, each at its best
+checkpoint; they are scored on the validation rows the trials were scored on (the first
+train.eval_batches batches).
 """
 
 from __future__ import annotations
@@ -26,9 +26,6 @@ from orchestrator.train.objectives import classification_metrics, evaluate
 from orchestrator.train.session import first_batches, read_split_tensors
 from orchestrator.weights.model import save_bundle, save_ensemble_bundle, trained_model
 
-CANDIDATES_PER_MEMBER = 3
-
-
 def select_winner(spec: JobSpec, run_dir: RunDir, info: DataInfo, trials: pd.DataFrame,
                   winner: Winner, note: Callable[[str], None]) -> BundleRef:
     """The bundle at run_dir/winner: of the ensemble chosen, or of `winner` alone."""
@@ -44,7 +41,7 @@ def select_winner(spec: JobSpec, run_dir: RunDir, info: DataInfo, trials: pd.Dat
 def _ensemble(spec: JobSpec, run_dir: RunDir, info: DataInfo, trials: pd.DataFrame,
               note: Callable[[str], None]) -> BundleRef | None:
     """The ensemble bundle of the chosen trials; None when no trial improves on the best."""
-    candidates = _candidates(trials, spec, CANDIDATES_PER_MEMBER * spec.sweep.ensemble)
+    candidates = _candidates(trials, spec, spec.sweep.ensemble)
     batch_size, count = spec.train.batch_size, spec.train.eval_batches
     batches = first_batches(read_split_tensors(run_dir, "val", first=batch_size * count),
                             batch_size, count, torch.device("cpu"))
@@ -55,9 +52,9 @@ def _ensemble(spec: JobSpec, run_dir: RunDir, info: DataInfo, trials: pd.DataFra
     chosen = choose_members(probabilities, metric_scorer(spec.metric, labels, info.num_classes),
                             spec.sweep.ensemble)
     if len(chosen) == 1:
-        note(f"sweep.ensemble {spec.sweep.ensemble}: no other of the {len(candidates)} best "
-             f"trials improves {spec.metric} with {candidates[chosen[0]].trial_id}; it answers "
-             "alone")
+        note(f"sweep.ensemble {spec.sweep.ensemble}: the mean of the {len(candidates)} best "
+             f"trials scores no better {spec.metric} than {candidates[chosen[0]].trial_id}, "
+             "which answers alone")
         return None
     members = [candidates[i] for i in chosen]
     ensemble = Ensemble([models[i] for i in chosen])

@@ -330,9 +330,9 @@ class SweepSpec(_Section):
         0, ge=0, description="Wall-clock seconds for the whole sweep: no trial starts after it "
         "and running trials end at it, each keeping its best checkpoint; 0: no budget.")
     ensemble: int = Field(
-        1, ge=1, description="Classifiers: up to this many trials serve as one model that "
-        "averages their class probabilities, chosen on the validation split from the best "
-        "trial on, each added only while it improves the sweep metric; 1: the best trial alone.")
+        1, ge=1, description="Classifiers: up to this many of the best trials serve as one "
+        "model that averages their class probabilities: the first n of them (by the sweep "
+        "metric) whose mean scores best on the validation split; 1: the best trial alone.")
 
     @model_validator(mode="after")
     def _search_fits_space(self) -> SweepSpec:

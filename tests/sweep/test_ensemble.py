@@ -1,5 +1,5 @@
-"""sweep.ensemble without Ray: members chosen greedily on validation (each added only while it
-improves the metric), the ensemble answering with its members' mean class probabilities, its
+"""sweep.ensemble without Ray: members chosen on validation (the best trials up to the cut whose
+mean scores best), the ensemble answering with its members' mean class probabilities, its
 bundle (ensemble.json beside one model.pt) loading as the same model for evaluate, predict and
 the service, and the select stage building it from trials' checkpoints on a run directory."""
 
@@ -38,16 +38,17 @@ def probabilities(*rows: list[float]) -> torch.Tensor:
     return torch.tensor(rows)
 
 
-def test_members_are_added_only_while_they_improve_the_metric():
+def test_the_members_are_the_best_trials_up_to_the_cut_whose_mean_scores_best():
     score = metric_scorer("val_accuracy", LABELS, 3)
-    # Alone: a 4/6, b 3/6, c 2/6. a and b disagree where a is wrong, and b is sure there.
+    # Alone: a 4/6, b 4/6, c 2/6. a and b disagree where a is wrong, and b is sure there.
     a = probabilities([.9, .1, 0], [.9, .1, 0], [.6, .4, 0], [.1, .9, 0], [0, .1, .9], [.6, 0, .4])
     b = probabilities([.4, .6, 0], [.4, .6, 0], [0, 1, 0], [0, 1, 0], [0, 0, 1], [0, 0, 1])
     c = probabilities([0, 1, 0], [0, 1, 0], [1, 0, 0], [1, 0, 0], [0, 0, 1], [0, 0, 1])
     assert [score(p) for p in (a, b, c)] == pytest.approx([4 / 6, 4 / 6, 2 / 6])
-    assert choose_members([a, b, c], score, size=3) == [0, 1]  # a+b: 6/6; c adds nothing
-    assert choose_members([a, b, c], score, size=1) == [0]
-    assert choose_members([c, a], score, size=2) == [1]  # c with a is no better than a
+    assert score((a + b) / 2) == 1 and score((a + b + c) / 3) == 0.5
+    assert choose_members([c, a, b], score, size=3) == [1, 2]  # a+b: 6/6; c would spoil it
+    assert choose_members([c, a, b], score, size=1) == [1]
+    assert choose_members([a, c], score, size=2) == [0]  # a with c: 2/6
 
 
 def test_the_ensemble_answers_its_members_mean_probabilities(tmp_path: Path):
@@ -75,8 +76,7 @@ def test_an_ensemble_that_cannot_work_is_refused_naming_the_fields(raw, words):
 
 def test_select_builds_the_ensemble_of_trials_from_their_checkpoints(tmp_path: Path):
     """Three trials of different architectures, each at a checkpoint, on a run directory made
-    here: the bundle holds the members greedy selection picks from the trials' own validation
-    probabilities, loads as one model answering their mean, and says which trials they are."""
+    here: the bundle holds the members chosen from the trials' own validation probabilities, loads as one model answering their mean, and says which trials they are."""
     spec = parse_spec(tiny_spec("classifier", sweep={"ensemble": 3}))
     run_dir, info = _run_dir(tmp_path, spec)
     trials, models = [], {}

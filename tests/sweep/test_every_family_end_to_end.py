@@ -107,9 +107,9 @@ def test_classifier_families_swept_together_evaluated_served_and_predicted(
         predicted = pd.read_parquet(tmp_path / f"out-{arch}").sort_values("id")
         assert predicted["id"].tolist() == list(range(10)) and set(predicted["label"]) <= labels
 
-    # sweep.ensemble 3: the winner is the trials greedy selection picks on the validation rows
-    # from the trials' own bundles (one trial when none improves on the best), and an ensemble
-    # bundle answers their mean probabilities.
+    # sweep.ensemble 3: the winner is the trials chosen on the validation rows from the trials'
+    # own bundles (one trial when no mean of the best beats it alone), and an ensemble bundle
+    # answers their mean probabilities.
     run_dir = Path(report["run_dir"])
     spec = parse_spec(yaml.safe_load((run_dir / "spec.yaml").read_text()))
     rows = read_split_tensors(run_dir, "val", first=STEPS["eval_batches"] * spec.train.batch_size)
