@@ -19,6 +19,7 @@ from conftest import SAMPLE, tiny_spec
 from orchestrator.bench.bundles import initial_bundle
 from orchestrator.bundle import read_ensemble
 from orchestrator.export import export_hf
+from orchestrator.inference.predictor import Predictor
 from orchestrator.models import build_model
 from orchestrator.models.ensemble import Ensemble, choose_members
 from orchestrator.records import ENSEMBLE_FILE
@@ -115,6 +116,11 @@ def test_select_builds_the_ensemble_of_trials_from_their_checkpoints(tmp_path: P
     with torch.no_grad():
         mean = torch.stack([probs[a] for a in expected]).mean(0)
         assert torch.allclose(loaded.model(ids).softmax(-1), mean, atol=1e-5)
+    # The replica's and batch inference's predictor: the same mean for the same texts.
+    texts = [r["text"] for r in _val_rows()][:len(ids)]
+    scores = [[r["scores"][label] for label in info.labels]
+              for r in Predictor(loaded).classify(texts)]
+    assert torch.allclose(torch.tensor(scores), mean, atol=1e-5)
     metrics = json.loads((Path(bundle.uri) / "metrics.json").read_text())
     assert metrics["val"][spec.metric] == pytest.approx(score(mean))
     assert metrics["val"][spec.metric] > max(score(probs[a]) for a in expected)
@@ -136,6 +142,11 @@ def _fit(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> Non
     model.eval()
 
 
+def _val_rows() -> list[dict[str, str]]:
+    rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()]
+    return rows[::len(rows) // 48][:48]  # the sample is sorted by label: every label
+
+
 def _run_dir(tmp_path: Path, spec) -> tuple[RunDir, object]:
     """A run directory with what the select stage reads: the tokenizer, and the validation
     split's rows as the data stage writes them (ids, label), here from the sample's texts."""
@@ -147,7 +158,7 @@ def _run_dir(tmp_path: Path, spec) -> tuple[RunDir, object]:
     (tokenizer_dir / "tokenizer.json").write_text(bundle.tokenizer.to_str())
     split = Path(run_dir.split("val").path)
     split.mkdir(parents=True)
-    texts = rows[::len(rows) // 48][:48]  # the sample is sorted by label: every label
+    texts = _val_rows()
     length, pad = bundle.info.context_length, bundle.info.pad_id
     ids = [(e.ids[:length] + [pad] * length)[:length] for e in
            bundle.tokenizer.encode_batch([r["text"] for r in texts])]
