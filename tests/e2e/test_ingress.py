@@ -70,7 +70,11 @@ def head() -> Iterator[Head]:
              "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(http),
              "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(http + 49),
              "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc),
-             "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc + 49)}
+             "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc + 49),
+             # A replica stopping in this mode is drained for at least 30 s by default (for
+             # external load balancers to deregister it): each undeploy here took 31 s per app,
+             # about 2 minutes of this module. No test here is about draining.
+             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
     try:
         with running_head(**environment(Ingress.HAPROXY, files), **ports) as cluster:
             yield cluster
@@ -121,6 +125,7 @@ def test_two_models_side_by_side_behind_haproxy(head: Head, tmp_path: Path) -> N
 
     removed = orchestrator_cli(head, "undeploy", "sorter")
     assert removed.returncode == 0, removed.stderr[-3000:]
+    assert "Serve drains each replica" in removed.stdout  # the wait is said, not a hang
     gone = requests.post(f"{front}/v1/classify", json={"model": "sorter", "input": ["x"]},
                          timeout=TIMEOUT_S)
     assert gone.status_code == 404
