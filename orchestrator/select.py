@@ -1,6 +1,6 @@
 """The select stage: the winner's bundle, from the best trial's checkpoint; with
 `sweep.ensemble` above 1, from the trials chosen on the validation split to answer together
-(models/ensemble.py), when any improves on the best trial alone.
+(models/ensemble.py), when the mean of the best few scores better than the best alone.
 
 Candidates are the `sweep.ensemble` best trials by the sweep metric, each at its best
 checkpoint; they are scored on the validation rows the trials were scored on (the first
@@ -26,6 +26,7 @@ from orchestrator.train.objectives import classification_metrics, evaluate
 from orchestrator.train.session import first_batches, read_split_tensors
 from orchestrator.weights.model import save_bundle, save_ensemble_bundle, trained_model
 
+
 def select_winner(spec: JobSpec, run_dir: RunDir, info: DataInfo, trials: pd.DataFrame,
                   winner: Winner, note: Callable[[str], None]) -> BundleRef:
     """The bundle at run_dir/winner: of the ensemble chosen, or of `winner` alone."""
@@ -40,7 +41,7 @@ def select_winner(spec: JobSpec, run_dir: RunDir, info: DataInfo, trials: pd.Dat
 
 def _ensemble(spec: JobSpec, run_dir: RunDir, info: DataInfo, trials: pd.DataFrame,
               note: Callable[[str], None]) -> BundleRef | None:
-    """The ensemble bundle of the chosen trials; None when no trial improves on the best."""
+    """The ensemble bundle of the chosen trials; None when the best answers best alone."""
     candidates = _candidates(trials, spec, spec.sweep.ensemble)
     batch_size, count = spec.train.batch_size, spec.train.eval_batches
     batches = first_batches(read_split_tensors(run_dir, "val", first=batch_size * count),
