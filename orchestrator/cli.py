@@ -436,10 +436,6 @@ def _services(args: argparse.Namespace) -> int:
     return 0
 
 
-HAPROXY_DRAIN_NOTE = ("30 s (RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S on the cluster's "
-                      "nodes), so that load balancers stop sending to it first")
-
-
 def _undeploy(args: argparse.Namespace) -> int:
     from orchestrator.runner import connect
     from orchestrator.serve import undeploy
@@ -448,8 +444,9 @@ def _undeploy(args: argparse.Namespace) -> int:
     connect(os.environ.get("RAY_ADDRESS") or args.address, say=lambda _: None)
     if running_ingress() is Ingress.HAPROXY:  # else the wait looks like a hang
         print(f"removing {args.model}: with the HAProxy ingress Serve drains each replica for at "
-              f"least {HAPROXY_DRAIN_NOTE} before it stops, and each application in turn",
-              flush=True)
+              "least 30 s (RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S on the cluster's nodes) "
+              "before it stops, so that load balancers stop sending to it first, and each "
+              "application in turn", flush=True)
     print(f"removed {undeploy(args.model)}; nothing else was touched")
     return 0
 

@@ -47,8 +47,9 @@ def _ensemble(spec: JobSpec, run_dir: RunDir, info: DataInfo, trials: pd.DataFra
     batches = first_batches(read_split_tensors(run_dir, "val", first=batch_size * count),
                             batch_size, count, torch.device("cpu"))
     labels = torch.cat([batch["label"] for batch in batches]).numpy()
-    models = [trained_model(apply_trial_config(spec, c.config), info, c.checkpoint,
-                            base=run_dir.base).eval() for c in candidates]
+    specs = [apply_trial_config(spec, c.config) for c in candidates]
+    models = [trained_model(s, info, c.checkpoint, base=run_dir.base).eval()
+              for s, c in zip(specs, candidates)]
     probabilities = [class_probabilities(model, batches) for model in models]
     chosen = choose_members(probabilities, metric_scorer(spec.metric, labels, info.num_classes),
                             spec.sweep.ensemble)
@@ -61,12 +62,11 @@ def _ensemble(spec: JobSpec, run_dir: RunDir, info: DataInfo, trials: pd.DataFra
     ensemble = Ensemble([models[i] for i in chosen])
     val_metrics = {f"val_{k}": v for k, v in evaluate(ensemble, batches, info.task,
                                                       info.num_classes).items()}
-    first_spec = apply_trial_config(spec, members[0].config)
     bundle = save_ensemble_bundle(
-        run_dir.winner, first_spec, info,
-        [(EnsembleMember(m.trial_id, m.config,
-                         apply_trial_config(spec, m.config).model.model_dump(mode="json"),
-                         m.metric), models[i]) for m, i in zip(members, chosen)],
+        run_dir.winner, specs[chosen[0]], info,
+        [(EnsembleMember(candidates[i].trial_id, candidates[i].config,
+                         specs[i].model.model_dump(mode="json"), candidates[i].metric), models[i])
+         for i in chosen],
         run_dir.tokenizer, {"val": val_metrics})
     note(f"ensemble of {len(members)} trials ({', '.join(m.trial_id for m in members)}): "
          f"{spec.metric} {val_metrics[spec.metric]:.4f} against {members[0].metric:.4f} for "
