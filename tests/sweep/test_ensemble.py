@@ -18,6 +18,7 @@ from conftest import SAMPLE, tiny_spec
 
 from orchestrator.bench.bundles import initial_bundle
 from orchestrator.bundle import read_ensemble
+from orchestrator.compress.stage import compress_finished_run
 from orchestrator.export import export_hf
 from orchestrator.inference.predictor import Predictor
 from orchestrator.models import build_model
@@ -25,7 +26,7 @@ from orchestrator.models.ensemble import Ensemble, choose_members
 from orchestrator.records import ENSEMBLE_FILE
 from orchestrator.rundir import RunDir
 from orchestrator.select import class_probabilities, metric_scorer, select_winner
-from orchestrator.spec import SpecError, parse_spec
+from orchestrator.spec import SpecError, parse_spec, spec_to_yaml
 from orchestrator.sweep.space import apply_trial_config
 from orchestrator.sweep.tuner import pick_winner
 from orchestrator.train.session import first_batches, read_split_tensors
@@ -128,6 +129,10 @@ def test_select_builds_the_ensemble_of_trials_from_their_checkpoints(tmp_path: P
     assert [r["trial_id"] for r in raw] == [m.trial_id for m in members]  # plain JSON
     with pytest.raises(SpecError, match=f"an ensemble of {len(expected)} trials"):
         export_hf(bundle.uri, tmp_path / "exported")  # no Hugging Face form
+    run_dir.spec_file.write_text(spec_to_yaml(spec))  # a finished run, as compress needs
+    run_dir.report_json.write_text("{}")
+    with pytest.raises(SpecError, match=f"an ensemble of {len(expected)} trials"):
+        compress_finished_run(run_dir.uri, ["compress.variants=[int8]"])  # works on one model
 
 
 def _fit(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> None:
