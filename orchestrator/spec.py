@@ -122,7 +122,7 @@ FAMILY_TASKS = {"gpt": Task.LANGUAGE_MODEL.value, "classifier": Task.CLASSIFIER.
 # The architectures of each task and which of them are built from repeated transformer blocks,
 # the unit that FSDP shards and compile / activation checkpointing wrap.
 ARCHS = {Task.LANGUAGE_MODEL: ("transformer", "lstm"),
-         Task.CLASSIFIER: ("transformer", "lstm", "bow")}
+         Task.CLASSIFIER: ("transformer", "lstm", "bow", "linear")}
 BLOCKWISE_ARCHS = ("transformer",)
 
 
@@ -142,8 +142,15 @@ class BowSizes(_Section):
                          description="Hash buckets of the token bigrams' embeddings.")
 
 
+class LinearSizes(_Section):
+    """model.arch 'linear' (classifier): one weight per class for each hashed n-gram."""
+
+    buckets: int = Field(262144, ge=64, le=2**24, description="Hash buckets of the token "
+                         "bigrams' and of the words' character n-grams' weights (each).")
+
+
 # What a pretrained checkpoint fixes: set next to model.pretrained (or swept), they are refused.
-SIZED_BY_CHECKPOINT = ("arch", "n_layer", "n_head", "d_model", "lstm", "bow")
+SIZED_BY_CHECKPOINT = ("arch", "n_layer", "n_head", "d_model", "lstm", "bow", "linear")
 
 
 class ModelSpec(_Section):
@@ -157,9 +164,11 @@ class ModelSpec(_Section):
         "DistilBERT encoder (classifier); or from an earlier run of ours (its run directory, "
         "runs/<job name> for the job's latest run, or a bundle). Its tokenizer replaces the data "
         "stage's and its config the model sizes.")
-    arch: Literal["transformer", "lstm", "bow"] = Field(
+    arch: Literal["transformer", "lstm", "bow", "linear"] = Field(
         "transformer", description="The architecture: transformer or lstm for either task, "
-        "bow (classifier only). Sweepable (sweep.space model.arch).")
+        "bow (a bag of n-gram embeddings) or linear (a linear model on hashed word and "
+        "character n-grams; best with train.loss squared_hinge) for the classifier. Sweepable "
+        "(sweep.space model.arch).")
     # The transformer's sizes (GPT decoder, or the classifier's encoder).
     n_layer: int = Field(2, ge=1, le=96)
     n_head: int = Field(4, ge=1, le=128)
@@ -167,6 +176,7 @@ class ModelSpec(_Section):
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Every architecture's dropout.")
     lstm: LSTMSizes = Field(default_factory=LSTMSizes)
     bow: BowSizes = Field(default_factory=BowSizes)
+    linear: LinearSizes = Field(default_factory=LinearSizes)
 
     @model_validator(mode="after")
     def _sizes_from_one_place(self) -> ModelSpec:
@@ -220,6 +230,10 @@ class TrainSpec(_Section):
                                 description="L2 penalty (decoupled for adamw).")
     l1: float = Field(0.0, ge=0, allow_inf_nan=False,
                       description="L1 penalty coefficient added to the loss.")
+    loss: Literal["cross_entropy", "squared_hinge"] = Field(
+        "cross_entropy", description="The classifier's loss: cross_entropy, or squared_hinge "
+        "(one-vs-rest, a linear SVM's: with model.arch linear it is the stronger on short texts). "
+        "Sweepable.")
     batch_size: int = Field(32, ge=1, description="Per-worker micro-batch size.")
     shuffle_buffer: int = Field(
         2048, ge=0, description="Rows in each worker's shuffle buffer; 0 reads in file order.")
@@ -294,7 +308,8 @@ Distribution = Annotated[Choice | Grid | Uniform | LogUniform, Field(union_mode=
 SWEEPABLE = ("train.optimizer", "train.lr", "train.momentum", "train.weight_decay", "train.l1",
              "train.batch_size", "train.warmup_steps", "model.dropout", "model.arch",
              "model.n_layer", "model.d_model", "model.lstm.n_layer", "model.lstm.d_model",
-             "model.bow.d_model", "model.bow.buckets", "train.finetune", "train.lora.r",
+             "model.bow.d_model", "model.bow.buckets", "model.linear.buckets", "train.loss",
+             "train.finetune", "train.lora.r",
              "train.lora.alpha", "train.lora.dropout")
 
 
@@ -704,6 +719,10 @@ class JobSpec(_Section):
         if self.model.task is Task.LANGUAGE_MODEL and self.sweep.metric in ("val_accuracy",
                                                                             "val_f1"):
             raise ValueError(f"sweep.metric {self.sweep.metric!r} needs model.task 'classifier'")
+        if self.model.task is Task.LANGUAGE_MODEL and self.train.loss != "cross_entropy":
+            raise ValueError(f"train.loss {self.train.loss!r} is a classifier's loss, and "
+                             "model.task is 'language_model' (next-token cross entropy); remove "
+                             "it or use model.task 'classifier'")
         return self
 
     @model_validator(mode="after")

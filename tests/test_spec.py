@@ -143,6 +143,9 @@ def test_a_field_under_both_its_names_is_refused():
     ({"model.d_model": {"choice": [32, 33]}}, "d_model (33) must be divisible by n_head (2)"),
     ({"train.batch_size": {"uniform": [8, 64]}}, "takes whole numbers and uniform draws"),
     ({"model.arch": {"choice": ["transformer", "bow"]}}, "'bow' is not an architecture"),
+    ({"train.loss": {"choice": ["cross_entropy", "squared_hinge"]}},
+     "may draw 'squared_hinge', which is refused: train.loss 'squared_hinge' is a classifier's "
+     "loss, and model.task is 'language_model'"),
 ])
 def test_every_value_a_sweep_may_draw_is_checked_by_validate(space, refused, tmp_path, capsys):
     """Before: each of these passed `orchestrator validate` and failed or misbehaved trials."""

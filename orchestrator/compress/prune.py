@@ -51,4 +51,5 @@ class PrunedRecovery:
     def begin(self, config: WorkerConfig, device: torch.device) -> Beginning:
         model = starting_model(config.spec, config.info, config.run_dir.base)
         model.load_state_dict(load_bundle(self.pruned).model.state_dict())
-        return Beginning(model, objective_for(config.info), keep_zeros=True)
+        return Beginning(model, objective_for(config.info, config.spec.train.loss),
+                         keep_zeros=True)

@@ -19,6 +19,7 @@ from orchestrator.models.classifier import TextClassifier
 from orchestrator.models.decoding import Decoder, DecodingCache
 from orchestrator.models.gpt import GPT
 from orchestrator.models.hf import EncoderClassifier, gpt_from_config
+from orchestrator.models.linear import LinearNgrams
 from orchestrator.models.lstm import LSTMClassifier, LSTMLanguageModel
 from orchestrator.spec import ModelSpec, Task
 
@@ -42,6 +43,8 @@ REGISTRY: dict[tuple[str, str], Builder] = {
     (Task.CLASSIFIER, "bow"): lambda m, info: BagOfNgrams(
         info.vocab_size, info.num_classes, info.context_length, info.pad_id, m.bow.d_model,
         m.bow.buckets, m.dropout),
+    (Task.CLASSIFIER, "linear"): lambda m, info: LinearNgrams(
+        info.vocab_size, info.num_classes, info.context_length, info.pad_id, m.linear.buckets),
 }
 
 
@@ -66,4 +69,4 @@ def build_model(spec: JobSpec, info: DataInfo) -> nn.Module:
 
 
 __all__ = ["GPT", "REGISTRY", "BagOfNgrams", "Decoder", "DecodingCache", "EncoderClassifier",
-           "LSTMClassifier", "LSTMLanguageModel", "TextClassifier", "build_model"]
+           "LSTMClassifier", "LSTMLanguageModel", "LinearNgrams", "TextClassifier", "build_model"]

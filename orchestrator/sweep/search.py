@@ -29,7 +29,8 @@ from orchestrator.sweep.space import TRIAL_KEY, search_space
 
 # Settings that change a trial's cost per step: drawing them makes equal steps unequal work.
 COST_KEYS = ("model.arch", "model.n_layer", "model.d_model", "model.lstm.n_layer",
-             "model.lstm.d_model", "model.bow.d_model", "model.bow.buckets")
+             "model.lstm.d_model", "model.bow.d_model", "model.bow.buckets",
+             "model.linear.buckets")
 TRAIN_TIME = "train_time_s"
 SEARCHED = ("tpe", "bohb")  # proposed by a searcher; random and pbt: drawn by sample_configs
 EVALUATIONS = "training_iteration"

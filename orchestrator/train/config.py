@@ -17,6 +17,7 @@ from torch import nn
 
 from orchestrator.cluster import training_spec
 from orchestrator.models.bow import BagOfNgrams
+from orchestrator.models.linear import LinearNgrams
 from orchestrator.records import DataInfo
 from orchestrator.rundir import RunDir
 from orchestrator.spec import JobSpec
@@ -48,10 +49,10 @@ class FromSpec:
 
     def begin(self, config: WorkerConfig, device: torch.device) -> Beginning:
         model = starting_model(config.spec, config.info, config.run_dir.base)
-        if isinstance(model, BagOfNgrams):  # its character n-grams come from the vocabulary
-            with config.run_dir.tokenizer.local_copy() as tokenizer:
+        if isinstance(model, BagOfNgrams | LinearNgrams):  # their character n-grams come from
+            with config.run_dir.tokenizer.local_copy() as tokenizer:  # the vocabulary
                 model.read_vocabulary(load_tokenizer(tokenizer).get_vocab())
-        return Beginning(model, objective_for(config.info))
+        return Beginning(model, objective_for(config.info, config.spec.train.loss))
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,19 @@ def classifier_loss(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -
     return F.cross_entropy(model(ids).float(), labels, ignore_index=-1)
 
 
+def squared_hinge_loss(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor
+                       ) -> torch.Tensor:
+    """One-vs-rest squared hinge, a linear SVM's loss (scikit-learn's LinearSVC): each class's
+    logit is pushed above 1 for its texts and below -1 for the others. Labels of -1 (unseen in
+    training) are left out, as cross entropy's ignore_index leaves them."""
+    logits = model(ids).float()
+    known = labels >= 0
+    logits, labels = logits[known], labels[known]
+    signs = F.one_hot(labels, logits.shape[-1]).float() * 2 - 1
+    return (1 - signs * logits).clamp(min=0).pow(2).sum(-1).mean() if len(labels) \
+        else logits.sum() * 0
+
+
 @dataclass(frozen=True)
 class Objective:
     """What training minimises for a task, and how many tokens a batch holds (for tokens/s)."""
@@ -32,21 +45,21 @@ class Objective:
     tokens: Callable[[dict[str, torch.Tensor]], int]
 
 
-OBJECTIVES = {
-    # Language model: packed blocks, every column but the first is a target.
-    Task.LANGUAGE_MODEL: Objective(loss=lambda model, batch: lm_loss(model, batch["ids"].long()),
-                     tokens=lambda batch: batch["ids"][:, 1:].numel()),
-    # Classifier: padded texts and their labels.
-    Task.CLASSIFIER: Objective(
-        loss=lambda model, batch: classifier_loss(model, batch["ids"].long(),
-                                                  batch["label"].long()),
-        tokens=lambda batch: batch["ids"].numel()),
-}
+CLASSIFIER_LOSSES = {"cross_entropy": classifier_loss, "squared_hinge": squared_hinge_loss}
 
 
-def objective_for(info) -> Objective:
-    """The objective of the task the data was prepared for (DataInfo.task)."""
-    return OBJECTIVES[info.task]
+def objective_for(info, loss: str = "cross_entropy") -> Objective:
+    """The objective of the task the data was prepared for (DataInfo.task); `loss` is the
+    classifier's (train.loss)."""
+    if info.task == Task.LANGUAGE_MODEL:
+        # Packed blocks, every column but the first is a target.
+        return Objective(loss=lambda model, batch: lm_loss(model, batch["ids"].long()),
+                         tokens=lambda batch: batch["ids"][:, 1:].numel())
+    # Padded texts and their labels.
+    classify = CLASSIFIER_LOSSES[loss]
+    return Objective(loss=lambda model, batch: classify(model, batch["ids"].long(),
+                                                        batch["label"].long()),
+                     tokens=lambda batch: batch["ids"].numel())
 
 
 def macro_f1(predictions: np.ndarray, labels: np.ndarray, num_classes: int) -> float:

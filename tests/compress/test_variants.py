@@ -153,15 +153,21 @@ def test_a_one_block_teacher_has_no_smaller_student(gpt_bundle):
 
 @pytest.mark.parametrize(("family", "arch"), [("gpt", "transformer"), ("gpt", "lstm"),
                                               ("classifier", "transformer"),
-                                              ("classifier", "lstm"), ("classifier", "bow")])
+                                              ("classifier", "lstm"), ("classifier", "bow"),
+                                              ("classifier", "linear")])
 def test_every_architecture_quantizes_to_int8_with_nearly_the_same_outputs(family, arch):
     from orchestrator.records import DataInfo
 
     spec = parse_spec(tiny_spec(family, model={"arch": arch, "lstm": {"d_model": 32},
-                                               "bow": {"d_model": 16, "buckets": 1024}}))
+                                               "bow": {"d_model": 16, "buckets": 1024},
+                                               "linear": {"buckets": 1024}}))
     info = DataInfo(family, 200, 0, 1, 16, labels=["a", "b", "c"])
     torch.manual_seed(0)
     model = build_model(spec, info).eval()
+    if arch == "linear":  # it starts at zero: give it weights that answer something
+        with torch.no_grad():
+            for param in model.parameters():
+                param.normal_(0.0, 0.1)
     ids = torch.randint(2, 200, (3, 16))
     ids[0, 9:] = info.pad_id  # a padded row beside full ones
     with torch.no_grad():

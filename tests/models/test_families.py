@@ -12,6 +12,7 @@ from orchestrator.models import (
     GPT,
     REGISTRY,
     BagOfNgrams,
+    LinearNgrams,
     LSTMClassifier,
     LSTMLanguageModel,
     TextClassifier,
@@ -22,14 +23,15 @@ from orchestrator.spec import ARCHS, SpecError, parse_spec
 
 EXPECTED = {("gpt", "transformer"): GPT, ("gpt", "lstm"): LSTMLanguageModel,
             ("classifier", "transformer"): TextClassifier, ("classifier", "lstm"): LSTMClassifier,
-            ("classifier", "bow"): BagOfNgrams}
+            ("classifier", "bow"): BagOfNgrams, ("classifier", "linear"): LinearNgrams}
 
 
 def _spec(family: str, arch: str, **model):
     return parse_spec({"data": {"path": "x.jsonl", "label_column": "label"},
                        "model": {"family": family, "arch": arch, "n_layer": 1, "n_head": 2,
                                  "d_model": 16, "lstm": {"d_model": 24},
-                                 "bow": {"d_model": 12, "buckets": 128}, **model}})
+                                 "bow": {"d_model": 12, "buckets": 128},
+                                 "linear": {"buckets": 128}, **model}})
 
 
 @pytest.mark.parametrize("family,arch", sorted(EXPECTED))

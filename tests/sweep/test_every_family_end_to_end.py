@@ -31,7 +31,8 @@ from orchestrator.train.session import read_split_tensors
 from orchestrator.weights.model import load_bundle, save_bundle
 
 STEPS = {"max_steps": 10, "eval_interval": 5, "warmup_steps": 1, "eval_batches": 1}
-SIZES = {"lstm": {"d_model": 32}, "bow": {"d_model": 16, "buckets": 1024}}
+SIZES = {"lstm": {"d_model": 32}, "bow": {"d_model": 16, "buckets": 1024},
+         "linear": {"buckets": 4096}}
 PROMPTS = ["The event loop", "Return the number of"]
 
 
@@ -77,9 +78,10 @@ def _digest(texts: list[str]) -> str:
 
 def test_classifier_families_swept_together_evaluated_served_and_predicted(
         serving, tmp_path, record_property):
-    report = _run("classifier", ["transformer", "lstm", "bow"], serving, tmp_path, record_property,
-                  ensemble=3)
-    assert sorted(t["config/model.arch"] for t in report["trials"]) == ["bow", "lstm", "transformer"]
+    report = _run("classifier", ["transformer", "lstm", "bow", "linear"], serving, tmp_path,
+                  record_property, ensemble=3)
+    assert sorted(t["config/model.arch"] for t in report["trials"]) == ["bow", "linear", "lstm",
+                                                                        "transformer"]
     assert all(t["status"] == "done" and t["evaluations"] == 2 for t in report["trials"])
     assert report["sample_responses"][0]["status"] == 200  # the winner, whichever, served
 
