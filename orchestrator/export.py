@@ -4,8 +4,8 @@ vLLM and the Hub load unchanged.
 
 GPT winners (from scratch or fine-tuned) become GPT2LMHeadModel, whose architecture ours is
 (models/hf.py); classifiers fine-tuned from a BERT-family checkpoint are transformers modules
-already. Other architectures (LSTM, bag of n-grams, our own transformer classifier) have no
-Hugging Face form and are refused, naming the one found.
+already. Other architectures (LSTM, bag of n-grams, linear, our own transformer classifier) have
+no Hugging Face form and are refused, naming the one found.
 
 A GPT run fine-tuned with LoRA also exports as a PEFT adapter directory (`--format peft`):
 adapter_config.json and adapter_model.safetensors, which peft loads onto the run's pretrained

@@ -173,7 +173,8 @@ class ModelSpec(_Section):
     n_layer: int = Field(2, ge=1, le=96)
     n_head: int = Field(4, ge=1, le=128)
     d_model: int = Field(128, ge=8, le=16384)
-    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Every architecture's dropout.")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Every architecture's dropout but "
+                           "linear's (weight decay is its regularization).")
     lstm: LSTMSizes = Field(default_factory=LSTMSizes)
     bow: BowSizes = Field(default_factory=BowSizes)
     linear: LinearSizes = Field(default_factory=LinearSizes)
@@ -232,8 +233,9 @@ class TrainSpec(_Section):
                       description="L1 penalty coefficient added to the loss.")
     loss: Literal["cross_entropy", "squared_hinge"] = Field(
         "cross_entropy", description="The classifier's loss: cross_entropy, or squared_hinge "
-        "(one-vs-rest, a linear SVM's: with model.arch linear it is the stronger on short texts). "
-        "Sweepable.")
+        "(one-vs-rest, a linear SVM's: with model.arch linear it is the stronger on short texts; "
+        "the scores served are then the softmax of margins, which rank the labels but are not "
+        "calibrated probabilities). Sweepable.")
     batch_size: int = Field(32, ge=1, description="Per-worker micro-batch size.")
     shuffle_buffer: int = Field(
         2048, ge=0, description="Rows in each worker's shuffle buffer; 0 reads in file order.")

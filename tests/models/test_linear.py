@@ -1,5 +1,5 @@
-"""The linear n-gram classifier: its character n-grams are scikit-learn's `char_wb` ones, of
-whole words however the tokenizer split them, read from the tokens' bytes that travel with the
+"""The linear n-gram classifier: its character n-grams are scikit-learn's `char_wb` ones and its
+words whitespace-separated ones, whole however the tokenizer split them, read from the tokens' bytes that travel with the
 weights; trained with the squared hinge it learns words it never saw from their spelling."""
 
 from __future__ import annotations
@@ -38,18 +38,25 @@ def test_character_ngrams_are_scikit_learns_char_wb_of_whole_words():
              "x"]
     ids = _padded(tokenizer, texts)
     assert any(len(tokenizer.encode(w).tokens) > 1 for w in ("bindings", "UNSEEN"))
-    buckets, inside = model.char_ngrams(ids, ids != 1)
+    text = model.text_bytes(ids, ids != 1)
+    buckets, inside = model.char_ngrams(*text)
+    words, present = model.words(*text)
     analyzer = CountVectorizer(analyzer="char_wb", ngram_range=(2, 5)).build_analyzer()
     for row, text in enumerate(texts):
         ours = buckets[row][inside[row]].tolist()
         theirs = analyzer(text)
         assert len(ours) == len(theirs)
         assert len(set(ours)) == len(set(theirs))
-    # The same word gives the same n-grams wherever it stands and whatever its case.
-    same = _padded(tokenizer, ["unseen", "UNSEEN"])
-    first, second = (set(model.char_ngrams(same, same != 1)[0][i][
-        model.char_ngrams(same, same != 1)[1][i]].tolist()) for i in (0, 1))
-    assert first == second
+        assert int(present[row].sum()) == len(text.split())
+    # The same word gives the same n-grams and hash wherever it stands and whatever its case.
+    same = _padded(tokenizer, ["unseen words", "more UNSEEN"])
+    text = model.text_bytes(same, same != 1)
+    (grams, inside), (words, present) = model.char_ngrams(*text), model.words(*text)
+    assert words[0, 0] == words[1, 1] and len(set(words[present].tolist())) == 3
+    unseen = _padded(tokenizer, ["unseen"])
+    alone, kept = model.char_ngrams(*model.text_bytes(unseen, unseen != 1))
+    alone = set(alone[0][kept[0]].tolist())
+    assert alone <= set(grams[0][inside[0]].tolist()) and alone <= set(grams[1][inside[1]].tolist())
 
 
 def test_the_tokens_bytes_travel_with_the_weights():
