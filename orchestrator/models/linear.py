@@ -2,12 +2,12 @@
 (a linear SVM or logistic regression on word and character n-grams; Wang and Manning, 2012,
 "Baselines and Bigrams"), trained and served like our other classifiers.
 
-Its features are the tokens, hashed token bigrams and the hashed character 2- to 5-grams of
-each whitespace-separated word of the text, with the word's bounding spaces (scikit-learn's
-`char_wb`). The characters come from the tokens' own bytes (`token_bytes`, filled from the
-tokenizer's vocabulary when training starts by `read_vocabulary`), so the model reads the same
-padded ids as the other classifiers and works with any tokenizer: a word that the tokenizer
-splits into pieces still gives its whole-word n-grams.
+Its features are the tokens and hashed token bigrams, and, of the text's whitespace-separated
+words (lowercased), the hashed words, word bigrams and character 2- to 5-grams of each word with
+its bounding spaces (scikit-learn's `char_wb`). The words come from the tokens' own bytes
+(`token_bytes`, filled from the tokenizer's vocabulary when training starts by
+`read_vocabulary`), so the model reads the same padded ids as the other classifiers and works
+with any byte-level tokenizer: a word that the tokenizer splits into pieces still counts whole.
 
 Unlike the bag of n-grams (bow.py), which averages low-dimensional embeddings and overfits
 within an epoch on short texts, each feature here has one weight per class and the text's
