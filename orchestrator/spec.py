@@ -145,8 +145,9 @@ class BowSizes(_Section):
 class LinearSizes(_Section):
     """model.arch 'linear' (classifier): one weight per class for each hashed n-gram."""
 
-    buckets: int = Field(262144, ge=64, le=2**24, description="Hash buckets of the token "
-                         "bigrams' and of the words' character n-grams' weights (each).")
+    buckets: int = Field(262144, ge=64, le=2**24, description="Hash buckets of each hashed "
+                         "feature's weights: token bigrams, words, word bigrams, character "
+                         "n-grams (each).")
 
 
 # What a pretrained checkpoint fixes: set next to model.pretrained (or swept), they are refused.

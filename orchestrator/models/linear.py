@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-BIGRAM_PRIME = 1_000_003
+from orchestrator.models.bow import BIGRAM_PRIME
+
 CHAR_NGRAMS = range(2, 6)
 TOKEN_BYTES = 16            # a longer token keeps its first 16 bytes
 HASH_MULTIPLIER = 0x9E3779B97F4A7C15 - 2**64  # Knuth's golden-ratio hash, as a signed int64
@@ -89,9 +90,7 @@ class LinearNgrams(nn.Module):
         # The closing space sits where the padding starts.
         end = present.sum(1, keepdim=True) + 1
         data = data.scatter(1, end, 32)
-        blank = torch.zeros_like(present[:, :1]).expand_as(data).clone()
-        for byte in WHITESPACE:
-            blank |= data == byte
+        blank = torch.isin(data, torch.tensor(WHITESPACE, device=data.device))
         within = torch.arange(data.shape[1], device=data.device).unsqueeze(0) <= end
         return data, blank & within, within
 
@@ -120,7 +119,7 @@ class LinearNgrams(nn.Module):
         position = torch.arange(data.shape[1], device=data.device).expand_as(data)
         start = torch.cummax(torch.where(blank, position, 0), dim=1).values
         letter = within & ~blank
-        powers = self.powers.to(data.device)[position - start]
+        powers = self.powers[position - start]
         slot = torch.cumsum(blank.long(), dim=1)                # one slot per word
         hashes = torch.zeros_like(data).scatter_add(1, slot, torch.where(letter, data * powers, 0))
         present = torch.zeros_like(data).scatter_add(1, slot, letter.long()) > 0

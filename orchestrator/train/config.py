@@ -49,8 +49,9 @@ class FromSpec:
 
     def begin(self, config: WorkerConfig, device: torch.device) -> Beginning:
         model = starting_model(config.spec, config.info, config.run_dir.base)
-        if isinstance(model, BagOfNgrams | LinearNgrams):  # their character n-grams come from
-            with config.run_dir.tokenizer.local_copy() as tokenizer:  # the vocabulary
+        # Their character n-grams (and the linear model's words) come from the vocabulary.
+        if isinstance(model, BagOfNgrams | LinearNgrams):
+            with config.run_dir.tokenizer.local_copy() as tokenizer:
                 model.read_vocabulary(load_tokenizer(tokenizer).get_vocab())
         return Beginning(model, objective_for(config.info, config.spec.train.loss))
 
