@@ -252,7 +252,8 @@ class TrainSpec(_Section):
     max_steps: int = Field(200, ge=1, description="Optimizer steps per trial.")
     max_time_s: float = Field(
         0, ge=0, description="Seconds of training steps per trial (not counting validation or "
-        "checkpoints): the trial ends at the first step past it, with a last evaluation; 0: "
+        "checkpoints): the trial ends at the first evaluation past it, and the learning rate "
+        "decays to its end by then (or by max_steps, whichever comes first); 0: "
         "max_steps alone. With the sweep drawing model.arch or sizes, early stopping compares "
         "trials at equal training time.")
     eval_interval: int = Field(50, ge=1, description="Validate and checkpoint every N steps.")

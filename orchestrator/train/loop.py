@@ -26,6 +26,7 @@ from orchestrator.train.flops import model_flops_per_token, peak_flops
 from orchestrator.train.masks import apply_masks, zero_masks
 from orchestrator.train.objectives import Objective, evaluate
 from orchestrator.train.optim import (
+    Horizon,
     add_l1_gradient,
     build_optimizer,
     build_scheduler,
@@ -129,6 +130,7 @@ class TrainingRun:
     plain_model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    horizon: Horizon  # where the scheduler's decay ends, moved by train.max_time_s
     scaler: torch.amp.GradScaler
     batches: BatchStream
     flops_per_token: float | None
@@ -191,6 +193,7 @@ def set_up(config: WorkerConfig, session: Session) -> TrainingRun:
     peak = peak_flops(device, precision.dtype or torch.float32)
     model = parallelize(model, train, device, world, precision, compile_model)
     optimizer = build_optimizer(model, train, fused=device.type == "cuda")
+    horizon = Horizon(train.max_steps, train.max_time_s)
     plain_model = model.module if hasattr(model, "module") else model
     run = TrainingRun(
         spec=spec, info=info, session=session, objective=objective, device=device,
@@ -198,7 +201,7 @@ def set_up(config: WorkerConfig, session: Session) -> TrainingRun:
         # Pruned weights stay zero through a recovery fine-tune: masks of the weights it
         # starts from.
         masks=zero_masks(plain_model) if beginning.keep_zeros else None,
-        optimizer=optimizer, scheduler=build_scheduler(optimizer, train),
+        optimizer=optimizer, scheduler=build_scheduler(optimizer, train, horizon), horizon=horizon,
         scaler=torch.amp.GradScaler(device.type, enabled=precision.scaler),
         batches=None, flops_per_token=flops_per_token, peak=peak,
         # Rank 0 speaks for the trial in Prometheus; the others record nothing.
@@ -215,9 +218,10 @@ def set_up(config: WorkerConfig, session: Session) -> TrainingRun:
               else resolve(config.resume_from).local_copy()) as directory:
             state = load_checkpoint(directory, model, optimizer, rank)
         run.scheduler.load_state_dict(state["scheduler"])
-        set_hyperparameters(optimizer, run.scheduler, train)
         run.step = run.resumed_from = state["step"]
         run.train_time_s = state.get("train_time_s", 0.0)
+        horizon.update(run.step, run.train_time_s)
+        set_hyperparameters(optimizer, run.scheduler, train)
         position = resumed_position(state["data"], world, train.batch_size)
         run.restarts = state.get("restarts", 0) + bool(failed_over)
     run.start_weights_norm = weights_norm(run.plain_model, device, world)
@@ -277,6 +281,7 @@ def end_interval(run: TrainingRun) -> None:
     per_worker = gather([interval.tokens, interval.rows, seconds, run.batches.wait_s,
                          float(interval.loss_sum)], run.device, world)
     run.train_time_s += float(per_worker[:, 2].max())
+    run.horizon.update(run.step, run.train_time_s)
     # workers: this interval's group size, which changes under elastic training.
     metrics = {"step": run.step, "lr": run.scheduler.get_last_lr()[0], "workers": world,
                "resumed_from_step": run.resumed_from, "epoch": run.batches.position.epoch,

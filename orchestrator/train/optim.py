@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -58,10 +59,34 @@ def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_ratio: float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer,
-                    train: TrainSpec) -> torch.optim.lr_scheduler.LambdaLR:
+@dataclass
+class Horizon:
+    """The step at which the lr schedule reaches its end: train.max_steps, or sooner when
+    train.max_time_s will run out first, so that a trial stopped by its time still ends on a
+    decayed lr (training to the budget, not to a step count it never reaches). Projected from
+    the seconds per step so far on the slowest worker's clock, which every worker shares, so
+    every worker's lr stays the same."""
+
+    max_steps: int
+    max_time_s: float = 0.0
+    steps: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.steps = self.max_steps
+
+    def update(self, step: int, train_time_s: float) -> None:
+        """After `step` steps in `train_time_s` seconds of training (over restarts)."""
+        if self.max_time_s > 0 and step > 0 and train_time_s > 0:
+            projected = round(self.max_time_s * step / train_time_s)
+            self.steps = max(step, min(self.max_steps, projected))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainSpec,
+                    horizon: Horizon | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warmup, then cosine decay to the horizon's step (train.max_steps without one)."""
+    horizon = horizon or Horizon(train.max_steps)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, train.warmup_steps, train.max_steps)
+        optimizer, lambda step: warmup_cosine(step, train.warmup_steps, horizon.steps)
     )
 
 

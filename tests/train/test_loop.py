@@ -290,6 +290,20 @@ def test_a_new_run_resumed_from_another_runs_checkpoint_continues_from_its_step(
                         weights(reference.reports[-1]["checkpoint"], spec, data))
 
 
+def test_a_run_stopped_by_its_time_ends_on_a_decayed_learning_rate(prepared, tmp_path):
+    """train.max_time_s, far short of max_steps: the run stops at its first evaluation past the
+    time, and the learning rate has decayed to about its end by then (without the time horizon
+    it would still be near its peak, at a few percent of max_steps)."""
+    spec = spec_of("classifier", train={"max_steps": 100_000, "max_time_s": 1.5,
+                                        "eval_interval": 20, "warmup_steps": 2})
+    reports = run(prepared("classifier"), spec, tmp_path).reports
+    last = reports[-1]
+    assert last["train_time_s"] >= 1.5 and reports[-2]["train_time_s"] < 1.5
+    assert last["step"] < 0.1 * spec.train.max_steps
+    assert last["lr"] < 0.15 * spec.train.lr  # the cosine's floor is 0.1 of it
+    assert reports[0]["lr"] > 0.5 * spec.train.lr
+
+
 # Gradient accumulation
 
 @pytest.mark.parametrize("family", FAMILIES)

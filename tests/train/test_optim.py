@@ -12,6 +12,7 @@ from orchestrator.models import GPT
 from orchestrator.spec import TrainSpec
 from orchestrator.train.objectives import macro_f1
 from orchestrator.train.optim import (
+    Horizon,
     add_l1_gradient,
     build_optimizer,
     split_decay_parameters,
@@ -49,6 +50,22 @@ def test_warmup_then_cosine():
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
     assert values[10] == pytest.approx(1.0) and values[-1] == pytest.approx(0.1, abs=0.01)
     assert all(a >= b for a, b in itertools.pairwise(values[10:]))
+
+
+def test_the_schedule_ends_where_the_time_budget_will_run_out():
+    horizon = Horizon(max_steps=2500, max_time_s=90)
+    assert horizon.steps == 2500  # nothing timed yet
+    horizon.update(step=100, train_time_s=7.5)  # 75 ms a step: 1,200 steps fit in 90 s
+    assert horizon.steps == 1200
+    horizon.update(step=200, train_time_s=9.0)  # faster now: more fit, but never past max_steps
+    assert horizon.steps == 2000
+    horizon.update(step=300, train_time_s=9.5)
+    assert horizon.steps == 2500
+    horizon.update(step=1300, train_time_s=95.0)  # past the budget: the schedule has ended
+    assert horizon.steps == 1300 and warmup_cosine(1300, 50, horizon.steps) == pytest.approx(0.1)
+    untimed = Horizon(max_steps=2500)  # no max_time_s: max_steps alone
+    untimed.update(step=100, train_time_s=1000.0)
+    assert untimed.steps == 2500
 
 
 def test_l1_gradient_matches_autograd_of_the_penalty():
