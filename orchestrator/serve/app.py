@@ -398,17 +398,9 @@ def deploy(spec: JobSpec, bundle_dir: str | Path, timeout_s: float = 180.0,
     serve.start(http_options={"host": spec.serve.host, "port": spec.serve.port})
     route = route_of(name, spec)
     serve._run(app, name=name, route_prefix=route, _blocking=False)
-    with_front = name == app_name(spec) and FRONT_APP not in running_apps()
-    if with_front:  # its replica starts while the model's loads
+    wait_until_running(name, timeout_s)
+    if name == app_name(spec) and FRONT_APP not in running_apps():
         serve._run(build_front(), name=FRONT_APP, route_prefix="/", _blocking=False)
-    try:
-        wait_until_running(name, timeout_s)
-    except DeployError:
-        if with_front and not any(n.endswith(APP_NAME_SUFFIX) and n != name
-                                  for n in running_apps()):
-            remove(FRONT_APP)  # it would route to no model
-        raise
-    if with_front:
         wait_until_running(FRONT_APP, timeout_s)
     return endpoint_url(spec) + route
 
