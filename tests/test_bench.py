@@ -54,6 +54,7 @@ def test_train_overhead_bench_compares_both_training_paths_with_a_plain_loop(ray
     assert set(result.notes["spread (min / median / max)"]) == {"in_trial", "ray_train"}
 
 
+@pytest.mark.bench
 def test_ingest_bench_measures_every_source_with_and_without_work(ray_local) -> None:
     result = run_benchmark("ingest", quick=True)
     cells = {(row["consumer"], row["source"]) for row in result.rows}
@@ -90,6 +91,7 @@ def test_metrics_bench_compares_the_loop_with_and_without_recording(ray_local) -
     assert result.notes["recording_share_of_step"].endswith("(target < 1%)")
 
 
+@pytest.mark.bench
 def test_data_bench_measures_each_size_in_a_driver_of_its_own(ray_local) -> None:
     result = run_benchmark("data", quick=True, sizes_mb=(0.1, 0.5))
     small, large = result.rows

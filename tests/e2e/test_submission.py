@@ -219,6 +219,8 @@ def test_orchestrator_services_joins_the_token_head_only_with_its_token(head: He
     env = base_env(HOME=str(home), RAY_AUTH_MODE="token")
     if token != "none":
         env["RAY_AUTH_TOKEN"] = head.token if token == "right" else "f" * 64
+    if token == "wrong":  # Ray's driver retries the refused GCS connection 20 times, 1 s apart
+        env["RAY_gcs_server_port_wait_time_s"] = "3"
     result = subprocess.run([sys.executable, "-m", "orchestrator", "services", "--address",
                              head.gcs], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=CLI_TIMEOUT_S, check=False)
