@@ -192,7 +192,7 @@ def set_up(config: WorkerConfig, session: Session) -> TrainingRun:
     flops_per_token = model_flops_per_token(model, info.context_length)
     peak = peak_flops(device, precision.dtype or torch.float32)
     model = parallelize(model, train, device, world, precision, compile_model)
-    optimizer = build_optimizer(model, train, fused=device.type == "cuda")
+    optimizer = build_optimizer(model, train)
     horizon = Horizon(train.max_steps, train.max_time_s)
     plain_model = model.module if hasattr(model, "module") else model
     run = TrainingRun(
