@@ -2,44 +2,49 @@
 the splits that run's data stage wrote: its test accuracy for settings the sweep did not try,
 and where a step's time goes.
 
-The model, its tokenizer vocabulary and the squared-hinge loss are the job's own; the loop is
-a plain one (AdamW, linear warmup over 50 steps then cosine to 0.1 of the lr, gradients clipped
-at 1), so a probe isolates the model and its settings from Ray and the sweep.
+The model, its tokenizer vocabulary, the squared-hinge loss, the optimizer and the learning-rate
+schedule are the job's own (`build_optimizer`, `build_scheduler`: warmup, then cosine over
+`--steps`); the loop is a plain one with gradients clipped at 1, so a probe isolates the model
+and its settings from Ray and the sweep.
 
     python scripts/probe_linear.py runs/debian-20261205-110840 --steps 1200 --lr 0.0137 \\
         --weight-decay 0.0158                                  # about a minute on one core
     python scripts/probe_linear.py runs/debian-20261205-110840 --profile --unfused
 
 `--profile` times 30 steps of forward, backward and update instead of training;
-`--unfused` uses torch's per-parameter AdamW, as `build_optimizer` did before it fused it on CPU.
+`--unfused` runs torch's per-parameter update, as `build_optimizer` did on CPU before it fused it.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import time
+from pathlib import Path
 
 import torch
 import yaml
 
 from orchestrator.data.stage import load_data_info
 from orchestrator.rundir import RunDir
-from orchestrator.spec import parse_spec
+from orchestrator.spec import JobSpec, parse_spec
 from orchestrator.train.config import FromSpec, worker_config
 from orchestrator.train.objectives import squared_hinge_loss
-from orchestrator.train.optim import split_decay_parameters
+from orchestrator.train.optim import build_optimizer, build_scheduler
 from orchestrator.train.session import read_split_tensors
 
-WARMUP_STEPS = 50
-
-
-def build_linear(run_dir: str, buckets: int) -> torch.nn.Module:
-    """The run's spec with `model.arch: linear` and the given buckets, on CPU, weights fresh."""
-    raw = yaml.safe_load(open(f"{run_dir}/spec.yaml"))
-    raw["model"].update(arch="linear", linear={"buckets": buckets})
+def probe_spec(args: argparse.Namespace) -> JobSpec:
+    """The run's spec with `model.arch: linear`, the probe's buckets and training settings."""
+    raw = yaml.safe_load((Path(args.run_dir) / "spec.yaml").read_text())
+    raw["model"].update(arch="linear", linear={"buckets": args.buckets})
+    raw["train"].update(lr=args.lr, weight_decay=args.weight_decay, max_steps=args.steps,
+                        batch_size=args.batch_size, loss="squared_hinge")
     raw["resources"]["use_gpu"] = False
-    config = worker_config(parse_spec(raw), load_data_info(run_dir), RunDir.at(run_dir))
+    return parse_spec(raw)
+
+
+def build_linear(spec: JobSpec, run_dir: str) -> torch.nn.Module:
+    """The spec's linear model for the run's data, on CPU, weights fresh."""
+    config = worker_config(spec, load_data_info(run_dir), RunDir.at(run_dir))
     return FromSpec().begin(config, torch.device("cpu")).model
 
 
@@ -67,14 +72,12 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
-    model = build_linear(args.run_dir, args.buckets)
-    decay, no_decay = split_decay_parameters(model)
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=args.lr, fused=not args.unfused)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (
-        (step + 1) / WARMUP_STEPS if step < WARMUP_STEPS else 0.1 + 0.45 * (1 + math.cos(
-            math.pi * min(1.0, (step - WARMUP_STEPS) / (args.steps - WARMUP_STEPS))))))
+    spec = probe_spec(args)
+    model = build_linear(spec, args.run_dir)
+    optimizer = build_optimizer(model, spec.train)
+    for group in optimizer.param_groups:
+        group["fused"] = not args.unfused
+    schedule = build_scheduler(optimizer, spec.train)
     train, val, test = (read_split_tensors(args.run_dir, split)
                         for split in ("train", "val", "test"))
     phases = {"forward": 0.0, "backward": 0.0, "clip + update": 0.0}
