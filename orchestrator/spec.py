@@ -402,6 +402,7 @@ class AutoscalingSpec(_Section):
         8.0, gt=0, description="Ongoing requests per replica the autoscaler aims for.")
     upscale_delay_s: float = Field(10.0, ge=0)
     downscale_delay_s: float = Field(300.0, ge=0)
+    look_back_period_s: float = Field(30.0, gt=0)
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingSpec:
