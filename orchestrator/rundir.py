@@ -154,7 +154,7 @@ class RunDir:
 
     @property
     def train(self) -> Location:
-        """Ray Train's storage path for several-worker trials."""
+        """Several-worker trials' Ray Train runs, and the compress stage's fine-tunes."""
         return self.root.join("train")
 
     @property
