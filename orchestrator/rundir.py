@@ -154,7 +154,7 @@ class RunDir:
 
     @property
     def train(self) -> Location:
-        """Several-worker trials' Ray Train runs, and the compress stage's fine-tunes."""
+        """Ray Train's storage path for several-worker trials."""
         return self.root.join("train")
 
     @property
