@@ -393,6 +393,9 @@ class SweepSpec(_Section):
         return space
 
 
+SERVE_METRICS_PUSH_INTERVAL_S = 10.0
+
+
 class AutoscalingSpec(_Section):
     """Serve's replica autoscaling: replicas follow the number of ongoing requests."""
 
@@ -402,7 +405,9 @@ class AutoscalingSpec(_Section):
         8.0, gt=0, description="Ongoing requests per replica the autoscaler aims for.")
     upscale_delay_s: float = Field(10.0, ge=0)
     downscale_delay_s: float = Field(300.0, ge=0)
-    look_back_period_s: float = Field(30.0, gt=0)
+    # Replicas push their load to Serve every 10 s; Serve warns now, and will refuse, a window
+    # that is not longer than that.
+    look_back_period_s: float = Field(30.0, gt=SERVE_METRICS_PUSH_INTERVAL_S)
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingSpec:

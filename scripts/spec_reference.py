@@ -77,7 +77,9 @@ FALLBACK = {
     "serve.autoscaling.downscale_delay_s": "Load must stay low this long before a replica goes.",
     "serve.autoscaling.look_back_period_s": "The window over which Serve averages the ongoing "
                                             "requests it compares with the target: shorter "
-                                            "follows load sooner, longer rides out bursts.",
+                                            "follows load sooner, longer rides out bursts. "
+                                            "Replicas push their load every 10 s, so the "
+                                            "window must be longer.",
     "resources.use_gpu": "auto: when the cluster has GPUs.",
     "resources.cpus_per_worker": "CPUs reserved by each training worker.",
     "resources.gpus_per_worker": "GPUs per training worker (when GPUs are used).",

@@ -55,6 +55,14 @@ def test_bad_values_name_field_value_and_allowed(section, values, field, words):
     assert shown[:20] in message or "unknown key" in message or "cannot sweep" in message
 
 
+def test_an_autoscaling_window_within_serves_metrics_push_interval_is_refused():
+    """Serve warns (and will refuse) a look-back window not longer than its 10 s push."""
+    with pytest.raises(SpecError, match=r"serve.autoscaling.look_back_period_s = 10: .*greater "
+                                        r"than 10"):
+        parse_spec(tiny_spec("gpt", serve={"autoscaling": {"look_back_period_s": 10}}))
+    assert parse_spec(tiny_spec("gpt", serve={"autoscaling": {"look_back_period_s": 11}}))
+
+
 def test_unknown_top_level_key():
     with pytest.raises(SpecError, match=r"epochs = 3: unknown key"):
         parse_spec({**tiny_spec("gpt"), "epochs": 3})

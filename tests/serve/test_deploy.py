@@ -182,7 +182,7 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_when_idle(serving,
                                                                         tmp_path: Path) -> None:
     spec = make_spec("gpt", port, replica_cpus=0.25, autoscaling={
         "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
-        "upscale_delay_s": 1, "downscale_delay_s": 3, "look_back_period_s": 3})
+        "upscale_delay_s": 1, "downscale_delay_s": 3, "look_back_period_s": 11})
     url = deploy(spec, initial_bundle(tmp_path / "gpt", spec, rows))
     assert running_replicas() == 1
     with Load(url, threads=6, max_tokens=16):
