@@ -3,7 +3,9 @@ to compare with, and our two training paths' reports (a Ray Train run, a one-wor
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -71,11 +73,13 @@ class Prepared:
 
 
 def prepare(spec: JobSpec, _cache: dict[str, Prepared] = {}) -> Prepared:  # noqa: B006
-    """The spec's data, tokenized once per process for every benchmark that reads it."""
+    """The spec's data, tokenized once per process for every benchmark that reads it, in a
+    temporary run directory removed when the process exits."""
     ensure_ray()
     key = spec.data.model_dump_json()
     if key not in _cache:
         run_dir = Path(tempfile.mkdtemp(prefix="orchestrator-bench-"))
+        atexit.register(shutil.rmtree, run_dir, ignore_errors=True)  # it outlives each bench
         _cache[key] = Prepared(run_dir, prepare_data(spec, run_dir))
     return _cache[key]
 
