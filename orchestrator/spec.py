@@ -539,7 +539,8 @@ class Int8Spec(_Section):
 
 class PruneSpec(_Section):
     """compress 'prune': global magnitude pruning of the transformer blocks' linear weights,
-    then a recovery fine-tune (a Ray Train run) that keeps the pruned weights at zero."""
+    then a recovery fine-tune that keeps the pruned weights at zero (one worker with the
+    splits in memory: an actor of its own; else a Ray Train run)."""
 
     sparsity: float = Field(0.5, gt=0, lt=1, description="Share of the weights set to zero.")
     recovery_steps: int = Field(100, ge=0, description="Fine-tuning steps after pruning.")
@@ -547,9 +548,9 @@ class PruneSpec(_Section):
 
 
 class DistillSpec(_Section):
-    """compress 'distill': a smaller student (fewer transformer blocks) trained as a Ray Train
-    run on the teacher's (the winner's) soft targets, mixed with the hard labels. It starts from
-    the teacher's embeddings and every other block."""
+    """compress 'distill': a smaller student (fewer transformer blocks) trained on the teacher's
+    (the winner's) soft targets, mixed with the hard labels, as the prune recovery trains. It
+    starts from the teacher's embeddings and every other block."""
 
     n_layer: int | None = Field(None, ge=1, description="Student blocks; none: half the "
                                 "teacher's (at least 1).")

@@ -46,4 +46,7 @@ def result_of(report: dict[str, Any], wall: float, mode: str) -> BenchResult:
         ratio_means="int8 over the fp32 winner's decode tokens/s at batch 1 (target >= 1.5)",
         notes={"served by the rule": f"{report['compression']['selected']} "
                                      f"({report['compression']['rule']})",
-               "job wall time s": round(wall, 1), "mode": mode})
+               "job wall time s": round(wall, 1),
+               "stage seconds": ", ".join(f"{stage} {seconds:.1f}" for stage, seconds
+                                          in report.get("stage_seconds", {}).items()),
+               "mode": mode})

@@ -24,7 +24,7 @@ from orchestrator.sweep.budget import BUDGET_FILE, RecordSpend, SweepClock
 from orchestrator.sweep.progress import TrialProgress
 from orchestrator.sweep.space import TRIAL_KEY, apply_trial_config, sample_configs, trial_values
 from orchestrator.train.config import worker_config
-from orchestrator.train.hosts import train_in_trial
+from orchestrator.train.hosts import needs_ray_train, train_in_trial
 from orchestrator.train.trainer import build_trainer, checkpoint_retention
 
 # The trial driver only waits on its TorchTrainer, so it reserves memory and no CPU. A share of
@@ -64,19 +64,13 @@ def sweep_timing(history: pd.DataFrame, eval_interval: int, wall_s: float,
                        float(history["checkpoint_s"].sum()), concurrent_trials)
 
 
-def trains_in_trial(spec: JobSpec) -> bool:
-    """One worker with its splits in memory trains in the trial actor itself; several workers,
-    or splits streamed from storage (data.cache off), need a Ray Train run."""
-    return spec.resources.num_workers == 1 and spec.data.cache
-
-
 def run_trial(tune_config: dict[str, Any], spec: JobSpec, run_dir: str, info: DataInfo,
               configs: list[dict[str, Any]]) -> None:
     """One Tune trial (its sweep values: trial_values): training in this actor, or a Ray Train
     run whose reports reach Tune through TuneReportCallback."""
     values = trial_values(tune_config, configs)
     config = worker_config(apply_trial_config(spec, values), info, RunDir.at(run_dir))
-    if trains_in_trial(config.spec):
+    if not needs_ray_train(config.spec):
         train_in_trial(config)
         return
     trial_id = tune.get_context().get_trial_id()
@@ -86,7 +80,7 @@ def run_trial(tune_config: dict[str, Any], spec: JobSpec, run_dir: str, info: Da
 def trial_actor_resources(spec: JobSpec) -> dict[str, float]:
     """A trial that trains in its actor holds its worker's resources there; a Ray Train driver
     holds none (Train's placement group does)."""
-    if not trains_in_trial(spec):
+    if needs_ray_train(spec):
         return DRIVER_RESOURCES
     needs = {"cpu": spec.resources.cpus_per_worker}
     if spec.resources.use_gpu:
@@ -302,7 +296,7 @@ def _new_tuner(spec: JobSpec, run_dir: RunDir, number: int, trainable: Any, tria
                budget_s: float | None) -> tune.Tuner:
     """Tune experiment `number` (_experiment) of the sampled trials numbered `trials` (as many
     new ones, for a searcher that proposes its own), ended at `budget_s` seconds if given."""
-    in_trial = trains_in_trial(spec)
+    in_trial = not needs_ray_train(spec)
     proposes = search.searcher(spec, spec.sweep.seed + number - 1)  # a later one draws anew
     return tune.Tuner(
         trainable,

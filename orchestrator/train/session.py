@@ -1,4 +1,4 @@
-"""Where the training loop runs: one loop, three hosts.
+"""Where the training loop runs: one loop, four hosts.
 
 A trial with several workers is a Ray Train run: a controller, a worker group, and Ray Data
 splitting the training set between the workers. A trial with one worker whose splits fit in
@@ -7,9 +7,10 @@ and checkpointing through Tune, with the splits read straight from the run direc
 On 2 cores a Ray Train run spent about 45 s per trial starting and stopping its controller,
 worker, dataset manager, split coordinator and their queues, next to 30 s of training; the
 trial actor pays none of it. Both keep checkpoints, resume after a worker death (Train's or
-Tune's `FailureConfig`) and ASHA's early stopping, which acts on the reports either way. Those
-two hosts are in train/hosts.py; the third, LocalSession, runs the loop in this process without
-Ray (tests, and anyone who wants one run on one machine).
+Tune's `FailureConfig`) and ASHA's early stopping, which acts on the reports either way. The
+compress stage's short one-worker fine-tunes train the same way in an actor of their own (a
+retried run starts over). Those three hosts are in train/hosts.py; the fourth, LocalSession, runs the
+loop in this process without Ray (tests, and anyone who wants one run on one machine).
 
 A session is what the loop asks of its host: who it is (rank, world, device, name), the
 checkpoint to start from, its batches, and where its reports go.

@@ -15,17 +15,19 @@ from typing import Self
 
 import pandas as pd
 import pytest
+import ray
 import requests
 from conftest import TIMING, stage_times, tiny_spec
 
 from orchestrator.bench import compress as bench_compress
 from orchestrator.bench.bundles import initial_bundle
-from orchestrator.compress.stage import compress_finished_run
+from orchestrator.compress.stage import _fine_tune, compress_finished_run
 from orchestrator.evaluate import predict
 from orchestrator.pipeline import run_pipeline
-from orchestrator.rundir import find_bundle
+from orchestrator.rundir import RunDir, find_bundle
 from orchestrator.spec import parse_spec
-from orchestrator.weights.model import load_bundle
+from orchestrator.train.config import worker_config
+from orchestrator.weights.model import load_bundle, save_bundle
 
 STEPS = {"max_steps": 20, "eval_interval": 10, "warmup_steps": 2, "eval_batches": 2}
 
@@ -86,6 +88,32 @@ def test_every_variant_of_a_language_model_built_measured_and_the_chosen_one_kep
     pd.DataFrame({"text": ["The event loop", "Return the"]}).to_csv(inputs, index=False)
     assert predict(variants["int8"]["bundle"], str(inputs), str(tmp_path / "out"),
                    max_tokens=4) == 2
+
+
+@pytest.mark.parametrize("cache", [True, False], ids=["in an actor", "in ray train"])
+def test_a_fine_tune_ends_at_its_last_step_with_a_checkpoint_that_makes_a_bundle(
+        prepared_gpt, tmp_path, cache):
+    """A prune recovery's or a student's training: one worker with its splits in memory trains
+    in an actor of its own, streamed splits (or several workers) in Ray Train; either way the run
+    hands back its last step's metrics and a checkpoint in the run directory that becomes a
+    bundle. An actor's run keeps that checkpoint only; its CPU is free again as it returns."""
+    run_dir, info = prepared_gpt
+    spec = parse_spec(tiny_spec("gpt", data={"cache": cache}, resources={"use_gpu": False},
+                                train={"max_steps": 10, "eval_interval": 5}))
+    free = ray.available_resources().get("CPU", 0)
+    run = _fine_tune(worker_config(spec, info, RunDir.at(run_dir)), f"test-{cache}")
+    assert run.metrics["step"] == 10 and run.metrics["val_loss"] > 0
+    deadline = time.monotonic() + 30  # the raylet reports freed resources to the GCS shortly
+    while ray.available_resources().get("CPU", 0) < free:
+        assert time.monotonic() < deadline, ray.available_resources()
+        time.sleep(0.5)
+    checkpoint = Path(run.checkpoint)
+    assert checkpoint.is_dir() and checkpoint.parent.parent == run_dir / "train"
+    if cache:
+        assert [kept.name for kept in checkpoint.parent.iterdir()] == [checkpoint.name]
+    bundle = save_bundle(tmp_path / "bundle", spec, info, run.checkpoint,
+                         RunDir.at(run_dir).tokenizer, {}, "test").uri
+    assert load_bundle(bundle).spec.train.max_steps == 10
 
 
 class Poller:
