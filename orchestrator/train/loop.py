@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import math
 import shutil
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from orchestrator.train.parallel import (
     resolve_precision,
 )
 from orchestrator.train.session import Session
-from orchestrator.weights.checkpoint import load_checkpoint, save_checkpoint
+from orchestrator.weights.checkpoint import load_checkpoint, save_checkpoint, staging_directory
 
 log = logging.getLogger("orchestrator.train")
 
@@ -314,14 +313,13 @@ def report_with_checkpoint(session: Session, metrics: dict[str, Any], model: tor
     merges them into one checkpoint and registers it once all workers have reported (Tune
     persists a one-worker trial's). With `tags` (rank 0) the figures also go to Prometheus."""
     rank = session.rank
-    staging = tempfile.mkdtemp(prefix=f"orchestrator-ckpt-step{trainer_state['step']}-"
-                                      f"rank{rank}-")
+    staging = staging_directory(trainer_state["step"], rank)
     try:
         started = time.perf_counter()
         save_checkpoint(staging, model, optimizer, {**trainer_state, "metrics": metrics}, rank)
         metrics = {**metrics, "checkpoint_s": time.perf_counter() - started}
         if tags:
             prometheus.record_training_report(metrics, **tags)
-        session.report(metrics, staging)
+        session.report(metrics, str(staging))
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -9,9 +9,9 @@ One checkpoint directory holds:
                                  rank 0, after every shard is on disk: it marks a complete
                                  checkpoint
 
-Every worker saves into its own local directory and reports it; Ray Train merges them into one
-directory in storage and registers the checkpoint only when every worker has reported, so a
-worker that dies mid-save leaves no checkpoint that resume could pick up.
+Every worker saves into its own local directory (staging_directory) and reports it; Ray Train
+merges them into one directory in storage and registers the checkpoint only when every worker
+has reported, so a worker that dies mid-save leaves no checkpoint that resume could pick up.
 
 A checkpoint is data, never code: DCP pickles `.metadata` and its planner unpickles the
 optimizer's non-tensor values with torch.load(weights_only=False). Here `.metadata` is read by
@@ -26,6 +26,9 @@ import json
 import os
 import pathlib
 import pickle
+import shutil
+import socket
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +146,37 @@ def _rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
+
+
+def staging_root() -> Path:
+    """Where this machine's workers stage their checkpoints: a folder per user and host (a /tmp
+    that containers share holds several)."""
+    return Path(tempfile.gettempdir()) / f"orchestrator-staging-{os.getuid()}-{socket.gethostname()}"
+
+
+def staging_directory(step: int, rank: int) -> Path:
+    """A new local directory for one worker's shards of one checkpoint, named by its process.
+    A worker killed while it reports never removes its own (its `finally` does not run; a
+    group's other workers are stopped the same way when one fails), so the folders of
+    processes that are gone are removed first: a lost worker's shards stay only until the next
+    save on its machine."""
+    root = staging_root()
+    root.mkdir(mode=0o700, exist_ok=True)
+    for folder in root.iterdir():
+        owner = folder.name.partition("-")[0]
+        if owner.isdigit() and not _process_alive(int(owner)):
+            shutil.rmtree(folder, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-step{step}-rank{rank}-", dir=root))
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: alive
+        return True
+    return True
 
 
 def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from conftest import tiny_spec
 from orchestrator.spec import parse_spec
 from orchestrator.sweep.tuner import run_sweep
 from orchestrator.train.hosts import needs_ray_train
+from orchestrator.weights.checkpoint import staging_root
 
 INTERVAL = 20
 
@@ -41,10 +41,10 @@ def _kill_a_trial_mid_run(sweep_dir: Path, killed: list[int], timeout_s: float =
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and (pid := _checkpointed_trial_pid(sweep_dir)) is None:
         time.sleep(0.05)
-    staging = Path(tempfile.gettempdir())
+    staging = staging_root()
     while pid is not None and time.monotonic() < deadline:
-        steps = [int(m.group(1)) for path in staging.glob("orchestrator-ckpt-step*")
-                 if (m := re.match(r"orchestrator-ckpt-step(\d+)-", path.name))]
+        steps = [int(m.group(1)) for path in staging.glob("*-step*")
+                 if (m := re.match(r"\d+-step(\d+)-", path.name))]
         if any(step > INTERVAL for step in steps):
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)

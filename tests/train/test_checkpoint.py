@@ -6,6 +6,9 @@ from __future__ import annotations
 import itertools
 import os
 import pickle
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +30,7 @@ from orchestrator.weights.checkpoint import (
     load_checkpoint,
     load_model_weights,
     save_checkpoint,
+    staging_directory,
 )
 
 
@@ -190,3 +194,23 @@ def test_an_optimizer_value_that_would_run_code_is_refused_and_never_runs(tmp_pa
         load_checkpoint(tmp_path / "checkpoint", fresh, torch.optim.AdamW(fresh.parameters()),
                         rank=0)
     assert not marker.exists()
+
+
+def test_a_killed_workers_staging_folder_goes_at_the_next_save_and_a_live_ones_stays():
+    """A worker killed while it reports never removes its staging folder; the next save on the
+    machine does, and never one of a process that still runs."""
+    ours = staging_directory(20, 0)
+    (ours / "shard").write_bytes(b"y")
+    killed = subprocess.run(
+        [sys.executable, "-c", "import os; from orchestrator.weights.checkpoint import "
+         "staging_directory as s; d = s(40, 1); (d / 'shard').write_bytes(b'x' * 1024); "
+         "print(d); os._exit(0)"], capture_output=True, text=True, check=True, timeout=120)
+    left = Path(killed.stdout.strip())
+    assert left.is_dir() and left.parent == ours.parent and (ours / "shard").is_file()
+    newer = staging_directory(60, 0)
+    try:
+        assert not left.exists() and (ours / "shard").is_file() and newer.is_dir()
+        assert newer.name.startswith(f"{os.getpid()}-step60-rank0-")
+    finally:
+        for folder in (ours, newer):
+            shutil.rmtree(folder)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from orchestrator.rundir import RunDir
 from orchestrator.spec import parse_spec
 from orchestrator.train.config import worker_config
 from orchestrator.train.trainer import build_trainer
+from orchestrator.weights.checkpoint import staging_root
 
 INTERVAL = 20
 
@@ -46,10 +46,10 @@ def _kill_worker_mid_save(run_storage: Path, killed: list[int], timeout_s: float
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and not _registered_checkpoint(run_storage):
         time.sleep(0.05)
-    staging = Path(tempfile.gettempdir())
+    staging = staging_root()
     while time.monotonic() < deadline:
-        steps = [int(m.group(1)) for path in staging.glob("orchestrator-ckpt-step*")
-                 if (m := re.match(r"orchestrator-ckpt-step(\d+)-", path.name))]
+        steps = [int(m.group(1)) for path in staging.glob("*-step*")
+                 if (m := re.match(r"\d+-step(\d+)-", path.name))]
         steps = [step for step in steps if step > INTERVAL]
         if steps:
             for actor in list_actors(address=ray.get_runtime_context().gcs_address,
