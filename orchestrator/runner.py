@@ -39,6 +39,7 @@ def connect(address: str | None = None, say: Callable[[str], None] = print,
         say("Ray: a local Ray embedded in this command (no --address or RAY_ADDRESS given)")
     else:
         check_answers(address)
+        check_token(address)
         join(address)
         say(f"Ray: the cluster at {address}")
     for name in ("ray.data", "ray.serve", "ray.tune", "ray.train"):  # our progress lines suffice
@@ -69,12 +70,7 @@ def check_answers(address: str, timeout_s: float = ANSWER_TIMEOUT_S) -> None:
     """Fail in one line, within `timeout_s`, when nothing accepts a connection at the cluster's
     address (`host:port`, `ray://host:port`, or `auto`: the cluster `ray start` last started
     on this machine)."""
-    from ray._private.services import canonicalize_bootstrap_address
-
-    target = address.removeprefix("ray://")
-    if target == "auto":
-        target = canonicalize_bootstrap_address("auto") or ""
-    host, _, port = target.rpartition(":")
+    host, _, port = _host_and_port(address).rpartition(":")
     if not host or not port.isdigit():
         raise ConnectionError(f"--address {address!r}: no Ray cluster found there (give "
                               "host:port of the head's GCS, e.g. 10.0.0.5:6379)")
@@ -85,6 +81,47 @@ def check_answers(address: str, timeout_s: float = ANSWER_TIMEOUT_S) -> None:
             f"the Ray cluster at {address} does not answer ({host}:{port}: "
             f"{error.strerror or error}); is its head running (`ray status --address "
             f"{host}:{port}` on it) and its port open from here?") from None
+
+
+def check_token(address: str) -> None:
+    """Refuse at once, in one line, a token the cluster does not take (or none where it needs
+    one): its GCS says so to the first call, but Ray's join retries that call 20 times, a
+    second apart, and then fails without naming the token. Likewise a port that answers but
+    is no GCS (the dashboard's), where the join retries for minutes. A missing token file is
+    left to join."""
+    from ray._private.authentication.authentication_token_setup import (
+        ensure_token_if_auth_enabled,
+    )
+    from ray._raylet import GcsClient
+    from ray.exceptions import AuthenticationError, RpcError
+
+    if address.startswith("ray://"):  # Ray Client: its server, not this process, calls the GCS
+        return
+    try:
+        ensure_token_if_auth_enabled(None, create_token_if_missing=False)
+    except AuthenticationError:
+        return  # join names the missing token (the GCS client would abort the process)
+    try:
+        GcsClient(address=_host_and_port(address))
+    except AuthenticationError as error:
+        said = str(error).split(". ")[0]  # the rest is Ray's advice, which TOKEN_HINT gives
+        raise ConnectionError(f"the Ray cluster at {address} refused this command: its auth "
+                              f"token is wrong or missing ({said}): {TOKEN_HINT}") from None
+    except RpcError as error:  # what answers there is no GCS: Ray's join would retry for minutes
+        raise ConnectionError(
+            f"the Ray cluster at {address} does not answer as a Ray head ({error}): is it the "
+            "head's GCS port (6379 unless `ray start --port` said otherwise), not its "
+            "dashboard's (8265)?") from None
+
+
+def _host_and_port(address: str) -> str:
+    """`host:port` of the head's GCS from `host:port`, `ray://host:port` or `auto`."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    target = address.removeprefix("ray://")
+    if target == "auto":
+        target = canonicalize_bootstrap_address("auto") or ""
+    return target
 
 
 def run(spec: JobSpec, address: str | None = None, say: Callable[[str], None] | Progress = print,
