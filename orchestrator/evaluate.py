@@ -163,17 +163,22 @@ def unigram_log_probs(train_counts: np.ndarray) -> np.ndarray:
 
 def evaluate_bundle(run_dir: RunDir | str, bundle_dir: str, info: DataInfo,
                     splits: tuple[str, ...] = ("val", "test"), replicas: int = 1,
-                    gpus: int = 0) -> Evaluation:
+                    gpus: int = 0, known: dict[str, SplitEvaluation] | None = None) -> Evaluation:
     """Each split's evaluation (records.SplitEvaluation): the bundle's metrics beside the
     trivial baseline's and the classical reference's, and a classifier's confusion matrix. A
     language model's figures include bits per byte.
 
     All splits are scored in one Ray Data pass; rows carry their split from the directory name.
-    The references run beside it, as one Ray task, on the texts of the same splits.
+    The references run beside it, as one Ray task, on the texts of the same splits. `known`:
+    these splits evaluated for another model of the run (the compress stage's winner), whose
+    reference and text statistics, which depend on the data alone, are taken as they are
+    rather than fitted again.
     """
     run_dir = RunDir.at(run_dir)
     cpus = scoring_cpus()  # before the references take theirs
-    references = ray.remote(num_cpus=1)(run_references).remote(run_dir.uri, info, splits)
+    references = ({split: {"reference": known[split].reference, "text": known[split].text}
+                   for split in splits} if known else
+                  ray.remote(num_cpus=1)(run_references).remote(run_dir.uri, info, splits))
     log_probs = (unigram_log_probs(_unigram_counts(run_dir, info.vocab_size))
                  if info.task == Task.LANGUAGE_MODEL else None)
     scored = read_splits(run_dir, splits).map_batches(
@@ -181,7 +186,8 @@ def evaluate_bundle(run_dir: RunDir | str, bundle_dir: str, info: DataInfo,
                                            "unigram_log_probs": log_probs},
         **on_actor_pool(replicas, cpus, gpus=gpus),
     ).to_pandas()
-    references = ray.get(references)
+    if not known:
+        references = ray.get(references)
     return Evaluation({split: _split_metrics(scored[scored["split"] == split], info,
                                              references[split])
                        for split in splits})

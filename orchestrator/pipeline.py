@@ -215,7 +215,7 @@ def _compress_stage(winner_spec: JobSpec, run_dir: RunDir, info: DataInfo, bundl
         return replace(done.compress,
                        bundle=run_dir.served_bundle(done.compress.selected).uri)
     progress.stage("compress")
-    compression = compress_winner(winner_spec, run_dir, info, bundle.uri, evaluation.test.model,
+    compression = compress_winner(winner_spec, run_dir, info, bundle.uri, evaluation.test,
                                   gpus=plan.inference_gpus, note=progress.note)
     if winner_spec.serve.enabled and winner_spec.compress.latency_requests:
         progress.note("p50 latency of each variant, each on an app of its own")

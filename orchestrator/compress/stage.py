@@ -39,6 +39,7 @@ from orchestrator.records import (
     Compression,
     DataInfo,
     Evaluation,
+    SplitEvaluation,
     json_safe,
 )
 from orchestrator.rundir import RunDir
@@ -199,13 +200,13 @@ def _build_distill(spec: JobSpec, run_dir: RunDir, info: DataInfo,
 
 
 def compress_winner(spec: JobSpec, run_dir: RunDir, info: DataInfo, winner: str,
-                    winner_test: dict[str, Any], gpus: int = 0,
+                    winner_test: SplitEvaluation, gpus: int = 0,
                     note: Callable[[str], None] = lambda _: None) -> Compression:
     """Build, evaluate and measure every variant of spec.compress.variants (spec: the winner's
     spec), and choose the one to serve; see the module docstring."""
     check_compression(spec, info)
     task, bound = info.task, spec.compress.max_quality_loss
-    reference = quality_of(winner_test, task)
+    reference = quality_of(winner_test.model, task)
     texts = spec.serve.sample_requests * 8
     measure = ray.remote(speed).options(num_cpus=spec.serve.replica_cpus,
                                         num_gpus=spec.serve.replica_gpus)
@@ -215,7 +216,8 @@ def compress_winner(spec: JobSpec, run_dir: RunDir, info: DataInfo, winner: str,
     for name in spec.compress.variants:
         note(f"building {name}")
         uri, variant_info, details = builders[name](spec, run_dir, info, winner)
-        test = evaluate_bundle(run_dir, uri, variant_info, splits=("test",), gpus=gpus).test
+        test = evaluate_bundle(run_dir, uri, variant_info, splits=("test",), gpus=gpus,
+                               known={"test": winner_test}).test
         quality = quality_of(test.model, task)
         loss = quality_loss(quality, reference, task)
         variant = CompressedVariant(name, uri, quality, loss, size_bytes(uri),
@@ -284,7 +286,7 @@ def compress_finished_run(location: str, overrides: list[str],
     if measuring:  # fails now, not after the variants are built
         service.check_deployable(spec, service.scratch_app_name(spec, "latency"))
     compression = compress_winner(spec, run_dir, info, run_dir.winner.uri,
-                                  Evaluation.from_json(report["evaluation"]).test.model,
+                                  Evaluation.from_json(report["evaluation"]).test,
                                   gpus=inference_gpus(cluster_capacity()),
                                   note=lambda message: say(f"[compress] {message}"))
     if measuring:
