@@ -176,9 +176,8 @@ def evaluate_bundle(run_dir: RunDir | str, bundle_dir: str, info: DataInfo,
     """
     run_dir = RunDir.at(run_dir)
     cpus = scoring_cpus()  # before the references take theirs
-    references = ({split: {"reference": known[split].reference, "text": known[split].text}
-                   for split in splits} if known else
-                  ray.remote(num_cpus=1)(run_references).remote(run_dir.uri, info, splits))
+    pending = (None if known else
+               ray.remote(num_cpus=1)(run_references).remote(run_dir.uri, info, splits))
     log_probs = (unigram_log_probs(_unigram_counts(run_dir, info.vocab_size))
                  if info.task == Task.LANGUAGE_MODEL else None)
     scored = read_splits(run_dir, splits).map_batches(
@@ -186,8 +185,8 @@ def evaluate_bundle(run_dir: RunDir | str, bundle_dir: str, info: DataInfo,
                                            "unigram_log_probs": log_probs},
         **on_actor_pool(replicas, cpus, gpus=gpus),
     ).to_pandas()
-    if not known:
-        references = ray.get(references)
+    references = ({split: {"reference": known[split].reference, "text": known[split].text}
+                   for split in splits} if known else ray.get(pending))
     return Evaluation({split: _split_metrics(scored[scored["split"] == split], info,
                                              references[split])
                        for split in splits})

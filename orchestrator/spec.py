@@ -393,6 +393,7 @@ class SweepSpec(_Section):
         return space
 
 
+# Serve's DEFAULT_METRICS_INTERVAL_S (ray.serve.config), kept here: validating a spec imports no Ray.
 SERVE_METRICS_PUSH_INTERVAL_S = 10.0
 
 

@@ -10,7 +10,14 @@ import yaml
 from conftest import REPO, SAMPLE, tiny_spec
 
 from orchestrator.cli import main
-from orchestrator.spec import SpecError, Task, apply_overrides, load_spec, parse_spec
+from orchestrator.spec import (
+    SERVE_METRICS_PUSH_INTERVAL_S,
+    SpecError,
+    Task,
+    apply_overrides,
+    load_spec,
+    parse_spec,
+)
 
 
 def test_shipped_jobs_validate():
@@ -61,6 +68,9 @@ def test_an_autoscaling_window_within_serves_metrics_push_interval_is_refused():
                                         r"than 10"):
         parse_spec(tiny_spec("gpt", serve={"autoscaling": {"look_back_period_s": 10}}))
     assert parse_spec(tiny_spec("gpt", serve={"autoscaling": {"look_back_period_s": 11}}))
+    from ray.serve.config import DEFAULT_METRICS_INTERVAL_S
+
+    assert SERVE_METRICS_PUSH_INTERVAL_S == DEFAULT_METRICS_INTERVAL_S  # the bound is Serve's
 
 
 def test_unknown_top_level_key():

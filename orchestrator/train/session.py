@@ -9,8 +9,8 @@ worker, dataset manager, split coordinator and their queues, next to 30 s of tra
 trial actor pays none of it. Both keep checkpoints, resume after a worker death (Train's or
 Tune's `FailureConfig`) and ASHA's early stopping, which acts on the reports either way. The
 compress stage's short one-worker fine-tunes train the same way in an actor of their own (a
-retried run starts over). Those three hosts are in train/hosts.py; the fourth, LocalSession, runs the
-loop in this process without Ray (tests, and anyone who wants one run on one machine).
+retried run starts over). Those three hosts are in train/hosts.py; the fourth, LocalSession,
+runs the loop in this process without Ray (tests, and anyone who wants one run on one machine).
 
 A session is what the loop asks of its host: who it is (rank, world, device, name), the
 checkpoint to start from, its batches, and where its reports go.
