@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import threading
 import time
@@ -22,6 +23,25 @@ SAMPLE = REPO / "jobs" / "data" / "stdlib_docs.jsonl"
 RAY_FIXTURES = frozenset({"ray_local"})
 # `record_property(TIMING, line)`: the line is printed in the run's summary, passed or failed.
 TIMING = "suite_timing"
+# scripts/test names a file here: each test's id as it starts, the shared Ray's session folder and
+# "finished" at the end, so that a pytest that dies without its summary (SIGKILL, or a native
+# library's exit) can still be told where, and what Ray logged.
+TRACE_ENV = "ORCHESTRATOR_TEST_TRACE"
+
+
+def trace(line: str) -> None:
+    if path := os.environ.get(TRACE_ENV):
+        with open(path, "a") as file:
+            file.write(line + "\n")
+
+
+def pytest_runtest_logstart(nodeid: str, location: tuple) -> None:
+    trace(f"test {nodeid}")
+
+
+@pytest.hookimpl(trylast=True)  # after the session's fixtures are torn down
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    trace("finished")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -92,10 +112,12 @@ def ray_local():
         # Train's controller polls its workers every 2 s by default: every run's end, and the
         # detection of a killed worker, waits for the next poll.
         # Processes hand their metrics to the node's exporter every second (Ray's default: 10 s).
-        ray.init(num_cpus=2, log_to_driver=False, logging_level="WARNING", dashboard_port=port,
-                 _system_config={"metrics_report_interval_ms": 1000},
-                 runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
-                                           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}})
+        context = ray.init(
+            num_cpus=2, log_to_driver=False, logging_level="WARNING", dashboard_port=port,
+            _system_config={"metrics_report_interval_ms": 1000},
+            runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
+                                      "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}})
+        trace(f"ray {context.address_info['session_dir']}")
     yield ray
     ray.shutdown()
 
