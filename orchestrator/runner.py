@@ -7,6 +7,7 @@ import os
 import socket
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import ray
 
@@ -69,26 +70,54 @@ def join(address: str) -> None:
 def check_answers(address: str, timeout_s: float = ANSWER_TIMEOUT_S) -> None:
     """Fail in one line, within `timeout_s`, when nothing accepts a connection at the cluster's
     address (`host:port`, `ray://host:port`, or `auto`: the cluster `ray start` last started
-    on this machine)."""
+    on this machine), or when what answers is the dashboard: its Jobs API URL is what
+    `ray job submit` takes (and RAY_ADDRESS often holds), and Ray's join would retry its port
+    for minutes."""
+    if address.startswith(("http://", "https://")):
+        host = urlsplit(address).hostname or "HOST"
+        raise ConnectionError(f"{address} is a dashboard (Jobs API) URL: "
+                              f"{_join_the_gcs_instead(address, host)}")
     host, _, port = _host_and_port(address).rpartition(":")
     if not host or not port.isdigit():
         raise ConnectionError(f"--address {address!r}: no Ray cluster found there (give "
                               "host:port of the head's GCS, e.g. 10.0.0.5:6379)")
     try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+        with socket.create_connection((host, int(port)), timeout=timeout_s) as connection:
+            http = _answers_http(connection)
     except OSError as error:
         raise ConnectionError(
             f"the Ray cluster at {address} does not answer ({host}:{port}: "
             f"{error.strerror or error}); is its head running (`ray status --address "
             f"{host}:{port}` on it) and its port open from here?") from None
+    if http:
+        raise ConnectionError(f"{address} answers HTTP, as the dashboard (Jobs API) does, not "
+                              f"gRPC as a GCS does: "
+                              f"{_join_the_gcs_instead(f'http://{host}:{port}', host)}")
+
+
+def _join_the_gcs_instead(jobs_api: str, host: str) -> str:
+    return (f"`orchestrator submit --address {jobs_api} SPEC` sends a job there, as `ray job "
+            f"submit` does; this command joins the cluster itself, at its GCS: give --address "
+            f"{host}:6379 (or the port `ray start --head --port` chose), and unset RAY_ADDRESS "
+            "if it holds the URL")
+
+
+def _answers_http(connection: socket.socket) -> bool:
+    """Whether the server answers an HTTP/1 request in HTTP/1, as the dashboard does. A GCS
+    speaks gRPC, HTTP/2: its first bytes are a binary frame (its SETTINGS, sent at once)."""
+    try:
+        connection.sendall(b"HEAD / HTTP/1.0\r\n\r\n")
+        return connection.recv(5) == b"HTTP/"
+    except OSError:  # no reply in time, or the connection closed: not an HTTP server
+        return False
 
 
 def check_token(address: str) -> None:
     """Refuse at once, in one line, a token the cluster does not take (or none where it needs
     one): its GCS says so to the first call, but Ray's join retries that call 20 times, a
     second apart, and then fails without naming the token. Likewise a port that answers but
-    is no GCS (the dashboard's), where the join retries for minutes. A missing token file is
-    left to join."""
+    is no GCS, where the join retries for minutes (the dashboard's is told apart before, by
+    check_answers, at once). A missing token file is left to join."""
     from ray._private.authentication.authentication_token_setup import (
         ensure_token_if_auth_enabled,
     )

@@ -5,16 +5,20 @@ tests/e2e/test_submission.py), a dead address, and a stale `ray_current_cluster`
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from conftest import REPO, free_port
 from processes import base_env
 
+from orchestrator.runner import check_answers
 from orchestrator.spec import SpecError
 from orchestrator.submit import (
     DEFAULT_RUNS_BASE,
@@ -85,6 +89,36 @@ def test_an_address_where_no_ray_answers_fails_in_one_line(tmp_path: Path) -> No
     assert result.returncode == 1, result.stderr[-2000:]
     assert f"the Ray cluster at {dead} does not answer" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_jobs_api_url_in_ray_address_is_refused_naming_submit(tmp_path: Path) -> None:
+    """`ray job submit` users export RAY_ADDRESS=http://HEAD:8265; a command that joins the
+    cluster says at once that the URL is for `orchestrator submit`, and where its GCS is."""
+    result = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "run", str(REPO / "jobs" / "quickstart.yaml")],
+        cwd=tmp_path, env=base_env(RAY_ADDRESS=LOCAL), capture_output=True, text=True,
+        timeout=60, check=False)
+    assert result.returncode == 1, result.stderr[-2000:]
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith(f"error: {LOCAL} is a dashboard (Jobs API) URL: `orchestrator submit "
+                           f"--address {LOCAL} SPEC`"), last
+    assert "--address 127.0.0.1:6379" in last and "RAY_ADDRESS" in last, last
+    assert "Traceback" not in result.stderr
+
+
+def test_a_port_that_answers_http_is_refused_at_once_as_not_a_gcs() -> None:
+    """The dashboard's port given for the GCS's: Ray's join would retry it for minutes."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    address = f"127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(ConnectionError, match=re.escape(
+                f"{address} answers HTTP, as the dashboard (Jobs API) does, not gRPC as a GCS "
+                f"does: `orchestrator submit --address http://{address} SPEC`")):
+            check_answers(address)
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.mark.ray

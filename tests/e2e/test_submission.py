@@ -235,6 +235,22 @@ def test_orchestrator_services_joins_the_token_head_only_with_its_token(head: He
     assert "Traceback" not in result.stderr, result.stderr
 
 
+def test_a_command_given_the_dashboards_port_for_the_gcs_is_refused_at_once(head: Head) -> None:
+    """The real dashboard (auth on: it answers 401, still HTTP) given where the GCS goes: one
+    line naming `orchestrator submit` and the GCS, not Ray's join retrying for minutes."""
+    dashboard = head.dashboard.removeprefix("http://")
+    env = base_env(HOME=str(head.root / "home-services-dashboard"), RAY_AUTH_MODE="token",
+                   RAY_AUTH_TOKEN=head.token)
+    result = subprocess.run([sys.executable, "-m", "orchestrator", "services", "--address",
+                             dashboard], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=CLI_TIMEOUT_S, check=False)
+    assert result.returncode == 1, result.stdout + result.stderr[-3000:]
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith(f"error: {dashboard} answers HTTP, as the dashboard (Jobs API) does"), last
+    assert f"`orchestrator submit --address {head.dashboard} SPEC`" in last, last
+    assert "Traceback" not in result.stderr, result.stderr
+
+
 # --- whole pipeline ----------------------------------------------------------------------------
 
 
