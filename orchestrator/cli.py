@@ -92,8 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     undeploy = commands.add_parser("undeploy", help="stop serving a model (only that one)")
     undeploy.add_argument("model", help="the model's name (the job's `name`)")
     for command in (services, undeploy):  # they need a running cluster, never an embedded Ray
-        command.add_argument("--address", default="auto", help="Ray cluster address (default: "
-                             "RAY_ADDRESS, else the cluster `ray start` started on this machine)")
+        command.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else "
+                             "the cluster `ray start` started on this machine)")
     config = with_run_dir("serve-config", "write a Ray Serve config for `serve deploy`")
     config.add_argument("-o", "--output", required=True, help="YAML file to write")
     predict = with_run_dir("predict", "batch inference over a dataset with Ray Data")
@@ -419,7 +419,7 @@ def _services(args: argparse.Namespace) -> int:
     from orchestrator.runner import connect
     from orchestrator.serve import services
 
-    connect(os.environ.get("RAY_ADDRESS") or args.address, say=lambda _: None)
+    connect(args.address or os.environ.get("RAY_ADDRESS") or "auto", say=lambda _: None)
     rows = [("model", "task", "version", "replicas", "route", "state", "application", "bundle")]
     for service in services():
         served = service.served
@@ -441,7 +441,7 @@ def _undeploy(args: argparse.Namespace) -> int:
     from orchestrator.serve import undeploy
     from orchestrator.serve.ingress import Ingress, running_ingress
 
-    connect(os.environ.get("RAY_ADDRESS") or args.address, say=lambda _: None)
+    connect(args.address or os.environ.get("RAY_ADDRESS") or "auto", say=lambda _: None)
     if running_ingress() is Ingress.HAPROXY:  # else the wait looks like a hang
         print(f"removing {args.model}: with the HAProxy ingress Serve drains each replica for at "
               "least 30 s (RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S on the cluster's nodes) "

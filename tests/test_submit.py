@@ -106,6 +106,16 @@ def test_a_jobs_api_url_in_ray_address_is_refused_naming_submit(tmp_path: Path) 
     assert "Traceback" not in result.stderr
 
 
+def test_an_address_given_on_the_command_line_wins_over_ray_address(tmp_path: Path) -> None:
+    """As for `run`, for the commands that never embed a Ray (`services`, `undeploy`)."""
+    given, exported = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    result = subprocess.run([sys.executable, "-m", "orchestrator", "services", "--address", given],
+                            cwd=tmp_path, env=base_env(RAY_ADDRESS=exported), capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert f"the Ray cluster at {given} does not answer" in result.stderr, result.stderr[-2000:]
+
+
 def test_a_port_that_answers_http_is_refused_at_once_as_not_a_gcs() -> None:
     """The dashboard's port given for the GCS's: Ray's join would retry it for minutes."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
